@@ -1,0 +1,110 @@
+"""Typed model configs that round-trip through YAML and JSON.
+
+The defaults are the SaShiMi YouTubeMix model of Goel et al. (2022): 4,751,072 parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class S4Config:
+    """One S4 layer's state-space parameterization.
+
+    mode: "dplr" is S4 as SaShiMi uses it (Lambda - P P^H, bilinear, Cauchy kernel);
+          "diag" is S4D (diagonal Lambda, zero-order hold, Vandermonde kernel).
+    d_state: the real state size N; stored as N/2 conjugate pairs.
+    n_ssm: copies of (Lambda, P, B); the H channels share them in turn. SaShiMi ties them (1).
+    dt_transform: how the stored `inv_dt` maps to the step size ("softplus", or "exp" for V3 imports).
+    """
+
+    mode: str = "dplr"
+    d_state: int = 64
+    n_ssm: int = 1
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_transform: str = "softplus"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("dplr", "diag"):
+            raise ValueError(f"s4.mode must be 'dplr' or 'diag', not {self.mode!r}")
+        if self.d_state % 2:
+            raise ValueError(f"s4.d_state must be even (conjugate pairs), not {self.d_state}")
+        if self.dt_transform not in ("softplus", "exp"):
+            raise ValueError(f"s4.dt_transform must be 'softplus' or 'exp', not {self.dt_transform!r}")
+
+
+@dataclass
+class SaShiMiConfig:
+    """The multi-scale model: tiers of residual (S4, FF) blocks joined by pooling.
+
+    d_model: width of the full-rate tier; each pooling multiplies it by `expand`.
+    n_layers: (S4, FF) pairs per tier.
+    pool: the down-sampling factor between consecutive tiers.
+    """
+
+    d_model: int = 64
+    n_layers: int = 8
+    pool: list[int] = field(default_factory=lambda: [4, 4])
+    expand: int = 2
+    ff_expand: int = 2
+    n_codes: int = 256
+    dropout: float = 0.0
+    s4: S4Config = field(default_factory=S4Config)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.s4, dict):
+            self.s4 = S4Config(**self.s4)
+        self.pool = [int(p) for p in self.pool]
+
+    @property
+    def total_pool(self) -> int:
+        """Samples per step of the deepest tier."""
+        out = 1
+        for p in self.pool:
+            out *= p
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SaShiMiConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        s4 = dict(data.get("s4") or {})
+        s4_known = {f.name for f in dataclasses.fields(S4Config)}
+        if set(s4) - s4_known:
+            raise ValueError(f"unknown s4 config keys: {sorted(set(s4) - s4_known)}")
+        return cls(**{**data, "s4": S4Config(**s4)})
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load_yaml(cls, path: str | Path) -> SaShiMiConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a model config must be a YAML mapping")
+        return cls.from_dict(data)
+
+
+@dataclass
+class AudioFormat:
+    """How a model's codes relate to sound; stored in every checkpoint and dataset.
+
+    quantization: "mulaw-official" (the SaShiMi data pipeline), "mulaw" (plain mu-law rounding)
+                  or "linear".
+    """
+
+    sample_rate: int = 16000
+    quantization: str = "mulaw-official"
+    bits: int = 8

@@ -1,0 +1,112 @@
+"""Structured products behind S4 kernels: Cauchy (DPLR) and Vandermonde (diagonal).
+
+Each product has a plain reference implementation, which materializes an (..., N, L) tensor and is
+obviously right, and a memory-bounded one that walks L in chunks and recomputes those chunks in the
+backward pass, so its memory is O(H N chunk) rather than O(H N L). Tests compare the two.
+
+Shapes:  v (K, H, N) complex, w (H, N) complex, z (L,) complex  ->  (K, H, L) complex.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements of one (H, N, chunk) complex intermediate; 2**22 complex64 = 32 MiB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunk_len(h: int, n: int, length: int) -> int:
+    return max(1, min(length, CHUNK_ELEMENTS // max(1, h * n)))
+
+
+# --------------------------------------------------------------------------------------------
+# Cauchy:  out[k, h, l] = sum_n v[k, h, n] / (z[l] - w[h, n])
+
+
+def cauchy_reference(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Plain Cauchy product; materializes (K, H, N, L)."""
+    return (v.unsqueeze(-1) / (z - w.unsqueeze(-1))).sum(dim=-2)
+
+
+class _ChunkedCauchy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v, z, w):
+        ctx.save_for_backward(v, z, w)
+        out = v.new_empty(v.shape[0], v.shape[1], z.shape[0])
+        step = _chunk_len(w.shape[0], w.shape[1], z.shape[0])
+        vt = v.transpose(0, 1)  # (H, K, N)
+        for start in range(0, z.shape[0], step):
+            inv = torch.reciprocal(z[start : start + step] - w.unsqueeze(-1))  # (H, N, c)
+            out[:, :, start : start + step] = torch.bmm(vt, inv).transpose(0, 1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        # PyTorch's complex convention: grad_x = sum grad_out * conj(d out / d x).
+        v, z, w = ctx.saved_tensors
+        grad_v = torch.zeros_like(v)
+        grad_w = torch.zeros_like(w)
+        step = _chunk_len(w.shape[0], w.shape[1], z.shape[0])
+        vc = v.conj().permute(1, 2, 0)  # (H, N, K)
+        for start in range(0, z.shape[0], step):
+            inv_c = torch.reciprocal(z[start : start + step] - w.unsqueeze(-1)).conj()  # (H, N, c)
+            g = grad[:, :, start : start + step].transpose(0, 1)  # (H, K, c)
+            grad_v += torch.bmm(g, inv_c.transpose(1, 2)).transpose(0, 1)
+            grad_w += (torch.bmm(vc, g) * inv_c * inv_c).sum(-1)
+        return grad_v, None, grad_w
+
+
+def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Cauchy product with bounded memory; on CUDA uses the compiled extension once it has passed
+    its numerical check (see `s4music.cuda`)."""
+    if v.is_cuda:
+        from s4music.cuda import cuda_cauchy
+
+        fast = cuda_cauchy()
+        if fast is not None:
+            return fast(v, z, w)
+    return _ChunkedCauchy.apply(v, z, w)
+
+
+# --------------------------------------------------------------------------------------------
+# Vandermonde:  out[k, h, l] = sum_n v[k, h, n] * exp(x[h, n] * l)
+
+
+def vandermonde_reference(v: torch.Tensor, x: torch.Tensor, length: int) -> torch.Tensor:
+    """Plain Vandermonde product; materializes (H, N, L)."""
+    powers = torch.exp(x.unsqueeze(-1) * torch.arange(length, device=x.device, dtype=x.real.dtype))
+    return torch.einsum("khn,hnl->khl", v, powers)
+
+
+class _ChunkedVandermonde(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v, x, length):
+        ctx.save_for_backward(v, x)
+        ctx.length = length
+        out = v.new_empty(v.shape[0], v.shape[1], length)
+        step = _chunk_len(x.shape[0], x.shape[1], length)
+        vt = v.transpose(0, 1)
+        for start in range(0, length, step):
+            pos = torch.arange(start, min(length, start + step), device=x.device, dtype=x.real.dtype)
+            out[:, :, start : start + step] = torch.bmm(vt, torch.exp(x.unsqueeze(-1) * pos)).transpose(0, 1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, x = ctx.saved_tensors
+        grad_v = torch.zeros_like(v)
+        grad_x = torch.zeros_like(x)
+        step = _chunk_len(x.shape[0], x.shape[1], ctx.length)
+        vc = v.conj().permute(1, 2, 0)  # (H, N, K)
+        for start in range(0, ctx.length, step):
+            pos = torch.arange(start, min(ctx.length, start + step), device=x.device, dtype=x.real.dtype)
+            pw_c = torch.exp(x.unsqueeze(-1) * pos).conj()  # (H, N, c)
+            g = grad[:, :, start : start + step].transpose(0, 1)  # (H, K, c)
+            grad_v += torch.bmm(g, pw_c.transpose(1, 2)).transpose(0, 1)
+            grad_x += (torch.bmm(vc, g) * pw_c * pos).sum(-1)
+        return grad_v, grad_x, None
+
+
+def vandermonde(v: torch.Tensor, x: torch.Tensor, length: int) -> torch.Tensor:
+    """Vandermonde product with bounded memory."""
+    return _ChunkedVandermonde.apply(v, x, length)

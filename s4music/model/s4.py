@@ -1,0 +1,314 @@
+"""The S4 layer, in convolution mode (training, prompt reading) and recurrent mode (generation).
+
+Follows the state-spaces/s4 experiment model. The continuous system of one channel h is
+
+    x'(t) = A x(t) + B u(t),   y(t) = 2 Re(C x(t)),   A = diag(Lambda) - P P^H   (DPLR)
+                                                      A = diag(Lambda)            (diag, S4D)
+
+with N/2 complex state entries standing for N real ones (conjugate pairs). DPLR is discretized
+with the bilinear transform, S4D with zero-order hold, both with a per-channel step dt.
+
+Parameter names and shapes are those of the official modules, so released checkpoints load
+as they are:
+    A_real (S, N/2)      Lambda.real = -exp(A_real)
+    A_imag (S, N/2)      Lambda.imag = -A_imag
+    P      (1, S, N/2, 2) low-rank term, complex as (re, im)         [dplr only]
+    B      (1, S, N/2, 2)
+    C      (1, H, N/2, 2) for dplr this is C-tilde = C (I - dA^l_kernel) once l_kernel > 0
+    inv_dt (H, 1)        dt = softplus(inv_dt) (or exp, for V3 imports)
+    l_kernel ()          the length C-tilde is attuned to; 0 means C is the raw C  [dplr only]
+S copies of (Lambda, P, B) are shared by the H channels in turn (channel h uses copy h mod S).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from s4music.model.config import S4Config
+from s4music.model.kernels import cauchy, vandermonde
+
+# The prompt scan folds this many samples into the state per matrix step.
+SCAN_CHUNK = 256
+
+
+def hippo_legs_nplr(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lambda, P, B (each n/2 complex) of HiPPO-LegS in normal-plus-low-rank form.
+
+    LegS A = -sqrt(2i+1) sqrt(2j+1) below the diagonal, -(i+1) on it. Adding P P^T with
+    P = sqrt(i + 1/2) leaves -I/2 + (skew-symmetric), which is unitarily diagonalizable.
+    Of each conjugate eigenvalue pair we keep the one with negative imaginary part.
+    """
+    q = np.arange(n, dtype=np.float64)
+    scale = np.sqrt(2 * q + 1)
+    a = -np.tril(np.outer(scale, scale), -1) - np.diag(q + 1)
+    p = np.sqrt(q + 0.5)
+    normal = a + np.outer(p, p)  # -1/2 I + skew
+    w_imag, v = np.linalg.eigh(-1j * normal)
+    order = np.argsort(w_imag)[: n // 2]
+    lam = -0.5 + 1j * w_imag[order]
+    v = v[:, order]
+    return lam, v.conj().T @ p, v.conj().T @ scale
+
+
+def _softplus_inverse(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+def _conj_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(..., N/2) -> (..., N): append the conjugates."""
+    return torch.cat([x, x.conj()], dim=-1)
+
+
+def _matrix_power(a: torch.Tensor, n: int) -> torch.Tensor:
+    """a^n for a batch of square matrices, by repeated squaring."""
+    out = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a).clone()
+    while n:
+        if n & 1:
+            out = out @ a
+        n >>= 1
+        if n:
+            a = a @ a
+    return out
+
+
+@dataclass
+class Recurrence:
+    """Discrete matrices for stepping one S4 layer, and for folding a sequence into its state.
+
+    dA_top (H, N/2, N) complex64: the rows of dA that update the kept half of the state.
+    dB     (H, N/2) complex64.
+    dC     (H, N/2) complex64: the raw C (C-tilde undone), so y = 2 Re(dC . x).
+    scan_kernel (H, N/2, SCAN_CHUNK) complex64: column j is (dA^j dB), half rows.
+    scan_power  (H, N, N) complex128: dA^SCAN_CHUNK, full rows.
+    """
+
+    dA_top: torch.Tensor
+    dB: torch.Tensor
+    dC: torch.Tensor
+    scan_kernel: torch.Tensor
+    scan_power: torch.Tensor
+
+
+class S4Kernel(nn.Module):
+    """The state-space parameters of one S4 layer over H channels."""
+
+    def __init__(self, d_model: int, config: S4Config):
+        super().__init__()
+        cfg = config
+        if d_model % cfg.n_ssm:
+            raise ValueError(f"n_ssm={cfg.n_ssm} must divide the layer width {d_model}")
+        self.config = cfg
+        self.H, self.N2 = d_model, cfg.d_state // 2
+        lam, p, b = (torch.as_tensor(t, dtype=torch.cfloat) for t in hippo_legs_nplr(cfg.d_state))
+        s = cfg.n_ssm
+
+        log_dt = torch.rand(self.H, 1) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min)
+        inv_dt = _softplus_inverse(log_dt.exp()) if cfg.dt_transform == "softplus" else log_dt
+        self.inv_dt = nn.Parameter(inv_dt)
+        self.A_real = nn.Parameter(torch.log(-lam.real).repeat(s, 1))
+        self.A_imag = nn.Parameter((-lam.imag).repeat(s, 1))
+        self.B = nn.Parameter(torch.view_as_real(b.repeat(1, s, 1)).contiguous())
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(1, self.H, self.N2, dtype=torch.cfloat)))
+        if cfg.mode == "dplr":
+            self.P = nn.Parameter(torch.view_as_real(p.repeat(1, s, 1)).contiguous())
+            self.register_buffer("l_kernel", torch.tensor(0))
+        self._cache: tuple[tuple, Recurrence] | None = None
+
+    # ---------------------------------------------------------------- parameters
+    def dt(self) -> torch.Tensor:
+        """(H, 1) step sizes."""
+        if self.config.dt_transform == "softplus":
+            return F.softplus(self.inv_dt)
+        return torch.exp(self.inv_dt)
+
+    def _tied(self, x: torch.Tensor) -> torch.Tensor:
+        """(S, ...) -> (H, ...): channel h uses copy h mod S."""
+        return x.repeat(self.H // x.shape[0], *([1] * (x.dim() - 1)))
+
+    def ssm(self) -> tuple[torch.Tensor, ...]:
+        """dt (H, 1), Lambda (H, N/2), P (H, N/2) or None, B (H, N/2), C (H, N/2)."""
+        lam = self._tied(-torch.exp(self.A_real) - 1j * self.A_imag)
+        p = self._tied(torch.view_as_complex(self.P)[0]) if self.config.mode == "dplr" else None
+        b = self._tied(torch.view_as_complex(self.B)[0])
+        c = torch.view_as_complex(self.C)[0]
+        return self.dt(), lam, p, b, c
+
+    @torch.no_grad()
+    def discrete(self, dtype=torch.complex128) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense discrete dA (H, N, N) and dB (H, N) over the full conjugate-paired state."""
+        dt, lam, p, b, _ = (t.to(dtype) if t is not None and t.is_complex() else t for t in self.ssm())
+        dt = dt.to(torch.float64 if dtype == torch.complex128 else torch.float32)
+        lam_f, b_f = _conj_pairs(lam), _conj_pairs(b)
+        if self.config.mode == "diag":
+            dta = dt * lam_f
+            return torch.diag_embed(torch.exp(dta)), b_f * torch.expm1(dta) / lam_f
+        p_f = _conj_pairs(p)
+        a = torch.diag_embed(lam_f) - p_f.unsqueeze(-1) * p_f.conj().unsqueeze(-2)
+        eye = torch.eye(a.shape[-1], dtype=dtype, device=a.device)
+        half = dt.unsqueeze(-1) / 2 * a
+        backward = eye - half
+        d_a = torch.linalg.solve(backward, eye + half)
+        d_b = torch.linalg.solve(backward, (dt * b_f).unsqueeze(-1)).squeeze(-1)
+        return d_a, d_b
+
+    # ---------------------------------------------------------------- C-tilde (dplr)
+    @torch.no_grad()
+    def attune(self, length: int) -> None:
+        """Make C-tilde cover kernels of `length`: set it on first use, then double as needed.
+
+        C-tilde_L = C (I - dA^L); doubling uses (I - dA^2L) = (I - dA^L)(I + dA^L).
+        """
+        if self.config.mode != "dplr" or length <= int(self.l_kernel):
+            return
+        d_a, _ = self.discrete()
+        c = _conj_pairs(torch.view_as_complex(self.C)[0].to(torch.complex128))
+        current = int(self.l_kernel)
+        while current < length:
+            step = current if current else length
+            sign = 1.0 if current else -1.0
+            c = c + sign * (c.unsqueeze(-2) @ _matrix_power(d_a, step)).squeeze(-2)
+            current = current * 2 if current else length
+        self.C.copy_(torch.view_as_real(c[..., : self.N2].to(torch.complex64)).unsqueeze(0))
+        self.l_kernel.fill_(current)
+        self._cache = None
+
+    # ---------------------------------------------------------------- convolution mode
+    def conv_kernel(self, length: int) -> torch.Tensor:
+        """The length-L convolution kernel K[l] = 2 Re(C dA^l dB), shape (H, L), float32."""
+        if self.config.mode == "diag":
+            dt, lam, _, b, c = self.ssm()
+            dta = dt * lam
+            v = (c * b * torch.expm1(dta) / lam).unsqueeze(0)
+            return 2 * vandermonde(v, dta, length)[0].real
+
+        self.attune(length)
+        dt, lam, p, b, c = self.ssm()
+        n_fft = int(self.l_kernel)
+        omega, z = _fft_nodes(n_fft, lam.device)
+        q = p.conj()
+        bs = torch.stack([b, p])  # (2, H, N/2)
+        cs = torch.stack([c, q])
+        v = (bs.unsqueeze(1) * cs.unsqueeze(0) * dt).reshape(4, self.H, self.N2)
+        r = cauchy(_conj_pairs(v), z, _conj_pairs(lam * dt)).view(2, 2, self.H, -1)
+        # Woodbury for the rank-1 term, then undo the bilinear map of the nodes.
+        k_f = r[0, 0] - r[0, 1] * r[1, 0] / (1 + r[1, 1])
+        k_f = k_f * 2 / (1 + omega)
+        return torch.fft.irfft(k_f, n=n_fft)[..., :length]
+
+    # ---------------------------------------------------------------- recurrent mode
+    def _param_key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+
+    def recurrence(self) -> Recurrence:
+        """Discrete matrices for stepping, cached until a parameter changes."""
+        key = self._param_key()
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        with torch.no_grad():
+            d_a, d_b = self.discrete()
+            c = _conj_pairs(torch.view_as_complex(self.C)[0].to(torch.complex128))
+            if self.config.mode == "dplr" and int(self.l_kernel) > 0:
+                # C holds C-tilde = C (I - dA^L): solve for the raw C.
+                eye = torch.eye(d_a.shape[-1], dtype=d_a.dtype, device=d_a.device)
+                lhs = (eye - _matrix_power(d_a, int(self.l_kernel))).transpose(-1, -2)
+                c = torch.linalg.solve(lhs, c.unsqueeze(-1)).squeeze(-1)
+            columns, power = d_b.unsqueeze(-1), d_a
+            while columns.shape[-1] < SCAN_CHUNK:
+                columns = torch.cat([columns, power @ columns], dim=-1)
+                power = power @ power
+            n2 = self.N2
+            rec = Recurrence(
+                dA_top=d_a[:, :n2].to(torch.complex64),
+                dB=d_b[:, :n2].to(torch.complex64),
+                dC=c[:, :n2].to(torch.complex64),
+                scan_kernel=columns[:, :n2].to(torch.complex64),
+                scan_power=power,
+            )
+        self._cache = (key, rec)
+        return rec
+
+    def initial_state(self, batch: int) -> torch.Tensor:
+        """(B, H, N/2) complex zeros."""
+        return torch.zeros(batch, self.H, self.N2, dtype=torch.complex64, device=self.inv_dt.device)
+
+    def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample: u (B, H) real, state (B, H, N/2) -> y (B, H), new state."""
+        rec = self.recurrence()
+        full = _conj_pairs(state)
+        state = torch.einsum("hnm,bhm->bhn", rec.dA_top, full) + rec.dB * u.unsqueeze(-1)
+        y = 2 * torch.einsum("hn,bhn->bh", rec.dC, state).real
+        return y, state
+
+    @torch.no_grad()
+    def final_state(self, u: torch.Tensor) -> torch.Tensor:
+        """The state after reading u (B, H, L) from rest: sum_k dA^(L-1-k) dB u_k, as (B, H, N/2).
+
+        Chunks of SCAN_CHUNK samples become state contributions in one real matrix product each
+        (nothing of size (H, N, L) is formed); the chunks are then folded in order with dA^chunk.
+        """
+        rec = self.recurrence()
+        batch, h, length = u.shape
+        c = SCAN_CHUNK
+        u = F.pad(u.float(), ((-length) % c, 0))  # zeros before the start leave the state at rest
+        n_chunks = u.shape[-1] // c
+        rev = rec.scan_kernel.flip(-1)  # (H, N/2, c): weight of chunk position i is dA^(c-1-i) dB
+        weights = torch.cat([rev.real, rev.imag], dim=1)  # (H, N, c) real
+        chunks = u.view(batch, h, n_chunks, c).permute(1, 3, 0, 2).reshape(h, c, batch * n_chunks)
+        contrib = torch.bmm(weights, chunks).view(h, 2, self.N2, batch, n_chunks)
+        contrib = torch.complex(contrib[:, 0], contrib[:, 1]).permute(2, 3, 0, 1).to(torch.complex128)
+        state = torch.zeros(batch, h, 2 * self.N2, dtype=torch.complex128, device=u.device)
+        for i in range(n_chunks):
+            state = torch.einsum("hnm,bhm->bhn", rec.scan_power, state) + _conj_pairs(contrib[:, i])
+        return state[..., : self.N2].to(torch.complex64)
+
+
+_NODES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _fft_nodes(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Roots of unity omega_k = exp(-2 pi i k / n), k <= n/2, and their bilinear images z."""
+    key = (n, str(device))
+    if key not in _NODES:
+        omega = torch.exp(-2j * math.pi * torch.arange(n // 2 + 1, dtype=torch.float64) / n)
+        z = 2 * (1 - omega) / (1 + omega)
+        _NODES[key] = (omega.to(torch.complex64).to(device), z.to(torch.complex64).to(device))
+    return _NODES[key]
+
+
+class S4Block(nn.Module):
+    """S4 kernel convolution + D skip, GELU, then a GLU output linear. Input and output (B, L, H)."""
+
+    def __init__(self, d_model: int, config: S4Config):
+        super().__init__()
+        self.kernel = S4Kernel(d_model, config)
+        self.D = nn.Parameter(torch.randn(1, d_model))
+        self.output_linear = nn.Linear(d_model, 2 * d_model)
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        return F.glu(self.output_linear(F.gelu(y)), dim=-1)
+
+    def forward(self, x: torch.Tensor, return_state: bool = False):
+        """x (B, L, H) -> y (B, L, H), and the recurrent state after x when asked."""
+        batch, length, _ = x.shape
+        if length == 0:
+            state = self.kernel.initial_state(batch) if return_state else None
+            return x, state
+        u = x.transpose(1, 2).float()  # (B, H, L); the FFT stays in float32 under autocast
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            k = self.kernel.conv_kernel(length)
+            n = 2 * length
+            y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :length]
+            y = y + u * self.D.transpose(0, 1)
+        state = self.kernel.final_state(u) if return_state else None
+        return self._out(y.transpose(1, 2).to(x.dtype)), state
+
+    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, H) -> y (B, H), new state."""
+        y, state = self.kernel.step(x, state)
+        return self._out(y + x * self.D[0]), state

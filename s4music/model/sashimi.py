@@ -1,0 +1,326 @@
+"""SaShiMi: a multi-scale stack of S4 blocks over 8-bit audio codes.
+
+Follows the official experiment model (state-spaces/s4, src/models/sequence/backbones/sashimi.py,
+non-U-Net variant), which is what the released checkpoints hold:
+
+    codes (B, L) -> Embedding -> tier 0 (L, H)
+      down: DownPool_i (reshape p steps into channels, linear H*p -> H*expand), no blocks
+      centre: n_layers x [S4 block, FF block] at the narrowest tier, plus the centre's input
+      up (deepest first): UpPool (linear, shift one pooled step, unfold), add the skip of that
+        tier, n_layers x [S4 block, FF block], add the block's input again
+    -> LayerNorm -> Linear -> logits (B, L, 256)
+
+Three ways to run it, which are the same function (tests check this):
+    forward(x)            the whole sequence in parallel (training, scoring)
+    prefill(x)            forward, plus the recurrent state after x, in one parallel pass
+    step(code, state)     one sample at a time from a state (generation)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from s4music.model.config import AudioFormat, SaShiMiConfig
+from s4music.model.s4 import S4Block
+
+
+class ScalarLayerNorm(nn.Module):
+    """Layer norm over channels with one scalar shift m and scale s, no eps (official TransposedLN).
+
+    y = (s / std) * (x - mean + m), statistics over the last axis.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.m = nn.Parameter(torch.zeros(1))
+        self.s = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=-1, keepdim=True)
+        std = (x - mean).square().mean(dim=-1, keepdim=True).sqrt()  # quiet on an empty tier
+        return (self.s / std) * (x - mean + self.m)
+
+
+class WeightNormLinear(nn.Module):
+    """Linear layer whose weight is g * v / |v| per output row (torch weight_norm, dim 0)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        base = nn.Linear(d_in, d_out)
+        self.weight_v = nn.Parameter(base.weight.detach().clone())
+        self.weight_g = nn.Parameter(base.weight.detach().norm(dim=1, keepdim=True))
+        self.bias = nn.Parameter(base.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        return F.linear(x, weight, self.bias)
+
+
+class FeedForward(nn.Module):
+    """Linear H -> ff*H, GELU, Linear back to H."""
+
+    def __init__(self, d_model: int, expand: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, expand * d_model)
+        self.fc2 = nn.Linear(expand * d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(F.gelu(self.fc1(x))))
+
+
+class Residual(nn.Module):
+    """Pre-norm residual: x + layer(norm(x))."""
+
+    def __init__(self, layer: nn.Module, dropout: float):
+        super().__init__()
+        self.norm = ScalarLayerNorm()
+        self.layer = layer
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def is_s4(self) -> bool:
+        return isinstance(self.layer, S4Block)
+
+    def forward(self, x: torch.Tensor, return_state: bool = False):
+        if self.is_s4:
+            y, state = self.layer(self.norm(x), return_state=return_state)
+            return x + self.dropout(y), state
+        return x + self.dropout(self.layer(self.norm(x))), None
+
+    def step(self, x: torch.Tensor, state):
+        if self.is_s4:
+            y, state = self.layer.step(self.norm(x), state)
+            return x + y, state
+        return x + self.layer(self.norm(x)), None
+
+
+class DownPool(nn.Module):
+    """(B, L, H) -> (B, L // p, H * expand): p consecutive steps become channels h * p + s."""
+
+    def __init__(self, d_model: int, expand: int, pool: int):
+        super().__init__()
+        self.pool = pool
+        self.linear = WeightNormLinear(d_model * pool, d_model * expand)
+
+    def fold(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H, p) -> (..., H * p) then the linear."""
+        return self.linear(x.flatten(-2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, h = x.shape
+        n = length // self.pool
+        x = x[:, : n * self.pool].reshape(batch, n, self.pool, h).transpose(2, 3)
+        return self.fold(x)
+
+
+class UpPool(nn.Module):
+    """(B, Lp, H) -> (B, L, H // expand): linear to p steps, shifted one pooled step for causality.
+
+    Pooled output j feeds full-rate block j + 1; block 0 is zeros. Output channel index is h * p + s.
+    """
+
+    def __init__(self, d_model: int, expand: int, pool: int):
+        super().__init__()
+        self.pool = pool
+        self.d_out = d_model // expand
+        self.linear = WeightNormLinear(d_model, self.d_out * pool)
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., H_out, p): the p full-rate outputs that one pooled step yields."""
+        return self.linear(x).unflatten(-1, (self.d_out, self.pool))
+
+    def forward(self, x: torch.Tensor, length: int) -> torch.Tensor:
+        """Returns (B, length, H_out) and the block that holds position `length` (B, H_out, p)."""
+        blocks = F.pad(self.unfold(x), (0, 0, 0, 0, 1, 0))  # (B, Lp + 1, H_out, p)
+        y = blocks.transpose(2, 3).flatten(1, 2)[:, :length]
+        return y, blocks[:, length // self.pool]
+
+
+class UpBlock(nn.Module):
+    def __init__(self, pool: UpPool, layers: list[Residual]):
+        super().__init__()
+        self.pool = pool
+        self.layers = nn.ModuleList(layers)
+
+
+@dataclass
+class SaShiMiState:
+    """Everything `step` needs to continue after `t` samples.
+
+    s4:   one (B, H, N/2) complex state per S4 block, in module order.
+    down: per DownPool, the (B, H, p) inputs of the pooled step being gathered.
+    up:   per UpBlock, the (B, H, p) outputs of the current pooled block being emitted.
+    """
+
+    t: int
+    s4: list[torch.Tensor] = field(default_factory=list)
+    down: list[torch.Tensor] = field(default_factory=list)
+    up: list[torch.Tensor] = field(default_factory=list)
+
+    def repeat(self, n: int) -> SaShiMiState:
+        """The same state for n variations of each batch item: (B, ...) -> (B * n, ...)."""
+        rep = lambda ts: [x.repeat_interleave(n, dim=0) for x in ts]  # noqa: E731
+        return SaShiMiState(self.t, rep(self.s4), rep(self.down), rep(self.up))
+
+
+class SaShiMi(nn.Module):
+    def __init__(self, config: SaShiMiConfig | None = None):
+        super().__init__()
+        cfg = config or SaShiMiConfig()
+        self.config = cfg
+        self.audio = AudioFormat()
+        self.summary: dict = {}
+
+        def tier(h: int) -> list[Residual]:
+            layers = []
+            for _ in range(cfg.n_layers):
+                layers.append(Residual(S4Block(h, cfg.s4), cfg.dropout))
+                layers.append(Residual(FeedForward(h, cfg.ff_expand, cfg.dropout), cfg.dropout))
+            return layers
+
+        self.encoder = nn.Embedding(cfg.n_codes, cfg.d_model)
+        h, widths = cfg.d_model, []
+        self.down_pools = nn.ModuleList()
+        for p in cfg.pool:
+            widths.append(h)
+            self.down_pools.append(DownPool(h, cfg.expand, p))
+            h *= cfg.expand
+        self.center = nn.ModuleList(tier(h))
+        self.up_blocks = nn.ModuleList()
+        for p, w in zip(reversed(cfg.pool), reversed(widths)):
+            self.up_blocks.append(UpBlock(UpPool(h, cfg.expand, p), tier(w)))
+            h = w
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.decoder = nn.Linear(cfg.d_model, cfg.n_codes)
+
+    # ------------------------------------------------------------------ utilities
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.weight.device
+
+    def s4_blocks(self) -> list[S4Block]:
+        return [m for m in self.modules() if isinstance(m, S4Block)]
+
+    def save(self, directory: str | Path, summary: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+        """Write model.safetensors + config.json into `directory`, atomically."""
+        from s4music.model.checkpoint import save_model
+
+        return save_model(self, directory, summary=summary, dtype=dtype)
+
+    # ------------------------------------------------------------------ parallel
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L) int64 input codes, already shifted right (x[:, 0] = 128) -> logits (B, L, 256)."""
+        return self._run(x, return_state=False)[0]
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, SaShiMiState]:
+        """Read a whole prompt in one parallel pass: logits (B, L, 256) and the state after it."""
+        return self._run(x, return_state=True)
+
+    def _run(self, x: torch.Tensor, return_state: bool):
+        state = SaShiMiState(t=x.shape[1])
+
+        def blocks(layers, h):
+            for layer in layers:
+                h, s = layer(h, return_state=return_state)
+                if s is not None:
+                    state.s4.append(s)
+            return h
+
+        h = self.encoder(x)
+        skips = [h]
+        for pool in self.down_pools:
+            if return_state:  # the partial pooled step at the end waits in the buffer
+                n = h.shape[1] // pool.pool * pool.pool
+                buf = h.new_zeros(h.shape[0], h.shape[2], pool.pool)
+                buf[..., : h.shape[1] - n] = h[:, n:].transpose(1, 2)
+                state.down.append(buf)
+            h = pool(h)
+            skips.append(h)
+        h = blocks(self.center, h) + skips.pop()
+        for up in self.up_blocks:
+            skip = skips.pop()
+            h, pending = up.pool(h, skip.shape[1])
+            state.up.append(pending)
+            h = h + skip
+            h = blocks(up.layers, h) + h
+        logits = self.decoder(self.norm(h))
+        return logits, (state if return_state else None)
+
+    # ------------------------------------------------------------------ recurrent
+    def initial_state(self, batch: int = 1) -> SaShiMiState:
+        """The state before any sample (all zeros, as after an empty prompt)."""
+        zeros = lambda h, p: torch.zeros(batch, h, p, device=self.device)  # noqa: E731
+        return SaShiMiState(
+            t=0,
+            s4=[block.kernel.initial_state(batch) for block in self.s4_blocks()],
+            down=[zeros(pool.linear.weight_v.shape[1] // pool.pool, pool.pool) for pool in self.down_pools],
+            up=[zeros(up.pool.d_out, up.pool.pool) for up in self.up_blocks],
+        )
+
+    @torch.no_grad()
+    def step(self, code: torch.Tensor, state: SaShiMiState) -> tuple[torch.Tensor, SaShiMiState]:
+        """One input code per batch item, (B,) int64 -> logits (B, 256). Updates `state` in place.
+
+        At time t, tier i takes a step when (t + 1) is a multiple of the pool product above it;
+        tiers below the deepest active one are skipped.
+        """
+        t = state.t
+        s4 = iter(range(len(state.s4)))
+        s4_states = state.s4
+
+        def blocks(layers, h):
+            for layer in layers:
+                if layer.is_s4:
+                    i = next(s4)
+                    h, s4_states[i] = layer.step(h, s4_states[i])
+                else:
+                    h, _ = layer.step(h, None)
+            return h
+
+        h = self.encoder(code)
+        skips, depth, period = [h], 0, 1
+        for i, pool in enumerate(self.down_pools):
+            slot = (t // period) % pool.pool
+            state.down[i][..., slot] = h
+            if slot != pool.pool - 1:
+                break
+            h = pool.fold(state.down[i])
+            period *= pool.pool
+            depth = i + 1
+            skips.append(h)
+
+        n_tiers = len(self.down_pools)
+        center_layers = sum(1 for m in self.center if m.is_s4)
+        if depth == n_tiers:
+            h = blocks(self.center, h) + skips.pop()
+        else:
+            for _ in range(center_layers):
+                next(s4)
+        for j, up in enumerate(self.up_blocks):
+            out_tier = n_tiers - 1 - j
+            n_s4 = sum(1 for m in up.layers if m.is_s4)
+            if out_tier > depth:  # this tier does not step now
+                for _ in range(n_s4):
+                    next(s4)
+                continue
+            period = 1
+            for p in self.config.pool[:out_tier]:
+                period *= p
+            slot = (t // period) % up.pool.pool
+            y = state.up[j][..., slot].clone()
+            if out_tier < depth:  # the tier below stepped: its output feeds the next block
+                state.up[j] = up.pool.unfold(h)
+            h = y + skips.pop()
+            h = blocks(up.layers, h) + h
+        state.t = t + 1
+        return self.decoder(self.norm(h)), state

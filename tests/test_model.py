@@ -1,0 +1,142 @@
+"""The SaShiMi model: its size, and that convolution, recurrence and prompt reading agree."""
+
+import pytest
+import torch
+
+from conftest import perturbed
+from s4music.model import S4Config, SaShiMi, SaShiMiConfig
+from s4music.model.s4 import S4Block
+
+TOL = 1e-4
+
+
+def small(mode="dplr", **kw):
+    return perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, s4=S4Config(mode=mode), **kw)))
+
+
+def test_default_config_matches_official_parameter_count():
+    # The official experiment model for YouTubeMix has 4,751,072 parameters.
+    assert SaShiMi().num_parameters() == 4_751_072
+
+
+def test_config_yaml_round_trip(tmp_path):
+    cfg = SaShiMiConfig(d_model=32, pool=[2, 4], s4=S4Config(mode="diag", n_ssm=2))
+    cfg.save_yaml(tmp_path / "m.yaml")
+    assert SaShiMiConfig.load_yaml(tmp_path / "m.yaml") == cfg
+    (tmp_path / "bad.yaml").write_text("d_model: 8\nwidth: 3\n")
+    with pytest.raises(ValueError, match="width"):
+        SaShiMiConfig.load_yaml(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("mode", ["dplr", "diag"])
+def test_s4_block_conv_step_and_final_state_agree(mode):
+    block = perturbed(S4Block(8, S4Config(mode=mode)))
+    x = torch.randn(3, 300, 8)
+    with torch.no_grad():
+        y_conv, state = block(x, return_state=True)
+        s = block.kernel.initial_state(3)
+        ys = []
+        for t in range(300):
+            y, s = block.step(x[:, t], s)
+            ys.append(y)
+    assert (torch.stack(ys, 1) - y_conv).abs().max() < TOL
+    assert (s - state).abs().max() < TOL * s.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["dplr", "diag"])
+def test_conv_kernel_matches_dense_recurrence(mode):
+    # K[l] = 2 Re(C dA^l dB), computed the slow way in float64 from the dense discrete system.
+    kernel = perturbed(S4Block(4, S4Config(mode=mode))).kernel
+    length = 500
+    with torch.no_grad():
+        k = kernel.conv_kernel(length)
+        rec = kernel.recurrence()
+        d_a, d_b = kernel.discrete()
+        c = torch.cat([rec.dC, rec.dC.conj()], -1).to(torch.complex128)
+        x, ref = d_b, []
+        for _ in range(length):
+            ref.append((c * x).sum(-1).real)
+            x = torch.einsum("hnm,hm->hn", d_a, x)
+    ref = torch.stack(ref, -1)
+    assert (k.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["dplr", "diag"])
+def test_recurrent_mode_matches_convolution_mode(mode):
+    model = small(mode)
+    x = torch.randint(0, 256, (2, 200))  # not a multiple of the pool product 16
+    with torch.no_grad():
+        ref = model(x)
+    state = model.initial_state(2)
+    outs = []
+    for t in range(x.shape[1]):
+        y, state = model.step(x[:, t], state)
+        outs.append(y)
+    assert (torch.stack(outs, 1) - ref).abs().max() < TOL
+
+
+@pytest.mark.parametrize("mode", ["dplr", "diag"])
+@pytest.mark.parametrize("prompt", [1, 16, 77, 300])
+def test_prefill_then_step_matches_convolution_mode(mode, prompt):
+    model = small(mode)
+    total = prompt + 40
+    x = torch.randint(0, 256, (2, total))
+    with torch.no_grad():
+        ref = model(x)
+    logits, state = model.prefill(x[:, :prompt])
+    assert state.t == prompt
+    outs = [logits]
+    for t in range(prompt, total):
+        y, state = model.step(x[:, t], state)
+        outs.append(y[:, None])
+    assert (torch.cat(outs, 1) - ref).abs().max() < TOL
+
+
+def test_longer_sequence_than_attuned_length_doubles_c_tilde_without_changing_the_function():
+    model = small("dplr")
+    x = torch.randint(0, 256, (1, 1000))
+    with torch.no_grad():
+        model(x[:, :64])  # attunes C-tilde to short lengths
+        short = [int(b.kernel.l_kernel) for b in model.s4_blocks()]
+        long_out = model(x)
+    assert [int(b.kernel.l_kernel) for b in model.s4_blocks()] != short
+    state = model.initial_state(1)
+    outs = []
+    for t in range(1000):
+        y, state = model.step(x[:, t], state)
+        outs.append(y)
+    assert (torch.stack(outs, 1) - long_out).abs().max() < TOL
+
+
+@pytest.mark.parametrize("mode", ["dplr", "diag"])
+def test_causality(mode):
+    model = small(mode)
+    x = torch.randint(0, 256, (1, 256))
+    t = 137
+    x2 = x.clone()
+    x2[0, t] = (x[0, t] + 100) % 256
+    with torch.no_grad():
+        a, b = model(x), model(x2)
+    before = (a[:, :t] - b[:, :t]).abs().max().item()
+    after = (a[:, t:] - b[:, t:]).abs().max().item()
+    assert before < 1e-5, before  # FFT round-off only
+    assert after > 1e-2
+
+
+def test_variations_share_a_prompt_state():
+    model = small()
+    x = torch.randint(0, 256, (1, 50))
+    _, state = model.prefill(x)
+    many = state.repeat(3)
+    y, _ = model.step(torch.tensor([5, 5, 5]), many)
+    assert torch.allclose(y[0], y[1]) and torch.allclose(y[1], y[2])
+
+
+@pytest.mark.parametrize("mode", ["dplr", "diag"])
+def test_training_step_gives_finite_gradients_to_every_parameter(mode):
+    model = small(mode).train()
+    x = torch.randint(0, 256, (2, 128))
+    loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, 256), x.reshape(-1))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
