@@ -28,7 +28,7 @@ def test_cauchy_matches_reference_values_and_gradients(chunking):
     g = torch.randn_like(ref)
     grads = torch.autograd.grad(out, (v, w), g)
     ref_grads = torch.autograd.grad(ref, (v, w), g)
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
 
 
@@ -44,7 +44,7 @@ def test_vandermonde_matches_reference_values_and_gradients(chunking):
     ref = kernels.vandermonde_reference(v, x, 300)
     assert torch.allclose(out, ref, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out, (v, x), g), torch.autograd.grad(ref, (v, x), g)):
+    for a, b in zip(torch.autograd.grad(out, (v, x), g), torch.autograd.grad(ref, (v, x), g), strict=True):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-9)
 
 

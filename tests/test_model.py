@@ -140,3 +140,21 @@ def test_training_step_gives_finite_gradients_to_every_parameter(mode):
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_gradient_checkpointing_leaves_loss_and_gradients_unchanged():
+    model = small().train()
+    x = torch.randint(0, 256, (2, 96))
+
+    def grads():
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, 256), x.reshape(-1))
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    loss_plain, plain = grads()
+    model.gradient_checkpointing = True
+    loss_ckpt, ckpt = grads()
+    assert loss_plain == pytest.approx(loss_ckpt, abs=1e-6)
+    for a, b in zip(plain, ckpt, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)

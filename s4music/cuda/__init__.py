@@ -14,7 +14,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -112,7 +112,7 @@ def check(fn: Callable, device: str = "cuda") -> float:
         out = f(vv, z, ww)
         out.backward(grad)
         outs.append((out.detach(), vv.grad, ww.grad))
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         errors.append(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item())
     return max(errors)
 

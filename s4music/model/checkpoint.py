@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from s4music.errors import S4MusicError
 from s4music.model.config import AudioFormat, S4Config, SaShiMiConfig
 from s4music.model.sashimi import SaShiMi
 
@@ -31,7 +32,7 @@ FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(S4MusicError, ValueError):
     """A checkpoint that cannot be read; the message names the file and the reason."""
 
 
@@ -81,6 +82,11 @@ def save_model(model: SaShiMi, directory: str | Path, summary: dict | None = Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def convert_official(source: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Import an official SaShiMi checkpoint and write it in our format."""
+    return import_official(source).save(out, dtype=dtype)
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:

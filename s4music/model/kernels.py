@@ -32,28 +32,33 @@ class _ChunkedCauchy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, z, w):
         ctx.save_for_backward(v, z, w)
-        out = v.new_empty(v.shape[0], v.shape[1], z.shape[0])
-        step = _chunk_len(w.shape[0], w.shape[1], z.shape[0])
-        vt = v.transpose(0, 1)  # (H, K, N)
-        for start in range(0, z.shape[0], step):
+        k, h, length = v.shape[0], v.shape[1], z.shape[0]
+        out = v.new_empty(h, k, length)
+        step = _chunk_len(h, w.shape[1], length)
+        vt = v.transpose(0, 1).contiguous()  # (H, K, N)
+        for start in range(0, length, step):
             inv = torch.reciprocal(z[start : start + step] - w.unsqueeze(-1))  # (H, N, c)
-            out[:, :, start : start + step] = torch.bmm(vt, inv).transpose(0, 1)
-        return out
+            torch.bmm(vt, inv, out=out[:, :, start : start + step])
+        return out.transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad):
         # PyTorch's complex convention: grad_x = sum grad_out * conj(d out / d x).
         v, z, w = ctx.saved_tensors
-        grad_v = torch.zeros_like(v)
+        h, n, length = w.shape[0], w.shape[1], z.shape[0]
+        grad_v = v.new_zeros(h, v.shape[0], n)
         grad_w = torch.zeros_like(w)
-        step = _chunk_len(w.shape[0], w.shape[1], z.shape[0])
-        vc = v.conj().permute(1, 2, 0)  # (H, N, K)
-        for start in range(0, z.shape[0], step):
-            inv_c = torch.reciprocal(z[start : start + step] - w.unsqueeze(-1)).conj()  # (H, N, c)
-            g = grad[:, :, start : start + step].transpose(0, 1)  # (H, K, c)
-            grad_v += torch.bmm(g, inv_c.transpose(1, 2)).transpose(0, 1)
-            grad_w += (torch.bmm(vc, g) * inv_c * inv_c).sum(-1)
-        return grad_v, None, grad_w
+        step = _chunk_len(h, n, length)
+        g_all = grad.transpose(0, 1).contiguous()  # (H, K, L)
+        vc = v.conj().permute(1, 2, 0).contiguous()  # (H, N, K)
+        zc, wc = z.conj(), w.conj().unsqueeze(-1)
+        for start in range(0, length, step):
+            inv_c = torch.reciprocal(zc[start : start + step] - wc)  # conj(1 / (z - w)), (H, N, c)
+            g = g_all[:, :, start : start + step]  # (H, K, c)
+            grad_v.baddbmm_(g, inv_c.transpose(1, 2))
+            mix = torch.bmm(vc, g).mul_(inv_c).mul_(inv_c)
+            grad_w += mix.sum(-1)
+        return grad_v.transpose(0, 1), None, grad_w
 
 
 def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

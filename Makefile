@@ -1,0 +1,45 @@
+# s4music developer entry points. `make test` and `make demo` each work from a fresh clone:
+# they install what is missing first (Debian packages and a virtual environment in .venv).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PACKAGES := ffmpeg fluidsynth timgm6mb-soundfont
+PYTEST_ARGS ?=
+
+.PHONY: install system-deps test demo bench lint clean
+
+install: system-deps $(STAMP)
+
+# Debian packages the toolkit runs: ffmpeg (decoding), FluidSynth and a General MIDI soundfont.
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	@echo "make demo needs 's4music continue' and the bundled model (issues #5 and #6); not built yet." >&2
+	@exit 1
+
+bench: install
+	$(BIN)/python benchmarks/run.py
+
+lint: install
+	$(BIN)/python -m ruff check s4music tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,155 @@
+"""Default SaShiMi model on this machine's CPU: training steps, prompt reading, generation.
+
+Every figure comes with a ratio against a baseline measured in the same run:
+  - training: the naive Cauchy path (materializes (K, H, N, L), like the official CPU fallback);
+  - prompt reading: stepping through the prompt one sample at a time, at the measured step rate;
+  - generation at batch 8: batch 1.
+Each configuration runs in a fresh subprocess so its peak resident memory is its own.
+
+    python benchmarks/bench_model.py            # all
+    python benchmarks/bench_model.py --quick    # short lengths, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+SAMPLE_RATE = 16000
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
+
+
+def train_step(length: int, path: str, steps: int, checkpointing: bool = False) -> dict:
+    import torch
+
+    import s4music.model.s4 as s4
+    from s4music.model import SaShiMi
+    from s4music.model.kernels import cauchy_reference
+
+    if path == "naive":
+        s4.cauchy = cauchy_reference
+    torch.manual_seed(0)
+    model = SaShiMi().train()
+    model.gradient_checkpointing = checkpointing
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 256, (1, length))
+    times = []
+    for _ in range(steps + 1):  # the first step also attunes the kernels; not timed
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, 256), x.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    return {"seconds": min(times[1:]), "peak_gb": _peak_gb()}
+
+
+def generation(batch: int, steps: int) -> dict:
+    import torch
+
+    from s4music.model import SaShiMi
+
+    torch.manual_seed(0)
+    model = SaShiMi().eval()
+    _, state = model.prefill(torch.randint(0, 256, (batch, 4096)))
+    code = torch.full((batch,), 128)
+    for _ in range(32):  # warm-up, including the cached recurrence matrices
+        model.step(code, state)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits, state = model.step(code, state)
+        code = logits.argmax(-1)
+    seconds = time.perf_counter() - t0
+    return {"samples_per_s": batch * steps / seconds, "peak_gb": _peak_gb()}
+
+
+def prefill(seconds_of_audio: float) -> dict:
+    import torch
+
+    from s4music.model import SaShiMi
+
+    torch.manual_seed(0)
+    model = SaShiMi().eval()
+    x = torch.randint(0, 256, (1, int(seconds_of_audio * SAMPLE_RATE)))
+    model.prefill(x[:, :4096])  # builds the cached recurrence matrices
+    t0 = time.perf_counter()
+    model.prefill(x)
+    return {"seconds": time.perf_counter() - t0, "peak_gb": _peak_gb()}
+
+
+def _child(kind: str, **kw) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps({"kind": kind, **kw})]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["killed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child")
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        fn = {"train": train_step, "gen": generation, "prefill": prefill}[spec.pop("kind")]
+        print(json.dumps(fn(**spec)))
+        return
+
+    lengths = [2000, 8000] if args.quick else [16000, 128000]
+    steps = 1 if args.quick else 2
+    print("## Default model (4,751,072 parameters), CPU\n")
+    print("### Training step (batch 1, forward + backward + AdamW)\n")
+    print("| L | path | s/step | audio s per s | peak RSS GB | vs naive path |")
+    print("|---|---|---|---|---|---|")
+    naive = _child("train", length=lengths[0], path="naive", steps=steps)
+    for length in lengths:
+        for ckpt in (False, True):
+            name = "chunked + checkpointing" if ckpt else "chunked"
+            ours = _child("train", length=length, path="chunked", steps=steps, checkpointing=ckpt)
+            if "error" in ours:
+                print(f"| {length} | {name} | failed: {ours['error']} | | | |")
+                continue
+            ratio = ""
+            if length == lengths[0] and "error" not in naive:
+                ratio = (f"{naive['seconds'] / ours['seconds']:.1f}x faster, "
+                         f"{naive['peak_gb'] / ours['peak_gb']:.1f}x less memory")
+            print(f"| {length} | {name} | {ours['seconds']:.2f} | {length / SAMPLE_RATE / ours['seconds']:.3f} "
+                  f"| {ours['peak_gb']:.2f} | {ratio} |")
+    if "error" in naive:
+        print(f"| {lengths[0]} | naive | failed: {naive['error']} | | | |")
+    else:
+        print(f"| {lengths[0]} | naive | {naive['seconds']:.2f} | {lengths[0] / SAMPLE_RATE / naive['seconds']:.3f} "
+              f"| {naive['peak_gb']:.2f} | 1.0x |")
+    print(f"| {lengths[1]} | naive | not run: its (K, H, N, L) tensors need far more than this machine's memory | | | |")
+
+    gen_steps = 100 if args.quick else 400
+    print("\n### Recurrent generation (plain PyTorch step)\n")
+    print("| batch | samples/s (all variations) | RTF | peak RSS GB | vs batch 1 |")
+    print("|---|---|---|---|---|")
+    base = None
+    for batch in (1, 8):
+        r = _child("gen", batch=batch, steps=gen_steps)
+        base = base or r["samples_per_s"]
+        print(f"| {batch} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / SAMPLE_RATE:.4f} "
+              f"| {r['peak_gb']:.2f} | {r['samples_per_s'] / base:.1f}x |")
+
+    audio_s = 2.0 if args.quick else 10.0
+    r = _child("prefill", seconds_of_audio=audio_s)
+    stepping = audio_s * SAMPLE_RATE / base
+    print(f"\n### Reading a {audio_s:g} s prompt\n")
+    print("| method | seconds | vs stepping |")
+    print("|---|---|---|")
+    print(f"| one parallel pass (`prefill`) | {r['seconds']:.2f} | {stepping / r['seconds']:.0f}x faster |")
+    print(f"| stepping sample by sample (at the batch-1 rate above) | {stepping:.1f} | 1x |")
+
+
+if __name__ == "__main__":
+    main()

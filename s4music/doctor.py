@@ -1,0 +1,42 @@
+"""`s4music doctor`: what this machine can run, and which kernel path is active."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+import torch
+
+from s4music import cuda, system
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+def run_checks() -> list[Check]:
+    checks = [
+        Check("python", True, platform.python_version()),
+        Check("torch", True, f"{torch.__version__} (CUDA build {torch.version.cuda or 'none'})"),
+    ]
+    if torch.cuda.is_available():
+        checks.append(Check("gpu", True, torch.cuda.get_device_name(0), required=False))
+        checks.append(Check("s4 kernel (cuda)", True, cuda.kernel_path("cuda"), required=False))
+    else:
+        checks.append(Check("gpu", False, "none visible; running on CPU", required=False))
+    checks.append(Check("s4 kernel (cpu)", True, cuda.kernel_path("cpu")))
+    home = cuda.find_cuda_home()
+    checks.append(Check("cuda toolkit", home is not None, str(home) if home else "nvcc not found", required=False))
+    for prog in ("ffmpeg", "fluidsynth"):
+        version = system.program_version(prog)
+        checks.append(Check(prog, version is not None, version or "not installed (run `make install`)"))
+    sf2 = system.find_soundfont()
+    checks.append(Check("soundfont", sf2 is not None, str(sf2) if sf2 else "no General MIDI .sf2 found"))
+    js = system.js_runtime()
+    checks.append(Check("js runtime (YouTube)", js is not None,
+                        js or "none of deno/node/bun/qjs; YouTube fetches need one", required=False))
+    return checks

@@ -1,0 +1,52 @@
+"""External programs the toolkit uses: ffmpeg, FluidSynth, a General MIDI soundfont, and a
+JavaScript runtime for yt-dlp's YouTube support."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+# Where Debian's soundfont packages put their files, best first.
+SOUNDFONT_PATHS = [
+    "/usr/share/sounds/sf2/FluidR3_GM.sf2",
+    "/usr/share/sounds/sf2/TimGM6mb.sf2",
+    "/usr/share/sounds/sf2/default-GM.sf2",
+    "/usr/share/soundfonts/default.sf2",
+    "/usr/share/soundfonts/FluidR3_GM.sf2",
+]
+# Runtimes yt-dlp can use to solve YouTube's JavaScript challenges, in its order of preference.
+JS_RUNTIMES = ["deno", "node", "bun", "qjs"]
+
+
+def program_version(name: str) -> str | None:
+    """First line of `name -version`/`--version`, or None when the program is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        return None
+    for flag in ("-version", "--version"):
+        try:
+            out = subprocess.run([path, flag], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        text = (out.stdout or out.stderr).strip()
+        if out.returncode == 0 and text:
+            return text.splitlines()[0]
+    return path
+
+
+def find_soundfont() -> Path | None:
+    """A General MIDI soundfont from the Debian package paths, or any .sf2 under /usr/share."""
+    for p in SOUNDFONT_PATHS:
+        if Path(p).is_file():
+            return Path(p).resolve()
+    for root in ("/usr/share/sounds/sf2", "/usr/share/soundfonts"):
+        found = sorted(Path(root).glob("*.sf2")) if Path(root).is_dir() else []
+        if found:
+            return found[0]
+    return None
+
+
+def js_runtime() -> str | None:
+    """The first JavaScript runtime yt-dlp can use, or None."""
+    return next((name for name in JS_RUNTIMES if shutil.which(name)), None)

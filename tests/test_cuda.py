@@ -1,0 +1,71 @@
+"""The compiled CUDA Cauchy kernel: it builds here, and on a GPU it matches the PyTorch path."""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import s4music.cuda as ext
+from s4music.model import S4Config
+from s4music.model.s4 import S4Block
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ext.find_cuda_home() is None or torch.version.cuda is None,
+                    reason="needs nvcc and a CUDA build of torch")
+def test_extension_compiles_and_links():
+    module = ext.build()
+    assert hasattr(module, "forward") and hasattr(module, "backward")
+
+
+def test_fallback_warns_once_and_uses_the_pytorch_path(monkeypatch):
+    monkeypatch.setitem(ext._state, "checked", False)
+    monkeypatch.setitem(ext._state, "fn", None)
+
+    def broken_build():
+        raise RuntimeError("nvcc exploded")
+
+    monkeypatch.setattr(ext, "build", broken_build)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ext.cuda_cauchy() is None
+        assert ext.cuda_cauchy() is None
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "nvcc exploded" in messages[0]
+    assert "nvcc exploded" in ext.kernel_path("cuda:0")
+
+
+def test_find_cuda_home_reads_through_an_nvcc_wrapper_script(tmp_path, monkeypatch):
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!/bin/sh\nexec {toolkit}/bin/nvcc \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(wrapper.parent))
+    assert shutil.which("nvcc") == str(wrapper)
+    assert ext.find_cuda_home() == toolkit
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_cauchy_matches_pytorch_path():
+    fn = ext.cuda_cauchy()
+    assert fn is not None, ext._state["reason"]
+    assert ext.check(fn) < 1e-5
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("length", [1000, 16000])
+def test_s4_layer_on_gpu_matches_cpu(length):
+    block = S4Block(64, S4Config()).eval()
+    x = torch.randn(2, length, 64)
+    with torch.no_grad():
+        ref = block(x)[0]
+        out = block.cuda()(x.cuda())[0].cpu()
+    assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
