@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := ffmpeg fluidsynth timgm6mb-soundfont
+# Real recordings (Ogg Vorbis, 44.1 kHz stereo) that the tests use as fixtures.
+TEST_APT_PACKAGES := drascula-music
 PYTEST_ARGS ?=
 
 .PHONY: install system-deps test demo bench lint clean
@@ -14,7 +16,7 @@ install: system-deps $(STAMP)
 
 # Debian packages the toolkit runs: ffmpeg (decoding), FluidSynth and a General MIDI soundfont.
 system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_PACKAGES) $(TEST_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \

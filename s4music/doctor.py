@@ -36,7 +36,6 @@ def run_checks() -> list[Check]:
         checks.append(Check(prog, version is not None, version or "not installed (run `make install`)"))
     sf2 = system.find_soundfont()
     checks.append(Check("soundfont", sf2 is not None, str(sf2) if sf2 else "no General MIDI .sf2 found"))
-    js = system.js_runtime()
-    checks.append(Check("js runtime (YouTube)", js is not None,
-                        js or "none of deno/node/bun/qjs; YouTube fetches need one", required=False))
+    js_ok, js_detail = system.js_runtime_report()
+    checks.append(Check("js runtime (YouTube)", js_ok, js_detail, required=False))
     return checks

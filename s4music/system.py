@@ -15,8 +15,6 @@ SOUNDFONT_PATHS = [
     "/usr/share/soundfonts/default.sf2",
     "/usr/share/soundfonts/FluidR3_GM.sf2",
 ]
-# Runtimes yt-dlp can use to solve YouTube's JavaScript challenges, in its order of preference.
-JS_RUNTIMES = ["deno", "node", "bun", "qjs"]
 
 
 def program_version(name: str) -> str | None:
@@ -47,6 +45,27 @@ def find_soundfont() -> Path | None:
     return None
 
 
-def js_runtime() -> str | None:
-    """The first JavaScript runtime yt-dlp can use, or None."""
-    return next((name for name in JS_RUNTIMES if shutil.which(name)), None)
+def js_runtimes() -> dict[str, str]:
+    """JavaScript runtimes yt-dlp can use for YouTube, as {name: path}, by yt-dlp's own version rules."""
+    import yt_dlp  # noqa: F401  (registers the runtimes)
+    from yt_dlp.globals import supported_js_runtimes
+
+    usable = {}
+    for name, runtime in supported_js_runtimes.value.items():
+        info = runtime().info
+        if info is not None and info.supported:
+            usable[name] = info.path
+    return usable
+
+
+def js_runtime_report() -> tuple[bool, str]:
+    """(usable, description) for `s4music doctor`."""
+    usable = js_runtimes()
+    if usable:
+        return True, ", ".join(f"{name} ({path})" for name, path in usable.items())
+    import yt_dlp  # noqa: F401
+    from yt_dlp.globals import supported_js_runtimes
+
+    too_old = [f"{n} {i.version}" for n, r in supported_js_runtimes.value.items() if (i := r().info) is not None]
+    hint = "install deno (2.3+) or node (22+)"
+    return False, (f"only unsupported versions found ({', '.join(too_old)}); {hint}" if too_old else f"none; {hint}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from s4music.errors import S4MusicError
@@ -81,6 +82,53 @@ def convert(
 
     path = convert_official(checkpoint, out, dtype=torch.bfloat16 if bf16 else None)
     console.print(f"wrote {path}")
+
+
+def progress_bar() -> Progress:
+    """A rich progress bar with ETA, on stderr."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    )
+
+
+def report_failures(failures: list[tuple[str, str]], done: int, what: str, any_failure_fails: bool) -> None:
+    """A batch's summary: failures one per line. Exit 1 if any failed (`any_failure_fails`) or none succeeded."""
+    for _, reason in failures:
+        console.print(f"[red]failed:[/] {reason}", highlight=False, soft_wrap=True)
+    console.print(f"{done} {what}, {len(failures)} failed")
+    if failures and (any_failure_fails or not done):
+        raise typer.Exit(1)
+
+
+@command
+def fetch(
+    urls: list[str] = typer.Argument(..., help="Web pages or media URLs (YouTube needs a JS runtime; see doctor)."),
+    out: Path = typer.Option(Path("fetched"), "--out", "-o", help="Output directory."),
+    start: float = typer.Option(None, help="Keep audio from this second on (applied after download)."),
+    end: float = typer.Option(None, help="Keep audio up to this second."),
+    playlist_items: str = typer.Option(None, help="Playlist items to fetch, e.g. '1-3,7'."),
+    sample_rate: int = typer.Option(16000, help="Sample rate of the converted audio."),
+):
+    """Download the audio of web pages (yt-dlp), keep the original, and convert it to mono WAV."""
+    from s4music.data.fetch import FetchOptions
+    from s4music.data.fetch import fetch as fetch_urls
+
+    options = FetchOptions(sample_rate=sample_rate, start=start, end=end, playlist_items=playlist_items)
+    with progress_bar() as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(url: str, done: int, total: int | None) -> None:
+            if url not in tasks:
+                tasks[url] = bar.add_task(url[-50:], total=total)
+            bar.update(tasks[url], completed=done, total=total)
+
+        def on_result(url: str, item, error: str | None) -> None:
+            if item is not None:
+                bar.console.print(f"[green]ok[/] {item.audio} ({item.seconds:.1f} s)", highlight=False)
+
+        report = fetch_urls(urls, out, options, on_progress=on_progress, on_result=on_result)
+    report_failures(report.failed, len(report.fetched), "fetched", any_failure_fails=True)
 
 
 def main() -> None:

@@ -1,0 +1,198 @@
+"""The one path for sound: every prompt, fetched track, rendered MIDI file and training file goes
+through `load_audio` and `encode`, so prompts are converted exactly as training data is.
+
+    load_audio(path, rate) -> Audio (float32 mono at `rate`)     soundfile, else ffmpeg; then resample
+    encode(wave, scheme) -> uint8 codes;  decode(codes, scheme) -> wave
+
+Schemes (recorded in every dataset and checkpoint):
+    mulaw-official  the SaShiMi data pipeline: min-max scale the clip to [-1, 1], mu-law (mu 255),
+                    map to [0, 1], quantize as floor(x * (256 - 0.01) + 0.005)
+    mulaw           plain mu-law on the clip as it is, rounded to the nearest level
+    linear          uniform 8-bit levels over [-1, 1]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from s4music.errors import S4MusicError
+
+SCHEMES = ("mulaw-official", "mulaw", "linear")
+MU = 255
+AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".webm"}
+
+
+class AudioError(S4MusicError):
+    """A file that cannot be used as audio; the message names the file and the reason."""
+
+
+@dataclass
+class Audio:
+    """Mono float32 samples at `sample_rate`, and what the source was."""
+
+    samples: torch.Tensor  # (L,)
+    sample_rate: int
+    source_rate: int
+    source_channels: int
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.numel() / self.sample_rate
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str | Path, data) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- decode
+
+
+def _decode_soundfile(path: Path) -> tuple[np.ndarray, int]:
+    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    return data, rate
+
+
+def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
+    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+        raise AudioError(f"{path}: format needs ffmpeg, which is not installed (run `make install`)")
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=sample_rate,channels",
+         "-of", "json", str(path)],
+        capture_output=True, text=True,
+    )
+    streams = json.loads(probe.stdout or "{}").get("streams", []) if probe.returncode == 0 else []
+    if not streams:
+        reason = (probe.stderr.strip().splitlines() or ["no audio stream"])[-1]
+        raise AudioError(f"{path}: not audio ({reason.replace(str(path) + ': ', '')})")
+    rate, channels = int(streams[0]["sample_rate"]), int(streams[0]["channels"])
+    out = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "f32le", "-acodec", "pcm_f32le", "-"],
+        capture_output=True,
+    )
+    if out.returncode != 0:
+        reason = (out.stderr.decode(errors="replace").strip().splitlines() or ["decoding failed"])[-1]
+        raise AudioError(f"{path}: cannot decode ({reason})")
+    data = np.frombuffer(out.stdout, dtype=np.float32)
+    return data[: data.size // channels * channels].reshape(-1, channels), rate
+
+
+def load_audio(path: str | Path, sample_rate: int = 16000, start: float | None = None,
+               end: float | None = None) -> Audio:
+    """Decode any common format, mix down to mono and resample to `sample_rate`.
+
+    `start`/`end` (seconds) select a part of the file. Raises AudioError for a missing, empty,
+    undecodable or silent file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: empty file")
+    try:
+        data, rate = _decode_soundfile(path)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        data, rate = _decode_ffmpeg(path)
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: no samples")
+    channels = data.shape[1]
+    lo = int(round((start or 0.0) * rate))
+    hi = data.shape[0] if end is None else min(data.shape[0], int(round(end * rate)))
+    if lo >= hi:
+        raise AudioError(f"{path}: the selection {start or 0}-{end} s is empty (file is {data.shape[0] / rate:.1f} s)")
+    mono = torch.from_numpy(np.ascontiguousarray(data[lo:hi].mean(axis=1)))
+    if not torch.isfinite(mono).all():
+        raise AudioError(f"{path}: contains NaN or infinite samples")
+    if rate != sample_rate:
+        mono = AF.resample(mono, rate, sample_rate)
+    return Audio(mono.float().contiguous(), sample_rate, rate, channels)
+
+
+# ------------------------------------------------------------------------------------------- codes
+
+
+def encode(wave: torch.Tensor, scheme: str = "mulaw-official") -> torch.Tensor:
+    """Float samples (..., L) -> uint8 codes (..., L). 'mulaw-official' scales each clip (the last axis)."""
+    wave = wave.float()
+    if scheme == "mulaw-official":
+        lo = wave.amin(dim=-1, keepdim=True)
+        hi = wave.amax(dim=-1, keepdim=True)
+        x = 2 * (wave - lo) / (hi - lo + 1e-6) - 1
+        x = torch.sign(x) * torch.log1p(MU * x.abs()) / math.log1p(MU)
+        return torch.floor((x + 1) / 2 * (256 - 0.01) + 0.005).clamp(0, 255).to(torch.uint8)
+    if scheme == "mulaw":
+        return AF.mu_law_encoding(wave.clamp(-1, 1), 256).to(torch.uint8)
+    if scheme == "linear":
+        return torch.round((wave.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
+    raise ValueError(f"unknown quantization scheme {scheme!r}; use one of {SCHEMES}")
+
+
+def decode(codes: torch.Tensor, scheme: str = "mulaw-official") -> torch.Tensor:
+    """uint8 (or int64) codes -> float32 samples in [-1, 1]."""
+    codes = codes.long()
+    if scheme == "mulaw-official":
+        x = codes.float() / 128 - 1
+        return torch.sign(x) * ((1 + MU) ** x.abs() - 1) / MU
+    if scheme == "mulaw":
+        return AF.mu_law_decoding(codes, 256)
+    if scheme == "linear":
+        return codes.float() / 255 * 2 - 1
+    raise ValueError(f"unknown quantization scheme {scheme!r}; use one of {SCHEMES}")
+
+
+# ------------------------------------------------------------------------------------------- write
+
+
+def normalize(wave: torch.Tensor, sample_rate: int, mode: str | None = "peak", target: float = -1.0) -> torch.Tensor:
+    """'peak': peak at `target` dBFS; 'loudness': integrated loudness at `target` LUFS; None: as is."""
+    if mode is None or mode == "none" or wave.abs().max() == 0:
+        return wave
+    if mode == "peak":
+        return wave * (10 ** (target / 20) / wave.abs().max())
+    if mode == "loudness":
+        lufs = AF.loudness(wave.unsqueeze(0), sample_rate).item()
+        if not math.isfinite(lufs):
+            return wave
+        out = wave * 10 ** ((target - lufs) / 20)
+        peak = out.abs().max()
+        return out / peak * 0.999 if peak > 1 else out  # never clip
+    raise ValueError(f"unknown normalization {mode!r}; use peak, loudness or none")
+
+
+def write_audio(path: str | Path, wave: torch.Tensor, sample_rate: int) -> Path:
+    """Write mono float samples as 16-bit WAV or FLAC (by suffix), atomically."""
+    path = Path(path)
+    fmt = {".wav": "WAV", ".flac": "FLAC"}.get(path.suffix.lower())
+    if fmt is None:
+        raise AudioError(f"{path}: output must end in .wav or .flac")
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), wave.detach().cpu().clamp(-1, 1).numpy(), sample_rate, format=fmt, subtype="PCM_16")
+    return path
