@@ -92,3 +92,63 @@ def http_server(tmp_path):
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+FIXTURE_CACHE = Path(os.environ.get("S4MUSIC_CACHE", Path.home() / ".cache" / "s4music")) / "test-fixtures"
+
+
+def _music21_midi(name: str, dest: Path) -> Path:
+    from music21 import corpus
+
+    score = corpus.parse(name)
+    score.write("midi", fp=str(dest))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def midi_corpus() -> dict[str, Path]:
+    """Real MIDI made from the music21 corpus (public-domain scores), cached between runs.
+
+    piano: Joplin, Maple Leaf Rag (GM program 0).  strings: Mozart K. 80, i (program 48).
+    chorale: Bach BWV 66.6.  mixed: piano on channel 1, the strings on channel 2 and the chorale's
+    rhythm as drums on channel 10.  stray_tail: the chorale plus one note 30 minutes later.
+    """
+    import mido
+
+    need(__import__("importlib").util.find_spec("music21") is not None, "music21")
+    cache = FIXTURE_CACHE / "midi-v1"
+    names = {"piano": "joplin/maple_leaf_rag", "strings": "mozart/k80/movement1", "chorale": "bach/bwv66.6"}
+    paths = {key: cache / f"{key}.mid" for key in [*names, "mixed", "stray_tail"]}
+    if not all(p.exists() for p in paths.values()):
+        cache.mkdir(parents=True, exist_ok=True)
+        for key, name in names.items():
+            _music21_midi(name, paths[key])
+        piano, strings, chorale = (mido.MidiFile(str(paths[k])) for k in names)
+        mixed = mido.MidiFile(type=1, ticks_per_beat=piano.ticks_per_beat)
+
+        def moved(src, channel, program=None, drum_note=None):
+            track = mido.MidiTrack()
+            if program is not None:
+                track.append(mido.Message("program_change", channel=channel, program=program, time=0))
+            ticks = 0
+            for msg in mido.merge_tracks(src.tracks):
+                ticks += msg.time
+                if msg.is_meta or msg.type == "program_change":
+                    continue
+                if hasattr(msg, "channel"):
+                    msg = msg.copy(channel=channel)
+                if drum_note is not None and msg.type in ("note_on", "note_off"):
+                    msg = msg.copy(note=drum_note)
+                track.append(msg.copy(time=int(ticks * mixed.ticks_per_beat / src.ticks_per_beat)))
+                ticks = 0
+            return track
+
+        mixed.tracks.append(mido.merge_tracks(piano.tracks))
+        mixed.tracks.append(moved(strings, 1, program=48))
+        mixed.tracks.append(moved(chorale, 9, drum_note=38))
+        mixed.save(str(paths["mixed"]))
+        tail = mido.MidiFile(str(paths["chorale"]))
+        tail.tracks[-1].insert(len(tail.tracks[-1]) - 1, mido.Message(
+            "note_on", note=60, velocity=80, time=int(30 * 60 * 2 * tail.ticks_per_beat)))
+        tail.save(str(paths["stray_tail"]))
+    return paths

@@ -131,6 +131,38 @@ def fetch(
     report_failures(report.failed, len(report.fetched), "fetched", any_failure_fails=True)
 
 
+@app.command("render-midi")
+def render_midi_command(
+    sources: list[Path] = typer.Argument(..., help="MIDI files or directories (searched recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory; mirrors the source layout."),
+    instrument: list[str] = typer.Option(None, "--instrument", "-i",
+                                         help="Keep only this GM family (piano, strings, ...), program 0-127, "
+                                              "or 'drums'. Repeatable. Default: everything."),
+    drums: bool = typer.Option(True, "--drums/--no-drums", help="Keep channel 10 (drums)."),
+    soundfont: Path = typer.Option(None, help="General MIDI .sf2 (default: found in Debian's paths)."),
+    max_seconds: float = typer.Option(600.0, help="Render at most this many seconds of each file."),
+    sample_rate: int = typer.Option(16000, help="Output sample rate."),
+    workers: int = typer.Option(2, help="Files rendered in parallel."),
+):
+    """Render MIDI collections (e.g. the Lakh MIDI layout) to mono WAV with FluidSynth; resumable."""
+    from s4music.data.midi import RenderOptions, find_midi, render_midi
+
+    options = RenderOptions(instruments=instrument or None, drums=drums, soundfont=soundfont,
+                            sample_rate=sample_rate, max_seconds=max_seconds, workers=workers)
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("rendering", total=len(find_midi(sources)))
+            report = render_midi(sources, out, options, on_file=lambda src, status: bar.advance(task))
+    except S4MusicError as e:
+        fail(str(e))
+    for _, reason in report.skipped:
+        console.print(f"[yellow]skipped:[/] {reason}", highlight=False, soft_wrap=True)
+    minutes = sum(s for _, _, s in report.rendered) / 60
+    console.print(f"{len(report.already)} already rendered; {minutes:.1f} min of new audio")
+    report_failures([(str(s), r) for s, r in report.failed], len(report.rendered) + len(report.already),
+                    "rendered", any_failure_fails=False)
+
+
 def main() -> None:
     try:
         app()
