@@ -163,6 +163,44 @@ def render_midi_command(
                     "rendered", any_failure_fails=False)
 
 
+@command
+def prepare(
+    sources: list[Path] = typer.Argument(..., help="Audio files or directories (wav, flac, mp3, ogg, opus, m4a, ...)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset directory (created, or extended if it exists)."),
+    seconds: float = typer.Option(8.192, help="Window length in seconds (the paper's 131,072 samples)."),
+    quantization: str = typer.Option("mulaw-official", help="mulaw-official, mulaw or linear."),
+    sample_rate: int = typer.Option(16000, help="Sample rate of the codes."),
+    val: float = typer.Option(0.06, help="Share of each stratum's files for validation."),
+    test: float = typer.Option(0.06, help="Share of each stratum's files for test."),
+    seed: int = typer.Option(0, help="Seed of the split assignment."),
+    tag: list[str] = typer.Option(None, help="A stratum tag for these sources, key=value (repeatable)."),
+):
+    """Build or extend a training dataset: decode, mono, resample, quantize, window, split by source."""
+    from s4music.data.prepare import PrepareOptions, find_audio
+    from s4music.data.prepare import prepare as prepare_dataset
+
+    tags = {}
+    for t in tag or []:
+        key, sep, value = t.partition("=")
+        if not sep or not key:
+            fail(f"--tag {t!r}: expected key=value")
+        tags[key] = value
+    options = PrepareOptions(seconds=seconds, sample_rate=sample_rate, quantization=quantization,
+                             val_fraction=val, test_fraction=test, seed=seed, tags=tags)
+    with progress_bar() as bar:
+        task = bar.add_task("preparing", total=len(find_audio(sources)))
+        report = prepare_dataset(sources, out, options, on_file=lambda path, status: bar.advance(task))
+    table = Table(title=f"{out}: hours of audio")
+    for column in ("split", "stratum", "hours"):
+        table.add_column(column)
+    for (split, stratum), hours in report.summary.items():
+        table.add_row(split, stratum, f"{hours:.3f}")
+    Console().print(table)
+    console.print(f"{len(report.added)} files added, {report.unchanged} already in the dataset")
+    report_failures([(str(p), r) for p, r in report.failed], len(report.added) + report.unchanged,
+                    "files in the dataset", any_failure_fails=False)
+
+
 def main() -> None:
     try:
         app()

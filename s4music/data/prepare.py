@@ -1,0 +1,271 @@
+"""`s4music prepare`: audio files -> a training dataset of fixed windows of 8-bit codes.
+
+Layout of a dataset directory:
+    dataset.json     format, sample rate, quantization scheme, window length, split fractions,
+                     seed, the windows held by each split, and every source file it was built from
+    manifest.jsonl   one line per window: id, source, path, duration, sample_rate, split, strata
+    train.u8 ...     one flat uint8 file per split, windows back to back, read with np.memmap,
+                     so a 1000-hour dataset never has to fit in memory
+
+Every source file goes through `s4music.audio` (decode, mono, resample, quantize), as prompts do.
+Whole files go to one split, so no file straddles two. Strata come from the first folder below the
+source root (or the root's name) plus any `tags`; within each stratum, val and test receive their
+share of files (at least one each from three files on). Assignment is reproducible from the seed
+and incremental: files already in the dataset keep their split; new files fill the shortfalls.
+
+Nothing is lost to a crash: windows are appended to the split files first and become part of the
+dataset only when dataset.json (written last, atomically) counts them; bytes beyond those counts
+are cut off at the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from s4music.audio import AUDIO_EXTENSIONS, atomic_path, encode, load_audio, write_json
+from s4music.errors import S4MusicError
+
+log = logging.getLogger(__name__)
+FORMAT = "s4music-dataset"
+SPLITS = ("train", "val", "test")
+SILENCE_PEAK = 1e-3  # -60 dBFS
+COMMIT_EVERY = 32  # files between commits
+
+
+class DatasetError(S4MusicError):
+    pass
+
+
+@dataclass
+class PrepareOptions:
+    seconds: float = 8.192  # the official window: 131,072 samples at 16 kHz
+    sample_rate: int = 16000
+    quantization: str = "mulaw-official"
+    val_fraction: float = 0.06
+    test_fraction: float = 0.06
+    seed: int = 0
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def window(self) -> int:
+        return int(round(self.seconds * self.sample_rate))
+
+
+@dataclass
+class PrepareReport:
+    added: list[tuple[Path, str, int]] = field(default_factory=list)  # (file, split, windows)
+    unchanged: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    summary: dict[tuple[str, str], float] = field(default_factory=dict)  # (split, stratum) -> hours
+
+
+def find_audio(sources: list[str | Path]) -> list[tuple[Path, str]]:
+    """(file, folder stratum) for each audio file under `sources` (directories searched recursively)."""
+    found = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            for p in sorted(source.rglob("*")):
+                if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS and not p.name.startswith("."):
+                    rel = p.relative_to(source)
+                    found.append((p, rel.parts[0] if len(rel.parts) > 1 else source.resolve().name))
+        else:
+            found.append((source, source.resolve().parent.name))
+    return found
+
+
+def _source_id(path: Path) -> str:
+    return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+
+
+def _order_key(seed: int, source_id: str) -> str:
+    return hashlib.sha1(f"{seed}:{source_id}".encode()).hexdigest()
+
+
+def _targets(n: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
+    """Files each split should hold in a stratum of n files."""
+    if n < 3:
+        return {"train": n, "val": 0, "test": 0}
+    test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
+    val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+    return {"train": n - val - test, "val": val, "test": test}
+
+
+def assign_splits(existing: list[dict], new: list[dict], options: PrepareOptions) -> None:
+    """Set new[i]["split"]: existing files keep theirs; new ones fill each stratum's shortfalls,
+    in an order fixed by the seed."""
+    by_stratum: dict[str, list[dict]] = defaultdict(list)
+    for src in new:
+        by_stratum[_stratum_key(src["strata"])].append(src)
+    for key, items in by_stratum.items():
+        have = defaultdict(int)
+        for src in existing:
+            if _stratum_key(src["strata"]) == key:
+                have[src["split"]] += 1
+        target = _targets(sum(have.values()) + len(items), options.val_fraction, options.test_fraction)
+        for src in sorted(items, key=lambda s: _order_key(options.seed, s["id"])):
+            short = [s for s in ("test", "val", "train") if have[s] < target[s]]
+            src["split"] = short[0] if short else "train"
+            have[src["split"]] += 1
+
+
+def _stratum_key(strata: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(strata.items()))
+
+
+def _read_meta(root: Path) -> dict | None:
+    path = root / "dataset.json"
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise DatasetError(f"{path}: not an s4music dataset")
+    return meta
+
+
+def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions | None = None,
+            on_file: Callable[[Path, str], None] | None = None) -> PrepareReport:
+    """Add the audio files under `sources` to the dataset at `out` (created if needed)."""
+    options = options or PrepareOptions()
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    meta = _read_meta(root)
+    if meta is None:
+        meta = {
+            "format": FORMAT, "version": 1, "sample_rate": options.sample_rate,
+            "quantization": options.quantization, "window": options.window,
+            "val_fraction": options.val_fraction, "test_fraction": options.test_fraction, "seed": options.seed,
+            "splits": {s: 0 for s in SPLITS}, "sources": [],
+        }
+    else:  # an existing dataset fixes the conversion; a mismatch would mix two kinds of codes
+        for key, value in (("sample_rate", options.sample_rate), ("quantization", options.quantization),
+                           ("window", options.window)):
+            if meta[key] != value:
+                raise DatasetError(f"{root}: dataset has {key}={meta[key]}, not {value}; use a new directory")
+        options.seed, options.val_fraction, options.test_fraction = meta["seed"], meta["val_fraction"], meta[
+            "test_fraction"]
+    window = meta["window"]
+    _drop_uncommitted(root, meta)
+
+    report = PrepareReport()
+    known = {(s["path"], s["size"], s["mtime"]) for s in meta["sources"]}
+    candidates = []
+    for path, folder in find_audio(sources):
+        try:
+            stat = path.stat()
+        except OSError as e:
+            report.failed.append((path, f"{path}: {e.strerror or e}"))
+            continue
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime)
+        if key in known:
+            report.unchanged += 1
+            continue
+        candidates.append({"id": _source_id(path), "path": key[0], "size": key[1], "mtime": key[2],
+                           "strata": {"folder": folder, **options.tags}})
+
+    assign_splits(meta["sources"], candidates, options)
+    handles = {s: open(root / f"{s}.u8", "ab") for s in SPLITS}
+    pending: list[dict] = []
+    try:
+        for i, src in enumerate(candidates):
+            path = Path(src["path"])
+            try:
+                codes = _windows(path, options, window)
+            except S4MusicError as e:
+                report.failed.append((path, str(e)))
+                if on_file:
+                    on_file(path, "failed")
+                continue
+            split = src["split"]
+            handles[split].write(codes.tobytes())
+            src["windows"] = len(codes)
+            src["first"] = meta["splits"][split] + sum(p["windows"] for p in pending if p["split"] == split)
+            pending.append(src)
+            report.added.append((path, split, len(codes)))
+            if on_file:
+                on_file(path, "added")
+            if len(pending) >= COMMIT_EVERY or i == len(candidates) - 1:
+                _commit(root, meta, pending, handles, options)
+                pending = []
+        _commit(root, meta, pending, handles, options)
+    finally:
+        for h in handles.values():
+            h.close()
+    report.summary = summarize(meta)
+    return report
+
+
+def _commit(root: Path, meta: dict, added: list[dict], handles, options: PrepareOptions) -> None:
+    """Make appended windows part of the dataset: data synced, manifest rows, then dataset.json."""
+    if not added:
+        return
+    for h in handles.values():
+        h.flush()
+        os.fsync(h.fileno())
+    rows = []
+    for src in added:
+        first = src.pop("first")
+        rows += [{
+            "id": f"{src['id']}:{k}", "source": src["id"], "path": src["path"],
+            "duration": meta["window"] / meta["sample_rate"], "sample_rate": meta["sample_rate"],
+            "split": src["split"], "strata": src["strata"], "offset": first + k,
+        } for k in range(src["windows"])]
+    with open(root / "manifest.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+    for src in added:
+        meta["splits"][src["split"]] += src["windows"]
+    meta["sources"].extend(added)
+    write_json(root / "dataset.json", meta)  # the commit point
+
+
+def _drop_uncommitted(root: Path, meta: dict) -> None:
+    """Cut split files and manifest back to what dataset.json counts (after a crashed run)."""
+    window = meta["window"]
+    for split in SPLITS:
+        path = root / f"{split}.u8"
+        if path.exists() and path.stat().st_size > meta["splits"][split] * window:
+            os.truncate(path, meta["splits"][split] * window)
+    manifest = root / "manifest.jsonl"
+    if manifest.exists():
+        lines = manifest.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and _committed(json.loads(ln), meta)] if lines else []
+        if len(kept) != len(lines):
+            with atomic_path(manifest) as tmp:
+                tmp.write_text("".join(ln + "\n" for ln in kept))
+
+
+def _committed(row: dict, meta: dict) -> bool:
+    return row["offset"] < meta["splits"][row["split"]]
+
+
+def _windows(path: Path, options: PrepareOptions, window: int) -> np.ndarray:
+    audio = load_audio(path, options.sample_rate)
+    if audio.samples.abs().max() < SILENCE_PEAK:
+        raise DatasetError(f"{path}: silent (peak below -60 dBFS)")
+    n = audio.samples.numel() // window
+    if n == 0:
+        raise DatasetError(f"{path}: shorter than one window ({audio.seconds:.2f} s < {options.seconds:g} s)")
+    clips = audio.samples[: n * window].view(n, window)
+    return encode(clips, options.quantization).numpy()
+
+
+def summarize(meta: dict) -> dict[tuple[str, str], float]:
+    """Hours of audio per (split, stratum)."""
+    hours: dict[tuple[str, str], float] = defaultdict(float)
+    for src in meta["sources"]:
+        stratum = _stratum_key(src["strata"])
+        hours[(src["split"], stratum)] += src["windows"] * meta["window"] / meta["sample_rate"] / 3600
+    return dict(sorted(hours.items()))
