@@ -1,0 +1,50 @@
+"""The `s4music` command line: thin commands, one-line errors, exit codes."""
+
+import shutil
+
+from typer.testing import CliRunner
+
+from conftest import DATA
+from s4music.cli.app import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("doctor", "convert", "fetch", "render-midi", "prepare"):
+        assert name in result.output
+
+
+def test_convert_writes_a_loadable_checkpoint_and_fails_cleanly(tmp_path):
+    from s4music import load_model
+
+    ok = runner.invoke(app, ["convert", str(DATA / "official" / "small_v4.pt"), "-o", str(tmp_path / "m")])
+    assert ok.exit_code == 0, ok.output
+    assert load_model(tmp_path / "m").num_parameters() == 390_808
+    bad = runner.invoke(app, ["convert", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "n")])
+    assert bad.exit_code == 1 and "missing.pt: no such file" in bad.output
+    assert len([ln for ln in bad.output.splitlines() if "error" in ln]) == 1
+
+
+def test_fetch_exits_nonzero_when_a_url_fails_but_keeps_the_good_one(http_server, short_recording, tmp_path):
+    root, base = http_server
+    shutil.copy(short_recording, root / "tune.ogg")
+    result = runner.invoke(app, ["fetch", f"{base}/tune.ogg", f"{base}/nothing.ogg", "-o", str(tmp_path / "f")])
+    assert result.exit_code == 1
+    assert (tmp_path / "f" / "tune.wav").exists()
+    assert f"{base}/nothing.ogg: " in result.output and "1 fetched, 1 failed" in result.output
+
+
+def test_prepare_reports_bad_files_and_builds_the_rest(tmp_path, short_recording):
+    src = tmp_path / "src" / "calm"
+    src.mkdir(parents=True)
+    shutil.copy(short_recording, src / "a.ogg")
+    (src / "b.wav").write_text("not audio")
+    result = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds"), "--seconds", "2",
+                                 "--tag", "genre=game"])
+    assert result.exit_code == 0, result.output
+    assert "b.wav: not audio" in result.output and "folder=calm,genre=game" in result.output
+    bad_tag = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds"), "--tag", "oops"])
+    assert bad_tag.exit_code == 1 and "expected key=value" in bad_tag.output
