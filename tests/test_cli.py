@@ -48,3 +48,9 @@ def test_prepare_reports_bad_files_and_builds_the_rest(tmp_path, short_recording
     assert "b.wav: not audio" in result.output and "folder=calm,genre=game" in result.output
     bad_tag = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds"), "--tag", "oops"])
     assert bad_tag.exit_code == 1 and "expected key=value" in bad_tag.output
+
+
+def test_render_midi_with_an_unknown_instrument_is_one_line_and_exit_1(tmp_path):
+    result = runner.invoke(app, ["render-midi", str(tmp_path), "-o", str(tmp_path / "out"), "-i", "kazoo"])
+    assert result.exit_code == 1 and "unknown instrument 'kazoo'" in result.output
+    assert not (tmp_path / "out").exists()

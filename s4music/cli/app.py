@@ -29,17 +29,20 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def command(fn):
+def command(fn=None, *, name: str | None = None):
     """Register a subcommand whose toolkit errors become one line and exit code 1."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except S4MusicError as e:
-            fail(str(e))
+    def register(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except S4MusicError as e:
+                fail(str(e))
 
-    return app.command()(wrapper)
+        return app.command(name)(wrapper)
+
+    return register(fn) if fn is not None else register
 
 
 @app.callback()
@@ -131,7 +134,7 @@ def fetch(
     report_failures(report.failed, len(report.fetched), "fetched", any_failure_fails=True)
 
 
-@app.command("render-midi")
+@command(name="render-midi")
 def render_midi_command(
     sources: list[Path] = typer.Argument(..., help="MIDI files or directories (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory; mirrors the source layout."),
@@ -149,12 +152,9 @@ def render_midi_command(
 
     options = RenderOptions(instruments=instrument or None, drums=drums, soundfont=soundfont,
                             sample_rate=sample_rate, max_seconds=max_seconds, workers=workers)
-    try:
-        with progress_bar() as bar:
-            task = bar.add_task("rendering", total=len(find_midi(sources)))
-            report = render_midi(sources, out, options, on_file=lambda src, status: bar.advance(task))
-    except S4MusicError as e:
-        fail(str(e))
+    with progress_bar() as bar:
+        task = bar.add_task("rendering", total=len(find_midi(sources)))
+        report = render_midi(sources, out, options, on_file=lambda src, status: bar.advance(task))
     for _, reason in report.skipped:
         console.print(f"[yellow]skipped:[/] {reason}", highlight=False, soft_wrap=True)
     minutes = sum(s for _, _, s in report.rendered) / 60

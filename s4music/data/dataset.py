@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from s4music.data.prepare import FORMAT, SPLITS, DatasetError
+from s4music.data.prepare import SPLITS, DatasetError, committed, read_meta
 
 
 class PreparedDataset:
@@ -24,15 +24,10 @@ class PreparedDataset:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        meta_path = self.root / "dataset.json"
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            raise DatasetError(f"{self.root}: not a dataset (no dataset.json; build one with `s4music prepare`)") from None
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{meta_path}: not valid JSON ({e})") from None
-        if self.meta.get("format") != FORMAT:
-            raise DatasetError(f"{meta_path}: not an s4music dataset")
+        meta = read_meta(self.root)
+        if meta is None:
+            raise DatasetError(f"{self.root}: not a dataset (no dataset.json; build one with `s4music prepare`)")
+        self.meta = meta
         self.window: int = self.meta["window"]
         self.sample_rate: int = self.meta["sample_rate"]
         self.quantization: str = self.meta["quantization"]
@@ -59,7 +54,7 @@ class PreparedDataset:
         with open(self.root / "manifest.jsonl") as f:
             for line in f:
                 row = json.loads(line)
-                if row["offset"] < self.count(row["split"]) and (split is None or row["split"] == split):
+                if committed(row, self.meta) and (split is None or row["split"] == split):
                     rows.append(row)
         return sorted(rows, key=lambda r: (r["split"], r["offset"]))
 

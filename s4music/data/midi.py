@@ -123,10 +123,9 @@ def filter_midi(src: Path, programs: set[int] | None, keep_drums: bool,
     return out, kept, now
 
 
-def render_file(src: Path, out: Path, options: RenderOptions, soundfont: Path) -> float | None:
+def render_file(src: Path, out: Path, options: RenderOptions, soundfont: Path,
+                programs: set[int] | None, keep_drums: bool) -> float | None:
     """Render one file to `out` (mono WAV); returns its seconds, or None if nothing is left to play."""
-    programs, named_drums = parse_instruments(options.instruments)
-    keep_drums = options.drums and (programs is None or named_drums)
     midi, notes, _ = filter_midi(src, programs, keep_drums, options.max_seconds)
     if notes == 0:
         return None
@@ -172,7 +171,8 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
     soundfont = Path(options.soundfont) if options.soundfont else find_soundfont()
     if soundfont is None or not soundfont.is_file():
         raise RenderError(f"{soundfont or 'soundfont'}: no General MIDI soundfont found; pass --soundfont")
-    parse_instruments(options.instruments)  # a bad name fails before any work
+    programs, named_drums = parse_instruments(options.instruments)  # a bad name fails before any work
+    keep_drums = options.drums and (programs is None or named_drums)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = RenderReport()
@@ -190,7 +190,7 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
     def one(job):
         src, out = job
         try:
-            seconds = render_file(src, out, options, soundfont)
+            seconds = render_file(src, out, options, soundfont, programs, keep_drums)
         except S4MusicError as e:
             return src, out, None, str(e)
         return src, out, seconds, None

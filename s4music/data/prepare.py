@@ -20,6 +20,7 @@ are cut off at the next run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -121,7 +122,8 @@ def _stratum_key(strata: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(strata.items()))
 
 
-def _read_meta(root: Path) -> dict | None:
+def read_meta(root: Path) -> dict | None:
+    """The dataset.json of `root`, checked; None when there is none."""
     path = root / "dataset.json"
     if not path.exists():
         return None
@@ -140,7 +142,7 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
     options = options or PrepareOptions()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    meta = _read_meta(root)
+    meta = read_meta(root)
     if meta is None:
         meta = {
             "format": FORMAT, "version": 1, "sample_rate": options.sample_rate,
@@ -153,8 +155,8 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
                            ("window", options.window)):
             if meta[key] != value:
                 raise DatasetError(f"{root}: dataset has {key}={meta[key]}, not {value}; use a new directory")
-        options.seed, options.val_fraction, options.test_fraction = meta["seed"], meta["val_fraction"], meta[
-            "test_fraction"]
+        options = dataclasses.replace(options, seed=meta["seed"], val_fraction=meta["val_fraction"],
+                                      test_fraction=meta["test_fraction"])
     window = meta["window"]
     _drop_uncommitted(root, meta)
 
@@ -178,7 +180,7 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
     handles = {s: open(root / f"{s}.u8", "ab") for s in SPLITS}
     pending: list[dict] = []
     try:
-        for i, src in enumerate(candidates):
+        for src in candidates:
             path = Path(src["path"])
             try:
                 codes = _windows(path, options, window)
@@ -195,10 +197,10 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
             report.added.append((path, split, len(codes)))
             if on_file:
                 on_file(path, "added")
-            if len(pending) >= COMMIT_EVERY or i == len(candidates) - 1:
-                _commit(root, meta, pending, handles, options)
+            if len(pending) >= COMMIT_EVERY:
+                _commit(root, meta, pending, handles)
                 pending = []
-        _commit(root, meta, pending, handles, options)
+        _commit(root, meta, pending, handles)
     finally:
         for h in handles.values():
             h.close()
@@ -206,7 +208,7 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
     return report
 
 
-def _commit(root: Path, meta: dict, added: list[dict], handles, options: PrepareOptions) -> None:
+def _commit(root: Path, meta: dict, added: list[dict], handles) -> None:
     """Make appended windows part of the dataset: data synced, manifest rows, then dataset.json."""
     if not added:
         return
@@ -241,13 +243,14 @@ def _drop_uncommitted(root: Path, meta: dict) -> None:
     manifest = root / "manifest.jsonl"
     if manifest.exists():
         lines = manifest.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and _committed(json.loads(ln), meta)] if lines else []
+        kept = [ln for ln in lines if ln.strip() and committed(json.loads(ln), meta)] if lines else []
         if len(kept) != len(lines):
             with atomic_path(manifest) as tmp:
                 tmp.write_text("".join(ln + "\n" for ln in kept))
 
 
-def _committed(row: dict, meta: dict) -> bool:
+def committed(row: dict, meta: dict) -> bool:
+    """Whether a manifest row lies within the windows dataset.json counts."""
     return row["offset"] < meta["splits"][row["split"]]
 
 
