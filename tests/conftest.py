@@ -152,3 +152,30 @@ def midi_corpus() -> dict[str, Path]:
             "note_on", note=60, velocity=80, time=int(30 * 60 * 2 * tail.ticks_per_beat)))
         tail.save(str(paths["stray_tail"]))
     return paths
+
+
+@pytest.fixture(scope="session")
+def music_dataset() -> Path:
+    """A prepared dataset of real rendered music, cached between runs: 8 Bach chorales (piano) and
+    4 Mozart string-quartet movements (first 30 s), two strata, 1.024 s windows, split 50/25/25."""
+    from music21 import corpus
+
+    from s4music.data.midi import RenderOptions, render_midi
+    from s4music.data.prepare import PrepareOptions, prepare
+
+    need(__import__("shutil").which("fluidsynth") is not None, "fluidsynth")
+    root = FIXTURE_CACHE / "music-dataset-v1"
+    dataset = root / "dataset"
+    if (dataset / "dataset.json").exists():
+        return dataset
+    chorales = [p for p in corpus.getComposer("bach") if "bwv" in p.name][:8]
+    quartets = [p for p in corpus.getComposer("mozart") if p.suffix in (".mxl", ".xml", ".musicxml")][:4]
+    for folder, paths in (("chorale", chorales), ("mozart", quartets)):
+        (root / "midi" / folder).mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            dest = root / "midi" / folder / f"{p.stem}.mid"
+            if not dest.exists():
+                corpus.parse(str(p)).write("midi", fp=str(dest))
+    render_midi([root / "midi"], root / "audio", RenderOptions(max_seconds=30.0))
+    prepare([root / "audio"], dataset, PrepareOptions(seconds=1.024, val_fraction=0.25, test_fraction=0.25))
+    return dataset

@@ -201,6 +201,99 @@ def prepare(
                     "files in the dataset", any_failure_fails=False)
 
 
+@command
+def train(
+    data: list[str] = typer.Option(None, "--data", "-d",
+                                   help="Prepared dataset, optionally with a mixture weight: path[:weight]. Repeatable."),
+    out: Path = typer.Option(None, "--out", "-o", help="Run directory (default runs/s4music)."),
+    mode: str = typer.Option(None, help="scratch, finetune or reparam (default scratch)."),
+    init: str = typer.Option(None, "--from", help="Checkpoint to start from: s4music directory or official .pt."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML training config; options given here override it."),
+    overrides: list[str] = typer.Option(None, "--set", help="Override a config key: key=value, e.g. model.d_model=32."),
+    steps: int = typer.Option(None, help="Optimizer steps (default 1000)."),
+    seq_len: int = typer.Option(None, help="Samples per training window (default 16000)."),
+    batch_size: int = typer.Option(None, help="Windows per micro-batch over all processes (default 4)."),
+    grad_accum: int = typer.Option(None, help="Micro-batches per optimizer step (default 1)."),
+    lr: float = typer.Option(None, help="Learning rate (default 4e-3; SSM parameters use ssm_lr, 1e-3)."),
+    precision: str = typer.Option(None, help="no, bf16 or fp16 autocast (default no)."),
+    seed: int = typer.Option(None, help="Seed of initialization and data order (default 0)."),
+    groups: int = typer.Option(None, help="reparam: copies of Lambda per layer (default: one per channel)."),
+    untie_pb: bool = typer.Option(None, "--untie-pb", help="reparam: untie P and B as well."),
+    dt_per_state: bool = typer.Option(None, "--dt-per-state", help="reparam: a step size per channel and state."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+):
+    """Train SaShiMi on prepared datasets: from scratch, fine-tuned, or reparameterized (untied S4).
+
+    Multi-process: `ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m s4music.cli train ...`
+    on CPUs, or `accelerate launch --multi_gpu --num_processes N -m s4music.cli train ...` on GPUs.
+    """
+    from s4music.train import TrainConfig
+    from s4music.train import train as run_training
+
+    if resume and config is None and out is not None and (out / "config.yaml").exists():
+        config = out / "config.yaml"
+    cfg = TrainConfig.load(
+        config, overrides, data=data or None, out=str(out) if out else None, mode=mode, init=init, steps=steps,
+        seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, precision=precision, seed=seed,
+        groups=groups, untie_pb=untie_pb, dt_per_state=dt_per_state)
+    console.print(f"run {cfg.out}: {cfg.mode}, seed {cfg.seed}", highlight=False)
+    columns = (*progress_bar().columns[:3], TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("training", total=cfg.steps, info="")
+
+        def on_step(s) -> None:
+            val = f" val {s.val_bits:.3f}" if s.val_bits is not None else ""
+            bar.update(task, completed=s.step,
+                       info=f"{s.bits:.3f} bits{val}  lr {s.lr:.2e}  {s.audio_seconds_per_second:.1f} audio s/s")
+            if s.val_bits is not None:
+                bar.console.print(f"step {s.step}: train {s.bits:.4f}, val {s.val_bits:.4f} bits/sample", highlight=False)
+
+        result = run_training(cfg, resume=resume, on_step=on_step)
+    if result.added_parameters:
+        console.print(f"reparam added {result.added_parameters:,} parameters ({result.parameters:,} in all)")
+    console.print(f"done: step {result.step}, {result.world_size} process(es); model in {result.model}",
+                  highlight=False)
+
+
+@command(name="eval")
+def eval_command(
+    checkpoint: Path = typer.Argument(..., help="s4music checkpoint directory, or an official .pt."),
+    data: Path = typer.Option(..., "--data", "-d", help="Prepared dataset to score."),
+    split: str = typer.Option("test", help="train, val or test."),
+    context: int = typer.Option(None, help="Samples scored from rest at a time (default: the whole window, "
+                                           "8.192 s for datasets built with the defaults)."),
+    batch_size: int = typer.Option(4, help="Windows scored together."),
+    max_windows: int = typer.Option(None, help="Score only the first N windows (quick checks)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    record: bool = typer.Option(False, help="Store the result in the checkpoint's summary (prompt guidance uses it)."),
+):
+    """Test NLL in bits per sample, per stratum, with unigram and bigram baselines and a 95% interval."""
+    import json
+
+    from s4music.evaluate import evaluate, record_result
+
+    with progress_bar() as bar:
+        task = bar.add_task("scoring", total=None)
+        report = evaluate(checkpoint, data, split=split, context=context, batch_size=batch_size, device=device,
+                          max_windows=max_windows, on_progress=lambda done, total: bar.update(task, completed=done,
+                                                                                              total=total))
+    if record:
+        record_result(checkpoint, report)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    table = Table(title=f"{split} NLL, bits per sample (context {report.context})")
+    for column in ("stratum", "windows", "model", "unigram", "bigram"):
+        table.add_column(column)
+    for r in [*report.strata, report.overall]:
+        table.add_row(r.stratum, str(r.windows), f"{r.model_bits:.4f}", f"{r.unigram_bits:.4f}", f"{r.bigram_bits:.4f}")
+    Console().print(table)
+    lo, hi = report.interval
+    Console().print(f"model: {report.overall.model_bits:.4f} bits/sample, 95% interval [{lo:.4f}, {hi:.4f}] "
+                    f"(bootstrap over {len(report.per_source)} source files)")
+
+
 def main() -> None:
     try:
         app()

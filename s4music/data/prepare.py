@@ -105,11 +105,11 @@ def assign_splits(existing: list[dict], new: list[dict], options: PrepareOptions
     in an order fixed by the seed."""
     by_stratum: dict[str, list[dict]] = defaultdict(list)
     for src in new:
-        by_stratum[_stratum_key(src["strata"])].append(src)
+        by_stratum[stratum_key(src["strata"])].append(src)
     for key, items in by_stratum.items():
         have = defaultdict(int)
         for src in existing:
-            if _stratum_key(src["strata"]) == key:
+            if stratum_key(src["strata"]) == key:
                 have[src["split"]] += 1
         target = _targets(sum(have.values()) + len(items), options.val_fraction, options.test_fraction)
         for src in sorted(items, key=lambda s: _order_key(options.seed, s["id"])):
@@ -118,7 +118,7 @@ def assign_splits(existing: list[dict], new: list[dict], options: PrepareOptions
             have[src["split"]] += 1
 
 
-def _stratum_key(strata: dict[str, str]) -> str:
+def stratum_key(strata: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(strata.items()))
 
 
@@ -269,6 +269,6 @@ def summarize(meta: dict) -> dict[tuple[str, str], float]:
     """Hours of audio per (split, stratum)."""
     hours: dict[tuple[str, str], float] = defaultdict(float)
     for src in meta["sources"]:
-        stratum = _stratum_key(src["strata"])
+        stratum = stratum_key(src["strata"])
         hours[(src["split"], stratum)] += src["windows"] * meta["window"] / meta["sample_rate"] / 3600
     return dict(sorted(hours.items()))

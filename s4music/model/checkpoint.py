@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,10 +42,11 @@ class CheckpointError(S4MusicError, ValueError):
 
 
 def save_model(model: SaShiMi, directory: str | Path, summary: dict | None = None,
-               dtype: torch.dtype | None = None) -> Path:
+               dtype: torch.dtype | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """Write the checkpoint directory atomically: a reader sees the old one or the new one.
 
     `dtype` (e.g. torch.bfloat16) stores floating tensors smaller; they load back as float32.
+    `extra(tmp_dir)` may add files (training state) that then commit together with the model.
     """
     directory = Path(directory)
     if directory.exists() and not (directory / CONFIG).exists() and any(directory.iterdir()):
@@ -68,7 +70,9 @@ def save_model(model: SaShiMi, directory: str | Path, summary: dict | None = Non
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        for f in (tmp / WEIGHTS, tmp / CONFIG):
+        if extra is not None:
+            extra(tmp)
+        for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if directory.exists():
@@ -101,6 +105,16 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{directory}: written by a newer s4music (format {meta['format_version']})")
     return meta
+
+
+def update_summary(path: str | Path, fields: dict[str, Any]) -> None:
+    """Merge `fields` into a checkpoint's summary (config.json only; weights untouched), atomically."""
+    directory = Path(path)
+    meta = _read_meta(directory)
+    meta["summary"] = {**meta.get("summary", {}), **fields}
+    tmp = directory / f".{CONFIG}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, directory / CONFIG)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> SaShiMi:

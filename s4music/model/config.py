@@ -21,12 +21,16 @@ class S4Config:
           "diag" is S4D (diagonal Lambda, zero-order hold, Vandermonde kernel).
     d_state: the real state size N; stored as N/2 conjugate pairs.
     n_ssm: copies of (Lambda, P, B); the H channels share them in turn. SaShiMi ties them (1).
+    lambda_copies: copies of Lambda alone, when `reparam` unties it from P and B (0: n_ssm).
+    dt_per_state: a step size per channel and state entry, not just per channel.
     dt_transform: how the stored `inv_dt` maps to the step size ("softplus", or "exp" for V3 imports).
     """
 
     mode: str = "dplr"
     d_state: int = 64
     n_ssm: int = 1
+    lambda_copies: int = 0
+    dt_per_state: bool = False
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     dt_transform: str = "softplus"

@@ -10,14 +10,15 @@ with the bilinear transform, S4D with zero-order hold, both with a per-channel s
 
 Parameter names and shapes are those of the official modules, so released checkpoints load
 as they are:
-    A_real (S, N/2)      Lambda.real = -exp(A_real)
-    A_imag (S, N/2)      Lambda.imag = -A_imag
+    A_real (S', N/2)     Lambda.real = -exp(A_real)   (S' = lambda_copies, or S)
+    A_imag (S', N/2)     Lambda.imag = -A_imag
     P      (1, S, N/2, 2) low-rank term, complex as (re, im)         [dplr only]
     B      (1, S, N/2, 2)
     C      (1, H, N/2, 2) for dplr this is C-tilde = C (I - dA^l_kernel) once l_kernel > 0
-    inv_dt (H, 1)        dt = softplus(inv_dt) (or exp, for V3 imports)
+    inv_dt (H, 1)        dt = softplus(inv_dt) (or exp, for V3 imports); (H, N/2) with dt_per_state
     l_kernel ()          the length C-tilde is attuned to; 0 means C is the raw C  [dplr only]
 S copies of (Lambda, P, B) are shared by the H channels in turn (channel h uses copy h mod S).
+A per-state dt scales the rows of A and B: the bilinear and Cauchy formulas hold entry by entry.
 """
 
 from __future__ import annotations
@@ -101,18 +102,20 @@ class S4Kernel(nn.Module):
     def __init__(self, d_model: int, config: S4Config):
         super().__init__()
         cfg = config
-        if d_model % cfg.n_ssm:
-            raise ValueError(f"n_ssm={cfg.n_ssm} must divide the layer width {d_model}")
+        # More copies than channels means one per channel (a config can serve tiers of any width).
+        s, s_lam = (min(c, d_model) for c in (cfg.n_ssm, cfg.lambda_copies or cfg.n_ssm))
+        for copies in (s, s_lam):
+            if d_model % copies:
+                raise ValueError(f"{copies} copies of the SSM must divide the layer width {d_model}")
         self.config = cfg
         self.H, self.N2 = d_model, cfg.d_state // 2
         lam, p, b = (torch.as_tensor(t, dtype=torch.cfloat) for t in hippo_legs_nplr(cfg.d_state))
-        s = cfg.n_ssm
 
         log_dt = torch.rand(self.H, 1) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min)
         inv_dt = _softplus_inverse(log_dt.exp()) if cfg.dt_transform == "softplus" else log_dt
-        self.inv_dt = nn.Parameter(inv_dt)
-        self.A_real = nn.Parameter(torch.log(-lam.real).repeat(s, 1))
-        self.A_imag = nn.Parameter((-lam.imag).repeat(s, 1))
+        self.inv_dt = nn.Parameter(inv_dt.repeat(1, self.N2) if cfg.dt_per_state else inv_dt)
+        self.A_real = nn.Parameter(torch.log(-lam.real).repeat(s_lam, 1))
+        self.A_imag = nn.Parameter((-lam.imag).repeat(s_lam, 1))
         self.B = nn.Parameter(torch.view_as_real(b.repeat(1, s, 1)).contiguous())
         self.C = nn.Parameter(torch.view_as_real(torch.randn(1, self.H, self.N2, dtype=torch.cfloat)))
         if cfg.mode == "dplr":
@@ -122,7 +125,7 @@ class S4Kernel(nn.Module):
 
     # ---------------------------------------------------------------- parameters
     def dt(self) -> torch.Tensor:
-        """(H, 1) step sizes."""
+        """(H, 1) step sizes, or (H, N/2) with dt_per_state."""
         if self.config.dt_transform == "softplus":
             return F.softplus(self.inv_dt)
         return torch.exp(self.inv_dt)
@@ -144,6 +147,8 @@ class S4Kernel(nn.Module):
         """Dense discrete dA (H, N, N) and dB (H, N) over the full conjugate-paired state."""
         dt, lam, p, b, _ = (t.to(dtype) if t is not None and t.is_complex() else t for t in self.ssm())
         dt = dt.to(torch.float64 if dtype == torch.complex128 else torch.float32)
+        if dt.shape[-1] > 1:
+            dt = _conj_pairs(dt)
         lam_f, b_f = _conj_pairs(lam), _conj_pairs(b)
         if self.config.mode == "diag":
             dta = dt * lam_f

@@ -18,6 +18,7 @@ Three ways to run it, which are the same function (tests check this):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +151,11 @@ class UpBlock(nn.Module):
         self.layers = nn.ModuleList(layers)
 
 
+def code_bits(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in bits: logits (B, L, 256) and target codes (B, L) -> (B, L)."""
+    return F.cross_entropy(logits.float().transpose(1, 2), codes, reduction="none") / math.log(2)
+
+
 @dataclass
 class SaShiMiState:
     """Everything `step` needs to continue after `t` samples.
@@ -221,6 +227,17 @@ class SaShiMi(nn.Module):
         return save_model(self, directory, summary=summary, dtype=dtype)
 
     # ------------------------------------------------------------------ parallel
+    def shift_right(self, codes: torch.Tensor) -> torch.Tensor:
+        """The official input shift: (B, L) codes -> inputs [mid-code, codes[:-1]], mid-code = 128."""
+        start = codes.new_full((codes.shape[0], 1), self.config.n_codes // 2)
+        return torch.cat([start, codes[:, :-1]], dim=1)
+
+    def bits(self, codes: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood of each code given those before it, in bits: (B, L) -> (B, L).
+
+        Every position is scored, the first one from the start code alone, as in the paper."""
+        return code_bits(self(self.shift_right(codes)), codes)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L) int64 input codes, already shifted right (x[:, 0] = 128) -> logits (B, L, 256)."""
         return self._run(x, return_state=False)[0]

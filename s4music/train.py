@@ -1,0 +1,522 @@
+"""`s4music train`: the training loop, on HF Accelerate (CPU, one GPU, or many processes).
+
+    config = TrainConfig(data=["piano"], out="runs/piano", steps=2000)
+    result = train(config)                       # or train(config, resume=True) after a crash
+
+Modes:
+    scratch   a new model from `model` (a SaShiMiConfig mapping)
+    finetune  start from `init`: an s4music checkpoint or an official SaShiMi .pt
+    reparam   as finetune, after `untie` (Lambda per group, optionally P/B and a per-state dt)
+
+One optimizer step takes `grad_accum` micro-batches of `batch_size` windows each. `batch_size` is
+the global batch: every process draws the same windows from the same seeded sampler and trains on
+its own slice, so 1 process and N processes see the same data and compute the same update.
+
+A run directory holds config.yaml (the resolved config), seed, log.csv, checkpoints/step-N/ (model
+plus training state, each written atomically), best/ (lowest validation bits/sample), model/
+(the final model), loss.png and world.json (the ranks that took part).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from s4music.audio import atomic_path, write_json
+from s4music.data.dataset import WindowMixture, parse_spec, PreparedDataset
+from s4music.errors import S4MusicError
+from s4music.model.checkpoint import load_model, save_model
+from s4music.model.config import AudioFormat, SaShiMiConfig
+from s4music.model.reparam import untie
+from s4music.model.sashimi import SaShiMi, code_bits
+
+log = logging.getLogger(__name__)
+MODES = ("scratch", "finetune", "reparam")
+SSM_PARAMETERS = ("A_real", "A_imag", "P", "B", "inv_dt")  # the official S4 optimizer group
+TRAINING_TENSORS, TRAINING_JSON = "training.safetensors", "training.json"
+
+
+class TrainingError(S4MusicError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as config.yaml beside it."""
+
+    data: list[str] = field(default_factory=list)  # prepared datasets, "path" or "path:weight"
+    out: str = "runs/s4music"
+    mode: str = "scratch"
+    init: str | None = None  # the checkpoint finetune and reparam start from (--from)
+    model: dict[str, Any] = field(default_factory=dict)  # SaShiMiConfig fields, for scratch
+    # reparam: copies of Lambda per layer (None: one per channel), untie P and B, per-state dt
+    groups: int | None = None
+    untie_pb: bool = False
+    dt_per_state: bool = False
+
+    seq_len: int = 16000  # samples per training window
+    batch_size: int = 4  # windows per micro-batch, over all processes
+    grad_accum: int = 1  # micro-batches per optimizer step
+    steps: int = 1000  # optimizer steps
+    lr: float = 4e-3  # the official SaShiMi learning rate
+    ssm_lr: float = 1e-3  # A, P, B, dt: the official S4 group (no weight decay)
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine, plateau or constant
+    warmup: int = 0  # linear warm-up steps
+    plateau_patience: int = 3  # evaluations without improvement before the LR halves
+    clip: float = 1.0  # gradient norm clip (0: off)
+    precision: str = "no"  # no, bf16 or fp16 autocast (the FFTs stay in fp32)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    eval_every: int = 100
+    eval_windows: int = 8  # validation windows per dataset (each cut to seq_len)
+    save_every: int = 100
+    keep_last: int = 2
+    log: str = "csv"  # csv, or tensorboard (needs the tensorboard package) as well
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+
+    def __post_init__(self) -> None:
+        checks = {
+            "mode": (self.mode, MODES), "schedule": (self.schedule, ("cosine", "plateau", "constant")),
+            "precision": (self.precision, ("no", "bf16", "fp16")), "log": (self.log, ("csv", "tensorboard")),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise TrainingError(f"{name}={value!r}: use one of {', '.join(allowed)}")
+        if self.mode != "scratch" and not self.init:
+            raise TrainingError(f"mode {self.mode} needs a checkpoint to start from (--from)")
+        if not self.data:
+            raise TrainingError("no training data: give --data DATASET (built by `s4music prepare`)")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be at least 1")
+
+    # ------------------------------------------------------------------ YAML
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise TrainingError(f"unknown training config keys: {unknown}")
+        values = {}
+        for key, value in data.items():
+            # YAML reads 1e-3 as a string; numbers are converted by the field's declared type.
+            kind = {"float": float, "int": int, "int | None": int}.get(fields[key])
+            try:
+                values[key] = kind(value) if kind is not None and value is not None else value
+            except (TypeError, ValueError):
+                raise TrainingError(f"{key}={value!r}: expected {fields[key]}") from None
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None, **values) -> TrainConfig:
+        """A YAML file (or nothing), then `values` that are not None, then `key=value` overrides."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                data = yaml.safe_load(Path(path).read_text()) or {}
+            except (OSError, yaml.YAMLError) as e:
+                raise TrainingError(f"{path}: cannot read the config ({e})") from None
+            if not isinstance(data, dict):
+                raise TrainingError(f"{path}: a config must be a YAML mapping")
+        data.update({k: v for k, v in values.items() if v is not None})
+        for item in overrides or []:
+            apply_override(data, item)
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """`a.b=value` sets data['a']['b'] to value parsed as YAML (so 3, 1e-3, true, [4, 4] work)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise TrainingError(f"--set {item!r}: expected key=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise TrainingError(f"--set {item!r}: {part} is not a mapping")
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise TrainingError(f"--set {item!r}: bad value ({e})") from None
+
+
+@dataclass
+class StepInfo:
+    """What the progress display shows after each optimizer step."""
+
+    step: int
+    steps: int
+    bits: float  # training loss, bits per sample
+    lr: float
+    audio_seconds_per_second: float
+    val_bits: float | None = None
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    model: Path
+    best: Path | None
+    step: int
+    val_bits: float | None
+    parameters: int
+    added_parameters: int
+    world_size: int
+
+
+# ---------------------------------------------------------------------------------- state files
+
+
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """Nested dicts/lists with tensors -> JSON-able structure; tensors go to `tensors` by key."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__items__": [[k, _flatten(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__items__" in obj:
+        return {k: _unflatten(v, tensors) for k, v in obj["__items__"]}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def write_state(directory: Path, state: dict[str, Any]) -> None:
+    """Training state as safetensors (tensors) + JSON (the rest); nothing pickled."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _flatten(state, tensors, "s")
+    save_file(tensors, str(directory / TRAINING_TENSORS))
+    (directory / TRAINING_JSON).write_text(json.dumps(structure))
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    tensors = load_file(str(directory / TRAINING_TENSORS))
+    return _unflatten(json.loads((directory / TRAINING_JSON).read_text()), tensors)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint of a run (directories appear only once complete)."""
+    found = sorted((out / "checkpoints").glob("step-*"))
+    found = [p for p in found if (p / TRAINING_JSON).exists()]
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------------------------- building
+
+
+def build_model(config: TrainConfig, mixture: WindowMixture) -> tuple[SaShiMi, int]:
+    """The model a run starts from, and how many parameters `reparam` added."""
+    if config.mode == "scratch":
+        try:
+            model = SaShiMi(SaShiMiConfig.from_dict(config.model))
+        except (TypeError, ValueError) as e:
+            raise TrainingError(f"model config: {e}") from None
+        model.audio = AudioFormat(sample_rate=mixture.sample_rate, quantization=mixture.quantization)
+        return model, 0
+    model = load_model(config.init).train()
+    if (model.audio.sample_rate, model.audio.quantization) != (mixture.sample_rate, mixture.quantization):
+        raise TrainingError(
+            f"{config.init}: trained on {model.audio.sample_rate} Hz {model.audio.quantization} codes, but the data "
+            f"is {mixture.sample_rate} Hz {mixture.quantization}; prepare it with --quantization "
+            f"{model.audio.quantization} --sample-rate {model.audio.sample_rate}")
+    if config.mode == "reparam":
+        return untie(model, config.groups, config.untie_pb, config.dt_per_state)
+    return model, 0
+
+
+def parameter_groups(model: SaShiMi, config: TrainConfig) -> list[dict]:
+    """The official S4 recipe: SSM parameters at their own LR without weight decay; no decay for
+    biases, norms, embeddings and other vectors; weight decay for the remaining matrices."""
+    ssm, no_decay, decay = [], [], []
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in SSM_PARAMETERS:
+            ssm.append(p)
+        elif p.dim() < 2 or name.startswith("encoder") or name.endswith((".C", ".D")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": config.weight_decay, "lr": config.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": config.lr},
+        {"params": ssm, "weight_decay": 0.0, "lr": config.ssm_lr},
+    ]
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    if config.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=config.plateau_patience)
+
+    def factor(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def validation_windows(mixture: WindowMixture, config: TrainConfig) -> torch.Tensor | None:
+    """The first `eval_windows` val windows of each dataset, cut to seq_len: (V, seq_len) codes."""
+    chunks = []
+    for ds in mixture.datasets:
+        arr = ds.windows("val")[: config.eval_windows, : config.seq_len]
+        if len(arr):
+            chunks.append(torch.from_numpy(np.asarray(arr, dtype=np.int64)))
+    return torch.cat(chunks) if chunks else None
+
+
+@torch.no_grad()
+def mean_bits(model: SaShiMi, codes: torch.Tensor, batch: int = 4) -> float:
+    """Mean bits per sample of `codes` (V, L) under `model`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total = sum(model.bits(codes[i : i + batch].to(model.device)).sum().item() for i in range(0, len(codes), batch))
+    model.train(was_training)
+    return total / codes.numel()
+
+
+# ---------------------------------------------------------------------------------- logging
+
+
+class RunLog:
+    """log.csv (step, train and val bits, lr, throughput), and TensorBoard when asked."""
+
+    COLUMNS = ("step", "train_bits", "val_bits", "lr", "audio_s_per_s", "time")
+
+    def __init__(self, out: Path, kind: str, resume_step: int):
+        self.path = out / "log.csv"
+        rows = self.read(self.path)
+        rows = [r for r in rows if int(r["step"]) <= resume_step]  # drop steps a crash took away
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(",".join(self.COLUMNS) + "\n" + "".join(self._line(r) for r in rows))
+        self.file = open(self.path, "a")
+        self.writer = None
+        if kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TrainingError("log=tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def _line(self, row: dict) -> str:
+        return ",".join("" if row.get(c) in (None, "") else str(row[c]) for c in self.COLUMNS) + "\n"
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        if not path.exists():
+            return []
+        text = path.read_text()
+        lines = text.split("\n")[:-1]  # a line cut short by a kill has no newline: dropped
+        header = lines[0].split(",") if lines else []
+        return [dict(zip(header, line.split(","), strict=True)) for line in lines[1:] if line.count(",") == len(header) - 1]
+
+    def write(self, row: dict) -> None:
+        self.file.write(self._line(row))
+        self.file.flush()
+        if self.writer is not None:
+            for key in ("train_bits", "val_bits", "lr", "audio_s_per_s"):
+                if row.get(key) is not None:
+                    self.writer.add_scalar(key, row[key], row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_losses(log_path: Path, png: Path) -> None:
+    """The loss curve (train and validation bits/sample against step) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = RunLog.read(log_path)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, style in (("train_bits", "-"), ("val_bits", "o-")):
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=key.replace("_bits", ""), markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per sample")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
+    """Run (or, with `resume`, continue) training as `config` says. See the module docstring."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    out = Path(config.out)
+    accelerator = Accelerator(mixed_precision=config.precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % world:
+        raise TrainingError(f"batch_size={config.batch_size} must be a multiple of the {world} processes")
+    checkpoint = latest_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        raise TrainingError(f"{out}: no checkpoint to resume from")
+    if not resume and latest_checkpoint(out) is not None:
+        raise TrainingError(f"{out}: already holds a run; resume it with --resume or choose another --out")
+
+    set_seed(config.seed)
+    try:
+        mixture = WindowMixture([(PreparedDataset(p), w) for p, w in map(parse_spec, config.data)],
+                                config.seq_len, "train", config.seed)
+    except FileNotFoundError as e:
+        raise TrainingError(f"{e.filename}: no such dataset") from None
+    model, added = build_model(config, mixture)
+    if checkpoint is not None:
+        model = load_model(checkpoint).train()
+    model.gradient_checkpointing = config.gradient_checkpointing
+    model.to(accelerator.device)  # before the optimizer, so its restored state lands beside the weights
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=(0.9, 0.999))
+    scheduler = make_scheduler(optimizer, config)
+    val_codes = validation_windows(mixture, config)
+
+    step, best, bad_steps = 0, math.inf, 0
+    if checkpoint is not None:
+        state = read_state(checkpoint)
+        step, best = state["step"], state["best"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        mixture.load_state_dict(state["mixture"])
+        torch.set_rng_state(state["rng"])
+        log.info("resumed %s at step %d", checkpoint, step)
+
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    if checkpoint is not None and accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    world_info = gather_object([{"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}])
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        (out / "seed").write_text(f"{config.seed}\n")
+        write_json(out / "world.json", {"world_size": world, "ranks": world_info})
+        runlog = RunLog(out, config.log, step)
+    log.info("seed %d; %d process(es); %s parameters%s", config.seed, world, f"{model.num_parameters():,}",
+             f" ({added:,} added by reparam)" if added else "")
+
+    def summary(val_bits: float | None) -> dict:
+        return {"mode": config.mode, "from": config.init, "data": config.data, "step": step, "seed": config.seed,
+                "val_bits": val_bits, "world_size": world, "added_parameters": added}
+
+    def save(val_bits: float | None) -> None:
+        """Checkpoint step-N (model + training state) and prune old ones; main process only."""
+        state = {"step": step, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "mixture": mixture.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict()}
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        path = out / "checkpoints" / f"step-{step:07d}"
+        save_model(model, path, summary=summary(val_bits), extra=lambda d: write_state(d, state))
+        for old in sorted((out / "checkpoints").glob("step-*"))[: -config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    per_rank = config.batch_size // world
+    samples_per_step = config.batch_size * config.grad_accum * config.seq_len
+    val_bits = None
+    ddp_model.train()
+    while step < config.steps:
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros(2, device=accelerator.device)  # summed bits, non-finite micro-batches
+        for micro in range(config.grad_accum):
+            codes = mixture.sample(config.batch_size)[rank * per_rank : (rank + 1) * per_rank].to(accelerator.device)
+            sync = micro == config.grad_accum - 1
+            # Every rank always runs backward (a rank that skipped would stall the others' all-reduce);
+            # a non-finite loss makes the reduced gradient norm non-finite everywhere, and all skip.
+            with (accelerator.no_sync(ddp_model) if not sync else contextlib.nullcontext()), accelerator.autocast():
+                bits = code_bits(ddp_model(model.shift_right(codes)), codes).mean()
+                accelerator.backward(bits / config.grad_accum)
+            total[0] += bits.detach().float()
+            total[1] += 0 if torch.isfinite(bits) else 1
+        total = accelerator.reduce(total, "sum")
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.clip or math.inf)
+        if total[1] > 0 or not torch.isfinite(torch.as_tensor(grad_norm)):
+            bad_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step + 1, bad_steps)
+            if bad_steps >= config.max_bad_steps:
+                raise TrainingError(
+                    f"{out}: the loss was NaN or inf for {bad_steps} steps in a row at step {step + 1}; stopped. "
+                    f"The last good checkpoint is kept. Try a lower lr, precision=no, or clip > 0")
+            continue
+        bad_steps = 0
+        optimizer.step()
+        step += 1
+        train_bits = total[0].item() / (world * config.grad_accum)
+
+        val_bits = None
+        if val_codes is not None and (step % config.eval_every == 0 or step == config.steps):
+            val_bits = mean_bits(model, val_codes)
+        if config.schedule == "plateau":
+            if val_bits is not None:
+                scheduler.step(val_bits)
+        else:
+            scheduler.step()
+        lr = optimizer.param_groups[0]["lr"]
+        rate = samples_per_step / mixture.sample_rate / (time.perf_counter() - started)
+        if accelerator.is_main_process:
+            runlog.write({"step": step, "train_bits": f"{train_bits:.5f}",
+                          "val_bits": None if val_bits is None else f"{val_bits:.5f}", "lr": f"{lr:.3e}",
+                          "audio_s_per_s": f"{rate:.3f}", "time": f"{time.time():.1f}"})
+            if val_bits is not None and val_bits < best:
+                best = val_bits
+                save_model(model, out / "best", summary=summary(val_bits))
+            if step % config.save_every == 0 or step == config.steps:
+                save(val_bits)
+        if on_step is not None and accelerator.is_main_process:
+            on_step(StepInfo(step, config.steps, train_bits, lr, rate, val_bits))
+        accelerator.wait_for_everyone()
+
+    final = out / "model"
+    if accelerator.is_main_process:
+        save_model(model, final, summary=summary(val_bits))
+        runlog.close()
+        plot_losses(out / "log.csv", out / "loss.png")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(out=out, model=final, best=out / "best" if (out / "best").exists() else None, step=step,
+                       val_bits=val_bits, parameters=model.num_parameters(), added_parameters=added,
+                       world_size=world)

@@ -1,0 +1,180 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATA, perturbed
+from safetensors.torch import load_file
+
+from s4music.data.prepare import PrepareOptions, prepare
+from s4music.evaluate import EvalError, evaluate
+from s4music.model import import_official, load_model
+from s4music.model.reparam import untie
+from s4music.train import TrainConfig, TrainingError, train
+
+TINY = {"d_model": 16, "n_layers": 1, "pool": [4], "s4": {"d_state": 16}}
+S4MUSIC = [sys.executable, "-m", "s4music.cli"]
+
+
+def tiny(dataset, out, **kw) -> TrainConfig:
+    values = {"data": [str(dataset)], "out": str(out), "model": TINY, "seq_len": 1024, "batch_size": 4,
+              "steps": 4, "eval_every": 2, "save_every": 2, "eval_windows": 2}
+    return TrainConfig(**{**values, **kw})
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def log_rows(run: Path) -> list[dict]:
+    lines = (run / "log.csv").read_text().splitlines()
+    return [dict(zip(lines[0].split(","), line.split(","), strict=True)) for line in lines[1:]]
+
+
+@pytest.mark.slow
+def test_scratch_training_beats_the_unigram_baseline(music_dataset, tmp_path):
+    config = tiny(music_dataset, tmp_path / "run", seq_len=4096, steps=80, lr=1e-2, eval_every=40, save_every=40)
+    result = train(config)
+    report = evaluate(result.model, music_dataset, split="val", context=4096, max_windows=24)
+    assert report.overall.model_bits < report.overall.unigram_bits - 0.05, report.overall
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000040", "step-0000080"]
+    saved = TrainConfig.load(tmp_path / "run" / "config.yaml")
+    assert saved == config
+    assert load_model(result.model).summary["seed"] == 0
+
+
+def test_finetune_from_an_official_checkpoint(music_dataset, tmp_path):
+    official = DATA / "official" / "small_v4.pt"
+    source = import_official(official)
+    result = train(tiny(music_dataset, tmp_path / "ft", mode="finetune", init=str(official), steps=2,
+                        model={}, lr=1e-3))
+    tuned = load_model(result.model)
+    assert tuned.config == source.config and tuned.summary["mode"] == "finetune"
+    moved = [k for k, v in tuned.state_dict().items() if not torch.equal(v, source.state_dict()[k])]
+    assert moved, "fine-tuning changed nothing"
+
+
+def test_reparam_preserves_the_function_and_reports_added_parameters(tmp_path, music_dataset):
+    source = perturbed(import_official(DATA / "official" / "small_v4.pt"))
+    x = torch.randint(0, 256, (2, 200))
+    expected = source(x)
+    for kwargs in ({}, {"groups": 2, "untie_pb": True}, {"dt_per_state": True}):
+        expanded, added = untie(source, **kwargs)
+        assert added > 0
+        assert torch.allclose(expanded.eval()(x), expected, atol=1e-6), kwargs
+    # untied copies are parameters of their own: they can move apart
+    expanded, _ = untie(source)
+    lam = expanded.s4_blocks()[0].kernel.A_real
+    assert lam.shape[0] == expanded.s4_blocks()[0].kernel.H
+
+    source.save(tmp_path / "src")
+    result = train(tiny(music_dataset, tmp_path / "rp", mode="reparam", init=str(tmp_path / "src"), steps=1,
+                        model={}, untie_pb=True))
+    assert result.added_parameters == untie(source, untie_pb=True)[1]
+    assert load_model(result.model).config.s4.n_ssm > 1
+
+
+def test_quantization_mismatch_is_a_clear_error(tmp_path, short_recording):
+    linear = tmp_path / "linear"
+    prepare([short_recording], linear, PrepareOptions(seconds=1.0, quantization="linear", val_fraction=0,
+                                                      test_fraction=0))
+    official = DATA / "official" / "small_v4.pt"
+    with pytest.raises(TrainingError, match="mulaw-official.*linear"):
+        train(tiny(linear, tmp_path / "run", mode="finetune", init=str(official), model={}))
+    with pytest.raises(EvalError, match="linear"):
+        evaluate(official, linear, split="train")
+
+
+def test_config_file_and_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("data: [a]\nsteps: 7\nmodel:\n  d_model: 32\n")
+    config = TrainConfig.load(tmp_path / "c.yaml", ["model.n_layers=2", "lr=1e-3", "schedule=plateau"], seed=5)
+    assert (config.steps, config.model, config.lr, config.seed, config.schedule) == (
+        7, {"d_model": 32, "n_layers": 2}, 1e-3, 5, "plateau")
+    with pytest.raises(TrainingError, match="unknown training config keys"):
+        TrainConfig.load(None, ["data=[a]", "stepz=3"])
+    with pytest.raises(TrainingError, match="key=value"):
+        TrainConfig.load(None, ["steps"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(music_dataset, tmp_path):
+    config = tiny(music_dataset, tmp_path / "nan", lr=1e30, ssm_lr=1e30, steps=20, save_every=1, max_bad_steps=3,
+                  clip=0.0)
+    with pytest.raises(TrainingError, match="NaN or inf for 3 steps"):
+        train(config)
+    for ckpt in (tmp_path / "nan" / "checkpoints").iterdir():
+        model = load_model(ckpt)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_loses_nothing(music_dataset, tmp_path):
+    args = ["train", "--data", str(music_dataset), "--steps", "10", "--seq-len", "2048", "--batch-size", "2",
+            "--set", "save_every=3", "--set", "eval_every=5", "--set", "eval_windows=2",
+            *[f"--set=model.{k}={json.dumps(v)}" for k, v in TINY.items()]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*S4MUSIC, *args, "--out", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*S4MUSIC, *args, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "log.csv").exists() or len(log_rows(killed)) < 7:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists(), "the run finished before it was killed"
+    assert len(log_rows(killed)) >= 7
+
+    resumed = subprocess.run([*S4MUSIC, "train", "--out", str(killed), "--resume"], env=env, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    whole, again = log_rows(tmp_path / "whole"), log_rows(killed)
+    assert [r["step"] for r in again] == [str(i) for i in range(1, 11)]
+    for a, b in zip(whole, again, strict=True):
+        assert abs(float(a["train_bits"]) - float(b["train_bits"])) < 1e-4, (a, b)
+    for k, v in weights(tmp_path / "whole").items():
+        assert torch.allclose(v, weights(killed)[k], atol=1e-5), k
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_with_the_same_global_batch(music_dataset, tmp_path):
+    args = ["train", "--data", str(music_dataset), "--steps", "3", "--seq-len", "1024", "--batch-size", "4",
+            "--set", "eval_every=3", *[f"--set=model.{k}={json.dumps(v)}" for k, v in TINY.items()]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "s4music.cli", *args,
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([*S4MUSIC, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    world = json.loads((tmp_path / "two" / "world.json").read_text())
+    assert world["world_size"] == 2
+    assert sorted(r["rank"] for r in world["ranks"]) == [0, 1]
+    assert len({r["pid"] for r in world["ranks"]}) == 2, "both ranks ran in one process"
+    assert json.loads((tmp_path / "one" / "world.json").read_text())["world_size"] == 1
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_eval_reports_strata_baselines_and_interval(music_dataset, tmp_path):
+    result = train(tiny(music_dataset, tmp_path / "run", steps=2))
+    out = subprocess.run([*S4MUSIC, "eval", str(result.model), "--data", str(music_dataset), "--context", "4096",
+                          "--json", "--record"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert [r["stratum"] for r in report["strata"]] == ["folder=chorale", "folder=mozart"]
+    assert sum(r["windows"] for r in report["strata"]) == report["overall"]["windows"]
+    overall = report["overall"]
+    lo, hi = report["interval_95"]
+    assert lo <= overall["model_bits"] <= hi
+    assert 0 < overall["bigram_bits"] < overall["unigram_bits"] <= 8
+    assert load_model(result.model).summary["test_bits"] == pytest.approx(overall["model_bits"])
