@@ -181,6 +181,8 @@ def normalize(wave: torch.Tensor, sample_rate: int, mode: str | None = "peak", t
     if mode == "peak":
         return wave * (10 ** (target / 20) / wave.abs().max())
     if mode == "loudness":
+        if wave.numel() < 0.4 * sample_rate:  # shorter than one loudness gate: fall back to peak
+            return normalize(wave, sample_rate, "peak", -1.0)
         lufs = AF.loudness(wave.unsqueeze(0), sample_rate).item()
         if not math.isfinite(lufs):
             return wave
@@ -199,3 +201,24 @@ def write_audio(path: str | Path, wave: torch.Tensor, sample_rate: int) -> Path:
     with atomic_path(path) as tmp:
         sf.write(str(tmp), wave.detach().cpu().clamp(-1, 1).numpy(), sample_rate, format=fmt, subtype="PCM_16")
     return path
+
+
+# ------------------------------------------------------------------------------------------- measures
+
+
+def spectral_flatness(wave: torch.Tensor, n_fft: int = 1024) -> float:
+    """Mean over non-silent frames of geometric / arithmetic mean power: ~0.56 for white noise,
+    usually below 0.1 for music; 0 for silence."""
+    if wave.numel() < n_fft:
+        return 0.0
+    power = torch.stft(wave.float(), n_fft, hop_length=n_fft // 2, window=torch.hann_window(n_fft),
+                       return_complex=True).abs().square()[1:]  # drop DC
+    frames = power.mean(0) > 1e-10
+    if not frames.any():
+        return 0.0
+    power = power[:, frames] + 1e-20
+    return float((power.log().mean(0).exp() / power.mean(0)).mean())
+
+
+def dbfs(x: float) -> float:
+    return 20 * math.log10(max(x, 1e-10))

@@ -179,3 +179,18 @@ def music_dataset() -> Path:
     render_midi([root / "midi"], root / "audio", RenderOptions(max_seconds=30.0))
     prepare([root / "audio"], dataset, PrepareOptions(seconds=1.024, val_fraction=0.25, test_fraction=0.25))
     return dataset
+
+
+@pytest.fixture(scope="session")
+def trained_model(music_dataset, tmp_path_factory) -> Path:
+    """A tiny model trained briefly on `music_dataset`, with its test NLL recorded for guidance."""
+    from s4music.evaluate import evaluate, record_result
+    from s4music.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    config = TrainConfig(data=[str(music_dataset)], out=str(out), seq_len=4096, batch_size=4, steps=40, lr=1e-2,
+                         eval_every=40, save_every=40, eval_windows=2,
+                         model={"d_model": 16, "n_layers": 1, "pool": [4], "s4": {"d_state": 16}})
+    result = train(config)
+    record_result(result.model, evaluate(result.model, music_dataset, context=4096, max_windows=24))
+    return result.model

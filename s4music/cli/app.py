@@ -294,6 +294,140 @@ def eval_command(
                     f"(bootstrap over {len(report.per_source)} source files)")
 
 
+def _generate_options(**values):
+    from s4music.generate import GenerateOptions
+
+    return GenerateOptions(**{k: v for k, v in values.items() if v is not None})
+
+
+def _print_guidance(report) -> None:
+    colour = {"typical": "green", "unusual": "yellow"}.get(report.verdict, "red")
+    console.print(f"prompt: {report.seconds:.2f} s; " + ("; ".join(report.conversions) or "no conversion needed"),
+                  highlight=False)
+    console.print(f"verdict: [{colour}]{report.verdict}[/]", highlight=False)
+    for reason in report.reasons:
+        console.print(f"  - {reason}", highlight=False)
+    for advice in report.advice:
+        console.print(f"  advice: {advice}", highlight=False)
+
+
+def _generation_run(run, what: str):
+    """Run a generation with a progress bar (ETA and live RTF), then list the outputs."""
+    columns = (*progress_bar().columns[:3], TextColumn("{task.fields[rtf]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(what, total=None, rtf="")
+        result = run(lambda done, total, rtf: bar.update(task, completed=done, total=total, rtf=f"RTF {rtf:.2f}"))
+    console.print(f"seed {result.seed}; RTF {result.rtf:.2f} ({result.timings['generate_s']:.1f} s generating)",
+                  highlight=False)
+    for take in result.takes:
+        flag = f" [red]{take.degenerate}[/]" if take.degenerate else ""
+        console.print(f"wrote {take.path} (seed {take.seed}, {take.bits:.2f} bits/sample){flag}", highlight=False)
+    console.print(f"settings and timings: {result.sidecar}", highlight=False)
+
+
+GEN_HELP = {
+    "seconds": "Seconds to generate.", "variations": "Variations, each with its own seed (seed, seed+1, ...).",
+    "temperature": "Sampling temperature (0: greedy).", "top_k": "Keep the k likeliest codes (0: off).",
+    "top_p": "Nucleus sampling: keep the likeliest codes up to this probability (1: off).",
+    "seed": "Seed (default: random; always printed and saved).",
+    "rank": "Order variations by the model's own likelihood, best first.",
+    "normalize": "Output level: loudness (-16 LUFS), peak (-1 dBFS) or none.",
+    "format": "wav or flac (when OUT has no such suffix).", "device": "auto, cpu or cuda.",
+    "model": "s4music checkpoint (default: the bundled model).",
+    "retry": "Resample a variation that collapses to silence or noise, up to N times.",
+    "plot": "Also write OUT.png: waveform and spectrogram.",
+    "fused": "Use the fused C++ CPU step when available (--no-fused: the plain PyTorch step).",
+}
+
+
+@command(name="continue")
+def continue_command(
+    prompt: str = typer.Argument(..., help="Audio file (wav, flac, mp3, ogg, ...) or a URL (fetched with yt-dlp)."),
+    out: Path = typer.Option(Path("continuation.wav"), "--out", "-o", help="Output file (.wav or .flac)."),
+    seconds: float = typer.Option(5.0, help=GEN_HELP["seconds"]),
+    prompt_seconds: float = typer.Option(8.0, help="Use the last N seconds of the prompt (of the selection)."),
+    prompt_start: float = typer.Option(None, help="Prompt selection start, seconds."),
+    prompt_end: float = typer.Option(None, help="Prompt selection end, seconds."),
+    variations: int = typer.Option(1, "-n", "--variations", help=GEN_HELP["variations"]),
+    temperature: float = typer.Option(1.0, help=GEN_HELP["temperature"]),
+    top_k: int = typer.Option(0, help=GEN_HELP["top_k"]),
+    top_p: float = typer.Option(1.0, help=GEN_HELP["top_p"]),
+    seed: int = typer.Option(None, help=GEN_HELP["seed"]),
+    rank: bool = typer.Option(False, "--rank", help=GEN_HELP["rank"]),
+    include_prompt: bool = typer.Option(True, "--prompt/--no-prompt", help="Start the output with the prompt."),
+    normalize: str = typer.Option("loudness", help=GEN_HELP["normalize"]),
+    format: str = typer.Option("wav", help=GEN_HELP["format"]),
+    model: Path = typer.Option(None, help=GEN_HELP["model"]),
+    device: str = typer.Option("auto", help=GEN_HELP["device"]),
+    force: bool = typer.Option(False, "--force", help="Continue even a prompt judged far from the model's music."),
+    retry_degenerate: int = typer.Option(0, help=GEN_HELP["retry"]),
+    plot: bool = typer.Option(False, "--plot", help=GEN_HELP["plot"]),
+    fused: bool = typer.Option(True, "--fused/--no-fused", help=GEN_HELP["fused"]),
+):
+    """Continue a piece of music: PROMPT is read, checked, and carried on for --seconds."""
+    from s4music.generate import continue_prompt
+
+    options = _generate_options(
+        seconds=seconds, prompt_seconds=prompt_seconds, prompt_start=prompt_start, prompt_end=prompt_end,
+        variations=variations, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, rank=rank,
+        include_prompt=include_prompt, normalize=normalize, format=format, device=device, force=force,
+        retry_degenerate=retry_degenerate, plot=plot, fused=fused)
+    _generation_run(lambda progress: continue_prompt(prompt, out, model, options, on_progress=progress,
+                                                     on_guidance=_print_guidance), "continuing")
+
+
+@command
+def generate(
+    out: Path = typer.Option(Path("improvisation.wav"), "--out", "-o", help="Output file (.wav or .flac)."),
+    seconds: float = typer.Option(5.0, help=GEN_HELP["seconds"]),
+    variations: int = typer.Option(1, "-n", "--variations", help=GEN_HELP["variations"]),
+    temperature: float = typer.Option(1.0, help=GEN_HELP["temperature"]),
+    top_k: int = typer.Option(0, help=GEN_HELP["top_k"]),
+    top_p: float = typer.Option(1.0, help=GEN_HELP["top_p"]),
+    seed: int = typer.Option(None, help=GEN_HELP["seed"]),
+    rank: bool = typer.Option(False, "--rank", help=GEN_HELP["rank"]),
+    normalize: str = typer.Option("loudness", help=GEN_HELP["normalize"]),
+    format: str = typer.Option("wav", help=GEN_HELP["format"]),
+    model: Path = typer.Option(None, help=GEN_HELP["model"]),
+    device: str = typer.Option("auto", help=GEN_HELP["device"]),
+    retry_degenerate: int = typer.Option(0, help=GEN_HELP["retry"]),
+    plot: bool = typer.Option(False, "--plot", help=GEN_HELP["plot"]),
+    fused: bool = typer.Option(True, "--fused/--no-fused", help=GEN_HELP["fused"]),
+):
+    """Improvise from nothing: sample the model from silence."""
+    from s4music.generate import improvise
+
+    options = _generate_options(
+        seconds=seconds, variations=variations, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        rank=rank, normalize=normalize, format=format, device=device, retry_degenerate=retry_degenerate, plot=plot,
+        fused=fused)
+    _generation_run(lambda progress: improvise(out, model, options, on_progress=progress), "generating")
+
+
+@command
+def check(
+    prompt: str = typer.Argument(..., help="Audio file or URL."),
+    model: Path = typer.Option(None, help=GEN_HELP["model"]),
+    prompt_seconds: float = typer.Option(8.0, help="Judge the last N seconds (as continue would use them)."),
+    prompt_start: float = typer.Option(None, help="Selection start, seconds."),
+    prompt_end: float = typer.Option(None, help="Selection end, seconds."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+):
+    """Tell whether a prompt suits the model before spending minutes on it. Exit 2 if it is far off."""
+    import json
+
+    from s4music.generate import check_prompt
+
+    report = check_prompt(prompt, model, _generate_options(prompt_seconds=prompt_seconds, prompt_start=prompt_start,
+                                                           prompt_end=prompt_end))
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_guidance(report)
+    if report.far:
+        raise typer.Exit(2)
+
+
 def main() -> None:
     try:
         app()

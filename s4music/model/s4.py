@@ -238,6 +238,30 @@ class S4Kernel(nn.Module):
         self._cache = (key, rec)
         return rec
 
+    @torch.no_grad()
+    def step_params(self) -> dict[str, torch.Tensor]:
+        """The recurrence in O(N) form for the fused CPU step (fast_step.cpp), complex64 (H, N/2).
+
+        diag: x' = a x + b u.   dplr: the bilinear step with A = Lambda - P P^H, solved by
+        Sherman-Morrison (exact; diagonalizing dA instead is ill-conditioned for HiPPO):
+            r = a x - half_dt_p * 2 Re(sum conj(p) x) + b u,   w = e_inv r,
+            x' = w - g * kappa * 2 Re(sum conj(p) w)
+        with a = 1 + dt/2 Lambda, b = dt B, e_inv = 1 / (1 - dt/2 Lambda), g = e_inv dt/2 P,
+        kappa = 1 / (1 + 2 Re(sum conj(p) g)). Both: y = 2 Re(sum c x'), c the raw C.
+        """
+        rec = self.recurrence()
+        c64 = lambda t: t.to(torch.complex64).contiguous()  # noqa: E731
+        if self.config.mode == "diag":
+            return {"a": c64(torch.diagonal(rec.dA_top, dim1=-2, dim2=-1)), "b": c64(rec.dB), "c": c64(rec.dC)}
+        dt, lam, p, b, _ = self.ssm()
+        dt, lam, p, b = dt.double(), lam.to(torch.complex128), p.to(torch.complex128), b.to(torch.complex128)
+        half = dt / 2
+        e_inv = 1 / (1 - half * lam)
+        g = e_inv * half * p
+        kappa = 1 / (1 + 2 * (p.conj() * g).sum(-1).real)
+        return {"a": c64(1 + half * lam), "b": c64(dt * b), "c": c64(rec.dC), "p": c64(p),
+                "half_dt_p": c64(half * p), "e_inv": c64(e_inv), "g": c64(g), "kappa": kappa.float().contiguous()}
+
     def initial_state(self, batch: int) -> torch.Tensor:
         """(B, H, N/2) complex zeros."""
         return torch.zeros(batch, self.H, self.N2, dtype=torch.complex64, device=self.inv_dt.device)

@@ -1,0 +1,128 @@
+"""Prompt guidance: is this prompt a good fit for the model, and if not, why?
+
+`s4music check` runs it alone; `continue` runs it first and, without --force, will not spend a long
+run on a prompt it judges far from what the model knows. It looks at the signal (length, the
+conversions it needs, silence, clipping, DC offset, noise-likeness) and at the model's own NLL on
+the prompt in bits/sample, placed against the test-set NLL that `s4music eval --record` stored in
+the checkpoint.
+
+It also judges finished continuations: `degeneracy` spots collapse into silence and runaway noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from s4music.audio import Audio, dbfs, spectral_flatness
+
+TYPICAL, UNUSUAL, FAR = "typical", "unusual", "far from what this model knows"
+NOISE_FLATNESS = 0.35  # white noise is ~0.56; music is usually below 0.1
+SILENT_DBFS = -55.0
+
+
+@dataclass
+class PromptReport:
+    source: str
+    seconds: float
+    source_rate: int
+    source_channels: int
+    sample_rate: int
+    conversions: list[str]
+    peak_dbfs: float
+    rms_dbfs: float
+    clipped: float  # share of samples at full scale
+    dc_offset: float
+    flatness: float
+    bits: float | None = None  # the model's NLL on the prompt
+    reference_bits: float | None = None  # the model's recorded test NLL
+    verdict: str = TYPICAL
+    reasons: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def far(self) -> bool:
+        return self.verdict == FAR
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def describe_signal(audio: Audio, source: str, trimmed_from: float | None = None) -> PromptReport:
+    """The signal checks (no model needed)."""
+    x = audio.samples
+    conversions = []
+    if audio.source_channels != 1:
+        conversions.append(f"mixed {audio.source_channels} channels down to mono")
+    if audio.source_rate != audio.sample_rate:
+        conversions.append(f"resampled {audio.source_rate} Hz to {audio.sample_rate} Hz")
+    if trimmed_from is not None:
+        conversions.append(f"kept the last {audio.seconds:.2f} s of {trimmed_from:.2f} s")
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    return PromptReport(
+        source=source, seconds=audio.seconds, source_rate=audio.source_rate, source_channels=audio.source_channels,
+        sample_rate=audio.sample_rate, conversions=conversions, peak_dbfs=dbfs(peak),
+        rms_dbfs=dbfs(float(x.square().mean().sqrt()) if x.numel() else 0.0),
+        clipped=float((x.abs() >= 0.999).float().mean()) if x.numel() else 0.0,
+        dc_offset=float(x.mean()) if x.numel() else 0.0, flatness=spectral_flatness(x))
+
+
+def judge(report: PromptReport, bits: float | None, summary: dict) -> PromptReport:
+    """Set the verdict, reasons and advice from the signal and the model's NLL on the prompt."""
+    domain = summary.get("domain")
+    knows = f"this model was trained on {domain}" if domain else "this model's training data"
+    report.bits, report.reference_bits = bits, summary.get("test_bits")
+    levels = []
+
+    def flag(level: str, reason: str, advice: str | None = None) -> None:
+        levels.append(level)
+        report.reasons.append(reason)
+        if advice:
+            report.advice.append(advice)
+
+    if report.rms_dbfs < SILENT_DBFS:
+        flag(FAR, f"the prompt is silent (RMS {report.rms_dbfs:.0f} dBFS)",
+             "give a prompt with music in it, or trim to a part that plays (--prompt-start/--prompt-end)")
+    elif report.flatness > NOISE_FLATNESS:
+        flag(FAR, f"the prompt sounds like noise (spectral flatness {report.flatness:.2f}; music is usually < 0.1)",
+             f"{knows}; a noisy prompt gives a noisy continuation")
+    if report.seconds < 0.5:
+        flag(UNUSUAL, f"the prompt is short ({report.seconds:.2f} s)", "a few seconds of prompt give the model more to go on")
+    if report.clipped > 0.001:
+        flag(UNUSUAL, f"{report.clipped:.1%} of the samples are clipped", "use a less compressed or quieter source")
+    if abs(report.dc_offset) > 0.05:
+        flag(UNUSUAL, f"DC offset of {report.dc_offset:+.3f}", None)
+
+    ref = report.reference_bits
+    if bits is not None and ref is not None:
+        delta = bits - ref
+        where = f"{bits:.2f} bits/sample against {ref:.2f} on the model's test set"
+        if delta > 2.0:
+            flag(FAR, f"the model finds the prompt very surprising ({where})",
+                 f"{knows}; music far from it (other instruments, drums, voice) will likely degrade")
+        elif delta > 0.75:
+            flag(UNUSUAL, f"the model finds the prompt surprising ({where})",
+                 f"{knows}; expect a looser continuation")
+        elif delta < -2.0:
+            flag(UNUSUAL, f"the prompt is far more predictable than the model's music ({where})",
+                 "very simple or sparse prompts tend to fade into silence")
+        else:
+            report.reasons.append(f"the model finds the prompt familiar ({where})")
+    elif bits is not None:
+        report.reasons.append(f"{bits:.2f} bits/sample on the prompt; this checkpoint records no test NLL "
+                              "(run `s4music eval --record`) to compare with")
+    report.verdict = FAR if FAR in levels else UNUSUAL if UNUSUAL in levels else TYPICAL
+    return report
+
+
+def degeneracy(wave: torch.Tensor, sample_rate: int) -> str | None:
+    """'silence' if the continuation collapses to silence, 'noise' if it runs away into noise, else None."""
+    tail = wave[wave.numel() // 2 :]
+    if tail.numel() == 0:
+        return None
+    if dbfs(float(tail.square().mean().sqrt())) < SILENT_DBFS:
+        return "silence"
+    if spectral_flatness(wave) > NOISE_FLATNESS:
+        return "noise"
+    return None

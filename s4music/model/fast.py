@@ -1,0 +1,147 @@
+"""Sampling, and the fused CPU step that generates faster than real time.
+
+Two paths produce continuations, and they make the same choices:
+    plain   SaShiMi.step (PyTorch, any device), one Python call per sample; the reference
+    fused   fast_step.cpp: the whole step and the sampling in C++, many samples per call
+
+Randomness is a tensor of uniforms drawn up front from a seeded generator, one per sample and
+variation, and both paths turn logits into a code with the same inverse-CDF rule
+(`sample_codes`). So a seed fixes the output, and the paths agree wherever their logits do.
+The extension is JIT-built once per machine (about a minute) and cached; without a C++ compiler
+the plain path is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from s4music.model.sashimi import FeedForward, SaShiMi, SaShiMiState, WeightNormLinear
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("fast_step.cpp")
+_built: dict = {}
+
+
+def sample_codes(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V), uniforms (B,) in [0, 1) -> codes (B,) and their log-probability (B,) at temperature 1.
+
+    temperature 0 is greedy. top_k keeps the k likeliest codes, top_p the smallest set of likeliest
+    codes whose probability reaches p; the code is the first whose cumulative kept probability
+    exceeds u times their total.
+    """
+    logits = logits.float()
+    logp = torch.log_softmax(logits.double(), dim=-1).float()
+    if temperature <= 0:
+        codes = logits.argmax(-1)
+    else:
+        prob = torch.exp((logits.double() - logits.double().amax(-1, keepdim=True)) / temperature)
+        if (0 < top_k < prob.shape[-1]) or top_p < 1:
+            order = torch.sort(prob, dim=-1, descending=True, stable=True).indices
+            ranked = prob.gather(-1, order)
+            before = ranked.cumsum(-1) - ranked
+            keep = before / prob.sum(-1, keepdim=True) < top_p
+            keep[:, 0] = True
+            if top_k > 0:
+                keep[:, top_k:] = False
+            prob = prob * torch.zeros_like(keep).scatter(-1, order, keep).to(prob.dtype)
+        cum = prob.cumsum(-1)
+        hit = (cum > uniforms.double().unsqueeze(-1) * prob.sum(-1, keepdim=True)) & (prob > 0)
+        last_kept = prob.shape[-1] - 1 - (prob > 0).flip(-1).int().argmax(-1)
+        codes = torch.where(hit.any(-1), hit.int().argmax(-1), last_kept)
+    return codes, logp.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+
+
+def _extension():
+    """Build (or load the cached build of) the fused step; None when that is impossible here."""
+    if "module" in _built:
+        return _built["module"]
+    module = None
+    try:
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" is expected
+        from torch.utils import cpp_extension
+
+        from s4music.cuda import cache_dir
+
+        flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fcx-limited-range"]
+        cpu = _cpu_flags()
+        tag = hashlib.sha1((SOURCE.read_text() + " ".join(flags) + cpu).encode()).hexdigest()[:12]
+        build_dir = cache_dir() / f"cpu-step-{tag}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load(name=f"s4music_fast_step_{tag}", sources=[str(SOURCE)], extra_cflags=flags,
+                                    extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+    except Exception as e:  # no compiler, or a failed build: the plain path still works
+        log.warning("fused CPU step unavailable (%s); using the plain PyTorch step", str(e).splitlines()[0][:200])
+    _built["module"] = module
+    return module
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def fused_available() -> bool:
+    return _extension() is not None
+
+
+def _weight(linear) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(linear, WeightNormLinear):
+        w = linear.weight_g * linear.weight_v / linear.weight_v.norm(dim=1, keepdim=True)
+        return w.detach().float().contiguous(), linear.bias.detach().float().contiguous()
+    return linear.weight.detach().float().contiguous(), linear.bias.detach().float().contiguous()
+
+
+class FusedStep:
+    """The model in step form for the C++ kernel. Build it after the weights are final (it copies them)."""
+
+    def __init__(self, model: SaShiMi):
+        ext = _extension()
+        if ext is None:
+            raise RuntimeError("the fused CPU step could not be built")
+        with torch.no_grad():
+            downs = [_weight(p.linear) for p in model.down_pools]
+            ups = [_weight(u.pool.linear) for u in model.up_blocks]
+            self.impl = ext.FastSaShiMi(
+                model.encoder.weight.detach().float().contiguous(), list(model.config.pool),
+                [w for w, _ in downs], [b for _, b in downs], [w for w, _ in ups], [b for _, b in ups],
+                model.norm.weight.detach().float().contiguous(), model.norm.bias.detach().float().contiguous(),
+                *_weight(model.decoder))
+            for tier, layers in enumerate([model.center, *[u.layers for u in model.up_blocks]]):
+                for res in layers:
+                    m, s = float(res.norm.m), float(res.norm.s)
+                    if isinstance(res.layer, FeedForward):
+                        self.impl.add_layer(tier, 2, m, s, [*_weight(res.layer.fc1), *_weight(res.layer.fc2)])
+                        continue
+                    block = res.layer
+                    params = block.kernel.step_params()
+                    tensors = [params["a"], params["b"], params["c"], block.D.detach()[0].float().contiguous(),
+                               *_weight(block.output_linear)]
+                    kind = 0 if block.kernel.config.mode == "diag" else 1
+                    if kind == 1:
+                        tensors += [params[k] for k in ("p", "half_dt_p", "e_inv", "g", "kappa")]
+                    self.impl.add_layer(tier, kind, m, s, tensors)
+
+    def run(self, codes: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor, temperature: float = 1.0,
+            top_k: int = 0, top_p: float = 1.0, forced: torch.Tensor | None = None):
+        """Take uniforms.shape[1] steps from `state` (updated in place), first inputs `codes` (B,).
+
+        Returns codes (B, n) and their log-probabilities (B, n); with `forced` (B, n) codes as the
+        inputs instead of samples, also the logits (B, n, V)."""
+        # The kernel updates the state tensors in place, so they must be contiguous CPU tensors.
+        for group in (state.s4, state.down, state.up):
+            group[:] = [x.detach().cpu().contiguous() for x in group]
+        out = self.impl.run(codes.long().contiguous(), state.t, state.s4, state.down, state.up,
+                            uniforms.float().contiguous(), temperature, top_k, top_p,
+                            torch.empty(0, dtype=torch.long) if forced is None else forced.long().contiguous())
+        state.t += uniforms.shape[1]
+        return tuple(out)
