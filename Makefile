@@ -33,9 +33,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Continue the bundled example prompt with the bundled model (no downloads). DEMO_SECONDS=2 for a quick run.
+DEMO_SECONDS ?= 10
 demo: install
-	@echo "make demo needs 's4music continue' and the bundled model (issues #5 and #6); not built yet." >&2
-	@exit 1
+	$(BIN)/s4music continue examples/prompt.wav -o demo/continuation.wav --seconds $(DEMO_SECONDS) --seed 0 --plot
+	@echo "listen: demo/continuation.wav (picture: demo/continuation.png, settings: demo/continuation.json)"
 
 bench: install
 	$(BIN)/python benchmarks/run.py
@@ -44,4 +46,4 @@ lint: install
 	$(BIN)/python -m ruff check s4music tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info demo

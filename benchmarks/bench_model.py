@@ -51,15 +51,31 @@ def train_step(length: int, path: str, steps: int, checkpointing: bool = False) 
     return {"seconds": min(times[1:]), "peak_gb": _peak_gb()}
 
 
-def generation(batch: int, steps: int) -> dict:
+def _model(which: str):
     import torch
 
-    from s4music.model import SaShiMi
+    from s4music.generate import DEFAULT_MODEL
+    from s4music.model import SaShiMi, load_model
 
     torch.manual_seed(0)
-    model = SaShiMi().eval()
+    return load_model(DEFAULT_MODEL) if which == "bundled" else SaShiMi().eval()
+
+
+def generation(batch: int, steps: int, path: str = "plain", which: str = "default") -> dict:
+    import torch
+
+    from s4music.model.fast import FusedStep
+
+    model = _model(which)
     _, state = model.prefill(torch.randint(0, 256, (batch, 4096)))
     code = torch.full((batch,), 128)
+    if path == "fused":
+        fused = FusedStep(model)
+        fused.run(code, state, torch.rand(batch, 64))  # warm-up
+        t0 = time.perf_counter()
+        fused.run(code, state, torch.rand(batch, steps))
+        seconds = time.perf_counter() - t0
+        return {"samples_per_s": batch * steps / seconds, "peak_gb": _peak_gb()}
     for _ in range(32):  # warm-up, including the cached recurrence matrices
         model.step(code, state)
     t0 = time.perf_counter()
@@ -70,13 +86,10 @@ def generation(batch: int, steps: int) -> dict:
     return {"samples_per_s": batch * steps / seconds, "peak_gb": _peak_gb()}
 
 
-def prefill(seconds_of_audio: float) -> dict:
+def prefill(seconds_of_audio: float, which: str = "default") -> dict:
     import torch
 
-    from s4music.model import SaShiMi
-
-    torch.manual_seed(0)
-    model = SaShiMi().eval()
+    model = _model(which)
     x = torch.randint(0, 256, (1, int(seconds_of_audio * SAMPLE_RATE)))
     model.prefill(x[:, :4096])  # builds the cached recurrence matrices
     t0 = time.perf_counter()
@@ -104,7 +117,7 @@ def main() -> None:
         return
 
     lengths = [2000, 8000] if args.quick else [16000, 128000]
-    steps = 1 if args.quick else 2
+    steps = 1
     print("## Default model (4,751,072 parameters), CPU\n")
     print("### Training step (batch 1, forward + backward + AdamW)\n")
     print("| L | path | s/step | audio s per s | peak RSS GB | vs naive path |")
@@ -131,24 +144,39 @@ def main() -> None:
     print(f"| {lengths[1]} | naive | not run: its (K, H, N, L) tensors need far more than this machine's memory | | | |")
 
     gen_steps = 100 if args.quick else 400
-    print("\n### Recurrent generation (plain PyTorch step)\n")
-    print("| batch | samples/s (all variations) | RTF | peak RSS GB | vs batch 1 |")
-    print("|---|---|---|---|---|")
+    print("\n### Recurrent generation, default model\n")
+    print("| step | batch | samples/s (all variations) | RTF | peak RSS GB | vs plain step, batch 1 |")
+    print("|---|---|---|---|---|---|")
     base = None
-    for batch in (1, 8):
-        r = _child("gen", batch=batch, steps=gen_steps)
-        base = base or r["samples_per_s"]
-        print(f"| {batch} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / SAMPLE_RATE:.4f} "
-              f"| {r['peak_gb']:.2f} | {r['samples_per_s'] / base:.1f}x |")
+    for path, steps in (("plain", gen_steps), ("fused", gen_steps * 20)):
+        for batch in (1, 8):
+            r = _child("gen", batch=batch, steps=steps, path=path)
+            base = base or r["samples_per_s"]
+            print(f"| {path} | {batch} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / SAMPLE_RATE:.3f} "
+                  f"| {r['peak_gb']:.2f} | {r['samples_per_s'] / base:.1f}x |")
 
     audio_s = 2.0 if args.quick else 10.0
     r = _child("prefill", seconds_of_audio=audio_s)
     stepping = audio_s * SAMPLE_RATE / base
-    print(f"\n### Reading a {audio_s:g} s prompt\n")
+    print(f"\n### Reading a {audio_s:g} s prompt, default model\n")
     print("| method | seconds | vs stepping |")
     print("|---|---|---|")
     print(f"| one parallel pass (`prefill`) | {r['seconds']:.2f} | {stepping / r['seconds']:.0f}x faster |")
-    print(f"| stepping sample by sample (at the batch-1 rate above) | {stepping:.1f} | 1x |")
+    print(f"| stepping sample by sample (at the plain batch-1 rate above) | {stepping:.1f} | 1x |")
+
+    print("\n## Bundled model (s4music/assets/default-model), CPU\n")
+    print("| what | batch | samples/s | RTF | vs plain step, batch 1 |")
+    print("|---|---|---|---|---|")
+    small = _child("gen", batch=1, steps=gen_steps * 4, path="plain", which="bundled")
+    print(f"| plain step | 1 | {small['samples_per_s']:.0f} | {small['samples_per_s'] / SAMPLE_RATE:.3f} | 1.0x |")
+    for batch in (1, 8):
+        r = _child("gen", batch=batch, steps=gen_steps * 80, path="fused", which="bundled")
+        print(f"| fused step | {batch} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / SAMPLE_RATE:.2f} "
+              f"| {r['samples_per_s'] / small['samples_per_s']:.0f}x |")
+    r = _child("prefill", seconds_of_audio=audio_s, which="bundled")
+    print(f"| read a {audio_s:g} s prompt (`prefill`) | 1 | {audio_s * SAMPLE_RATE / r['seconds']:.0f} | "
+          f"{r['seconds']:.2f} s | {audio_s * SAMPLE_RATE / small['samples_per_s'] / r['seconds']:.0f}x faster than "
+          "stepping |")
 
 
 if __name__ == "__main__":

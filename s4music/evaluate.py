@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from s4music.audio import decode, spectral_flatness
 from s4music.data.dataset import PreparedDataset
 from s4music.data.prepare import stratum_key
 from s4music.errors import S4MusicError
@@ -56,13 +57,14 @@ class EvalReport:
     strata: list[StratumResult]
     overall: StratumResult
     interval: tuple[float, float]  # bootstrap 95% interval of the overall model bits/sample
+    flatness: tuple[float, float] = (0.0, 0.0)  # 5th and 95th percentile spectral flatness of the windows
     per_source: dict[str, tuple[float, int]] = field(default_factory=dict)  # source -> (bits sum, samples)
 
     def to_dict(self) -> dict:
         row = lambda r: {k: v for k, v in vars(r).items()}  # noqa: E731
         return {"model": self.model, "dataset": self.dataset, "split": self.split, "context": self.context,
                 "strata": [row(r) for r in self.strata], "overall": row(self.overall),
-                "interval_95": list(self.interval)}
+                "interval_95": list(self.interval), "flatness_5_95": list(self.flatness)}
 
 
 def entropy_bits(counts: np.ndarray) -> float:
@@ -151,8 +153,10 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", cont
         sources[row["source"]].append(i)
     per_source = {s: (float(model_sums[idx].sum()), len(idx) * width) for s, idx in sources.items()}
     interval = bootstrap_interval(list(per_source.values()), bootstrap, seed)
+    flat = [spectral_flatness(decode(torch.from_numpy(np.array(w)), dataset.quantization)) for w in windows]
     return EvalReport(model=str(model_path), dataset=str(dataset.root), split=split, context=context,
-                      strata=strata, overall=overall, interval=interval, per_source=per_source)
+                      strata=strata, overall=overall, interval=interval, per_source=per_source,
+                      flatness=tuple(float(v) for v in np.percentile(flat, [5, 95])))
 
 
 def bootstrap_interval(units: list[tuple[float, int]], rounds: int, seed: int) -> tuple[float, float]:
@@ -177,4 +181,5 @@ def record_result(checkpoint: str | Path, report: EvalReport) -> None:
     update_summary(checkpoint, {"test_bits": o.model_bits, "eval": {
         "dataset": Path(report.dataset).name, "split": report.split, "context": report.context, "windows": o.windows,
         "model_bits": o.model_bits, "unigram_bits": o.unigram_bits, "bigram_bits": o.bigram_bits,
-        "interval_95": list(report.interval), "strata": [vars(r) for r in report.strata]}})
+        "interval_95": list(report.interval), "flatness_5_95": list(report.flatness),
+        "strata": [vars(r) for r in report.strata]}})

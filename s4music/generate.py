@@ -43,9 +43,10 @@ class GenerationError(S4MusicError):
 class GenerateOptions:
     seconds: float = 5.0  # length of the continuation
     variations: int = 1
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
+    # Sampling; None takes the checkpoint's recommendation (summary "sampling"), else 1.0 / off / off.
+    temperature: float | None = None
+    top_k: int | None = None  # 0: off
+    top_p: float | None = None  # 1: off
     seed: int | None = None  # None: a fresh random seed (always reported); variation i uses seed + i
     rank: bool = False  # order variations by the model's likelihood, best first
     prompt_seconds: float = 8.0  # use the last N seconds of the prompt (selection)
@@ -120,10 +121,23 @@ def read_prompt(prompt: str | Path, sample_rate: int, options: GenerateOptions) 
     return audio, None
 
 
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+def with_sampling(options: GenerateOptions, summary: dict) -> GenerateOptions:
+    """Fill unset sampling options from the checkpoint's recommendation, then the neutral defaults."""
+    recommended = summary.get("sampling") or {}
+    values = {k: getattr(options, k) if getattr(options, k) is not None else recommended.get(k, default)
+              for k, default in SAMPLING_DEFAULTS.items()}
+    return dataclasses.replace(options, **values)
+
+
 def _check_options(options: GenerateOptions) -> None:
+    t, k, p = options.temperature, options.top_k, options.top_p
     problems = {
-        "seconds": options.seconds <= 0, "variations": options.variations < 1, "temperature": options.temperature < 0,
-        "top-k": options.top_k < 0, "top-p": not 0 < options.top_p <= 1, "prompt-seconds": options.prompt_seconds <= 0,
+        "seconds": options.seconds <= 0, "variations": options.variations < 1,
+        "temperature": t is not None and t < 0, "top-k": k is not None and k < 0,
+        "top-p": p is not None and not 0 < p <= 1, "prompt-seconds": options.prompt_seconds <= 0,
         "format": options.format not in ("wav", "flac"),
         "normalize": options.normalize not in ("loudness", "peak", "none"),
     }
@@ -187,6 +201,7 @@ def _finish(net: SaShiMi, model_id: str, state: SaShiMiState, first: torch.Tenso
             out: str | Path, options: GenerateOptions, on_progress: ProgressFn | None,
             report: PromptReport | None, timings: dict, started: float, source: str | None) -> GenerateResult:
     """Sample the variations from `state`, retry degenerate ones, rank, write audio and the sidecar."""
+    options = with_sampling(options, net.summary)
     out = Path(out)
     if out.suffix.lower() not in (".wav", ".flac"):
         out = out.with_suffix(f".{options.format}")

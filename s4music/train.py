@@ -65,6 +65,7 @@ class TrainConfig:
     mode: str = "scratch"
     init: str | None = None  # the checkpoint finetune and reparam start from (--from)
     model: dict[str, Any] = field(default_factory=dict)  # SaShiMiConfig fields, for scratch
+    domain: str | None = None  # what the data is, in words; prompt guidance quotes it in its advice
     # reparam: copies of Lambda per layer (None: one per channel), untie P and B, per-state dt
     groups: int | None = None
     untie_pb: bool = False
@@ -440,7 +441,8 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
 
     def summary(val_bits: float | None) -> dict:
         return {"mode": config.mode, "from": config.init, "data": config.data, "step": step, "seed": config.seed,
-                "val_bits": val_bits, "world_size": world, "added_parameters": added}
+                "val_bits": val_bits, "world_size": world, "added_parameters": added,
+                **({"domain": config.domain} if config.domain else {})}
 
     def save(val_bits: float | None) -> None:
         """Checkpoint step-N (model + training state) and prune old ones; main process only."""

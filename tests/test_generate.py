@@ -8,7 +8,15 @@ import soundfile as sf
 import torch
 from conftest import DATA, need, perturbed
 
-from s4music.generate import GenerateOptions, GenerationError, _sample, check_prompt, continue_prompt, improvise
+from s4music.generate import (
+    GenerateOptions,
+    GenerationError,
+    _sample,
+    check_prompt,
+    continue_prompt,
+    improvise,
+    with_sampling,
+)
 from s4music.guidance import FAR, TYPICAL, degeneracy
 from s4music.model import S4Config, SaShiMi, SaShiMiConfig, import_official
 from s4music.model.fast import FusedStep, fused_available, sample_codes
@@ -46,7 +54,8 @@ def test_fused_and_plain_paths_sample_the_same_codes(fused):
     model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, pool=[4], s4=S4Config(d_state=16))))
     _, state = model.prefill(torch.randint(0, 256, (1, 50)))
     first = torch.tensor([77])
-    for opts in (GenerateOptions(), GenerateOptions(temperature=0.8, top_k=20), GenerateOptions(top_p=0.9)):
+    for opts in (with_sampling(GenerateOptions(), {}), with_sampling(GenerateOptions(temperature=0.8, top_k=20), {}),
+                 with_sampling(GenerateOptions(top_p=0.9), {})):
         a = _sample(model, FusedStep(model), state, first, [5, 6], 300, opts, None)
         b = _sample(model, None, state, first, [5, 6], 300, opts, None)
         assert torch.equal(a[0], b[0]), opts

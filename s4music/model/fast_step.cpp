@@ -11,15 +11,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <complex>
 #include <numeric>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-using cf = std::complex<float>;
 
 namespace {
 
@@ -52,8 +49,10 @@ enum Kind { S4_DIAG = 0, S4_DPLR = 1, FEEDFORWARD = 2 };
 struct Layer {
   int kind = 0, H = 0, N2 = 0;
   float norm_m = 0.f, norm_s = 1.f;
-  // S4 step tensors, complex64 (H, N2); see S4Kernel.step_params.
-  torch::Tensor a, b, c, p, half_dt_p, e_inv, g, kappa, D;
+  // S4 step parameters (see S4Kernel.step_params), split into real and imaginary (H, N2) arrays
+  // so that the loops over the state vectorize.
+  std::vector<float> a_re, a_im, b_re, b_im, c_re, c_im, p_re, p_im, hp_re, hp_im, ei_re, ei_im, g_re, g_im;
+  torch::Tensor kappa, D;
   Linear out;       // S4 output linear (2H, H), GLU after
   Linear fc1, fc2;  // feed-forward
   int state_index = -1;
@@ -73,7 +72,7 @@ struct Model {
 // Per-row scratch and recurrent state for the rows one thread owns.
 struct Rows {
   int n;
-  std::vector<std::vector<cf>> s4;       // per S4 layer: (rows, H, N2)
+  std::vector<std::vector<float>> s4;    // per S4 layer: (rows, H, 2, N2), real then imaginary parts
   std::vector<std::vector<float>> down;  // per pool: (rows, H, p)
   std::vector<std::vector<float>> up;    // per up block: (rows, H_out, p)
 };
@@ -92,7 +91,7 @@ void norm_rows(const float* x, float* y, int rows, int H, float m, float s) {
 }
 
 // One residual layer on `rows` rows of width H, in place on h.
-void layer_step(const Layer& L, float* h, int rows, std::vector<cf>* state, std::vector<float>& t1,
+void layer_step(const Layer& L, float* h, int rows, std::vector<float>* state, std::vector<float>& t1,
                 std::vector<float>& t2) {
   const int H = L.H;
   t1.resize((size_t)rows * std::max(H, L.fc1.out));
@@ -107,48 +106,53 @@ void layer_step(const Layer& L, float* h, int rows, std::vector<cf>* state, std:
     return;
   }
   const int N2 = L.N2;
-  const cf* a = reinterpret_cast<const cf*>(L.a.data_ptr<c10::complex<float>>());
-  const cf* b = reinterpret_cast<const cf*>(L.b.data_ptr<c10::complex<float>>());
-  const cf* c = reinterpret_cast<const cf*>(L.c.data_ptr<c10::complex<float>>());
   const float* D = L.D.data_ptr<float>();
-  const cf *p = nullptr, *hp = nullptr, *ei = nullptr, *g = nullptr;
-  const float* kappa = nullptr;
-  if (L.kind == S4_DPLR) {
-    p = reinterpret_cast<const cf*>(L.p.data_ptr<c10::complex<float>>());
-    hp = reinterpret_cast<const cf*>(L.half_dt_p.data_ptr<c10::complex<float>>());
-    ei = reinterpret_cast<const cf*>(L.e_inv.data_ptr<c10::complex<float>>());
-    g = reinterpret_cast<const cf*>(L.g.data_ptr<c10::complex<float>>());
-    kappa = L.kappa.data_ptr<float>();
-  }
+  const float* kappa = L.kind == S4_DPLR ? L.kappa.data_ptr<float>() : nullptr;
   t2.resize((size_t)rows * H);
-  std::vector<cf> w(N2);
   for (int r = 0; r < rows; ++r) {
     for (int ch = 0; ch < H; ++ch) {
       const float u = t1[(size_t)r * H + ch];
-      cf* x = state->data() + ((size_t)r * H + ch) * N2;
+      // state of (row, channel): N2 real parts, then N2 imaginary parts
+      float* xr = state->data() + ((size_t)r * H + ch) * 2 * N2;
+      float* xi = xr + N2;
       const size_t o = (size_t)ch * N2;
+      const float *ar = &L.a_re[o], *ai = &L.a_im[o], *br = &L.b_re[o], *bi = &L.b_im[o];
+      const float *cr = &L.c_re[o], *ci = &L.c_im[o];
       float y = 0.f;
       if (L.kind == S4_DIAG) {
+#pragma omp simd reduction(+ : y)
         for (int n = 0; n < N2; ++n) {
-          x[n] = a[o + n] * x[n] + b[o + n] * u;
-          y += x[n].real() * c[o + n].real() - x[n].imag() * c[o + n].imag();
+          const float re = ar[n] * xr[n] - ai[n] * xi[n] + br[n] * u;
+          const float im = ar[n] * xi[n] + ai[n] * xr[n] + bi[n] * u;
+          xr[n] = re;
+          xi[n] = im;
+          y += re * cr[n] - im * ci[n];
         }
       } else {
         // Bilinear step with A = Lambda - P P^H on the conjugate-paired state:
         // r = (I + dt/2 A) x + dt B u, then x' = (I - dt/2 A)^{-1} r by Sherman-Morrison.
+        const float *pr = &L.p_re[o], *pi = &L.p_im[o], *hr = &L.hp_re[o], *hi = &L.hp_im[o];
+        const float *er = &L.ei_re[o], *ei = &L.ei_im[o], *gr = &L.g_re[o], *gi = &L.g_im[o];
         float gamma = 0.f;  // P^H x over the full state = 2 Re(sum conj(p) x)
-        for (int n = 0; n < N2; ++n) gamma += p[o + n].real() * x[n].real() + p[o + n].imag() * x[n].imag();
+#pragma omp simd reduction(+ : gamma)
+        for (int n = 0; n < N2; ++n) gamma += pr[n] * xr[n] + pi[n] * xi[n];
         gamma *= 2.f;
         float alpha = 0.f;
+#pragma omp simd reduction(+ : alpha)
         for (int n = 0; n < N2; ++n) {
-          cf rn = a[o + n] * x[n] - hp[o + n] * gamma + b[o + n] * u;
-          w[n] = rn * ei[o + n];
-          alpha += p[o + n].real() * w[n].real() + p[o + n].imag() * w[n].imag();
+          const float rr = ar[n] * xr[n] - ai[n] * xi[n] - hr[n] * gamma + br[n] * u;
+          const float ri = ar[n] * xi[n] + ai[n] * xr[n] - hi[n] * gamma + bi[n] * u;
+          const float wr = rr * er[n] - ri * ei[n], wi = rr * ei[n] + ri * er[n];
+          xr[n] = wr;
+          xi[n] = wi;
+          alpha += pr[n] * wr + pi[n] * wi;
         }
         alpha *= 2.f * kappa[ch];
+#pragma omp simd reduction(+ : y)
         for (int n = 0; n < N2; ++n) {
-          x[n] = w[n] - g[o + n] * alpha;
-          y += x[n].real() * c[o + n].real() - x[n].imag() * c[o + n].imag();
+          xr[n] -= gr[n] * alpha;
+          xi[n] -= gi[n] * alpha;
+          y += xr[n] * cr[n] - xi[n] * ci[n];
         }
       }
       t2[(size_t)r * H + ch] = gelu(2.f * y + D[ch] * u);
@@ -241,13 +245,26 @@ class FastSaShiMi {
       L.H = L.fc1.in;
     } else {
       // t: a, b, c, D, out_w, out_b [, p, half_dt_p, e_inv, g, kappa]
-      L.a = t[0].contiguous(), L.b = t[1].contiguous(), L.c = t[2].contiguous(), L.D = t[3].contiguous();
+      auto split = [](const torch::Tensor& z, std::vector<float>& re, std::vector<float>& im) {
+        auto ri = torch::view_as_real(z.contiguous()).contiguous();  // (H, N2, 2)
+        const float* d = ri.data_ptr<float>();
+        re.resize(z.numel());
+        im.resize(z.numel());
+        for (int64_t i = 0; i < z.numel(); ++i) re[i] = d[2 * i], im[i] = d[2 * i + 1];
+      };
+      split(t[0], L.a_re, L.a_im);
+      split(t[1], L.b_re, L.b_im);
+      split(t[2], L.c_re, L.c_im);
+      L.D = t[3].contiguous();
       L.out = Linear(t[4], t[5]);
-      L.H = L.a.size(0);
-      L.N2 = L.a.size(1);
+      L.H = t[0].size(0);
+      L.N2 = t[0].size(1);
       if (kind == S4_DPLR) {
-        L.p = t[6].contiguous(), L.half_dt_p = t[7].contiguous(), L.e_inv = t[8].contiguous();
-        L.g = t[9].contiguous(), L.kappa = t[10].contiguous();
+        split(t[6], L.p_re, L.p_im);
+        split(t[7], L.hp_re, L.hp_im);
+        split(t[8], L.ei_re, L.ei_im);
+        split(t[9], L.g_re, L.g_im);
+        L.kappa = t[10].contiguous();
       }
       L.state_index = M.n_s4++;
     }
@@ -291,10 +308,9 @@ class FastSaShiMi {
     if (rows <= 0) return;
     Rows R;
     R.n = rows;
-    for (auto& s : s4_states) {  // (B, H, N2) complex64
-      auto part = s.slice(0, r0, r1).contiguous();
-      const cf* src = reinterpret_cast<const cf*>(part.data_ptr<c10::complex<float>>());
-      R.s4.emplace_back(src, src + part.numel());
+    for (auto& s : s4_states) {  // (B, H, N2) complex64 -> (rows, H, 2, N2)
+      auto part = torch::view_as_real(s.slice(0, r0, r1)).permute({0, 1, 3, 2}).contiguous();
+      R.s4.emplace_back(part.data_ptr<float>(), part.data_ptr<float>() + part.numel());
     }
     auto copy_rows = [&](std::vector<torch::Tensor>& from, std::vector<std::vector<float>>& to) {
       for (auto& s : from) {
@@ -403,8 +419,9 @@ class FastSaShiMi {
     }
     // write the state back
     for (size_t i = 0; i < s4_states.size(); ++i) {
-      auto view = torch::from_blob(R.s4[i].data(), s4_states[i].slice(0, r0, r1).sizes(), torch::kComplexFloat);
-      s4_states[i].slice(0, r0, r1).copy_(view);
+      auto dst = s4_states[i].slice(0, r0, r1);
+      auto soa = torch::from_blob(R.s4[i].data(), {rows, dst.size(1), 2, dst.size(2)});
+      dst.copy_(torch::view_as_complex(soa.permute({0, 1, 3, 2}).contiguous()));
     }
     for (size_t i = 0; i < down_states.size(); ++i)
       down_states[i].slice(0, r0, r1).copy_(torch::from_blob(R.down[i].data(), down_states[i].slice(0, r0, r1).sizes()));

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The exact recipe of the bundled model (s4music/assets/default-model) and the example prompt.
+# Run from the repository root after `make install`; about an hour on two CPU cores.
+#
+#   bash examples/train_default_model.sh            # WORK=build/default-model by default
+set -euo pipefail
+WORK=${WORK:-build/default-model}
+S4=.venv/bin/s4music
+
+# 1. Open data: public-domain scores from the music21 corpus, rendered on the GM piano (TimGM6mb).
+.venv/bin/python examples/corpus_midi.py "$WORK/midi" --chorales 150
+$S4 render-midi "$WORK/midi" -o "$WORK/audio" --instrument piano --max-seconds 120
+$S4 prepare "$WORK/audio" -o "$WORK/data" --seconds 4.096 --val 0.05 --test 0.05 --seed 0
+
+# 2. Train (the config holds every hyperparameter), then score the held-out test split and record it.
+$S4 train --config examples/default_model.yaml --data "$WORK/data" --out "$WORK/run"
+$S4 eval "$WORK/run/best" --data "$WORK/data" --split test --record --json > "$WORK/eval.json"
+
+# 3. Ship: the best checkpoint (by validation NLL), and a 5 s prompt from a held-out test piece.
+rm -rf s4music/assets/default-model
+cp -r "$WORK/run/best" s4music/assets/default-model
+ffmpeg -v error -y -i "$WORK/audio/chorale/bwv124.6.wav" -t 5 -ar 16000 -ac 1 examples/prompt.wav

@@ -1,0 +1,55 @@
+"""The model shipped in the repository, and the demo that uses it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+from s4music.audio import spectral_flatness
+from s4music.generate import DEFAULT_MODEL, GenerateOptions, check_prompt, continue_prompt
+from s4music.guidance import NOISE_FLATNESS, TYPICAL
+from s4music.model import load_model
+
+ROOT = Path(__file__).parent.parent
+PROMPT = ROOT / "examples" / "prompt.wav"
+
+
+def test_bundled_model_is_small_complete_and_evaluated():
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL.iterdir())
+    assert size < 25e6
+    model = load_model(DEFAULT_MODEL)
+    summary = model.summary
+    ev = summary["eval"]
+    assert summary["test_bits"] < min(ev["unigram_bits"], ev["bigram_bits"])  # it beats both baselines
+    assert summary["domain"] and summary["sampling"]
+    card = (DEFAULT_MODEL / "MODEL_CARD.md").read_text()
+    assert f"{summary['test_bits']:.3f}" in card  # the card quotes the recorded evaluation
+
+
+def test_example_prompt_is_in_the_models_domain():
+    info = sf.info(str(PROMPT))
+    assert 3 <= info.duration <= 6 and PROMPT.stat().st_size < 1e6
+    assert check_prompt(PROMPT).verdict == TYPICAL
+
+
+@pytest.mark.slow
+def test_demo_continuation_is_music_like(tmp_path):
+    result = continue_prompt(PROMPT, tmp_path / "demo.wav", options=GenerateOptions(seconds=3, seed=0))
+    wave, rate = sf.read(str(result.takes[0].path))
+    continuation = torch.from_numpy(wave[int(result.guidance.seconds * rate):]).float()
+    assert result.takes[0].degenerate is None
+    assert spectral_flatness(continuation) < NOISE_FLATNESS
+    meta = json.loads(result.sidecar.read_text())
+    assert meta["options"]["top_k"] == load_model(DEFAULT_MODEL).summary["sampling"]["top_k"]
+
+
+@pytest.mark.slow
+def test_demo_command_writes_audio_picture_and_sidecar(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "s4music.cli", "continue", str(PROMPT), "-o", str(tmp_path / "d.wav"),
+                          "--seconds", "1", "--seed", "0", "--plot"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "d.png").stat().st_size > 10_000 and (tmp_path / "d.json").exists()
