@@ -16,7 +16,15 @@ $S4 prepare "$WORK/audio" -o "$WORK/data" --seconds 4.096 --val 0.05 --test 0.05
 $S4 train --config examples/default_model.yaml --data "$WORK/data" --out "$WORK/run"
 $S4 eval "$WORK/run/best" --data "$WORK/data" --split test --record --json > "$WORK/eval.json"
 
-# 3. Ship: the best checkpoint (by validation NLL), and a 5 s prompt from a held-out test piece.
+# 3. Ship: the best checkpoint (by validation NLL), its recommended sampling (chosen by listening
+#    and by the spectral flatness of continuations), a 5 s prompt from a held-out test piece, and
+#    the model card, written from the recorded figures.
 rm -rf s4music/assets/default-model
 cp -r "$WORK/run/best" s4music/assets/default-model
+.venv/bin/python -c "from s4music.model.checkpoint import update_summary as u; \
+u('s4music/assets/default-model', {'sampling': {'top_k': ${TOP_K:-2}}})"
 ffmpeg -v error -y -i "$WORK/audio/chorale/bwv124.6.wav" -t 5 -ar 16000 -ac 1 examples/prompt.wav
+make demo
+cp demo/continuation.png examples/continuation.png
+.venv/bin/python examples/write_model_card.py s4music/assets/default-model "$WORK/run" --demo demo/continuation.wav \
+    --hardware "${HARDWARE:-2 CPU cores (AMD EPYC), no GPU}"

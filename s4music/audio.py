@@ -112,8 +112,8 @@ def load_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
                end: float | None = None) -> Audio:
     """Decode any common format, mix down to mono and resample to `sample_rate`.
 
-    `start`/`end` (seconds) select a part of the file. Raises AudioError for a missing, empty,
-    undecodable or silent file.
+    `start`/`end` (seconds) select a part of the file. Raises AudioError for a missing, empty
+    or undecodable file (silence is left for the caller to judge).
     """
     path = Path(path)
     if not path.is_file():

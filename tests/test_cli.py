@@ -13,7 +13,7 @@ runner = CliRunner()
 def test_help_lists_the_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for name in ("doctor", "convert", "fetch", "render-midi", "prepare"):
+    for name in ("doctor", "convert", "fetch", "render-midi", "prepare", "train", "eval", "continue", "generate", "check"):
         assert name in result.output
 
 

@@ -6,7 +6,7 @@ import functools
 import logging
 import sys
 from pathlib import Path
-
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -325,45 +325,50 @@ def _generation_run(run, what: str):
     console.print(f"settings and timings: {result.sidecar}", highlight=False)
 
 
-GEN_HELP = {
-    "seconds": "Seconds to generate.", "variations": "Variations, each with its own seed (seed, seed+1, ...).",
-    "temperature": "Sampling temperature (0: greedy). Default: the model's recommendation, else 1.",
-    "top_k": "Keep the k likeliest codes (0: off). Default: the model's recommendation, else off.",
-    "top_p": "Nucleus sampling: keep the likeliest codes up to this probability (1: off). Default: as top-k.",
-    "seed": "Seed (default: random; always printed and saved).",
-    "rank": "Order variations by the model's own likelihood, best first.",
-    "normalize": "Output level: loudness (-16 LUFS), peak (-1 dBFS) or none.",
-    "format": "wav or flac (when OUT has no such suffix).", "device": "auto, cpu or cuda.",
-    "model": "s4music checkpoint (default: the bundled model).",
-    "retry": "Resample a variation that collapses to silence or noise, up to N times.",
-    "plot": "Also write OUT.png: waveform and spectrogram.",
-    "fused": "Use the fused C++ CPU step when available (--no-fused: the plain PyTorch step).",
-}
+# Options that continue and generate share.
+Seconds = Annotated[float, typer.Option(help="Seconds to generate.")]
+Variations = Annotated[int, typer.Option("-n", "--variations", help="Variations, each with its own seed (seed, seed+1, ...).")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature (0: greedy). Default: the model's "
+                                                 "recommendation, else 1.")]
+TopK = Annotated[int, typer.Option(help="Keep the k likeliest codes (0: off). Default: the model's recommendation, "
+                                        "else off.")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the likeliest codes up to this probability "
+                                          "(1: off). Default: as top-k.")]
+Seed = Annotated[int, typer.Option(help="Seed (default: random; always printed and saved).")]
+Rank = Annotated[bool, typer.Option("--rank", help="Order variations by the model's own likelihood, best first.")]
+Normalize = Annotated[str, typer.Option(help="Output level: loudness (-16 LUFS), peak (-1 dBFS) or none.")]
+Format = Annotated[str, typer.Option(help="wav or flac (when OUT has no such suffix).")]
+ModelPath = Annotated[Path, typer.Option(help="s4music checkpoint (default: the bundled model).")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Retry = Annotated[int, typer.Option(help="Resample a variation that collapses to silence or noise, up to N times.")]
+Plot = Annotated[bool, typer.Option("--plot", help="Also write OUT.png: waveform and spectrogram.")]
+Fused = Annotated[bool, typer.Option("--fused/--no-fused", help="Use the fused C++ CPU step when available "
+                                                                "(--no-fused: the plain PyTorch step).")]
 
 
 @command(name="continue")
 def continue_command(
     prompt: str = typer.Argument(..., help="Audio file (wav, flac, mp3, ogg, ...) or a URL (fetched with yt-dlp)."),
     out: Path = typer.Option(Path("continuation.wav"), "--out", "-o", help="Output file (.wav or .flac)."),
-    seconds: float = typer.Option(5.0, help=GEN_HELP["seconds"]),
+    seconds: Seconds = 5.0,
     prompt_seconds: float = typer.Option(8.0, help="Use the last N seconds of the prompt (of the selection)."),
     prompt_start: float = typer.Option(None, help="Prompt selection start, seconds."),
     prompt_end: float = typer.Option(None, help="Prompt selection end, seconds."),
-    variations: int = typer.Option(1, "-n", "--variations", help=GEN_HELP["variations"]),
-    temperature: float = typer.Option(None, help=GEN_HELP["temperature"]),
-    top_k: int = typer.Option(None, help=GEN_HELP["top_k"]),
-    top_p: float = typer.Option(None, help=GEN_HELP["top_p"]),
-    seed: int = typer.Option(None, help=GEN_HELP["seed"]),
-    rank: bool = typer.Option(False, "--rank", help=GEN_HELP["rank"]),
+    variations: Variations = 1,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    seed: Seed = None,
+    rank: Rank = False,
     include_prompt: bool = typer.Option(True, "--prompt/--no-prompt", help="Start the output with the prompt."),
-    normalize: str = typer.Option("loudness", help=GEN_HELP["normalize"]),
-    format: str = typer.Option("wav", help=GEN_HELP["format"]),
-    model: Path = typer.Option(None, help=GEN_HELP["model"]),
-    device: str = typer.Option("auto", help=GEN_HELP["device"]),
+    normalize: Normalize = "loudness",
+    format: Format = "wav",
+    model: ModelPath = None,
+    device: Device = "auto",
     force: bool = typer.Option(False, "--force", help="Continue even a prompt judged far from the model's music."),
-    retry_degenerate: int = typer.Option(0, help=GEN_HELP["retry"]),
-    plot: bool = typer.Option(False, "--plot", help=GEN_HELP["plot"]),
-    fused: bool = typer.Option(True, "--fused/--no-fused", help=GEN_HELP["fused"]),
+    retry_degenerate: Retry = 0,
+    plot: Plot = False,
+    fused: Fused = True,
 ):
     """Continue a piece of music: PROMPT is read, checked, and carried on for --seconds."""
     from s4music.generate import continue_prompt
@@ -380,20 +385,20 @@ def continue_command(
 @command
 def generate(
     out: Path = typer.Option(Path("improvisation.wav"), "--out", "-o", help="Output file (.wav or .flac)."),
-    seconds: float = typer.Option(5.0, help=GEN_HELP["seconds"]),
-    variations: int = typer.Option(1, "-n", "--variations", help=GEN_HELP["variations"]),
-    temperature: float = typer.Option(None, help=GEN_HELP["temperature"]),
-    top_k: int = typer.Option(None, help=GEN_HELP["top_k"]),
-    top_p: float = typer.Option(None, help=GEN_HELP["top_p"]),
-    seed: int = typer.Option(None, help=GEN_HELP["seed"]),
-    rank: bool = typer.Option(False, "--rank", help=GEN_HELP["rank"]),
-    normalize: str = typer.Option("loudness", help=GEN_HELP["normalize"]),
-    format: str = typer.Option("wav", help=GEN_HELP["format"]),
-    model: Path = typer.Option(None, help=GEN_HELP["model"]),
-    device: str = typer.Option("auto", help=GEN_HELP["device"]),
-    retry_degenerate: int = typer.Option(0, help=GEN_HELP["retry"]),
-    plot: bool = typer.Option(False, "--plot", help=GEN_HELP["plot"]),
-    fused: bool = typer.Option(True, "--fused/--no-fused", help=GEN_HELP["fused"]),
+    seconds: Seconds = 5.0,
+    variations: Variations = 1,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    seed: Seed = None,
+    rank: Rank = False,
+    normalize: Normalize = "loudness",
+    format: Format = "wav",
+    model: ModelPath = None,
+    device: Device = "auto",
+    retry_degenerate: Retry = 0,
+    plot: Plot = False,
+    fused: Fused = True,
 ):
     """Improvise from nothing: sample the model from silence."""
     from s4music.generate import improvise
@@ -408,7 +413,7 @@ def generate(
 @command
 def check(
     prompt: str = typer.Argument(..., help="Audio file or URL."),
-    model: Path = typer.Option(None, help=GEN_HELP["model"]),
+    model: ModelPath = None,
     prompt_seconds: float = typer.Option(8.0, help="Judge the last N seconds (as continue would use them)."),
     prompt_start: float = typer.Option(None, help="Selection start, seconds."),
     prompt_end: float = typer.Option(None, help="Selection end, seconds."),
