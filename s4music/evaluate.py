@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +61,8 @@ class EvalReport:
     per_source: dict[str, tuple[float, int]] = field(default_factory=dict)  # source -> (bits sum, samples)
 
     def to_dict(self) -> dict:
-        row = lambda r: {k: v for k, v in vars(r).items()}  # noqa: E731
         return {"model": self.model, "dataset": self.dataset, "split": self.split, "context": self.context,
-                "strata": [row(r) for r in self.strata], "overall": row(self.overall),
+                "strata": [asdict(r) for r in self.strata], "overall": asdict(self.overall),
                 "interval_95": list(self.interval), "flatness_5_95": list(self.flatness)}
 
 
@@ -97,22 +96,15 @@ def window_bits(model: SaShiMi, codes: torch.Tensor, context: int) -> torch.Tens
     return total
 
 
-def check_compatible(model: SaShiMi, dataset: PreparedDataset, model_name: str) -> None:
-    """A model scores only codes made the way its training data was."""
-    if (model.audio.sample_rate, model.audio.quantization) != (dataset.sample_rate, dataset.quantization):
-        raise EvalError(
-            f"{model_name}: trained on {model.audio.sample_rate} Hz {model.audio.quantization} codes, but "
-            f"{dataset.root} holds {dataset.sample_rate} Hz {dataset.quantization} codes; rebuild the dataset "
-            f"with `s4music prepare --quantization {model.audio.quantization} --sample-rate {model.audio.sample_rate}`")
-
-
 def evaluate(model_path: str | Path, data: str | Path, split: str = "test", context: int | None = None,
              batch_size: int = 4, bootstrap: int = 1000, seed: int = 0, device: str = "cpu",
              max_windows: int | None = None, on_progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Score `split` of a prepared dataset with a checkpoint. See the module docstring."""
     model = load_model(model_path, device=device)
     dataset = PreparedDataset(data)
-    check_compatible(model, dataset, str(model_path))
+    why = model.audio.mismatch(dataset.sample_rate, dataset.quantization)
+    if why:  # a model scores only codes made the way its training data was
+        raise EvalError(f"{model_path} on {dataset.root}: {why}")
     windows = dataset.windows(split)
     rows = dataset.manifest(split)
     if max_windows is not None:

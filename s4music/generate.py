@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from s4music.audio import Audio, decode, encode, load_audio, normalize, write_audio, write_json
+from s4music.audio import Audio, atomic_path, decode, encode, load_audio, normalize, write_audio, write_json
 from s4music.errors import S4MusicError
 from s4music.guidance import PromptReport, degeneracy, describe_signal, judge
 from s4music.model.checkpoint import load_model
@@ -218,7 +218,8 @@ def _finish(net: SaShiMi, model_id: str, state: SaShiMiState, first: torch.Tenso
     codes, logprobs = _sample(net, fused, state, first, seeds, n, options, on_progress)
     generated = options.variations * n
     retries = [0] * options.variations
-    verdicts = [degeneracy(decode(c, scheme), sr) for c in codes]
+    waves = [decode(c, scheme) for c in codes]
+    verdicts = [degeneracy(w, sr) for w in waves]
     for i in range(options.variations):
         while verdicts[i] and retries[i] < options.retry_degenerate:
             retries[i] += 1
@@ -226,20 +227,19 @@ def _finish(net: SaShiMi, model_id: str, state: SaShiMiState, first: torch.Tenso
             log.info("variation %d: %s; resampling with seed %d", i + 1, verdicts[i], seeds[i])
             c, lp = _sample(net, fused, state, first, [seeds[i]], n, options, on_progress)
             codes[i], logprobs[i] = c[0], lp[0]
-            verdicts[i] = degeneracy(decode(codes[i], scheme), sr)
+            waves[i] = decode(codes[i], scheme)
+            verdicts[i] = degeneracy(waves[i], sr)
             generated += n
     gen_seconds = time.perf_counter() - gen_started
     bits = (-logprobs.double().mean(dim=1) / math.log(2)).tolist()
     order = sorted(range(options.variations), key=lambda i: bits[i]) if options.rank else list(range(options.variations))
 
+    lead = decode(prompt_codes, scheme) if options.include_prompt and prompt_codes is not None else None
+    boundary = 0.0 if lead is None else lead.numel() / sr
     takes = []
     for k, i in enumerate(order):
         path = out if options.variations == 1 else out.with_name(f"{out.stem}-{k + 1}{out.suffix}")
-        wave = decode(codes[i], scheme)
-        boundary = 0.0
-        if options.include_prompt and prompt_codes is not None:
-            wave = torch.cat([decode(prompt_codes, scheme), wave])  # one code stream: no seam to click
-            boundary = prompt_codes.numel() / sr
+        wave = waves[i] if lead is None else torch.cat([lead, waves[i]])  # one code stream: no seam to click
         target = -16.0 if options.normalize == "loudness" else -1.0
         wave = normalize(wave, sr, options.normalize, target)
         write_audio(path, wave, sr)
@@ -255,7 +255,7 @@ def _finish(net: SaShiMi, model_id: str, state: SaShiMiState, first: torch.Tenso
         "prompt": source,
         "model": {"path": model_id, "parameters": net.num_parameters(), "config": net.config.to_dict(),
                   "audio": vars(net.audio), "trained": {k: net.summary.get(k) for k in ("mode", "step", "test_bits")}},
-        "options": {k: v for k, v in dataclasses.asdict(options).items()},
+        "options": dataclasses.asdict(options),
         "seed": seed,
         "step": "fused-cpu" if fused else f"plain-{net.device.type}",
         "outputs": [{"file": t.path.name, "seed": t.seed, "bits_per_sample": t.bits, "degenerate": t.degenerate,
@@ -302,8 +302,6 @@ def plot_continuation(wave: torch.Tensor, sample_rate: int, boundary: float, png
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from s4music.audio import atomic_path
 
     x = wave.detach().cpu().numpy()
     t = torch.arange(len(x)).numpy() / sample_rate

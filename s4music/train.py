@@ -39,7 +39,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from s4music.audio import atomic_path, write_json
-from s4music.data.dataset import WindowMixture, parse_spec, PreparedDataset
+from s4music.data.dataset import PreparedDataset, WindowMixture, parse_spec
 from s4music.errors import S4MusicError
 from s4music.model.checkpoint import load_model, save_model
 from s4music.model.config import AudioFormat, SaShiMiConfig
@@ -245,11 +245,9 @@ def build_model(config: TrainConfig, mixture: WindowMixture) -> tuple[SaShiMi, i
         model.audio = AudioFormat(sample_rate=mixture.sample_rate, quantization=mixture.quantization)
         return model, 0
     model = load_model(config.init).train()
-    if (model.audio.sample_rate, model.audio.quantization) != (mixture.sample_rate, mixture.quantization):
-        raise TrainingError(
-            f"{config.init}: trained on {model.audio.sample_rate} Hz {model.audio.quantization} codes, but the data "
-            f"is {mixture.sample_rate} Hz {mixture.quantization}; prepare it with --quantization "
-            f"{model.audio.quantization} --sample-rate {model.audio.sample_rate}")
+    why = model.audio.mismatch(mixture.sample_rate, mixture.quantization)
+    if why:
+        raise TrainingError(f"{config.init}: {why}")
     if config.mode == "reparam":
         return untie(model, config.groups, config.untie_pb, config.dt_per_state)
     return model, 0
@@ -405,9 +403,11 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
                                 config.seq_len, "train", config.seed)
     except FileNotFoundError as e:
         raise TrainingError(f"{e.filename}: no such dataset") from None
-    model, added = build_model(config, mixture)
     if checkpoint is not None:
         model = load_model(checkpoint).train()
+        added = model.summary.get("added_parameters", 0)
+    else:
+        model, added = build_model(config, mixture)
     model.gradient_checkpointing = config.gradient_checkpointing
     model.to(accelerator.device)  # before the optimizer, so its restored state lands beside the weights
     optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=(0.9, 0.999))

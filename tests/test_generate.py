@@ -152,9 +152,12 @@ def test_continue_from_a_url_and_bad_inputs(trained_model, short_recording, http
     assert out.returncode == 0, out.stderr
     assert "seed 4" in out.stderr and (tmp_path / "u.wav").exists() and (tmp_path / "u.json").exists()
 
-    for prompt, reason in ((str(tmp_path / "missing.ogg"), "no such file"), (f"{base}/nothing.ogg", "404")):
+    (tmp_path / "corrupt.ogg").write_bytes(b"OggS" + bytes(200))
+    for prompt, reason in ((str(tmp_path / "missing.ogg"), "no such file"), (f"{base}/nothing.ogg", "404"),
+                           (str(tmp_path / "corrupt.ogg"), "not audio")):
         bad = subprocess.run([*S4MUSIC, "continue", prompt, "-o", str(tmp_path / "b.wav"), "--model",
                               str(trained_model)], capture_output=True, text=True)
         assert bad.returncode == 1
         assert reason in bad.stderr.lower() and prompt.split("/")[-1] in bad.stderr
         assert len([ln for ln in bad.stderr.splitlines() if ln.strip()]) == 1, bad.stderr
+        assert not (tmp_path / "b.wav").exists() and not (tmp_path / "b.json").exists()

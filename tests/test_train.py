@@ -178,3 +178,19 @@ def test_eval_reports_strata_baselines_and_interval(music_dataset, tmp_path):
     assert lo <= overall["model_bits"] <= hi
     assert 0 < overall["bigram_bits"] < overall["unigram_bits"] <= 8
     assert load_model(result.model).summary["test_bits"] == pytest.approx(overall["model_bits"])
+
+
+def test_missing_dataset_or_checkpoint_is_one_line_and_leaves_no_run(tmp_path, music_dataset):
+    cases = (
+        (["--data", str(tmp_path / "nowhere")], "not a dataset"),
+        (["--data", str(music_dataset), "--mode", "finetune", "--from", str(tmp_path / "none.pt")], "no such file"),
+    )
+    for args, reason in cases:
+        out = subprocess.run([*S4MUSIC, "train", *args, "--out", str(tmp_path / "run"), "--steps", "1"],
+                             capture_output=True, text=True)
+        assert out.returncode == 1 and reason in out.stderr, out.stderr
+        assert [ln for ln in out.stderr.splitlines() if "error" in ln] and "Traceback" not in out.stderr
+        assert not (tmp_path / "run").exists()
+    bad = subprocess.run([*S4MUSIC, "eval", str(tmp_path / "none"), "--data", str(music_dataset)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "no such file or directory" in bad.stderr

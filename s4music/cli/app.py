@@ -87,10 +87,11 @@ def convert(
     console.print(f"wrote {path}")
 
 
-def progress_bar() -> Progress:
-    """A rich progress bar with ETA, on stderr."""
+def progress_bar(info: bool = False) -> Progress:
+    """A rich progress bar with ETA, on stderr; `info` adds a column fed by the task field "info"."""
+    extra = (TextColumn("{task.fields[info]}"),) if info else ()
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *extra, TimeRemainingColumn(),
         console=console, transient=True,
     )
 
@@ -237,8 +238,7 @@ def train(
         seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, precision=precision, seed=seed,
         groups=groups, untie_pb=untie_pb, dt_per_state=dt_per_state)
     console.print(f"run {cfg.out}: {cfg.mode}, seed {cfg.seed}", highlight=False)
-    columns = (*progress_bar().columns[:3], TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with progress_bar(info=True) as bar:
         task = bar.add_task("training", total=cfg.steps, info="")
 
         def on_step(s) -> None:
@@ -313,10 +313,9 @@ def _print_guidance(report) -> None:
 
 def _generation_run(run, what: str):
     """Run a generation with a progress bar (ETA and live RTF), then list the outputs."""
-    columns = (*progress_bar().columns[:3], TextColumn("{task.fields[rtf]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(what, total=None, rtf="")
-        result = run(lambda done, total, rtf: bar.update(task, completed=done, total=total, rtf=f"RTF {rtf:.2f}"))
+    with progress_bar(info=True) as bar:
+        task = bar.add_task(what, total=None, info="")
+        result = run(lambda done, total, rtf: bar.update(task, completed=done, total=total, info=f"RTF {rtf:.2f}"))
     console.print(f"seed {result.seed}; RTF {result.rtf:.2f} ({result.timings['generate_s']:.1f} s generating)",
                   highlight=False)
     for take in result.takes:

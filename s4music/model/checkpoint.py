@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from s4music.audio import write_json
 from s4music.errors import S4MusicError
 from s4music.model.config import AudioFormat, S4Config, SaShiMiConfig
 from s4music.model.sashimi import SaShiMi
@@ -112,9 +113,7 @@ def update_summary(path: str | Path, fields: dict[str, Any]) -> None:
     directory = Path(path)
     meta = _read_meta(directory)
     meta["summary"] = {**meta.get("summary", {}), **fields}
-    tmp = directory / f".{CONFIG}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, directory / CONFIG)
+    write_json(directory / CONFIG, meta)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> SaShiMi:

@@ -112,3 +112,11 @@ class AudioFormat:
     sample_rate: int = 16000
     quantization: str = "mulaw-official"
     bits: int = 8
+
+    def mismatch(self, sample_rate: int, quantization: str) -> str | None:
+        """Why codes at `sample_rate` in `quantization` are not what this model reads; None if they are."""
+        if (self.sample_rate, self.quantization) == (sample_rate, quantization):
+            return None
+        return (f"trained on {self.sample_rate} Hz {self.quantization} codes, but the data is {sample_rate} Hz "
+                f"{quantization}; prepare it with `s4music prepare --quantization {self.quantization} "
+                f"--sample-rate {self.sample_rate}`")

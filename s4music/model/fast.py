@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from s4music.model.sashimi import FeedForward, SaShiMi, SaShiMiState, WeightNormLinear
 
@@ -94,10 +95,7 @@ def fused_available() -> bool:
     return _extension() is not None
 
 
-def _weight(linear) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(linear, WeightNormLinear):
-        w = linear.weight_g * linear.weight_v / linear.weight_v.norm(dim=1, keepdim=True)
-        return w.detach().float().contiguous(), linear.bias.detach().float().contiguous()
+def _weight(linear: nn.Linear | WeightNormLinear) -> tuple[torch.Tensor, torch.Tensor]:
     return linear.weight.detach().float().contiguous(), linear.bias.detach().float().contiguous()
 
 

@@ -58,9 +58,13 @@ class WeightNormLinear(nn.Module):
         self.weight_g = nn.Parameter(base.weight.detach().norm(dim=1, keepdim=True))
         self.bias = nn.Parameter(base.bias.detach().clone())
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective (out, in) weight."""
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
-        return F.linear(x, weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class FeedForward(nn.Module):
