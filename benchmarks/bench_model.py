@@ -86,9 +86,19 @@ def generation(batch: int, steps: int, path: str = "plain", which: str = "defaul
     return {"samples_per_s": batch * steps / seconds, "peak_gb": _peak_gb()}
 
 
-def prefill(seconds_of_audio: float, which: str = "default") -> dict:
+def prefill(seconds_of_audio: float, which: str = "default", path: str = "powers") -> dict:
     import torch
 
+    from s4music.model.s4 import S4Kernel
+
+    if path == "cauchy":  # the differentiable training kernel, as prompt reading used before
+        powers = S4Kernel.conv_kernel
+
+        def cauchy(self, length):
+            with torch.enable_grad():
+                return powers(self, length).detach()
+
+        S4Kernel.conv_kernel = cauchy
     model = _model(which)
     x = torch.randint(0, 256, (1, int(seconds_of_audio * SAMPLE_RATE)))
     model.prefill(x[:, :4096])  # builds the cached recurrence matrices
@@ -97,9 +107,41 @@ def prefill(seconds_of_audio: float, which: str = "default") -> dict:
     return {"seconds": time.perf_counter() - t0, "peak_gb": _peak_gb()}
 
 
-def _child(kind: str, **kw) -> dict:
+def linear_bound(seconds_of_audio: float) -> dict:
+    """The least time the default model's linear layers alone need for a prompt, at this
+    machine's measured float32 matrix-multiply rate: multiply-adds are counted by hooks in a real
+    forward pass, the rate by a large matrix product."""
+    import torch
+
+    from s4music.model.sashimi import WeightNormLinear
+
+    model, macs = _model("default"), [0]
+
+    def count(module, inputs, _output):
+        w = module.weight
+        macs[0] += inputs[0].numel() // w.shape[1] * w.numel()
+
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, WeightNormLinear)):
+            m.register_forward_hook(count)
+    length = SAMPLE_RATE
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, length)))
+    a, b = torch.randn(40000, 256), torch.randn(256, 512)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    gflops = 5 * 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0) / 1e9
+    flops = 2 * macs[0] / length * seconds_of_audio * SAMPLE_RATE
+    return {"gflop": flops / 1e9, "rate_gflops": gflops, "seconds": flops / 1e9 / gflops}
+
+
+def _child(kind: str, env: dict | None = None, **kw) -> dict:
+    import os
+
     cmd = [sys.executable, __file__, "--child", json.dumps({"kind": kind, **kw})]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["killed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -112,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        fn = {"train": train_step, "gen": generation, "prefill": prefill}[spec.pop("kind")]
+        fn = {"train": train_step, "gen": generation, "prefill": prefill, "bound": linear_bound}[spec.pop("kind")]
         print(json.dumps(fn(**spec)))
         return
 
@@ -148,21 +190,31 @@ def main() -> None:
     print("| step | batch | samples/s (all variations) | RTF | peak RSS GB | vs plain step, batch 1 |")
     print("|---|---|---|---|---|---|")
     base = None
-    for path, steps in (("plain", gen_steps), ("fused", gen_steps * 20)):
-        for batch in (1, 8):
-            r = _child("gen", batch=batch, steps=steps, path=path)
-            base = base or r["samples_per_s"]
-            print(f"| {path} | {batch} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / SAMPLE_RATE:.3f} "
-                  f"| {r['peak_gb']:.2f} | {r['samples_per_s'] / base:.1f}x |")
+    runs = [("plain", 1, gen_steps, None), ("plain", 8, gen_steps, None),
+            ("fused", 1, gen_steps * 40, {"OMP_NUM_THREADS": "1"}), ("fused", 1, gen_steps * 40, None),
+            ("fused", 8, gen_steps * 20, None)]
+    for path, batch, steps, env in runs:
+        r = _child("gen", env=env, batch=batch, steps=steps, path=path)
+        base = base or r["samples_per_s"]
+        name = f"{path}, 1 thread" if env else path
+        print(f"| {name} | {batch} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / SAMPLE_RATE:.3f} "
+              f"| {r['peak_gb']:.2f} | {r['samples_per_s'] / base:.1f}x |")
 
     audio_s = 2.0 if args.quick else 10.0
     r = _child("prefill", seconds_of_audio=audio_s)
+    cauchy = _child("prefill", seconds_of_audio=audio_s, path="cauchy")
+    bound = _child("bound", seconds_of_audio=audio_s)
     stepping = audio_s * SAMPLE_RATE / base
     print(f"\n### Reading a {audio_s:g} s prompt, default model\n")
     print("| method | seconds | vs stepping |")
     print("|---|---|---|")
-    print(f"| one parallel pass (`prefill`) | {r['seconds']:.2f} | {stepping / r['seconds']:.0f}x faster |")
+    print(f"| one parallel pass (`prefill`), kernels from the recurrence powers | {r['seconds']:.2f} "
+          f"| {stepping / r['seconds']:.0f}x faster |")
+    print(f"| one parallel pass with Cauchy kernels (the training path) | {cauchy['seconds']:.2f} "
+          f"| {stepping / cauchy['seconds']:.0f}x faster |")
     print(f"| stepping sample by sample (at the plain batch-1 rate above) | {stepping:.1f} | 1x |")
+    print(f"| lower bound: the linear layers alone ({bound['gflop']:.0f} GFLOP) at this machine's measured "
+          f"matrix-multiply rate ({bound['rate_gflops']:.0f} GFLOP/s) | {bound['seconds']:.2f} | |")
 
     print("\n## Bundled model (s4music/assets/default-model), CPU\n")
     print("| what | batch | samples/s | RTF | vs plain step, batch 1 |")

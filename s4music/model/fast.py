@@ -68,7 +68,7 @@ def _extension():
 
         from s4music.cuda import cache_dir
 
-        flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fcx-limited-range"]
+        flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
         cpu = _cpu_flags()
         tag = hashlib.sha1((SOURCE.read_text() + " ".join(flags) + cpu).encode()).hexdigest()[:12]
         build_dir = cache_dir() / f"cpu-step-{tag}"
@@ -126,7 +126,7 @@ class FusedStep:
                                *_weight(block.output_linear)]
                     kind = 0 if block.kernel.config.mode == "diag" else 1
                     if kind == 1:
-                        tensors += [params[k] for k in ("p", "half_dt_p", "e_inv", "g", "kappa")]
+                        tensors += [params[k] for k in ("p", "g", "q", "kappa", "cg")]
                     self.impl.add_layer(tier, kind, m, s, tensors)
 
     def run(self, codes: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor, temperature: float = 1.0,

@@ -5,54 +5,217 @@
 //   float32 (no eigendecomposition, which is ill-conditioned for HiPPO matrices),
 //   weight-normed pooling weights as plain matrices.
 // The reference is SaShiMi.step in sashimi.py; tests compare the two logit for logit.
-// Rows of the batch (variations) are independent and are split across OpenMP threads; within a
-// thread, each weight row is applied to all of its batch rows before the next is read.
+//
+// At batch 1 a step is a chain of small matrix-vector products, bound by reading the weights.
+// The layout answers that:
+//   linear layers  weights stored transposed (in, out), so a row of the batch is a sum of weight
+//                  rows scaled by its inputs: register tiles of outputs, no horizontal sums;
+//   S4 recurrence  parameters and state stored (N/2, H), so the SIMD lanes are channels and the
+//                  low-rank reductions over the state are plain vector adds;
+//   GELU, gates    erf and exp from glibc's vector math library (libmvec) where it exists.
+// Threads: rows of the batch (variations) are split into groups, one per thread. With fewer rows
+// than threads, a group gets a team that splits every layer by output channels and meets at a
+// barrier between layers, so batch 1 uses every core too.
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <numeric>
+#include <thread>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define S4MUSIC_AVX2 1
+#endif
+
+#if defined(__GLIBC__) && defined(__x86_64__)
+// glibc declares its vector variants only under -ffast-math; declaring them here lets the GELU
+// and gate loops call libmvec (linked through libm) without fast-math elsewhere.
+extern "C" {
+#pragma omp declare simd notinbranch
+float erff(float);
+#pragma omp declare simd notinbranch
+float expf(float);
+}
+#endif
+
 namespace {
 
+// 64-byte aligned storage: the members of a team write neighbouring halves of the same arrays,
+// and a cache line split between two cores would bounce between them on every write.
+template <class T>
+struct Aligned {
+  using value_type = T;
+  Aligned() = default;
+  template <class U>
+  Aligned(const Aligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const Aligned<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const Aligned<U>&) const { return false; }
+};
+using Floats = std::vector<float, Aligned<float>>;
+
+// The threads that share one group of rows. Work is split in blocks of 8 channels (one vector).
+struct Team {
+  int member = 0, size = 1;
+  std::atomic<int>* arrived = nullptr;
+  std::atomic<int>* generation = nullptr;
+
+  std::pair<int, int> share(int n) const {
+    const int blocks = (n + 7) / 8;
+    return {std::min(n, 8 * (blocks * member / size)), std::min(n, 8 * (blocks * (member + 1) / size))};
+  }
+  // Everyone waits here until the whole team has arrived; spins briefly, then yields the core.
+  void sync() const {
+    if (size == 1) return;
+    const int gen = generation->load(std::memory_order_acquire);
+    if (arrived->fetch_add(1, std::memory_order_acq_rel) == size - 1) {
+      arrived->store(0, std::memory_order_relaxed);
+      generation->fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation->load(std::memory_order_acquire) == gen; ++spins)
+      if (spins > 4000) std::this_thread::yield();
+  }
+  bool lead() const { return member == 0; }
+};
+
 struct Linear {
-  torch::Tensor w, b;  // (out, in), (out)
+  Floats wt, b;  // weight transposed (in, out), bias (out)
   int in = 0, out = 0;
   Linear() = default;
-  Linear(torch::Tensor w_, torch::Tensor b_) : w(w_.contiguous()), b(b_.contiguous()), in(w_.size(1)), out(w_.size(0)) {}
-  // y[r] = W x[r] + b for `rows` rows of stride in / out.
-  void apply(const float* x, float* y, int rows) const {
-    const float* W = w.data_ptr<float>();
-    const float* B = b.data_ptr<float>();
-    for (int o = 0; o < out; ++o) {
-      const float* wr = W + (size_t)o * in;
-      for (int r = 0; r < rows; ++r) {
-        const float* xr = x + (size_t)r * in;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int i = 0; i < in; ++i) acc += wr[i] * xr[i];
-        y[(size_t)r * out + o] = acc + B[o];
+  Linear(const torch::Tensor& w, const torch::Tensor& bias) : in(w.size(1)), out(w.size(0)) {
+    auto t = w.t().contiguous();
+    wt.assign(t.data_ptr<float>(), t.data_ptr<float>() + t.numel());
+    auto bc = bias.contiguous();
+    b.assign(bc.data_ptr<float>(), bc.data_ptr<float>() + bc.numel());
+  }
+
+  // Outputs [o0, o1) of y[r] = W x[r] + b for `rows` rows; plain loops, any widths.
+  void columns(const float* x, float* y, int rows, int o0, int o1) const {
+    for (int r = 0; r < rows; ++r) {
+      float* __restrict yr = y + (size_t)r * out;
+      const float* xr = x + (size_t)r * in;
+      for (int o = o0; o < o1; ++o) yr[o] = b[o];
+      for (int i = 0; i < in; ++i) {
+        const float xi = xr[i];
+        const float* __restrict w = wt.data() + (size_t)i * out;
+#pragma omp simd
+        for (int o = o0; o < o1; ++o) yr[o] += w[o] * xi;
       }
     }
   }
+
+#ifdef S4MUSIC_AVX2
+  // R rows by 8V outputs from o0, accumulated in registers. K interleaved partial sums over the
+  // inputs keep enough independent FMA chains in flight when the tile is narrow.
+  template <int R, int V, int K>
+  void tile(const float* x, float* y, int o0) const {
+    __m256 acc[K][R][V];
+    for (int v = 0; v < V; ++v) {
+      const __m256 bias = _mm256_loadu_ps(b.data() + o0 + 8 * v);
+      for (int r = 0; r < R; ++r) {
+        acc[0][r][v] = bias;
+        for (int k = 1; k < K; ++k) acc[k][r][v] = _mm256_setzero_ps();
+      }
+    }
+    auto madd = [&](int k, int i) {
+      const float* w = wt.data() + (size_t)i * out + o0;
+      __m256 wv[V];
+      for (int v = 0; v < V; ++v) wv[v] = _mm256_loadu_ps(w + 8 * v);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xb = _mm256_set1_ps(x[(size_t)r * in + i]);
+        for (int v = 0; v < V; ++v) acc[k][r][v] = _mm256_fmadd_ps(wv[v], xb, acc[k][r][v]);
+      }
+    };
+    int i = 0;
+    for (; i + K <= in; i += K)
+      for (int k = 0; k < K; ++k) madd(k, i + k);
+    for (; i < in; ++i) madd(0, i);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) {
+        __m256 sum = acc[0][r][v];
+        for (int k = 1; k < K; ++k) sum = _mm256_add_ps(sum, acc[k][r][v]);
+        _mm256_storeu_ps(y + (size_t)r * out + o0 + 8 * v, sum);
+      }
+  }
+
+  // R rows, outputs [o0, o1): the widest tiles that fit, about eight accumulators each.
+  template <int R>
+  void block(const float* x, float* y, int o0, int o1) const {
+    constexpr int widest = R == 1 ? 8 : R == 2 ? 4 : 2;
+    int o = o0;
+    while (o1 - o >= 8) {
+      const int vectors = (o1 - o) / 8;
+      if (widest >= 8 && vectors >= 8) {
+        tile<R, 8, 1>(x, y, o);
+        o += 64;
+      } else if (widest >= 4 && vectors >= 4) {
+        tile<R, 4, std::max(1, 8 / (4 * R))>(x, y, o);
+        o += 32;
+      } else if (vectors >= 2) {
+        tile<R, 2, std::max(1, 8 / (2 * R))>(x, y, o);
+        o += 16;
+      } else {
+        tile<R, 1, std::max(1, 8 / R)>(x, y, o);
+        o += 8;
+      }
+    }
+    if (o < o1) columns(x, y, R, o, o1);
+  }
+#endif
+
+  // Outputs [o0, o1) of y[r] = W x[r] + b for `rows` rows of widths in and out.
+  void apply(const float* x, float* y, int rows, int o0, int o1) const {
+#ifdef S4MUSIC_AVX2
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) block<4>(x + (size_t)r * in, y + (size_t)r * out, o0, o1);
+    const float* xr = x + (size_t)r * in;
+    float* yr = y + (size_t)r * out;
+    switch (rows - r) {
+      case 3: block<3>(xr, yr, o0, o1); break;
+      case 2: block<2>(xr, yr, o0, o1); break;
+      case 1: block<1>(xr, yr, o0, o1); break;
+      default: break;
+    }
+#else
+    columns(x, y, rows, o0, o1);
+#endif
+  }
+  void apply(const float* x, float* y, int rows) const { apply(x, y, rows, 0, out); }
+  // This member's share of the outputs.
+  void apply(const float* x, float* y, int rows, const Team& team) const {
+    auto [o0, o1] = team.share(out);
+    apply(x, y, rows, o0, o1);
+  }
 };
 
-inline float gelu(float x) { return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f)); }
+// gelu (the exact, erf form that torch uses) in place on columns [c0, c1) of `rows` rows of width w.
+inline void gelu(float* x, int rows, int w, int c0, int c1) {
+  for (int r = 0; r < rows; ++r) {
+    float* xr = x + (size_t)r * w;
+#pragma omp simd
+    for (int i = c0; i < c1; ++i) xr[i] = 0.5f * xr[i] * (1.f + erff(xr[i] * 0.70710678118654752f));
+  }
+}
 
 enum Kind { S4_DIAG = 0, S4_DPLR = 1, FEEDFORWARD = 2 };
 
 struct Layer {
   int kind = 0, H = 0, N2 = 0;
   float norm_m = 0.f, norm_s = 1.f;
-  // S4 step parameters (see S4Kernel.step_params), split into real and imaginary (H, N2) arrays
-  // so that the loops over the state vectorize.
-  std::vector<float> a_re, a_im, b_re, b_im, c_re, c_im, p_re, p_im, hp_re, hp_im, ei_re, ei_im, g_re, g_im;
-  torch::Tensor kappa, D;
+  // S4 step parameters (see S4Kernel.step_params) as real and imaginary (N/2, H) arrays.
+  Floats a_re, a_im, b_re, b_im, c_re, c_im, p_re, p_im, g_re, g_im, q_re, q_im;
+  Floats kappa, cg, D;
   Linear out;       // S4 output linear (2H, H), GLU after
   Linear fc1, fc2;  // feed-forward
   int state_index = -1;
@@ -66,15 +229,27 @@ struct Model {
   std::vector<std::vector<Layer>> tiers;  // [0] = centre, [1..] = up blocks, deepest first
   torch::Tensor ln_w, ln_b;
   Linear decoder;
-  int n_s4 = 0;
+  int n_s4 = 0, widest = 0;
 };
 
-// Per-row scratch and recurrent state for the rows one thread owns.
+// The rows one group owns: their recurrent state and the activations its team shares.
 struct Rows {
-  int n;
-  std::vector<std::vector<float>> s4;    // per S4 layer: (rows, H, 2, N2), real then imaginary parts
-  std::vector<std::vector<float>> down;  // per pool: (rows, H, p)
-  std::vector<std::vector<float>> up;    // per up block: (rows, H_out, p)
+  int r0 = 0, n = 0;
+  std::vector<Floats> s4;     // per S4 layer: (rows, 2, N2, H), real then imaginary parts
+  std::vector<Floats> alpha;  // per S4 layer: (rows, H), the DPLR low-rank coefficient
+  std::vector<Floats> down;  // per pool: (rows, H, p)
+  std::vector<Floats> up;    // per up block: (rows, H_out, p)
+  Floats h, act, wide, block_in;
+  std::vector<Floats> skips;  // per tier, its input
+  std::vector<int64_t> code;
+  std::atomic<int> arrived{0}, generation{0};
+};
+
+// Scratch that each thread keeps to itself.
+struct Private {
+  Floats normed, tmp;
+  std::vector<double> prob;
+  std::vector<int> order;
 };
 
 void norm_rows(const float* x, float* y, int rows, int H, float m, float s) {
@@ -85,123 +260,146 @@ void norm_rows(const float* x, float* y, int rows, int H, float m, float s) {
     mean /= H;
     float var = 0.f;
     for (int i = 0; i < H; ++i) var += (xr[i] - mean) * (xr[i] - mean);
-    float scale = s / std::sqrt(var / H);
+    const float scale = s / std::sqrt(var / H);
+#pragma omp simd
     for (int i = 0; i < H; ++i) y[(size_t)r * H + i] = scale * (xr[i] - mean + m);
   }
 }
 
-// One residual layer on `rows` rows of width H, in place on h.
-void layer_step(const Layer& L, float* h, int rows, std::vector<float>* state, std::vector<float>& t1,
-                std::vector<float>& t2) {
-  const int H = L.H;
-  t1.resize((size_t)rows * std::max(H, L.fc1.out));
-  norm_rows(h, t1.data(), rows, H, L.norm_m, L.norm_s);
-  if (L.kind == FEEDFORWARD) {
-    t2.resize((size_t)rows * L.fc1.out);
-    L.fc1.apply(t1.data(), t2.data(), rows);
-    for (auto& v : t2) v = gelu(v);
-    std::vector<float> y((size_t)rows * H);
-    L.fc2.apply(t2.data(), y.data(), rows);
-    for (size_t i = 0; i < y.size(); ++i) h[i] += y[i];
-    return;
-  }
-  const int N2 = L.N2;
-  const float* D = L.D.data_ptr<float>();
-  const float* kappa = L.kind == S4_DPLR ? L.kappa.data_ptr<float>() : nullptr;
-  t2.resize((size_t)rows * H);
-  for (int r = 0; r < rows; ++r) {
-    for (int ch = 0; ch < H; ++ch) {
-      const float u = t1[(size_t)r * H + ch];
-      // state of (row, channel): N2 real parts, then N2 imaginary parts
-      float* xr = state->data() + ((size_t)r * H + ch) * 2 * N2;
-      float* xi = xr + N2;
-      const size_t o = (size_t)ch * N2;
+// One S4 recurrence over channels [c0, c1) of one row: input u (H), state in place, output
+// y (H) = Re(c x') (half the layer's 2 Re); tmp holds 2H floats.
+//   diag: state (2, N2, H) is x.
+//   dplr: state (2, N2, H) is w and alpha (H) is g's coefficient, x = w - g alpha (see
+//         S4Kernel.step_params). One pass over the state per step: the next step's P^H x is
+//         alpha itself, and y follows from sums over w, so x is never formed.
+void s4_row(const Layer& L, const float* __restrict u, float* __restrict y, float* state, float* __restrict alpha,
+            float* tmp, int c0, int c1) {
+  const int H = L.H, N2 = L.N2;
+  float* __restrict xr_all = state;
+  float* __restrict xi_all = state + (size_t)N2 * H;
+  std::fill(y + c0, y + c1, 0.f);
+  if (L.kind == S4_DIAG) {
+    for (int n = 0; n < N2; ++n) {
+      const size_t o = (size_t)n * H;
       const float *ar = &L.a_re[o], *ai = &L.a_im[o], *br = &L.b_re[o], *bi = &L.b_im[o];
       const float *cr = &L.c_re[o], *ci = &L.c_im[o];
-      float y = 0.f;
-      if (L.kind == S4_DIAG) {
-#pragma omp simd reduction(+ : y)
-        for (int n = 0; n < N2; ++n) {
-          const float re = ar[n] * xr[n] - ai[n] * xi[n] + br[n] * u;
-          const float im = ar[n] * xi[n] + ai[n] * xr[n] + bi[n] * u;
-          xr[n] = re;
-          xi[n] = im;
-          y += re * cr[n] - im * ci[n];
-        }
-      } else {
-        // Bilinear step with A = Lambda - P P^H on the conjugate-paired state:
-        // r = (I + dt/2 A) x + dt B u, then x' = (I - dt/2 A)^{-1} r by Sherman-Morrison.
-        const float *pr = &L.p_re[o], *pi = &L.p_im[o], *hr = &L.hp_re[o], *hi = &L.hp_im[o];
-        const float *er = &L.ei_re[o], *ei = &L.ei_im[o], *gr = &L.g_re[o], *gi = &L.g_im[o];
-        float gamma = 0.f;  // P^H x over the full state = 2 Re(sum conj(p) x)
-#pragma omp simd reduction(+ : gamma)
-        for (int n = 0; n < N2; ++n) gamma += pr[n] * xr[n] + pi[n] * xi[n];
-        gamma *= 2.f;
-        float alpha = 0.f;
-#pragma omp simd reduction(+ : alpha)
-        for (int n = 0; n < N2; ++n) {
-          const float rr = ar[n] * xr[n] - ai[n] * xi[n] - hr[n] * gamma + br[n] * u;
-          const float ri = ar[n] * xi[n] + ai[n] * xr[n] - hi[n] * gamma + bi[n] * u;
-          const float wr = rr * er[n] - ri * ei[n], wi = rr * ei[n] + ri * er[n];
-          xr[n] = wr;
-          xi[n] = wi;
-          alpha += pr[n] * wr + pi[n] * wi;
-        }
-        alpha *= 2.f * kappa[ch];
-#pragma omp simd reduction(+ : y)
-        for (int n = 0; n < N2; ++n) {
-          xr[n] -= gr[n] * alpha;
-          xi[n] -= gi[n] * alpha;
-          y += xr[n] * cr[n] - xi[n] * ci[n];
-        }
+      float *xr = xr_all + o, *xi = xi_all + o;
+#pragma omp simd
+      for (int ch = c0; ch < c1; ++ch) {
+        const float re = ar[ch] * xr[ch] - ai[ch] * xi[ch] + br[ch] * u[ch];
+        const float im = ar[ch] * xi[ch] + ai[ch] * xr[ch] + bi[ch] * u[ch];
+        xr[ch] = re;
+        xi[ch] = im;
+        y[ch] += re * cr[ch] - im * ci[ch];
       }
-      t2[(size_t)r * H + ch] = gelu(2.f * y + D[ch] * u);
+    }
+    return;
+  }
+  float* __restrict sigma = tmp;  // Re(sum conj(p) w')
+  std::fill(sigma + c0, sigma + c1, 0.f);
+  for (int n = 0; n < N2; ++n) {
+    const size_t o = (size_t)n * H;
+    const float *ar = &L.a_re[o], *ai = &L.a_im[o], *br = &L.b_re[o], *bi = &L.b_im[o];
+    const float *pr = &L.p_re[o], *pi = &L.p_im[o], *qr = &L.q_re[o], *qi = &L.q_im[o];
+    const float *cr = &L.c_re[o], *ci = &L.c_im[o];
+    float *wr = xr_all + o, *wi = xi_all + o;
+#pragma omp simd
+    for (int ch = c0; ch < c1; ++ch) {
+      const float re = ar[ch] * wr[ch] - ai[ch] * wi[ch] - qr[ch] * alpha[ch] + br[ch] * u[ch];
+      const float im = ar[ch] * wi[ch] + ai[ch] * wr[ch] - qi[ch] * alpha[ch] + bi[ch] * u[ch];
+      wr[ch] = re;
+      wi[ch] = im;
+      sigma[ch] += pr[ch] * re + pi[ch] * im;
+      y[ch] += cr[ch] * re - ci[ch] * im;
     }
   }
-  std::vector<float> z((size_t)rows * 2 * H);
-  L.out.apply(t2.data(), z.data(), rows);
-  for (int r = 0; r < rows; ++r)
-    for (int ch = 0; ch < H; ++ch) {
-      float lin = z[(size_t)r * 2 * H + ch], gate = z[(size_t)r * 2 * H + H + ch];
-      h[(size_t)r * H + ch] += lin / (1.f + std::exp(-gate));
-    }
+#pragma omp simd
+  for (int ch = c0; ch < c1; ++ch) {
+    alpha[ch] = 2.f * L.kappa[ch] * sigma[ch];
+    y[ch] -= alpha[ch] * L.cg[ch];
+  }
 }
 
-void tier_step(const Model& M, int tier, std::vector<float>& h, int rows, Rows& R, std::vector<float>& t1,
-               std::vector<float>& t2) {
-  for (const Layer& L : M.tiers[tier])
-    layer_step(L, h.data(), rows, L.kind == FEEDFORWARD ? nullptr : &R.s4[L.state_index], t1, t2);
+// One residual layer on the group's rows of width H, in place on R.h. Each member normalizes
+// every channel (the statistics need them all) and computes its share of the outputs.
+void layer_step(const Layer& L, Rows& R, Private& P, const Team& team) {
+  const int H = L.H, rows = R.n;
+  float* h = R.h.data();
+  float* normed = P.normed.data();
+  float* act = R.act.data();
+  float* wide = R.wide.data();
+  norm_rows(h, normed, rows, H, L.norm_m, L.norm_s);
+  auto [c0, c1] = team.share(H);
+  if (L.kind == FEEDFORWARD) {
+    auto [f0, f1] = team.share(L.fc1.out);
+    L.fc1.apply(normed, wide, rows, f0, f1);
+    gelu(wide, rows, L.fc1.out, f0, f1);
+    team.sync();
+    L.fc2.apply(wide, act, rows, c0, c1);
+    for (int r = 0; r < rows; ++r)
+#pragma omp simd
+      for (int ch = c0; ch < c1; ++ch) h[(size_t)r * H + ch] += act[(size_t)r * H + ch];
+    team.sync();
+    return;
+  }
+  Floats& state = R.s4[L.state_index];
+  const size_t per_row = (size_t)2 * L.N2 * H;
+  for (int r = 0; r < rows; ++r) {
+    const float* u = normed + (size_t)r * H;
+    float* y = act + (size_t)r * H;
+    s4_row(L, u, y, state.data() + r * per_row, R.alpha[L.state_index].data() + (size_t)r * H, P.tmp.data(), c0,
+           c1);
+#pragma omp simd
+    for (int ch = c0; ch < c1; ++ch) y[ch] = 2.f * y[ch] + L.D[ch] * u[ch];
+  }
+  gelu(act, rows, H, c0, c1);
+  team.sync();
+  L.out.apply(act, wide, rows, c0, c1);          // the linear half of the GLU
+  L.out.apply(act, wide, rows, H + c0, H + c1);  // and its gates
+  for (int r = 0; r < rows; ++r) {
+    const float* lin = wide + (size_t)r * 2 * H;
+    const float* gate = lin + H;
+    float* hr = h + (size_t)r * H;
+#pragma omp simd
+    for (int ch = c0; ch < c1; ++ch) hr[ch] += lin[ch] / (1.f + expf(-gate[ch]));
+  }
+  team.sync();
 }
 
 // Pick a code from logits by inverse CDF with uniform u (same procedure as sample_codes in fast.py).
-int sample(const float* logits, int n, float u, float temperature, int top_k, float top_p, float* logprob) {
-  float mx = *std::max_element(logits, logits + n);
+int sample(const float* logits, int n, float u, float temperature, int top_k, float top_p, float* logprob,
+           Private& P) {
+  std::vector<double>& prob = P.prob;
+  const float mx = *std::max_element(logits, logits + n);
   double z = 0;
-  for (int i = 0; i < n; ++i) z += std::exp((double)(logits[i] - mx));
+  for (int i = 0; i < n; ++i) {
+    prob[i] = std::exp((double)(logits[i] - mx));
+    z += prob[i];
+  }
   const float log_z = mx + (float)std::log(z);
   int code;
   if (temperature <= 0.f) {
     code = (int)(std::max_element(logits, logits + n) - logits);
   } else {
-    std::vector<double> prob(n);
-    for (int i = 0; i < n; ++i) prob[i] = std::exp((double)(logits[i] - mx) / temperature);
+    if (temperature != 1.f)
+      for (int i = 0; i < n; ++i) prob[i] = std::exp((double)(logits[i] - mx) / temperature);
     if ((top_k > 0 && top_k < n) || top_p < 1.f) {
-      std::vector<int> order(n);
-      std::iota(order.begin(), order.end(), 0);
-      std::stable_sort(order.begin(), order.end(), [&](int i, int j) { return prob[i] > prob[j]; });
-      double total = std::accumulate(prob.begin(), prob.end(), 0.0), before = 0;
-      std::vector<char> keep(n, 0);
-      for (int k = 0; k < n; ++k) {
-        int i = order[k];
-        bool in_k = top_k <= 0 || k < top_k;
-        bool in_p = k == 0 || before / total < top_p;
-        keep[i] = in_k && in_p;
-        before += prob[i];
-      }
-      for (int i = 0; i < n; ++i)
-        if (!keep[i]) prob[i] = 0;
+      // likeliest first, ties by index (as a stable sort); only the first top_k need ordering
+      std::vector<int>& order = P.order;
+      std::iota(order.begin(), order.begin() + n, 0);
+      auto likelier = [&](int i, int j) { return prob[i] > prob[j] || (prob[i] == prob[j] && i < j); };
+      const int ranked = top_k > 0 && top_k < n ? top_k : n;
+      std::partial_sort(order.begin(), order.begin() + ranked, order.begin() + n, likelier);
+      double total = 0, before = 0;
+      for (int i = 0; i < n; ++i) total += prob[i];
+      int kept = 0;
+      while (kept < ranked && (kept == 0 || before / total < top_p)) before += prob[order[kept++]];
+      for (int k = kept; k < n; ++k) prob[order[k]] = 0;
     }
-    double total = std::accumulate(prob.begin(), prob.end(), 0.0), target = u * total, cum = 0;
+    double total = 0;
+    for (int i = 0; i < n; ++i) total += prob[i];
+    const double target = u * total;
+    double cum = 0;
     code = n - 1;
     for (int i = 0; i < n; ++i) {
       cum += prob[i];
@@ -215,6 +413,19 @@ int sample(const float* logits, int n, float u, float temperature, int top_k, fl
   *logprob = logits[code] - log_z;
   return code;
 }
+
+// What one call asks for, shared by every thread.
+struct Job {
+  int n = 0;
+  int64_t t0 = 0;
+  const float* uniforms = nullptr;  // (B, n)
+  const int64_t* forced = nullptr;  // (B, n) or null
+  float temperature = 1.f, top_p = 1.f;
+  int top_k = 0;
+  int64_t* codes = nullptr;         // (B, n)
+  float* logprobs = nullptr;        // (B, n)
+  float* logits = nullptr;          // (B, n, V) or null
+};
 
 class FastSaShiMi {
  public:
@@ -231,6 +442,9 @@ class FastSaShiMi {
     M.ln_w = ln_w.contiguous();
     M.ln_b = ln_b.contiguous();
     M.decoder = Linear(dec_w, dec_b);
+    M.widest = std::max(M.H0, M.n_codes);
+    for (const Linear& l : M.down) M.widest = std::max({M.widest, l.in, l.out});
+    for (const Linear& l : M.up) M.widest = std::max(M.widest, l.out);
   }
 
   // tier: 0 centre, 1.. up blocks deepest first. kind: 0 S4D, 1 DPLR, 2 feed-forward.
@@ -239,34 +453,37 @@ class FastSaShiMi {
     L.kind = kind;
     L.norm_m = (float)norm_m;
     L.norm_s = (float)norm_s;
+    auto floats = [](const torch::Tensor& x) {
+      auto c = x.contiguous();
+      return Floats(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
+    };
     if (kind == FEEDFORWARD) {
       L.fc1 = Linear(t[0], t[1]);
       L.fc2 = Linear(t[2], t[3]);
       L.H = L.fc1.in;
+      M.widest = std::max(M.widest, L.fc1.out);
     } else {
-      // t: a, b, c, D, out_w, out_b [, p, half_dt_p, e_inv, g, kappa]
-      auto split = [](const torch::Tensor& z, std::vector<float>& re, std::vector<float>& im) {
-        auto ri = torch::view_as_real(z.contiguous()).contiguous();  // (H, N2, 2)
-        const float* d = ri.data_ptr<float>();
-        re.resize(z.numel());
-        im.resize(z.numel());
-        for (int64_t i = 0; i < z.numel(); ++i) re[i] = d[2 * i], im[i] = d[2 * i + 1];
+      // t: a, b, c, D, out_w, out_b [, p, g, q, kappa, cg]; complex (H, N2) stored as (N2, H)
+      auto split = [&](const torch::Tensor& z, Floats& re, Floats& im) {
+        re = floats(torch::real(z).t());
+        im = floats(torch::imag(z).t());
       };
       split(t[0], L.a_re, L.a_im);
       split(t[1], L.b_re, L.b_im);
       split(t[2], L.c_re, L.c_im);
-      L.D = t[3].contiguous();
+      L.D = floats(t[3]);
       L.out = Linear(t[4], t[5]);
       L.H = t[0].size(0);
       L.N2 = t[0].size(1);
       if (kind == S4_DPLR) {
         split(t[6], L.p_re, L.p_im);
-        split(t[7], L.hp_re, L.hp_im);
-        split(t[8], L.ei_re, L.ei_im);
-        split(t[9], L.g_re, L.g_im);
-        L.kappa = t[10].contiguous();
+        split(t[7], L.g_re, L.g_im);
+        split(t[8], L.q_re, L.q_im);
+        L.kappa = floats(t[9]);
+        L.cg = floats(t[10]);
       }
       L.state_index = M.n_s4++;
+      M.widest = std::max(M.widest, 2 * L.H);
     }
     M.tiers[tier].push_back(L);
   }
@@ -278,155 +495,242 @@ class FastSaShiMi {
                                  std::vector<torch::Tensor> down_states, std::vector<torch::Tensor> up_states,
                                  torch::Tensor uniforms, double temperature, int64_t top_k, double top_p,
                                  torch::Tensor forced) {
-    const int B = codes0.size(0), n = uniforms.size(1);
+    const int B = codes0.size(0);
     const bool teacher = forced.numel() > 0;
-    auto codes = torch::empty({B, n}, torch::kLong);
-    auto logprobs = torch::empty({B, n}, torch::kFloat);
-    auto logits_out = teacher ? torch::empty({B, n, M.n_codes}, torch::kFloat) : torch::empty({0});
+    auto codes = torch::empty({B, uniforms.size(1)}, torch::kLong);
+    auto logprobs = torch::empty({B, uniforms.size(1)}, torch::kFloat);
+    auto logits = teacher ? torch::empty({B, uniforms.size(1), M.n_codes}, torch::kFloat) : torch::empty({0});
+    Job job;
+    job.n = uniforms.size(1);
+    job.t0 = t0;
+    job.uniforms = uniforms.data_ptr<float>();
+    job.forced = teacher ? forced.data_ptr<int64_t>() : nullptr;
+    job.temperature = (float)temperature;
+    job.top_k = (int)top_k;
+    job.top_p = (float)top_p;
+    job.codes = codes.data_ptr<int64_t>();
+    job.logprobs = logprobs.data_ptr<float>();
+    job.logits = teacher ? logits.data_ptr<float>() : nullptr;
+
     int threads = 1;
 #ifdef _OPENMP
-    threads = std::min(B, omp_get_max_threads());
+    threads = omp_get_max_threads();
 #endif
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int part = 0; part < threads; ++part) {
-      int r0 = B * part / threads, r1 = B * (part + 1) / threads;
-      run_rows(r0, r1, n, t0, codes0, s4_states, down_states, up_states, uniforms, (float)temperature, (int)top_k,
-               (float)top_p, teacher ? &forced : nullptr, codes, logprobs, teacher ? &logits_out : nullptr);
+    const int n_groups = std::max(1, std::min(B, threads)), team = std::max(1, threads / n_groups);
+    std::vector<Rows> groups(n_groups);
+    const int64_t* c0 = codes0.data_ptr<int64_t>();
+    for (int g = 0; g < n_groups; ++g) {
+      Rows& R = groups[g];
+      R.r0 = B * g / n_groups;
+      R.n = B * (g + 1) / n_groups - R.r0;
+      load_state(R, s4_states, down_states, up_states);
+      R.code.assign(c0 + R.r0, c0 + R.r0 + R.n);
     }
-    if (teacher) return {codes, logprobs, logits_out};
+#pragma omp parallel num_threads(n_groups * team)
+    {
+      int tid = 0;
+#ifdef _OPENMP
+      tid = omp_get_thread_num();
+#endif
+      Rows& R = groups[tid / team];
+      run_group(R, Team{tid % team, team, &R.arrived, &R.generation}, job);
+    }
+    for (Rows& R : groups) store_state(R, s4_states, down_states, up_states);
+    if (teacher) return {codes, logprobs, logits};
     return {codes, logprobs};
   }
 
  private:
   Model M;
 
-  void run_rows(int r0, int r1, int n, int64_t t0, torch::Tensor& codes0, std::vector<torch::Tensor>& s4_states,
-                std::vector<torch::Tensor>& down_states, std::vector<torch::Tensor>& up_states, torch::Tensor& uniforms,
-                float temperature, int top_k, float top_p, torch::Tensor* forced, torch::Tensor& codes,
-                torch::Tensor& logprobs, torch::Tensor* logits_out) {
-    const int rows = r1 - r0;
-    if (rows <= 0) return;
-    Rows R;
-    R.n = rows;
-    for (auto& s : s4_states) {  // (B, H, N2) complex64 -> (rows, H, 2, N2)
-      auto part = torch::view_as_real(s.slice(0, r0, r1)).permute({0, 1, 3, 2}).contiguous();
+  void load_state(Rows& R, std::vector<torch::Tensor>& s4_states, std::vector<torch::Tensor>& down_states,
+                  std::vector<torch::Tensor>& up_states) const {
+    const int r1 = R.r0 + R.n;
+    for (auto& s : s4_states) {  // (B, H, N2) complex64 -> (rows, 2, N2, H)
+      auto part = torch::view_as_real(s.slice(0, R.r0, r1)).permute({0, 3, 2, 1}).contiguous();
       R.s4.emplace_back(part.data_ptr<float>(), part.data_ptr<float>() + part.numel());
     }
-    auto copy_rows = [&](std::vector<torch::Tensor>& from, std::vector<std::vector<float>>& to) {
+    R.alpha.assign(R.s4.size(), Floats());
+    for (auto& tier : M.tiers)
+      for (const Layer& L : tier)
+        if (L.kind == S4_DPLR) to_deferred(L, R.s4[L.state_index], R.alpha[L.state_index], R.n);
+    auto copy_rows = [&](std::vector<torch::Tensor>& from, std::vector<Floats>& to) {
       for (auto& s : from) {
-        auto part = s.slice(0, r0, r1).contiguous();
+        auto part = s.slice(0, R.r0, r1).contiguous();
         to.emplace_back(part.data_ptr<float>(), part.data_ptr<float>() + part.numel());
       }
     };
     copy_rows(down_states, R.down);
     copy_rows(up_states, R.up);
+    const size_t wide = (size_t)R.n * M.widest;
+    for (auto* v : {&R.h, &R.act, &R.wide, &R.block_in}) v->resize(wide);
+    R.skips.assign(M.pools.size() + 1, Floats(wide));
+  }
 
-    const int n_tiers = (int)M.pools.size(), H0 = M.H0, V = M.n_codes;
-    std::vector<int64_t> code(rows);
-    const int64_t* c0 = codes0.data_ptr<int64_t>();
-    for (int r = 0; r < rows; ++r) code[r] = c0[r0 + r];
-    std::vector<float> h, t1, t2, logits((size_t)rows * V);
-    std::vector<std::vector<float>> skips;
-    float* code_ptr_logprob = logprobs.data_ptr<float>();
-    int64_t* codes_out = codes.data_ptr<int64_t>();
-    const float* U = uniforms.data_ptr<float>();
-    const int64_t* F = forced ? forced->data_ptr<int64_t>() : nullptr;
+  void store_state(Rows& R, std::vector<torch::Tensor>& s4_states, std::vector<torch::Tensor>& down_states,
+                   std::vector<torch::Tensor>& up_states) const {
+    const int r1 = R.r0 + R.n;
+    for (auto& tier : M.tiers)
+      for (const Layer& L : tier)
+        if (L.kind == S4_DPLR) from_deferred(L, R.s4[L.state_index], R.alpha[L.state_index], R.n);
+    for (size_t i = 0; i < s4_states.size(); ++i) {
+      auto dst = s4_states[i].slice(0, R.r0, r1);
+      auto soa = torch::from_blob(R.s4[i].data(), {R.n, 2, dst.size(2), dst.size(1)});
+      dst.copy_(torch::view_as_complex(soa.permute({0, 3, 2, 1}).contiguous()));
+    }
+    for (size_t i = 0; i < down_states.size(); ++i)
+      down_states[i].slice(0, R.r0, r1).copy_(torch::from_blob(R.down[i].data(), down_states[i].slice(0, R.r0, r1).sizes()));
+    for (size_t i = 0; i < up_states.size(); ++i)
+      up_states[i].slice(0, R.r0, r1).copy_(torch::from_blob(R.up[i].data(), up_states[i].slice(0, R.r0, r1).sizes()));
+  }
 
-    for (int step = 0; step < n; ++step) {
-      const int64_t t = t0 + step;
-      // encoder
-      h.assign((size_t)rows * H0, 0.f);
-      const float* E = M.embedding.data_ptr<float>();
-      for (int r = 0; r < rows; ++r) std::copy(E + code[r] * H0, E + (code[r] + 1) * H0, h.begin() + (size_t)r * H0);
-      skips.clear();
-      skips.push_back(h);
-      int depth = 0, H = H0;
-      int64_t period = 1;
-      for (int i = 0; i < n_tiers; ++i) {
-        const int p = M.pools[i];
-        const int slot = (int)((t / period) % p);
-        auto& buf = R.down[i];  // (rows, H, p)
-        for (int r = 0; r < rows; ++r)
-          for (int ch = 0; ch < H; ++ch) buf[((size_t)r * H + ch) * p + slot] = h[(size_t)r * H + ch];
-        if (slot != p - 1) break;
-        std::vector<float> next((size_t)rows * M.down[i].out);
-        M.down[i].apply(buf.data(), next.data(), rows);
-        h.swap(next);
-        H = M.down[i].out;
-        period *= p;
-        depth = i + 1;
-        skips.push_back(h);
+  // DPLR state x -> (w, alpha) with alpha = 2 Re(sum conj(p) x) = P^H x, w = x + g alpha.
+  static void to_deferred(const Layer& L, Floats& state, Floats& alpha, int rows) {
+    const int H = L.H, N2 = L.N2;
+    alpha.assign((size_t)rows * H, 0.f);
+    for (int r = 0; r < rows; ++r) {
+      float* xr = state.data() + (size_t)r * 2 * N2 * H;
+      float* xi = xr + (size_t)N2 * H;
+      float* a = alpha.data() + (size_t)r * H;
+      for (size_t k = 0; k < (size_t)N2 * H; ++k) a[k % H] += 2.f * (L.p_re[k] * xr[k] + L.p_im[k] * xi[k]);
+      for (size_t k = 0; k < (size_t)N2 * H; ++k) {
+        xr[k] += L.g_re[k] * a[k % H];
+        xi[k] += L.g_im[k] * a[k % H];
       }
+    }
+  }
+
+  // (w, alpha) -> x = w - g alpha.
+  static void from_deferred(const Layer& L, Floats& state, const Floats& alpha, int rows) {
+    const int H = L.H, N2 = L.N2;
+    for (int r = 0; r < rows; ++r) {
+      float* xr = state.data() + (size_t)r * 2 * N2 * H;
+      float* xi = xr + (size_t)N2 * H;
+      const float* a = alpha.data() + (size_t)r * H;
+      for (size_t k = 0; k < (size_t)N2 * H; ++k) {
+        xr[k] -= L.g_re[k] * a[k % H];
+        xi[k] -= L.g_im[k] * a[k % H];
+      }
+    }
+  }
+
+  void tier_step(int tier, Rows& R, Private& P, const Team& team) const {
+    for (const Layer& L : M.tiers[tier]) layer_step(L, R, P, team);
+  }
+
+  // The group's rows for job.n steps. The lead member does the cheap serial parts (encoder,
+  // pooling buffers, sampling); the layers and the decoder are shared.
+  void run_group(Rows& R, const Team& team, const Job& job) const {
+    const int rows = R.n, n_tiers = (int)M.pools.size(), H0 = M.H0, V = M.n_codes;
+    Private P;
+    P.normed.resize((size_t)rows * M.widest);
+    P.tmp.resize((size_t)2 * M.widest);
+    P.prob.resize(V);
+    P.order.resize(V);
+    const float* E = M.embedding.data_ptr<float>();
+    float* h = R.h.data();
+
+    for (int step = 0; step < job.n; ++step) {
+      const int64_t t = job.t0 + step;
+      // Which tiers step now: tier i when (t + 1) is a multiple of the pools below it.
+      int depth = 0;
+      for (int64_t period = 1; depth < n_tiers; ++depth) {
+        period *= M.pools[depth];
+        if ((t + 1) % period) break;
+      }
+      if (team.lead()) {
+        // encoder; skips[i] holds tier i's input
+        for (int r = 0; r < rows; ++r)
+          std::copy(E + R.code[r] * H0, E + (R.code[r] + 1) * H0, h + (size_t)r * H0);
+        std::copy(h, h + (size_t)rows * H0, R.skips[0].data());
+        int H = H0;
+        int64_t period = 1;
+        for (int i = 0; i < n_tiers; ++i) {
+          const int p = M.pools[i];
+          const int slot = (int)((t / period) % p);
+          float* buf = R.down[i].data();  // (rows, H, p)
+          for (int r = 0; r < rows; ++r)
+            for (int ch = 0; ch < H; ++ch) buf[((size_t)r * H + ch) * p + slot] = h[(size_t)r * H + ch];
+          if (i >= depth) break;
+          M.down[i].apply(buf, h, rows);
+          H = M.down[i].out;
+          period *= p;
+          std::copy(h, h + (size_t)rows * H, R.skips[i + 1].data());
+        }
+      }
+      team.sync();
       if (depth == n_tiers) {
-        std::vector<float> skip = skips.back();
-        skips.pop_back();
-        tier_step(M, 0, h, rows, R, t1, t2);
-        for (size_t k = 0; k < h.size(); ++k) h[k] += skip[k];
+        tier_step(0, R, P, team);
+        if (team.lead()) {
+          const float* skip = R.skips[depth].data();
+          const size_t width = (size_t)rows * (n_tiers ? M.down.back().out : H0);
+          for (size_t k = 0; k < width; ++k) h[k] += skip[k];
+        }
       }
       for (int j = 0; j < n_tiers; ++j) {
         const int out_tier = n_tiers - 1 - j;
         if (out_tier > depth) continue;
-        int64_t per = 1;
-        for (int k = 0; k < out_tier; ++k) per *= M.pools[k];
-        const int p = M.pools[out_tier];
-        const int slot = (int)((t / per) % p);
-        const int Ho = M.up[j].out / p;
-        auto& buf = R.up[j];  // (rows, Ho, p)
-        std::vector<float> y((size_t)rows * Ho);
-        for (int r = 0; r < rows; ++r)
-          for (int ch = 0; ch < Ho; ++ch) y[(size_t)r * Ho + ch] = buf[((size_t)r * Ho + ch) * p + slot];
-        if (out_tier < depth) M.up[j].apply(h.data(), buf.data(), rows);
-        std::vector<float> skip = skips.back();
-        skips.pop_back();
-        for (size_t k = 0; k < y.size(); ++k) y[k] += skip[k];
-        h = y;
-        std::vector<float> before = h;
-        tier_step(M, j + 1, h, rows, R, t1, t2);
-        for (size_t k = 0; k < h.size(); ++k) h[k] += before[k];
+        const int Ho = M.up[j].out / M.pools[out_tier];
+        const size_t width = (size_t)rows * Ho;
+        float* block_in = R.block_in.data();  // the block's input, added again after it
+        if (team.lead()) {
+          int64_t per = 1;
+          for (int k = 0; k < out_tier; ++k) per *= M.pools[k];
+          const int p = M.pools[out_tier];
+          const int slot = (int)((t / per) % p);
+          float* buf = R.up[j].data();  // (rows, Ho, p)
+          for (int r = 0; r < rows; ++r)
+            for (int ch = 0; ch < Ho; ++ch) block_in[(size_t)r * Ho + ch] = buf[((size_t)r * Ho + ch) * p + slot];
+          if (out_tier < depth) M.up[j].apply(h, buf, rows);
+          const float* skip = R.skips[out_tier].data();
+          for (size_t k = 0; k < width; ++k) block_in[k] += skip[k];
+          std::copy(block_in, block_in + width, h);
+        }
+        team.sync();
+        tier_step(j + 1, R, P, team);
+        if (team.lead())
+          for (size_t k = 0; k < width; ++k) h[k] += block_in[k];
       }
-      // final LayerNorm (eps 1e-5) and decoder
+      // final LayerNorm (eps 1e-5), by every member, and the decoder's outputs shared
+      team.sync();
       const float* lw = M.ln_w.data_ptr<float>();
       const float* lb = M.ln_b.data_ptr<float>();
-      t1.resize((size_t)rows * H0);
+      float* normed = P.normed.data();
       for (int r = 0; r < rows; ++r) {
-        const float* x = h.data() + (size_t)r * H0;
+        const float* x = h + (size_t)r * H0;
         float mean = 0.f, var = 0.f;
         for (int i = 0; i < H0; ++i) mean += x[i];
         mean /= H0;
         for (int i = 0; i < H0; ++i) var += (x[i] - mean) * (x[i] - mean);
-        float inv = 1.f / std::sqrt(var / H0 + 1e-5f);
-        for (int i = 0; i < H0; ++i) t1[(size_t)r * H0 + i] = (x[i] - mean) * inv * lw[i] + lb[i];
+        const float inv = 1.f / std::sqrt(var / H0 + 1e-5f);
+        for (int i = 0; i < H0; ++i) normed[(size_t)r * H0 + i] = (x[i] - mean) * inv * lw[i] + lb[i];
       }
-      M.decoder.apply(t1.data(), logits.data(), rows);
-      for (int r = 0; r < rows; ++r) {
-        const int row = r0 + r;
-        const float* lg = logits.data() + (size_t)r * V;
-        float lp;
-        int c = sample(lg, V, U[(size_t)row * n + step], temperature, top_k, top_p, &lp);
-        if (F) {
-          c = (int)F[(size_t)row * n + step];
-          float mx = *std::max_element(lg, lg + V);
-          double z = 0;
-          for (int i = 0; i < V; ++i) z += std::exp((double)(lg[i] - mx));
-          lp = lg[c] - mx - (float)std::log(z);
-        }
-        if (logits_out)
-          std::copy(lg, lg + V, logits_out->data_ptr<float>() + ((size_t)row * n + step) * V);
-        codes_out[(size_t)row * n + step] = c;
-        code_ptr_logprob[(size_t)row * n + step] = lp;
-        code[r] = c;
+      float* logits = R.wide.data();
+      M.decoder.apply(normed, logits, rows, team);
+      team.sync();
+      if (team.lead()) pick_codes(R, P, job, step, logits);
+    }
+  }
+
+  void pick_codes(Rows& R, Private& P, const Job& job, int step, const float* logits) const {
+    const int V = M.n_codes;
+    for (int r = 0; r < R.n; ++r) {
+      const size_t at = (size_t)(R.r0 + r) * job.n + step;
+      const float* lg = logits + (size_t)r * V;
+      float lp;
+      int c = sample(lg, V, job.uniforms[at], job.temperature, job.top_k, job.top_p, &lp, P);
+      if (job.forced) {
+        c = (int)job.forced[at];
+        const float mx = *std::max_element(lg, lg + V);
+        double z = 0;
+        for (int i = 0; i < V; ++i) z += std::exp((double)(lg[i] - mx));
+        lp = lg[c] - mx - (float)std::log(z);
+        std::copy(lg, lg + V, job.logits + at * V);
       }
+      job.codes[at] = c;
+      job.logprobs[at] = lp;
+      R.code[r] = c;
     }
-    // write the state back
-    for (size_t i = 0; i < s4_states.size(); ++i) {
-      auto dst = s4_states[i].slice(0, r0, r1);
-      auto soa = torch::from_blob(R.s4[i].data(), {rows, dst.size(1), 2, dst.size(2)});
-      dst.copy_(torch::view_as_complex(soa.permute({0, 1, 3, 2}).contiguous()));
-    }
-    for (size_t i = 0; i < down_states.size(); ++i)
-      down_states[i].slice(0, r0, r1).copy_(torch::from_blob(R.down[i].data(), down_states[i].slice(0, r0, r1).sizes()));
-    for (size_t i = 0; i < up_states.size(); ++i)
-      up_states[i].slice(0, r0, r1).copy_(torch::from_blob(R.up[i].data(), up_states[i].slice(0, r0, r1).sizes()));
   }
 };
 
