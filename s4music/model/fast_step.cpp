@@ -266,57 +266,66 @@ void norm_rows(const float* x, float* y, int rows, int H, float m, float s) {
   }
 }
 
-// One S4 recurrence over channels [c0, c1) of one row: input u (H), state in place, output
-// y (H) = Re(c x') (half the layer's 2 Re); tmp holds 2H floats.
-//   diag: state (2, N2, H) is x.
-//   dplr: state (2, N2, H) is w and alpha (H) is g's coefficient, x = w - g alpha (see
+// One S4 recurrence over channels [c0, c1) of `rows` rows: inputs u (rows, H), states in place,
+// outputs y (rows, H) = Re(c x') (half the layer's 2 Re); sigma is scratch of (rows, H).
+//   diag: a row's state (2, N2, H) is x.
+//   dplr: a row's state (2, N2, H) is w and alpha (H) is g's coefficient, x = w - g alpha (see
 //         S4Kernel.step_params). One pass over the state per step: the next step's P^H x is
 //         alpha itself, and y follows from sums over w, so x is never formed.
-void s4_row(const Layer& L, const float* __restrict u, float* __restrict y, float* state, float* __restrict alpha,
-            float* tmp, int c0, int c1) {
+// The rows loop sits inside the state loop, so each slice of parameters is read from memory once
+// for all rows and then from L1.
+void s4_rows(const Layer& L, const float* u, float* y, float* state, float* alpha, float* sigma, int rows, int c0,
+             int c1) {
   const int H = L.H, N2 = L.N2;
-  float* __restrict xr_all = state;
-  float* __restrict xi_all = state + (size_t)N2 * H;
-  std::fill(y + c0, y + c1, 0.f);
-  if (L.kind == S4_DIAG) {
-    for (int n = 0; n < N2; ++n) {
-      const size_t o = (size_t)n * H;
-      const float *ar = &L.a_re[o], *ai = &L.a_im[o], *br = &L.b_re[o], *bi = &L.b_im[o];
-      const float *cr = &L.c_re[o], *ci = &L.c_im[o];
-      float *xr = xr_all + o, *xi = xi_all + o;
-#pragma omp simd
-      for (int ch = c0; ch < c1; ++ch) {
-        const float re = ar[ch] * xr[ch] - ai[ch] * xi[ch] + br[ch] * u[ch];
-        const float im = ar[ch] * xi[ch] + ai[ch] * xr[ch] + bi[ch] * u[ch];
-        xr[ch] = re;
-        xi[ch] = im;
-        y[ch] += re * cr[ch] - im * ci[ch];
-      }
-    }
-    return;
+  const size_t per_row = (size_t)2 * N2 * H, half = (size_t)N2 * H;
+  for (int r = 0; r < rows; ++r) {
+    std::fill(y + (size_t)r * H + c0, y + (size_t)r * H + c1, 0.f);
+    std::fill(sigma + (size_t)r * H + c0, sigma + (size_t)r * H + c1, 0.f);
   }
-  float* __restrict sigma = tmp;  // Re(sum conj(p) w')
-  std::fill(sigma + c0, sigma + c1, 0.f);
   for (int n = 0; n < N2; ++n) {
     const size_t o = (size_t)n * H;
     const float *ar = &L.a_re[o], *ai = &L.a_im[o], *br = &L.b_re[o], *bi = &L.b_im[o];
-    const float *pr = &L.p_re[o], *pi = &L.p_im[o], *qr = &L.q_re[o], *qi = &L.q_im[o];
     const float *cr = &L.c_re[o], *ci = &L.c_im[o];
-    float *wr = xr_all + o, *wi = xi_all + o;
+    for (int r = 0; r < rows; ++r) {
+      float* __restrict xr = state + r * per_row + o;
+      float* __restrict xi = xr + half;
+      const float* __restrict ur = u + (size_t)r * H;
+      float* __restrict yr = y + (size_t)r * H;
+      if (L.kind == S4_DIAG) {
 #pragma omp simd
-    for (int ch = c0; ch < c1; ++ch) {
-      const float re = ar[ch] * wr[ch] - ai[ch] * wi[ch] - qr[ch] * alpha[ch] + br[ch] * u[ch];
-      const float im = ar[ch] * wi[ch] + ai[ch] * wr[ch] - qi[ch] * alpha[ch] + bi[ch] * u[ch];
-      wr[ch] = re;
-      wi[ch] = im;
-      sigma[ch] += pr[ch] * re + pi[ch] * im;
-      y[ch] += cr[ch] * re - ci[ch] * im;
+        for (int ch = c0; ch < c1; ++ch) {
+          const float re = ar[ch] * xr[ch] - ai[ch] * xi[ch] + br[ch] * ur[ch];
+          const float im = ar[ch] * xi[ch] + ai[ch] * xr[ch] + bi[ch] * ur[ch];
+          xr[ch] = re;
+          xi[ch] = im;
+          yr[ch] += re * cr[ch] - im * ci[ch];
+        }
+        continue;
+      }
+      const float *pr = &L.p_re[o], *pi = &L.p_im[o], *qr = &L.q_re[o], *qi = &L.q_im[o];
+      const float* __restrict al = alpha + (size_t)r * H;
+      float* __restrict sg = sigma + (size_t)r * H;
+#pragma omp simd
+      for (int ch = c0; ch < c1; ++ch) {
+        const float re = ar[ch] * xr[ch] - ai[ch] * xi[ch] - qr[ch] * al[ch] + br[ch] * ur[ch];
+        const float im = ar[ch] * xi[ch] + ai[ch] * xr[ch] - qi[ch] * al[ch] + bi[ch] * ur[ch];
+        xr[ch] = re;
+        xi[ch] = im;
+        sg[ch] += pr[ch] * re + pi[ch] * im;
+        yr[ch] += cr[ch] * re - ci[ch] * im;
+      }
     }
   }
+  if (L.kind == S4_DIAG) return;
+  for (int r = 0; r < rows; ++r) {
+    float* __restrict al = alpha + (size_t)r * H;
+    float* __restrict yr = y + (size_t)r * H;
+    const float* __restrict sg = sigma + (size_t)r * H;
 #pragma omp simd
-  for (int ch = c0; ch < c1; ++ch) {
-    alpha[ch] = 2.f * L.kappa[ch] * sigma[ch];
-    y[ch] -= alpha[ch] * L.cg[ch];
+    for (int ch = c0; ch < c1; ++ch) {
+      al[ch] = 2.f * L.kappa[ch] * sg[ch];
+      yr[ch] -= al[ch] * L.cg[ch];
+    }
   }
 }
 
@@ -342,13 +351,10 @@ void layer_step(const Layer& L, Rows& R, Private& P, const Team& team) {
     team.sync();
     return;
   }
-  Floats& state = R.s4[L.state_index];
-  const size_t per_row = (size_t)2 * L.N2 * H;
+  s4_rows(L, normed, act, R.s4[L.state_index].data(), R.alpha[L.state_index].data(), P.tmp.data(), rows, c0, c1);
   for (int r = 0; r < rows; ++r) {
     const float* u = normed + (size_t)r * H;
     float* y = act + (size_t)r * H;
-    s4_row(L, u, y, state.data() + r * per_row, R.alpha[L.state_index].data() + (size_t)r * H, P.tmp.data(), c0,
-           c1);
 #pragma omp simd
     for (int ch = c0; ch < c1; ++ch) y[ch] = 2.f * y[ch] + L.D[ch] * u[ch];
   }
@@ -624,7 +630,7 @@ class FastSaShiMi {
     const int rows = R.n, n_tiers = (int)M.pools.size(), H0 = M.H0, V = M.n_codes;
     Private P;
     P.normed.resize((size_t)rows * M.widest);
-    P.tmp.resize((size_t)2 * M.widest);
+    P.tmp.resize((size_t)rows * M.widest);
     P.prob.resize(V);
     P.order.resize(V);
     const float* E = M.embedding.data_ptr<float>();
