@@ -373,7 +373,8 @@ void layer_step(const Layer& L, Rows& R, Private& P, const Team& team) {
 }
 
 // Pick a code from logits by inverse CDF with uniform u (same procedure as sample_codes in fast.py).
-int sample(const float* logits, int n, float u, float temperature, int top_k, float top_p, float* logprob,
+// Also gives log_z, the log-partition at temperature 1, so a code's log-probability is logit - log_z.
+int sample(const float* logits, int n, float u, float temperature, int top_k, float top_p, float* log_z_out,
            Private& P) {
   std::vector<double>& prob = P.prob;
   const float mx = *std::max_element(logits, logits + n);
@@ -382,7 +383,7 @@ int sample(const float* logits, int n, float u, float temperature, int top_k, fl
     prob[i] = std::exp((double)(logits[i] - mx));
     z += prob[i];
   }
-  const float log_z = mx + (float)std::log(z);
+  *log_z_out = mx + (float)std::log(z);
   int code;
   if (temperature <= 0.f) {
     code = (int)(std::max_element(logits, logits + n) - logits);
@@ -416,7 +417,6 @@ int sample(const float* logits, int n, float u, float temperature, int top_k, fl
     }
     while (prob[code] == 0 && code > 0) --code;
   }
-  *logprob = logits[code] - log_z;
   return code;
 }
 
@@ -723,18 +723,14 @@ class FastSaShiMi {
     for (int r = 0; r < R.n; ++r) {
       const size_t at = (size_t)(R.r0 + r) * job.n + step;
       const float* lg = logits + (size_t)r * V;
-      float lp;
-      int c = sample(lg, V, job.uniforms[at], job.temperature, job.top_k, job.top_p, &lp, P);
+      float log_z;
+      int c = sample(lg, V, job.uniforms[at], job.temperature, job.top_k, job.top_p, &log_z, P);
       if (job.forced) {
         c = (int)job.forced[at];
-        const float mx = *std::max_element(lg, lg + V);
-        double z = 0;
-        for (int i = 0; i < V; ++i) z += std::exp((double)(lg[i] - mx));
-        lp = lg[c] - mx - (float)std::log(z);
         std::copy(lg, lg + V, job.logits + at * V);
       }
       job.codes[at] = c;
-      job.logprobs[at] = lp;
+      job.logprobs[at] = lg[c] - log_z;
       R.code[r] = c;
     }
   }
