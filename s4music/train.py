@@ -82,7 +82,7 @@ class TrainConfig:
     warmup: int = 0  # linear warm-up steps
     plateau_patience: int = 3  # evaluations without improvement before the LR halves
     clip: float = 1.0  # gradient norm clip (0: off)
-    precision: str = "no"  # no, bf16 or fp16 autocast (the FFTs stay in fp32)
+    precision: str = "no"  # no, bf16 or fp16 (GPU only) autocast (the FFTs stay in fp32)
     gradient_checkpointing: bool = False
     seed: int = 0
 
@@ -384,10 +384,17 @@ def plot_losses(log_path: Path, png: Path) -> None:
 def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
     """Run (or, with `resume`, continue) training as `config` says. See the module docstring."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import gather_object, set_seed
 
     out = Path(config.out)
+    # Accelerate keeps one precision per process; forget the last run's (the process group stays), so
+    # the Python API can train twice in one process, as Hugging Face's Trainer does.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=config.precision)
+    if config.precision == "fp16" and accelerator.device.type == "cpu":
+        raise TrainingError("precision=fp16 needs a GPU (Accelerate does not autocast to fp16 on a CPU); "
+                            "use bf16 or no")
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise TrainingError(f"batch_size={config.batch_size} must be a multiple of the {world} processes")

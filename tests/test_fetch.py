@@ -61,3 +61,18 @@ def test_youtube_without_a_javascript_runtime_says_how_to_fix_it(monkeypatch):
     monkeypatch.setattr("s4music.data.fetch.js_runtimes", lambda: {})
     with pytest.raises(FetchError, match="deno"):
         check_url("https://www.youtube.com/watch?v=abc")
+
+
+def test_a_page_with_several_recordings_is_a_playlist_and_items_select(http_server, recordings, tmp_path):
+    root, base = http_server
+    names = []
+    for i, recording in enumerate(sorted(recordings)[:3]):
+        names.append(f"track{i}.ogg")
+        shutil.copy(recording, root / names[-1])
+    players = "".join(f'<audio controls src="{name}"></audio>' for name in names)
+    (root / "album.html").write_text(f"<html><head><title>Album</title></head><body>{players}</body></html>")
+    report = fetch([f"{base}/album.html"], tmp_path / "out", FetchOptions(playlist_items="1,3"))
+    assert report.failed == []
+    kept = [item.original.read_bytes() for item in report.fetched]
+    assert kept == [(root / names[0]).read_bytes(), (root / names[2]).read_bytes()]
+    assert len({item.audio for item in report.fetched}) == 2  # each item has its own file

@@ -103,6 +103,19 @@ def test_config_file_and_overrides(tmp_path):
         TrainConfig.load(None, ["steps"])
 
 
+def test_bf16_autocast_changes_the_arithmetic_not_the_saved_weights(music_dataset, tmp_path):
+    # One process, precision switched back and forth: the Python API must allow it.
+    for name, precision in (("fp32", "no"), ("bf16", "bf16"), ("fp32-again", "no")):
+        train(tiny(music_dataset, tmp_path / name, steps=2, precision=precision))
+    bits = {name: [row["train_bits"] for row in log_rows(tmp_path / name)] for name in ("fp32", "bf16", "fp32-again")}
+    assert bits["fp32-again"] == bits["fp32"]
+    assert bits["bf16"] != bits["fp32"]  # autocast really ran: same seed and data, other rounding
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights(tmp_path / "bf16").values())
+    with pytest.raises(TrainingError, match="fp16 needs a GPU"):
+        train(tiny(music_dataset, tmp_path / "fp16", precision="fp16"))
+    assert not (tmp_path / "fp16").exists()
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(music_dataset, tmp_path):
     config = tiny(music_dataset, tmp_path / "nan", lr=1e30, ssm_lr=1e30, steps=20, save_every=1, max_bad_steps=3,
                   clip=0.0)

@@ -216,7 +216,7 @@ def train(
     batch_size: int = typer.Option(None, help="Windows per micro-batch over all processes (default 4)."),
     grad_accum: int = typer.Option(None, help="Micro-batches per optimizer step (default 1)."),
     lr: float = typer.Option(None, help="Learning rate (default 4e-3; SSM parameters use ssm_lr, 1e-3)."),
-    precision: str = typer.Option(None, help="no, bf16 or fp16 autocast (default no)."),
+    precision: str = typer.Option(None, help="no, bf16, or fp16 (GPU only) autocast (default no)."),
     seed: int = typer.Option(None, help="Seed of initialization and data order (default 0)."),
     groups: int = typer.Option(None, help="reparam: copies of Lambda per layer (default: one per channel)."),
     untie_pb: bool = typer.Option(None, "--untie-pb", help="reparam: untie P and B as well."),
