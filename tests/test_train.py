@@ -116,6 +116,19 @@ def test_bf16_autocast_changes_the_arithmetic_not_the_saved_weights(music_datase
     assert not (tmp_path / "fp16").exists()
 
 
+def test_tensorboard_log_holds_the_same_figures_as_the_csv(music_dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny(music_dataset, tmp_path / "run", log="tensorboard"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    rows = log_rows(tmp_path / "run")
+    for key in ("train_bits", "val_bits", "lr"):
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        expected = [(int(r["step"]), float(r[key])) for r in rows if r[key]]
+        assert [s for s, _ in logged] == [s for s, _ in expected] and expected, key
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-4), key
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(music_dataset, tmp_path):
     config = tiny(music_dataset, tmp_path / "nan", lr=1e30, ssm_lr=1e30, steps=20, save_every=1, max_bad_steps=3,
                   clip=0.0)
