@@ -1,9 +1,9 @@
 """Write the bundled model's card from what the recipe recorded: no figure is typed by hand.
 
-    python examples/write_model_card.py MODEL_DIR RUN_DIR [--hardware TEXT] [--flatness F]
+    python examples/write_model_card.py MODEL_DIR RUN_DIR... [--hardware TEXT] [--demo WAV]
 
-MODEL_DIR holds the checkpoint (its summary carries the `eval --record` result); RUN_DIR is the
-training run (log.csv, config.yaml).
+MODEL_DIR holds the checkpoint (its summary carries the `eval --record` result); each RUN_DIR is a
+training run (log.csv, config.yaml), in the order they ran.
 """
 
 from __future__ import annotations
@@ -16,21 +16,40 @@ from pathlib import Path
 import yaml
 
 
+def describe_run(run: Path, sample_rate: int) -> str:
+    """One markdown section on a training run, from its config.yaml and log.csv alone."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    vals = [(int(r["step"]), float(r["val_bits"])) for r in rows if r["val_bits"]]
+    lrs = [float(r["lr"]) for r in rows]
+    # A learning rate that rises after warm-up marks a `--resume` to more steps than the schedule had.
+    restarts = [i + 1 for i in range(max(config["warmup"], 1), len(lrs)) if lrs[i] > lrs[i - 1] * 1.01]
+    seconds = len(rows) * config["batch_size"] * config["seq_len"] / sample_rate
+    start = "from scratch" if config["mode"] == "scratch" else f"{config['mode']} from the previous stage"
+    history = (f"- The learning rate rose again at step {', '.join(map(str, restarts))}: the run was resumed "
+               "(`--resume`) with more steps after its cosine had decayed (a warm restart). Re-running the recipe "
+               "in one go reproduces this only approximately.\n") if restarts else ""
+    return f"""### {start}, {config['seq_len'] / sample_rate:.2f} s windows
+- {len(rows)} optimizer steps of {config['batch_size']} windows x {config['seq_len']} samples
+  ({seconds / 3600:.2f} hours of audio seen), AdamW, lr {config['lr']} (S4 parameters {config['ssm_lr']}, no
+  weight decay), {config['schedule']} schedule, {config['warmup']} warm-up steps, gradient clip {config['clip']},
+  seed {config['seed']}; mean throughput {sum(float(r['audio_s_per_s']) for r in rows) / len(rows):.2f} audio
+  seconds per second.
+{history}- Validation bits/sample: {', '.join(f'{v:.3f} (step {s})' for s, v in vals)}.
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", type=Path)
-    parser.add_argument("run", type=Path)
+    parser.add_argument("runs", type=Path, nargs="+", help="the training runs, in order (each fine-tunes the last)")
     parser.add_argument("--hardware", default="unknown")
     parser.add_argument("--demo", type=Path, help="the demo output (`make demo`), whose continuation is measured")
     parser.add_argument("--prompt-seconds", type=float, default=5.0, help="length of the prompt at its start")
     args = parser.parse_args()
     meta = json.loads((args.model / "config.json").read_text())
     summary, ev = meta["summary"], meta["summary"]["eval"]
-    config = yaml.safe_load((args.run / "config.yaml").read_text())
-    rows = list(csv.DictReader((args.run / "log.csv").open()))
-    vals = [(int(r["step"]), float(r["val_bits"])) for r in rows if r["val_bits"]]
-    rate = sum(float(r["audio_s_per_s"]) for r in rows) / len(rows)
-    seconds = sum(config["batch_size"] * config["seq_len"] for _ in rows) / meta["audio"]["sample_rate"]
+    stages = [describe_run(run, meta["audio"]["sample_rate"]) for run in args.runs]
     model = meta["model"]
     lo, hi = ev["interval_95"]
     f5, f95 = ev["flatness_5_95"]
@@ -50,7 +69,7 @@ def main() -> None:
 
 A small SaShiMi trained from scratch with this toolkit's own commands, so that `make demo` works
 on a laptop CPU with nothing downloaded. The exact recipe is `examples/train_default_model.sh`
-with `examples/default_model.yaml`; this card is written by `examples/write_model_card.py` from
+with `examples/default_model.yaml` and `examples/default_model_long.yaml`; this card is written by `examples/write_model_card.py` from
 what that recipe recorded.
 
 ## Model
@@ -71,16 +90,10 @@ what that recipe recorded.
   test split is held out from training and model selection.
 
 ## Training
-- {len(rows)} optimizer steps of {config['batch_size']} windows x {config['seq_len']} samples
-  ({seconds / 3600:.2f} hours of audio seen), AdamW, lr {config['lr']} (S4 parameters {config['ssm_lr']}, no
-  weight decay), cosine schedule, {config['warmup']} warm-up steps, gradient clip {config['clip']}, seed {config['seed']}.
-- Hardware: {args.hardware}; mean throughput {rate:.2f} audio seconds per second.
-- How the run actually went: the first 100 steps ran under a 1,000-step cosine, the run was then
-  resumed (`--resume`) to 600 steps and, once that schedule had decayed, resumed again to
-  {len(rows)} steps, so the learning rate rose again at step 600 (a warm restart). Re-running the
-  recipe reproduces this only approximately.
-- Validation bits/sample during training: {', '.join(f'{v:.3f} (step {s})' for s, v in vals)}.
-  The shipped weights are `best/`, the lowest of these.
+{len(stages)} stage(s) of `s4music train` on the train split; hardware: {args.hardware}.
+
+{chr(10).join(stages)}
+The shipped weights are the last stage's `best/`: its lowest validation NLL.
 
 ## Evaluation (`s4music eval --split test --record`, context {ev['context']} samples)
 

@@ -11,7 +11,8 @@ Every source file goes through `s4music.audio` (decode, mono, resample, quantize
 Whole files go to one split, so no file straddles two. Strata come from the first folder below the
 source root (or the root's name) plus any `tags`; within each stratum, val and test receive their
 share of files (at least one each from three files on). Assignment is reproducible from the seed
-and incremental: files already in the dataset keep their split; new files fill the shortfalls.
+and the files' resolved paths (the same files elsewhere split differently), and incremental: files
+already in the dataset keep their split; new files fill the shortfalls.
 
 Nothing is lost to a crash: windows are appended to the split files first and become part of the
 dataset only when dataset.json (written last, atomically) counts them; bytes beyond those counts
