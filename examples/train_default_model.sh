@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The exact recipe of the bundled model (s4music/assets/default-model) and the example prompt.
-# Run from the repository root after `make install`; about two and a quarter hours on two CPU cores.
+# Run from the repository root after `make install`; about two and a half hours on two CPU cores.
 #
 #   bash examples/train_default_model.sh            # WORK=/tmp/default by default
 #

@@ -28,6 +28,8 @@ def test_bundled_model_is_small_complete_and_evaluated():
     assert summary["domain"] and summary["sampling"]
     card = (DEFAULT_MODEL / "MODEL_CARD.md").read_text()
     assert f"{summary['test_bits']:.3f}" in card  # the card quotes the recorded evaluation
+    readme = (ROOT / "README.md").read_text()
+    assert f"{summary['test_bits']:.2f} bits/sample on held-out chorales" in readme  # so does the README
 
 
 def test_example_prompt_is_in_the_models_domain():
