@@ -372,18 +372,23 @@ void layer_step(const Layer& L, Rows& R, Private& P, const Team& team) {
   team.sync();
 }
 
-// Pick a code from logits by inverse CDF with uniform u (same procedure as sample_codes in fast.py).
-// Also gives log_z, the log-partition at temperature 1, so a code's log-probability is logit - log_z.
-int sample(const float* logits, int n, float u, float temperature, int top_k, float top_p, float* log_z_out,
-           Private& P) {
-  std::vector<double>& prob = P.prob;
+// The log-partition at temperature 1 (a code's log-probability is logit - log_z); leaves
+// exp(logit - max) in P.prob for sample().
+float log_partition(const float* logits, int n, Private& P) {
   const float mx = *std::max_element(logits, logits + n);
   double z = 0;
   for (int i = 0; i < n; ++i) {
-    prob[i] = std::exp((double)(logits[i] - mx));
-    z += prob[i];
+    P.prob[i] = std::exp((double)(logits[i] - mx));
+    z += P.prob[i];
   }
-  *log_z_out = mx + (float)std::log(z);
+  return mx + (float)std::log(z);
+}
+
+// Pick a code from logits by inverse CDF with uniform u (same procedure as sample_codes in fast.py).
+// Call right after log_partition(logits, ...), whose P.prob it starts from.
+int sample(const float* logits, int n, float u, float temperature, int top_k, float top_p, Private& P) {
+  std::vector<double>& prob = P.prob;
+  const float mx = *std::max_element(logits, logits + n);
   int code;
   if (temperature <= 0.f) {
     code = (int)(std::max_element(logits, logits + n) - logits);
@@ -723,11 +728,13 @@ class FastSaShiMi {
     for (int r = 0; r < R.n; ++r) {
       const size_t at = (size_t)(R.r0 + r) * job.n + step;
       const float* lg = logits + (size_t)r * V;
-      float log_z;
-      int c = sample(lg, V, job.uniforms[at], job.temperature, job.top_k, job.top_p, &log_z, P);
-      if (job.forced) {
+      const float log_z = log_partition(lg, V, P);
+      int c;
+      if (job.forced) {  // teacher-forced scoring: nothing to sample
         c = (int)job.forced[at];
         std::copy(lg, lg + V, job.logits + at * V);
+      } else {
+        c = sample(lg, V, job.uniforms[at], job.temperature, job.top_k, job.top_p, P);
       }
       job.codes[at] = c;
       job.logprobs[at] = lg[c] - log_z;
