@@ -48,7 +48,7 @@ def test_conv_kernel_matches_dense_recurrence(mode):
     # K[l] = 2 Re(C dA^l dB), computed the slow way in float64 from the dense discrete system.
     kernel = perturbed(S4Block(4, S4Config(mode=mode))).kernel
     length = 500
-    # with gradients: Cauchy (dplr) or Vandermonde (diag); without: dplr from the recurrence powers
+    # with gradients: Cauchy (dplr) or Vandermonde (diag); without: from the recurrence powers (both)
     kernels = [kernel.conv_kernel(length).detach()]
     with torch.no_grad():
         kernels.append(kernel.conv_kernel(length))

@@ -187,10 +187,11 @@ class S4Kernel(nn.Module):
     def conv_kernel(self, length: int) -> torch.Tensor:
         """The length-L convolution kernel K[l] = 2 Re(C dA^l dB), shape (H, L), float32.
 
-        DPLR: differentiably through the Cauchy kernel (training), or, when no gradient is wanted,
-        from the cached recurrence matrices (`_kernel_from_powers`), far faster on long prompts.
+        Differentiably through the Cauchy (DPLR) or Vandermonde (diag) kernel in training; when no
+        gradient is wanted, from the cached recurrence matrices (`_kernel_from_powers`), which is
+        far faster on long prompts in both modes.
         """
-        if self.config.mode == "dplr" and not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
             return self._kernel_from_powers(length)
         if self.config.mode == "diag":
             dt, lam, _, b, c = self.ssm()
