@@ -113,10 +113,17 @@ Spectral flatness of the test windows (5th to 95th percentile): {f5:.4f} to {f95
 - It is small and briefly trained. Continuations have piano-like timbre and decay, not harmony or
   rhythm. At temperature 1 without truncation they turn to hiss within a second. With the
   recommended top-k sampling the first second or so strikes and lets ring a note or two in the
-  prompt's register; then the signal drifts to a small DC offset under a quiet, sustained, tonal
-  texture (see the picture in the README). Its spectral flatness stays above the test set's range
-  (figures above). Fine-tuning on 2 s windows lowered the test NLL and the demo's flatness but did
-  not remove the drift.
+  prompt's register; then the signal drifts to a DC offset of about +0.2 under a quiet, sustained,
+  tonal texture (see the picture in the README), and `continue` flags the take as `offset`. Its
+  spectral flatness is above the test set's range (figures above): the continuation is not yet
+  music-like by that measure. Fine-tuning on 2 s windows lowered the test NLL but did not remove
+  the drift.
+- The drift comes from the truncation as much as from the model. Top-k keeps the likeliest codes,
+  and a mu-law code far from zero spans a wider amplitude bin, so it gathers more probability for
+  the same density: the kept codes lean away from zero. Ranking codes by density instead
+  (probability over bin width) removes the offset, but the texture then fades towards silence. No
+  sampling setting tried (top-k 2 to 5, top-p 0.5 to 0.9, temperature 0.7 to 1) gives a
+  music-like continuation; a larger, longer-trained model is the way out.
 - It knows one rendered GM piano playing four-part chorales. Other instruments, drums, voice or
   real recordings are out of its domain; `s4music check` says so.
 - Trained on windows of at most 2 s, it reads 8 s prompts without trouble but has learned no

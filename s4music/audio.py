@@ -208,16 +208,19 @@ def write_audio(path: str | Path, wave: torch.Tensor, sample_rate: int) -> Path:
 
 def spectral_flatness(wave: torch.Tensor, n_fft: int = 1024) -> float:
     """Mean over non-silent frames of geometric / arithmetic mean power: ~0.56 for white noise,
-    usually below 0.1 for music; 0 for silence."""
+    usually below 0.1 for music; 0 for silence.
+
+    Each frame's mean is removed before the window: a DC offset would otherwise leak through the
+    window into the lowest bins and make any signal with an offset look tonal."""
     if wave.numel() < n_fft:
         return 0.0
-    power = torch.stft(wave.float(), n_fft, hop_length=n_fft // 2, window=torch.hann_window(n_fft),
-                       return_complex=True).abs().square()[1:]  # drop DC
-    frames = power.mean(0) > 1e-10
-    if not frames.any():
+    frames = wave.float().unfold(0, n_fft, n_fft // 2)  # (frames, n_fft)
+    frames = (frames - frames.mean(-1, keepdim=True)) * torch.hann_window(n_fft, periodic=True)
+    power = torch.fft.rfft(frames).abs().square()[:, 1:]  # DC bin dropped
+    power = power[power.mean(-1) > 1e-10] + 1e-20
+    if not power.numel():
         return 0.0
-    power = power[:, frames] + 1e-20
-    return float((power.log().mean(0).exp() / power.mean(0)).mean())
+    return float((power.log().mean(-1).exp() / power.mean(-1)).mean())
 
 
 def dbfs(x: float) -> float:

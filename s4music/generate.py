@@ -58,7 +58,7 @@ class GenerateOptions:
     device: str = "auto"  # auto, cpu or cuda
     fused: bool = True  # use the fused CPU step when it is available
     force: bool = False  # continue even when guidance judges the prompt far out of domain
-    retry_degenerate: int = 0  # resample a variation that collapses or turns to noise, up to N times
+    retry_degenerate: int = 0  # resample a variation that collapses, turns to noise or drifts to an offset, up to N times
     plot: bool = False  # a PNG of waveform and spectrogram beside each output
 
 

@@ -6,7 +6,8 @@ conversions it needs, silence, clipping, DC offset, noise-likeness) and at the m
 the prompt in bits/sample, placed against the test-set NLL that `s4music eval --record` stored in
 the checkpoint.
 
-It also judges finished continuations: `degeneracy` spots collapse into silence and runaway noise.
+It also judges finished continuations: `degeneracy` spots collapse into silence, runaway noise, and
+a drift to a constant offset (a model stuck on one level under a faint texture).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from s4music.audio import Audio, dbfs, spectral_flatness
 TYPICAL, UNUSUAL, FAR = "typical", "unusual", "far from what this model knows"
 NOISE_FLATNESS = 0.35  # white noise is ~0.56; music is usually below 0.1
 SILENT_DBFS = -55.0
+DC_OFFSET = 0.05  # a mean level beyond this is an offset, not music (full scale is 1)
 
 
 @dataclass
@@ -91,7 +93,7 @@ def judge(report: PromptReport, bits: float | None, summary: dict) -> PromptRepo
         flag(UNUSUAL, f"the prompt is short ({report.seconds:.2f} s)", "a few seconds of prompt give the model more to go on")
     if report.clipped > 0.001:
         flag(UNUSUAL, f"{report.clipped:.1%} of the samples are clipped", "use a less compressed or quieter source")
-    if abs(report.dc_offset) > 0.05:
+    if abs(report.dc_offset) > DC_OFFSET:
         flag(UNUSUAL, f"DC offset of {report.dc_offset:+.3f}", None)
 
     ref = report.reference_bits
@@ -117,12 +119,15 @@ def judge(report: PromptReport, bits: float | None, summary: dict) -> PromptRepo
 
 
 def degeneracy(wave: torch.Tensor, sample_rate: int) -> str | None:
-    """'silence' if the continuation collapses to silence, 'noise' if it runs away into noise, else None."""
+    """'silence', 'noise' or 'offset' when the continuation collapses to silence, runs away into
+    noise, or drifts to a DC offset over its second half; None when it does none of these."""
     tail = wave[wave.numel() // 2 :]
     if tail.numel() == 0:
         return None
-    if dbfs(float(tail.square().mean().sqrt())) < SILENT_DBFS:
-        return "silence"
+    if dbfs(float((tail - tail.mean()).square().mean().sqrt())) < SILENT_DBFS:
+        return "silence"  # a constant level is silence too, whatever its offset
     if spectral_flatness(wave) > NOISE_FLATNESS:
         return "noise"
+    if abs(float(tail.mean())) > DC_OFFSET:
+        return "offset"
     return None

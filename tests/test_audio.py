@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from s4music.audio import AudioError, decode, encode, load_audio, normalize, write_audio
+from s4music.audio import AudioError, decode, encode, load_audio, normalize, spectral_flatness, write_audio
 
 
 def _official_mulaw(clip: torch.Tensor) -> torch.Tensor:
@@ -75,3 +75,13 @@ def test_write_is_atomic_and_normalizes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.flac"]
     loud = normalize(wave, 16000, "loudness", -16.0)
     assert np.isfinite(loud.numpy()).all() and loud.abs().max() <= 1.0
+
+
+def test_spectral_flatness_tells_tone_from_noise_and_ignores_a_dc_offset():
+    t = torch.arange(32000) / 16000
+    tone = 0.01 * torch.sin(2 * torch.pi * 440 * t)
+    noise = torch.from_numpy(np.random.default_rng(0).normal(0, 0.1, 32000)).float()
+    assert spectral_flatness(tone) < 0.01 and 0.4 < spectral_flatness(noise) < 0.7
+    # an offset leaks through the window into the low bins unless each frame's mean is removed
+    assert spectral_flatness(tone + 0.2) == pytest.approx(spectral_flatness(tone), rel=0.01)  # was 260x off
+    assert spectral_flatness(torch.zeros(32000)) == 0.0

@@ -146,6 +146,11 @@ def test_degeneracy_detection():
     assert degeneracy(music, 16000) is None
     assert degeneracy(torch.from_numpy(rng.uniform(-1, 1, 32000)).float(), 16000) == "noise"
     assert degeneracy(torch.cat([music[:16000], torch.zeros(16000)]), 16000) == "silence"
+    assert degeneracy(torch.cat([music[:16000], torch.full((16000,), 0.2)]), 16000) == "silence"
+    drift = music.clone()
+    drift[16000:] = 0.2 + 0.05 * music[16000:]  # a faint texture over an offset, as a stuck model makes
+    assert degeneracy(drift, 16000) == "offset"
+    assert degeneracy(music + 0.01, 16000) is None
 
 
 def test_continue_from_a_url_and_bad_inputs(trained_model, short_recording, http_server, tmp_path):

@@ -339,7 +339,8 @@ Normalize = Annotated[str, typer.Option(help="Output level: loudness (-16 LUFS),
 Format = Annotated[str, typer.Option(help="wav or flac (when OUT has no such suffix).")]
 ModelPath = Annotated[Path, typer.Option(help="s4music checkpoint (default: the bundled model).")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-Retry = Annotated[int, typer.Option(help="Resample a variation that collapses to silence or noise, up to N times.")]
+Retry = Annotated[int, typer.Option(help="Resample a variation that collapses to silence, turns to noise or "
+                                              "drifts to a DC offset, up to N times.")]
 Plot = Annotated[bool, typer.Option("--plot", help="Also write OUT.png: waveform and spectrogram.")]
 Fused = Annotated[bool, typer.Option("--fused/--no-fused", help="Use the fused C++ CPU step when available "
                                                                 "(--no-fused: the plain PyTorch step).")]
