@@ -5,7 +5,7 @@ import torch
 
 from conftest import perturbed
 from s4music.model import S4Config, SaShiMi, SaShiMiConfig
-from s4music.model.s4 import S4Block
+from s4music.model.s4 import S4Block, fft_length
 
 TOL = 1e-4
 
@@ -26,6 +26,18 @@ def test_config_yaml_round_trip(tmp_path):
     (tmp_path / "bad.yaml").write_text("d_model: 8\nwidth: 3\n")
     with pytest.raises(ValueError, match="width"):
         SaShiMiConfig.load_yaml(tmp_path / "bad.yaml")
+
+
+def test_fft_length_is_the_next_5_smooth_size():
+    def smooth(m):
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        return m == 1
+
+    for n in [*range(1, 2000), 2 * 159997 - 1, 2**20 + 1]:
+        size = fft_length(n)
+        assert size >= n and smooth(size) and not any(smooth(m) for m in range(n, size))
 
 
 @pytest.mark.parametrize("mode", ["dplr", "diag"])

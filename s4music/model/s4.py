@@ -333,6 +333,22 @@ class S4Kernel(nn.Module):
         return contrib[:, :, 0, : self.N2].to(torch.complex64)
 
 
+def fft_length(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n. An FFT whose size has a large prime factor is several times
+    slower, and a prompt can have any length."""
+    best, p5 = 2 * n, 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            size = p35
+            while size < n:
+                size *= 2
+            best = min(best, size)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
 _NODES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -367,7 +383,7 @@ class S4Block(nn.Module):
         u = x.transpose(1, 2).float()  # (B, H, L); the FFT stays in float32 under autocast
         with torch.autocast(device_type=u.device.type, enabled=False):
             k = self.kernel.conv_kernel(length)
-            n = 2 * length
+            n = fft_length(2 * length - 1)  # no wrap-around: the kernel is as long as the input
             y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :length]
             y = y + u * self.D.transpose(0, 1)
         state = self.kernel.final_state(u) if return_state else None
