@@ -1,4 +1,5 @@
-"""The S4 layer, in convolution mode (training, prompt reading) and recurrent mode (generation).
+"""The S4 layer, in convolution mode (training by FFT; prompt reading and evaluation by a chunked
+scan) and recurrent mode (generation).
 
 Follows the state-spaces/s4 experiment model. The continuous system of one channel h is
 
@@ -86,6 +87,8 @@ class Recurrence:
     dB     (H, N/2) complex64.
     dC     (H, N/2) complex64: the raw C (C-tilde undone), so y = 2 Re(dC . x).
     scan_kernel (H, N/2, SCAN_CHUNK) complex64: column j is (dA^j dB), half rows.
+    scan_rows   (H, N, SCAN_CHUNK) float32: column i is (dC dA^(i+1)) over the half state, as
+                [real; -imag], so that 2 Re(x . column) is a real product with [x.real | x.imag].
     scan_power  (H, N, N) complex128: dA^SCAN_CHUNK, full rows.
     """
 
@@ -93,6 +96,7 @@ class Recurrence:
     dB: torch.Tensor
     dC: torch.Tensor
     scan_kernel: torch.Tensor
+    scan_rows: torch.Tensor
     scan_power: torch.Tensor
 
 
@@ -185,14 +189,10 @@ class S4Kernel(nn.Module):
 
     # ---------------------------------------------------------------- convolution mode
     def conv_kernel(self, length: int) -> torch.Tensor:
-        """The length-L convolution kernel K[l] = 2 Re(C dA^l dB), shape (H, L), float32.
-
-        Differentiably through the Cauchy (DPLR) or Vandermonde (diag) kernel in training; when no
-        gradient is wanted, from the cached recurrence matrices (`_kernel_from_powers`), which is
-        far faster on long prompts in both modes.
+        """The length-L convolution kernel K[l] = 2 Re(C dA^l dB), shape (H, L), float32, differentiably
+        through the Cauchy (DPLR) or Vandermonde (diag) kernel: the training path. Prompt reading
+        and evaluation use `scan` instead.
         """
-        if not torch.is_grad_enabled():
-            return self._kernel_from_powers(length)
         if self.config.mode == "diag":
             dt, lam, _, b, c = self.ssm()
             dta = dt * lam
@@ -213,26 +213,6 @@ class S4Kernel(nn.Module):
         k_f = k_f * 2 / (1 + omega)
         return torch.fft.irfft(k_f, n=n_fft)[..., :length]
 
-    @torch.no_grad()
-    def _kernel_from_powers(self, length: int) -> torch.Tensor:
-        """K[j c + i] = 2 Re((C dA^(j c)) (dA^i dB)), c = SCAN_CHUNK: one real matrix product.
-
-        The rows C dA^(j c) come from doubling with the cached dA^c, so the kernel costs O(H L N)
-        multiply-adds in a single bmm, against O(H L N) complex divisions for Cauchy. C is the raw
-        C, so C-tilde is never re-attuned and the model is not changed.
-        """
-        rec = self.recurrence()
-        n_chunks = -(-length // SCAN_CHUNK)
-        rows = _conj_pairs(rec.dC).unsqueeze(1)  # (H, 1, N)
-        power = rec.scan_power.to(torch.complex64)
-        while rows.shape[1] < n_chunks:
-            rows = torch.cat([rows, rows @ power], dim=1)
-            power = power @ power
-        rows = rows[:, :n_chunks, : self.N2]  # (H, chunks, N/2)
-        cols = rec.scan_kernel  # (H, N/2, c)
-        k = 2 * torch.bmm(torch.cat([rows.real, -rows.imag], -1), torch.cat([cols.real, cols.imag], 1))
-        return k.reshape(self.H, -1)[:, :length]
-
     # ---------------------------------------------------------------- recurrent mode
     def _param_key(self) -> tuple:
         return tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
@@ -250,9 +230,10 @@ class S4Kernel(nn.Module):
                 eye = torch.eye(d_a.shape[-1], dtype=d_a.dtype, device=d_a.device)
                 lhs = (eye - _matrix_power(d_a, int(self.l_kernel))).transpose(-1, -2)
                 c = torch.linalg.solve(lhs, c.unsqueeze(-1)).squeeze(-1)
-            columns, power = d_b.unsqueeze(-1), d_a
-            while columns.shape[-1] < SCAN_CHUNK:
+            columns, rows, power = d_b.unsqueeze(-1), c.unsqueeze(-2) @ d_a, d_a
+            while columns.shape[-1] < SCAN_CHUNK:  # doubling: power is dA^(columns so far)
                 columns = torch.cat([columns, power @ columns], dim=-1)
+                rows = torch.cat([rows, rows @ power], dim=-2)
                 power = power @ power
             n2 = self.N2
             rec = Recurrence(
@@ -260,6 +241,7 @@ class S4Kernel(nn.Module):
                 dB=d_b[:, :n2].to(torch.complex64),
                 dC=c[:, :n2].to(torch.complex64),
                 scan_kernel=columns[:, :n2].to(torch.complex64),
+                scan_rows=torch.cat([rows[..., :n2].real, -rows[..., :n2].imag], -1).transpose(1, 2).float(),
                 scan_power=power,
             )
         self._cache = (key, rec)
@@ -305,32 +287,44 @@ class S4Kernel(nn.Module):
         return y, state
 
     @torch.no_grad()
-    def final_state(self, u: torch.Tensor) -> torch.Tensor:
-        """The state after reading u (B, H, L) from rest: sum_k dA^(L-1-k) dB u_k, as (B, H, N/2).
+    def scan(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Convolution mode without the FFT, for prompt reading: u (B, L, H) -> y (B, L, H) and the
+        state after u (B, H, N/2). y = 2 Re(C x) without the D term, as `conv_kernel` gives.
 
-        Chunks of SCAN_CHUNK samples become state contributions in one real matrix product
-        (nothing of size (H, N, L) is formed); then neighbouring chunks are folded pairwise,
-        (a, b) -> dA^c a + b with c the chunk length so far, in log2(chunks) rounds.
+        Chunks of c = SCAN_CHUNK samples. Inside a chunk, y is a (c, c) Toeplitz product with the
+        kernel's first c taps. Across chunks, each chunk's input becomes its state contribution in
+        one matrix product, a short loop carries the state from chunk to chunk with dA^c, and the
+        state x before a chunk adds 2 Re(C dA^(i+1) x) to its sample i. Nothing of size (H, N, L)
+        is formed, and all but the loop are real matrix products: several times faster than the
+        FFT for long prompts.
         """
         rec = self.recurrence()
-        batch, h, length = u.shape
+        batch, length, h = u.shape
         c = SCAN_CHUNK
-        u = F.pad(u.float(), ((-length) % c, 0))  # zeros before the start leave the state at rest
-        n_chunks = u.shape[-1] // c
-        rev = rec.scan_kernel.flip(-1)  # (H, N/2, c): weight of chunk position i is dA^(c-1-i) dB
-        weights = torch.cat([rev.real, rev.imag], dim=1)  # (H, N, c) real
-        chunks = u.view(batch, h, n_chunks, c).permute(1, 3, 0, 2).reshape(h, c, batch * n_chunks)
-        contrib = torch.bmm(weights, chunks).view(h, 2, self.N2, batch, n_chunks)
-        contrib = torch.complex(contrib[:, 0], contrib[:, 1]).permute(2, 0, 3, 1)  # (B, H, chunks, N/2)
-        contrib = _conj_pairs(contrib.to(torch.complex128))
-        power = rec.scan_power
-        while contrib.shape[2] > 1:
-            if contrib.shape[2] % 2:  # a zero chunk before the start changes nothing
-                contrib = F.pad(contrib, (0, 0, 1, 0))
-            earlier, later = contrib[:, :, 0::2], contrib[:, :, 1::2]
-            contrib = torch.einsum("hnm,bhkm->bhkn", power, earlier) + later
-            power = power @ power
-        return contrib[:, :, 0, : self.N2].to(torch.complex64)
+        pad = (-length) % c
+        # (H, B * chunks, c): time runs along the last axis, so both layout changes are 2-D transposes
+        chunks = u.float().permute(2, 0, 1)
+        chunks = (F.pad(chunks, (pad, 0)) if pad else chunks.contiguous()).view(h, -1, c)  # zeros first: at rest
+        n_chunks = chunks.shape[1] // batch
+
+        taps = 2 * torch.einsum("hn,hnc->hc", rec.dC, rec.scan_kernel).real  # K[0..c-1]
+        toeplitz = F.pad(taps, (c - 1, 0)).unfold(-1, c, 1).flip(1)  # (H, c, c): [s, i] = K[i - s], 0 below
+        y = torch.bmm(chunks, toeplitz)  # (H, B * chunks, c)
+
+        rev = rec.scan_kernel.flip(-1)  # weight of chunk position i is dA^(c-1-i) dB
+        contrib = torch.bmm(chunks, torch.cat([rev.real, rev.imag], dim=1).transpose(1, 2))  # (H, B * chunks, N)
+        contrib = contrib.view(h, batch, n_chunks, 2, self.N2).permute(2, 0, 1, 4, 3)
+        contrib = _conj_pairs(torch.view_as_complex(contrib.contiguous()))  # (chunks, H, B, N)
+        power = rec.scan_power.to(torch.complex64).transpose(1, 2).contiguous()  # x @ power = (dA^c x)^T
+        before = torch.empty_like(contrib)  # the state before each chunk
+        x = contrib.new_zeros(contrib.shape[1:])
+        for j in range(n_chunks):
+            before[j] = x
+            x = torch.baddbmm(contrib[j], x, power)
+        before = torch.view_as_real(before[..., : self.N2].permute(1, 2, 0, 3)).transpose(-1, -2)
+        y.baddbmm_(before.reshape(h, batch * n_chunks, -1), rec.scan_rows, alpha=2)
+        y = y.view(h, batch, -1)[..., pad:].permute(1, 2, 0).contiguous()
+        return y, x[..., : self.N2].transpose(0, 1).contiguous()
 
 
 def fft_length(n: int) -> int:
@@ -347,6 +341,14 @@ def fft_length(n: int) -> int:
             p35 *= 3
         p5 *= 5
     return best
+
+
+def fft_convolution(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Causal convolution of u (B, L, H) with kernels k (H, L) -> (B, L, H), by FFT."""
+    length = u.shape[1]
+    n = fft_length(2 * length - 1)  # no wrap-around: the kernel is as long as the input
+    u_f = torch.fft.rfft(u.transpose(1, 2), n=n)
+    return torch.fft.irfft(u_f * torch.fft.rfft(k, n=n), n=n)[..., :length].transpose(1, 2)
 
 
 _NODES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -380,14 +382,18 @@ class S4Block(nn.Module):
         if length == 0:
             state = self.kernel.initial_state(batch) if return_state else None
             return x, state
-        u = x.transpose(1, 2).float()  # (B, H, L); the FFT stays in float32 under autocast
+        u = x.float()  # the convolution stays in float32 under autocast
+        state = None
         with torch.autocast(device_type=u.device.type, enabled=False):
-            k = self.kernel.conv_kernel(length)
-            n = fft_length(2 * length - 1)  # no wrap-around: the kernel is as long as the input
-            y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :length]
-            y = y + u * self.D.transpose(0, 1)
-        state = self.kernel.final_state(u) if return_state else None
-        return self._out(y.transpose(1, 2).to(x.dtype)), state
+            if torch.is_grad_enabled():  # training: differentiable FFT convolution
+                y = fft_convolution(u, self.kernel.conv_kernel(length))
+                if return_state:
+                    state = self.kernel.scan(u)[1]
+            else:  # prompt reading and evaluation: the same function, chunked
+                y, state = self.kernel.scan(u)
+                state = state if return_state else None
+            y = y + u * self.D
+        return self._out(y.to(x.dtype)), state
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, H) -> y (B, H), new state."""

@@ -43,9 +43,11 @@ class ScalarLayerNorm(nn.Module):
         self.s = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=-1, keepdim=True)
-        std = (x - mean).square().mean(dim=-1, keepdim=True).sqrt()  # quiet on an empty tier
-        return (self.s / std) * (x - mean + self.m)
+        if x.numel() == 0:  # a tier the prompt is too short to reach
+            return x
+        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+        scale = self.s * var.rsqrt()
+        return torch.addcmul((self.m - mean) * scale, x, scale)  # one pass over x
 
 
 class WeightNormLinear(nn.Module):
