@@ -5,6 +5,7 @@ import torch
 
 from conftest import perturbed
 from s4music.model import S4Config, SaShiMi, SaShiMiConfig
+from s4music.model.sashimi import ScalarLayerNorm
 from s4music.model.s4 import S4Block, fft_length
 
 TOL = 1e-4
@@ -26,6 +27,15 @@ def test_config_yaml_round_trip(tmp_path):
     (tmp_path / "bad.yaml").write_text("d_model: 8\nwidth: 3\n")
     with pytest.raises(ValueError, match="width"):
         SaShiMiConfig.load_yaml(tmp_path / "bad.yaml")
+
+
+def test_scalar_layer_norm_is_the_official_formula_with_and_without_gradients():
+    norm = perturbed(ScalarLayerNorm(), scale=0.5)
+    x = 3 * torch.randn(2, 50, 16) + 1
+    ref = norm.s * (x - x.mean(-1, keepdim=True) + norm.m) / x.std(-1, keepdim=True, correction=0)
+    with torch.no_grad():
+        fast = norm(x)  # the fused kernel
+    assert (norm(x) - ref).abs().max() < 1e-5 and (fast - ref).abs().max() < 1e-5
 
 
 def test_fft_length_is_the_next_5_smooth_size():

@@ -45,9 +45,12 @@ class ScalarLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:  # a tier the prompt is too short to reach
             return x
+        if not torch.is_grad_enabled():  # the fused kernel, which gives 1/std too (not differentiably)
+            normed, _, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, 0.0)
+            return normed.mul_(self.s).addcmul_(rstd, self.s * self.m)
         var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
         scale = self.s * var.rsqrt()
-        return torch.addcmul((self.m - mean) * scale, x, scale)  # one pass over x
+        return torch.addcmul((self.m - mean) * scale, x, scale)
 
 
 class WeightNormLinear(nn.Module):
