@@ -118,6 +118,10 @@ def judge(report: PromptReport, bits: float | None, summary: dict) -> PromptRepo
     return report
 
 
+DEGENERACIES = {"silence": "collapsed into silence", "noise": "ran away into noise",
+                "offset": "drifted to a DC offset"}
+
+
 def degeneracy(wave: torch.Tensor, sample_rate: int) -> str | None:
     """'silence', 'noise' or 'offset' when the continuation collapses to silence, runs away into
     noise, or drifts to a DC offset over its second half; None when it does none of these."""

@@ -313,13 +313,15 @@ def _print_guidance(report) -> None:
 
 def _generation_run(run, what: str):
     """Run a generation with a progress bar (ETA and live RTF), then list the outputs."""
+    from s4music.guidance import DEGENERACIES
+
     with progress_bar(info=True) as bar:
         task = bar.add_task(what, total=None, info="")
         result = run(lambda done, total, rtf: bar.update(task, completed=done, total=total, info=f"RTF {rtf:.2f}"))
     console.print(f"seed {result.seed}; RTF {result.rtf:.2f} ({result.timings['generate_s']:.1f} s generating)",
                   highlight=False)
     for take in result.takes:
-        flag = f" [red]{take.degenerate}[/]" if take.degenerate else ""
+        flag = f" [red]degenerate: {DEGENERACIES[take.degenerate]}[/]" if take.degenerate else ""
         console.print(f"wrote {take.path} (seed {take.seed}, {take.bits:.2f} bits/sample){flag}", highlight=False)
     console.print(f"settings and timings: {result.sidecar}", highlight=False)
 
