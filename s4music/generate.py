@@ -57,6 +57,7 @@ class GenerateOptions:
     format: str = "wav"  # wav or flac
     device: str = "auto"  # auto, cpu or cuda
     fused: bool = True  # use the fused CPU step when it is available
+    half_weights: bool = True  # fused step: linear weights in half precision (faster; not code for code the plain step)
     force: bool = False  # continue even when guidance judges the prompt far out of domain
     retry_degenerate: int = 0  # resample a variation that collapses, turns to noise or drifts to an offset, up to N times
     plot: bool = False  # a PNG of waveform and spectrogram beside each output
@@ -211,8 +212,9 @@ def _finish(net: SaShiMi, model_id: str, state: SaShiMiState, first: torch.Tenso
     seeds = [seed + i for i in range(options.variations)]
     fused = None
     if options.fused and net.device.type == "cpu" and fused_available():
-        fused = FusedStep(net)
-    log.info("seed %d; %s step", seed, "fused CPU" if fused else "plain PyTorch")
+        fused = FusedStep(net, half=options.half_weights)
+    step = ("fused-cpu-fp16" if fused.half else "fused-cpu") if fused else f"plain-{net.device.type}"
+    log.info("seed %d; %s step", seed, step)
 
     gen_started = time.perf_counter()
     codes, logprobs = _sample(net, fused, state, first, seeds, n, options, on_progress)
@@ -257,7 +259,7 @@ def _finish(net: SaShiMi, model_id: str, state: SaShiMiState, first: torch.Tenso
                   "audio": vars(net.audio), "trained": {k: net.summary.get(k) for k in ("mode", "step", "test_bits")}},
         "options": dataclasses.asdict(options),
         "seed": seed,
-        "step": "fused-cpu" if fused else f"plain-{net.device.type}",
+        "step": step,
         "outputs": [{"file": t.path.name, "seed": t.seed, "bits_per_sample": t.bits, "degenerate": t.degenerate,
                      "retries": t.retries} for t in takes],
         "guidance": report.to_dict() if report else None,

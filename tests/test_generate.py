@@ -1,3 +1,4 @@
+import copy
 import json
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from s4music.generate import (
 from s4music.guidance import FAR, TYPICAL, degeneracy
 from s4music.model import S4Config, SaShiMi, SaShiMiConfig, import_official
 from s4music.model.fast import FusedStep, fused_available, sample_codes
+from s4music.model.sashimi import WeightNormLinear
 from s4music.model.reparam import untie
 
 S4MUSIC = [sys.executable, "-m", "s4music.cli"]
@@ -37,6 +39,8 @@ def _models():
         model = perturbed(SaShiMi(cfg))
         yield mode, model
         yield f"{mode}-reparam", perturbed(untie(model, groups=4, untie_pb=True, dt_per_state=True)[0])
+    # widths 12, 24, 48: the kernel packs channels in vectors of 8, so the first tier ends in a padded one
+    yield "dplr-width-12", perturbed(SaShiMi(SaShiMiConfig(d_model=12, n_layers=2, pool=[2, 2], s4=S4Config(d_state=8))))
 
 
 def test_fused_step_matches_the_model(fused):
@@ -52,6 +56,31 @@ def test_fused_step_matches_the_model(fused):
             _, _, second = fused.run(x[:, 201], state, torch.rand(batch, 131), forced=x[:, 202:])
             logits = torch.cat([first, second], dim=1)
             assert (logits - full[:, 101:-1]).abs().max() < 1e-4, (name, batch)
+
+
+def _half_weights(model: SaShiMi) -> SaShiMi:
+    """A copy of the model whose linear-layer weights are rounded to half precision (what FusedStep(half=True) stores)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(m.weight.half().float())
+            elif isinstance(m, WeightNormLinear):
+                w = m.weight.half().float()
+                m.weight_v.copy_(w)
+                m.weight_g.copy_(w.norm(dim=1, keepdim=True))
+    return model
+
+
+def test_fused_step_with_half_weights_matches_the_rounded_model(fused):
+    torch.manual_seed(0)
+    model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, pool=[4, 4], s4=S4Config(d_state=16))))
+    rounded = _half_weights(model)
+    x = torch.randint(0, 256, (2, 300))
+    _, state = rounded.prefill(x[:, :100])
+    _, _, logits = FusedStep(model, half=True).run(x[:, 100], state, torch.rand(2, 199), forced=x[:, 101:])
+    assert (logits - rounded(x)[:, 100:-1]).abs().max() < 1e-4
+    assert (logits - model(x)[:, 100:-1]).abs().max() > 1e-4  # the weights really were rounded
 
 
 def test_fused_and_plain_paths_sample_the_same_codes(fused):

@@ -2,7 +2,8 @@
 
 Two paths produce continuations, and they make the same choices:
     plain   SaShiMi.step (PyTorch, any device), one Python call per sample; the reference
-    fused   fast_step.cpp: the whole step and the sampling in C++, many samples per call
+    fused   fast_step.cpp: the whole step and the sampling in C++, many samples per call, with the
+            linear weights in float32 (the same codes as the plain path) or half precision (faster)
 
 Randomness is a tensor of uniforms drawn up front from a seeded generator, one per sample and
 variation, and both paths turn logits into a code with the same inverse-CDF rule
@@ -100,9 +101,14 @@ def _weight(linear: nn.Linear | WeightNormLinear) -> tuple[torch.Tensor, torch.T
 
 
 class FusedStep:
-    """The model in step form for the C++ kernel. Build it after the weights are final (it copies them)."""
+    """The model in step form for the C++ kernel. Build it after the weights are final (it copies them).
 
-    def __init__(self, model: SaShiMi):
+    half: hold the linear layers' weights in IEEE half precision (computing in float32), which halves
+    the memory a step reads; at batch 1 a step is bound by that. The S4 recurrences stay in float32.
+    Without F16C conversions (no AVX2) the weights stay float32; `half` says what is in effect.
+    """
+
+    def __init__(self, model: SaShiMi, half: bool = False):
         ext = _extension()
         if ext is None:
             raise RuntimeError("the fused CPU step could not be built")
@@ -113,7 +119,7 @@ class FusedStep:
                 model.encoder.weight.detach().float().contiguous(), list(model.config.pool),
                 [w for w, _ in downs], [b for _, b in downs], [w for w, _ in ups], [b for _, b in ups],
                 model.norm.weight.detach().float().contiguous(), model.norm.bias.detach().float().contiguous(),
-                *_weight(model.decoder))
+                *_weight(model.decoder), half)
             for tier, layers in enumerate([model.center, *[u.layers for u in model.up_blocks]]):
                 for res in layers:
                     m, s = float(res.norm.m), float(res.norm.s)
@@ -128,6 +134,7 @@ class FusedStep:
                     if kind == 1:
                         tensors += [params[k] for k in ("p", "g", "q", "kappa", "cg")]
                     self.impl.add_layer(tier, kind, m, s, tensors)
+        self.half = self.impl.half_weights()
 
     def run(self, codes: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor, temperature: float = 1.0,
             top_k: int = 0, top_p: float = 1.0, forced: torch.Tensor | None = None):

@@ -10,8 +10,9 @@
 // The layout answers that:
 //   linear layers  weights stored transposed (in, out), so a row of the batch is a sum of weight
 //                  rows scaled by its inputs: register tiles of outputs, no horizontal sums;
-//   S4 recurrence  parameters and state stored (N/2, H), so the SIMD lanes are channels and the
-//                  low-rank reductions over the state are plain vector adds;
+//   S4 recurrence  parameters and state packed by vectors of 8 channels, so the SIMD lanes are
+//                  channels, the sums over the state stay in registers, and each layer's
+//                  parameters are one sequential stream;
 //   GELU, gates    erf and exp from glibc's vector math library (libmvec) where it exists.
 // Threads: rows of the batch (variations) are split into groups, one per thread. With fewer rows
 // than threads, a group gets a team that splits every layer by output channels and meets at a
@@ -29,7 +30,7 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define S4MUSIC_AVX2 1
 #endif
@@ -90,14 +91,34 @@ struct Team {
 };
 
 struct Linear {
-  Floats wt, b;  // weight transposed (in, out), bias (out)
+  // weight transposed (in, out), in float32 or, with `half`, IEEE half precision; bias (out)
+  Floats wt, b;
+  std::vector<uint16_t> wt16;
   int in = 0, out = 0;
+  bool half = false;
   Linear() = default;
-  Linear(const torch::Tensor& w, const torch::Tensor& bias) : in(w.size(1)), out(w.size(0)) {
+  Linear(const torch::Tensor& w, const torch::Tensor& bias, bool half_weights = false)
+      : in(w.size(1)), out(w.size(0)) {
     auto t = w.t().contiguous();
-    wt.assign(t.data_ptr<float>(), t.data_ptr<float>() + t.numel());
+#ifdef S4MUSIC_AVX2
+    half = half_weights;
+#endif
+    if (half) {
+      auto h = t.to(torch::kHalf).contiguous();
+      const uint16_t* raw = reinterpret_cast<const uint16_t*>(h.data_ptr<at::Half>());
+      wt16.assign(raw, raw + h.numel());
+    } else {
+      wt.assign(t.data_ptr<float>(), t.data_ptr<float>() + t.numel());
+    }
     auto bc = bias.contiguous();
     b.assign(bc.data_ptr<float>(), bc.data_ptr<float>() + bc.numel());
+  }
+
+  float weight(int i, int o) const {
+#ifdef S4MUSIC_AVX2
+    if (half) return _cvtsh_ss(wt16[(size_t)i * out + o]);
+#endif
+    return wt[(size_t)i * out + o];
   }
 
   // Outputs [o0, o1) of y[r] = W x[r] + b for `rows` rows; plain loops, any widths.
@@ -108,6 +129,10 @@ struct Linear {
       for (int o = o0; o < o1; ++o) yr[o] = b[o];
       for (int i = 0; i < in; ++i) {
         const float xi = xr[i];
+        if (half) {
+          for (int o = o0; o < o1; ++o) yr[o] += weight(i, o) * xi;
+          continue;
+        }
         const float* __restrict w = wt.data() + (size_t)i * out;
 #pragma omp simd
         for (int o = o0; o < o1; ++o) yr[o] += w[o] * xi;
@@ -116,9 +141,15 @@ struct Linear {
   }
 
 #ifdef S4MUSIC_AVX2
+  template <bool Half>
+  __m256 load8(size_t at) const {
+    if constexpr (Half) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wt16.data() + at)));
+    else return _mm256_loadu_ps(wt.data() + at);
+  }
+
   // R rows by 8V outputs from o0, accumulated in registers. K interleaved partial sums over the
   // inputs keep enough independent FMA chains in flight when the tile is narrow.
-  template <int R, int V, int K>
+  template <bool Half, int R, int V, int K>
   void tile(const float* x, float* y, int o0) const {
     __m256 acc[K][R][V];
     for (int v = 0; v < V; ++v) {
@@ -129,9 +160,9 @@ struct Linear {
       }
     }
     auto madd = [&](int k, int i) {
-      const float* w = wt.data() + (size_t)i * out + o0;
+      const size_t w = (size_t)i * out + o0;
       __m256 wv[V];
-      for (int v = 0; v < V; ++v) wv[v] = _mm256_loadu_ps(w + 8 * v);
+      for (int v = 0; v < V; ++v) wv[v] = load8<Half>(w + 8 * v);
       for (int r = 0; r < R; ++r) {
         const __m256 xb = _mm256_set1_ps(x[(size_t)r * in + i]);
         for (int v = 0; v < V; ++v) acc[k][r][v] = _mm256_fmadd_ps(wv[v], xb, acc[k][r][v]);
@@ -150,43 +181,49 @@ struct Linear {
   }
 
   // R rows, outputs [o0, o1): the widest tiles that fit, about eight accumulators each.
-  template <int R>
+  template <bool Half, int R>
   void block(const float* x, float* y, int o0, int o1) const {
     constexpr int widest = R == 1 ? 8 : R == 2 ? 4 : 2;
     int o = o0;
     while (o1 - o >= 8) {
       const int vectors = (o1 - o) / 8;
       if (widest >= 8 && vectors >= 8) {
-        tile<R, 8, 1>(x, y, o);
+        tile<Half, R, 8, 1>(x, y, o);
         o += 64;
       } else if (widest >= 4 && vectors >= 4) {
-        tile<R, 4, std::max(1, 8 / (4 * R))>(x, y, o);
+        tile<Half, R, 4, std::max(1, 8 / (4 * R))>(x, y, o);
         o += 32;
       } else if (vectors >= 2) {
-        tile<R, 2, std::max(1, 8 / (2 * R))>(x, y, o);
+        tile<Half, R, 2, std::max(1, 8 / (2 * R))>(x, y, o);
         o += 16;
       } else {
-        tile<R, 1, std::max(1, 8 / R)>(x, y, o);
+        tile<Half, R, 1, std::max(1, 8 / R)>(x, y, o);
         o += 8;
       }
     }
     if (o < o1) columns(x, y, R, o, o1);
+  }
+
+  template <bool Half>
+  void rows_by_four(const float* x, float* y, int rows, int o0, int o1) const {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) block<Half, 4>(x + (size_t)r * in, y + (size_t)r * out, o0, o1);
+    const float* xr = x + (size_t)r * in;
+    float* yr = y + (size_t)r * out;
+    switch (rows - r) {
+      case 3: block<Half, 3>(xr, yr, o0, o1); break;
+      case 2: block<Half, 2>(xr, yr, o0, o1); break;
+      case 1: block<Half, 1>(xr, yr, o0, o1); break;
+      default: break;
+    }
   }
 #endif
 
   // Outputs [o0, o1) of y[r] = W x[r] + b for `rows` rows of widths in and out.
   void apply(const float* x, float* y, int rows, int o0, int o1) const {
 #ifdef S4MUSIC_AVX2
-    int r = 0;
-    for (; r + 4 <= rows; r += 4) block<4>(x + (size_t)r * in, y + (size_t)r * out, o0, o1);
-    const float* xr = x + (size_t)r * in;
-    float* yr = y + (size_t)r * out;
-    switch (rows - r) {
-      case 3: block<3>(xr, yr, o0, o1); break;
-      case 2: block<2>(xr, yr, o0, o1); break;
-      case 1: block<1>(xr, yr, o0, o1); break;
-      default: break;
-    }
+    if (half) rows_by_four<true>(x, y, rows, o0, o1);
+    else rows_by_four<false>(x, y, rows, o0, o1);
 #else
     columns(x, y, rows, o0, o1);
 #endif
@@ -211,11 +248,15 @@ inline void gelu(float* x, int rows, int w, int c0, int c1) {
 enum Kind { S4_DIAG = 0, S4_DPLR = 1, FEEDFORWARD = 2 };
 
 struct Layer {
-  int kind = 0, H = 0, N2 = 0;
+  int kind = 0, H = 0, N2 = 0, Hv = 0;  // Hv: channels in vectors of 8, the last one zero-padded
   float norm_m = 0.f, norm_s = 1.f;
-  // S4 step parameters (see S4Kernel.step_params) as real and imaginary (N/2, H) arrays.
-  Floats a_re, a_im, b_re, b_im, c_re, c_im, p_re, p_im, g_re, g_im, q_re, q_im;
-  Floats kappa, cg, D;
+  // S4 step parameters (see S4Kernel.step_params), packed (Hv, N2, fields, 2, 8): for each vector
+  // of 8 channels and each state index, the real then imaginary lanes of a, b, c [, q, p]. One
+  // stream through memory per layer, in the order the recurrence reads it.
+  Floats packed;
+  Floats kappa, cg;     // DPLR, (Hv * 8), zero-padded
+  Floats D;             // (H)
+  torch::Tensor p, g;   // DPLR, complex (H, N2): only to convert the state on the way in and out
   Linear out;       // S4 output linear (2H, H), GLU after
   Linear fc1, fc2;  // feed-forward
   int state_index = -1;
@@ -230,13 +271,14 @@ struct Model {
   torch::Tensor ln_w, ln_b;
   Linear decoder;
   int n_s4 = 0, widest = 0;
+  bool half = false;  // linear weights in half precision
 };
 
 // The rows one group owns: their recurrent state and the activations its team shares.
 struct Rows {
   int r0 = 0, n = 0;
-  std::vector<Floats> s4;     // per S4 layer: (rows, 2, N2, H), real then imaginary parts
-  std::vector<Floats> alpha;  // per S4 layer: (rows, H), the DPLR low-rank coefficient
+  std::vector<Floats> s4;     // per S4 layer: (rows, Hv, N2, 2, 8), real then imaginary lanes
+  std::vector<Floats> alpha;  // per S4 layer: (rows, Hv * 8), the DPLR low-rank coefficient
   std::vector<Floats> down;  // per pool: (rows, H, p)
   std::vector<Floats> up;    // per up block: (rows, H_out, p)
   Floats h, act, wide, block_in;
@@ -247,7 +289,7 @@ struct Rows {
 
 // Scratch that each thread keeps to itself.
 struct Private {
-  Floats normed, tmp;
+  Floats normed;
   std::vector<double> prob;
   std::vector<int> order;
 };
@@ -266,65 +308,74 @@ void norm_rows(const float* x, float* y, int rows, int H, float m, float s) {
   }
 }
 
-// One S4 recurrence over channels [c0, c1) of `rows` rows: inputs u (rows, H), states in place,
-// outputs y (rows, H) = Re(c x') (half the layer's 2 Re); sigma is scratch of (rows, H).
-//   diag: a row's state (2, N2, H) is x.
-//   dplr: a row's state (2, N2, H) is w and alpha (H) is g's coefficient, x = w - g alpha (see
+// One S4 recurrence on the 8-channel vector v of R rows: inputs u (rows, H), states in place,
+// outputs y (rows, H) = Re(c x') (half the layer's 2 Re).
+//   diag: a row's state is x.
+//   dplr: a row's state is w and alpha is g's coefficient, x = w - g alpha (see
 //         S4Kernel.step_params). One pass over the state per step: the next step's P^H x is
 //         alpha itself, and y follows from sums over w, so x is never formed.
-// The rows loop sits inside the state loop, so each slice of parameters is read from memory once
-// for all rows and then from L1.
-void s4_rows(const Layer& L, const float* u, float* y, float* state, float* alpha, float* sigma, int rows, int c0,
-             int c1) {
-  const int H = L.H, N2 = L.N2;
-  const size_t per_row = (size_t)2 * N2 * H, half = (size_t)N2 * H;
-  for (int r = 0; r < rows; ++r) {
-    std::fill(y + (size_t)r * H + c0, y + (size_t)r * H + c1, 0.f);
-    std::fill(sigma + (size_t)r * H + c0, sigma + (size_t)r * H + c1, 0.f);
-  }
-  for (int n = 0; n < N2; ++n) {
-    const size_t o = (size_t)n * H;
-    const float *ar = &L.a_re[o], *ai = &L.a_im[o], *br = &L.b_re[o], *bi = &L.b_im[o];
-    const float *cr = &L.c_re[o], *ci = &L.c_im[o];
-    for (int r = 0; r < rows; ++r) {
-      float* __restrict xr = state + r * per_row + o;
-      float* __restrict xi = xr + half;
-      const float* __restrict ur = u + (size_t)r * H;
-      float* __restrict yr = y + (size_t)r * H;
-      if (L.kind == S4_DIAG) {
+// The state index is the inner loop, so the sums stay in registers and each packed slice of
+// parameters is read once for all R rows.
+template <int R, bool Dplr>
+void s4_vector(const Layer& L, int v, const float* u, float* y, float* state, float* alpha, int row_offset) {
+  constexpr int F = Dplr ? 5 : 3;
+  const int H = L.H, N2 = L.N2, ch0 = 8 * v, lanes = std::min(8, H - ch0);
+  const size_t row_stride = (size_t)L.Hv * N2 * 16, padded = (size_t)L.Hv * 8;
+  float uu[R][8], al[R][8], sum_y[R][8], sum_p[R][8];
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < 8; ++l) {
+      const int rr = row_offset + r;
+      uu[r][l] = l < lanes ? u[(size_t)rr * H + ch0 + l] : 0.f;
+      al[r][l] = Dplr ? alpha[rr * padded + ch0 + l] : 0.f;
+      sum_y[r][l] = sum_p[r][l] = 0.f;
+    }
+  const float* prm = L.packed.data() + (size_t)v * N2 * F * 16;
+  float* st = state + row_offset * row_stride + (size_t)v * N2 * 16;
+  for (int n = 0; n < N2; ++n, prm += F * 16, st += 16) {
+    const float *ar = prm, *ai = prm + 8, *br = prm + 16, *bi = prm + 24, *cr = prm + 32, *ci = prm + 40;
+    for (int r = 0; r < R; ++r) {
+      float* __restrict xr = st + r * row_stride;
+      float* __restrict xi = xr + 8;
 #pragma omp simd
-        for (int ch = c0; ch < c1; ++ch) {
-          const float re = ar[ch] * xr[ch] - ai[ch] * xi[ch] + br[ch] * ur[ch];
-          const float im = ar[ch] * xi[ch] + ai[ch] * xr[ch] + bi[ch] * ur[ch];
-          xr[ch] = re;
-          xi[ch] = im;
-          yr[ch] += re * cr[ch] - im * ci[ch];
+      for (int l = 0; l < 8; ++l) {
+        float re = ar[l] * xr[l] - ai[l] * xi[l] + br[l] * uu[r][l];
+        float im = ar[l] * xi[l] + ai[l] * xr[l] + bi[l] * uu[r][l];
+        if constexpr (Dplr) {
+          const float *qr = prm + 48, *qi = prm + 56, *pr = prm + 64, *pi = prm + 72;
+          re -= qr[l] * al[r][l];
+          im -= qi[l] * al[r][l];
+          sum_p[r][l] += pr[l] * re + pi[l] * im;
         }
-        continue;
-      }
-      const float *pr = &L.p_re[o], *pi = &L.p_im[o], *qr = &L.q_re[o], *qi = &L.q_im[o];
-      const float* __restrict al = alpha + (size_t)r * H;
-      float* __restrict sg = sigma + (size_t)r * H;
-#pragma omp simd
-      for (int ch = c0; ch < c1; ++ch) {
-        const float re = ar[ch] * xr[ch] - ai[ch] * xi[ch] - qr[ch] * al[ch] + br[ch] * ur[ch];
-        const float im = ar[ch] * xi[ch] + ai[ch] * xr[ch] - qi[ch] * al[ch] + bi[ch] * ur[ch];
-        xr[ch] = re;
-        xi[ch] = im;
-        sg[ch] += pr[ch] * re + pi[ch] * im;
-        yr[ch] += cr[ch] * re - ci[ch] * im;
+        xr[l] = re;
+        xi[l] = im;
+        sum_y[r][l] += cr[l] * re - ci[l] * im;
       }
     }
   }
-  if (L.kind == S4_DIAG) return;
-  for (int r = 0; r < rows; ++r) {
-    float* __restrict al = alpha + (size_t)r * H;
-    float* __restrict yr = y + (size_t)r * H;
-    const float* __restrict sg = sigma + (size_t)r * H;
-#pragma omp simd
-    for (int ch = c0; ch < c1; ++ch) {
-      al[ch] = 2.f * L.kappa[ch] * sg[ch];
-      yr[ch] -= al[ch] * L.cg[ch];
+  for (int r = 0; r < R; ++r) {
+    const int rr = row_offset + r;
+    for (int l = 0; l < 8; ++l) {
+      if constexpr (Dplr) {
+        al[r][l] = 2.f * L.kappa[ch0 + l] * sum_p[r][l];
+        alpha[rr * padded + ch0 + l] = al[r][l];
+        sum_y[r][l] -= al[r][l] * L.cg[ch0 + l];
+      }
+      if (l < lanes) y[(size_t)rr * H + ch0 + l] = sum_y[r][l];
+    }
+  }
+}
+
+// The S4 recurrence over channels [c0, c1) (c0 a multiple of 8) of `rows` rows, four at a time.
+template <bool Dplr>
+void s4_rows(const Layer& L, const float* u, float* y, float* state, float* alpha, int rows, int c0, int c1) {
+  for (int v = c0 / 8; v < (c1 + 7) / 8; ++v) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) s4_vector<4, Dplr>(L, v, u, y, state, alpha, r);
+    switch (rows - r) {
+      case 3: s4_vector<3, Dplr>(L, v, u, y, state, alpha, r); break;
+      case 2: s4_vector<2, Dplr>(L, v, u, y, state, alpha, r); break;
+      case 1: s4_vector<1, Dplr>(L, v, u, y, state, alpha, r); break;
+      default: break;
     }
   }
 }
@@ -351,7 +402,10 @@ void layer_step(const Layer& L, Rows& R, Private& P, const Team& team) {
     team.sync();
     return;
   }
-  s4_rows(L, normed, act, R.s4[L.state_index].data(), R.alpha[L.state_index].data(), P.tmp.data(), rows, c0, c1);
+  float* state = R.s4[L.state_index].data();
+  float* alpha = R.alpha[L.state_index].data();
+  if (L.kind == S4_DPLR) s4_rows<true>(L, normed, act, state, alpha, rows, c0, c1);
+  else s4_rows<false>(L, normed, act, state, alpha, rows, c0, c1);
   for (int r = 0; r < rows; ++r) {
     const float* u = normed + (size_t)r * H;
     float* y = act + (size_t)r * H;
@@ -442,21 +496,25 @@ class FastSaShiMi {
  public:
   FastSaShiMi(torch::Tensor embedding, std::vector<int64_t> pools, std::vector<torch::Tensor> down_w,
               std::vector<torch::Tensor> down_b, std::vector<torch::Tensor> up_w, std::vector<torch::Tensor> up_b,
-              torch::Tensor ln_w, torch::Tensor ln_b, torch::Tensor dec_w, torch::Tensor dec_b) {
+              torch::Tensor ln_w, torch::Tensor ln_b, torch::Tensor dec_w, torch::Tensor dec_b, bool half) {
+    M.half = half;
     M.embedding = embedding.contiguous();
     M.n_codes = embedding.size(0);
     M.H0 = embedding.size(1);
     for (auto p : pools) M.pools.push_back((int)p);
-    for (size_t i = 0; i < down_w.size(); ++i) M.down.emplace_back(down_w[i], down_b[i]);
-    for (size_t i = 0; i < up_w.size(); ++i) M.up.emplace_back(up_w[i], up_b[i]);
+    for (size_t i = 0; i < down_w.size(); ++i) M.down.emplace_back(down_w[i], down_b[i], half);
+    for (size_t i = 0; i < up_w.size(); ++i) M.up.emplace_back(up_w[i], up_b[i], half);
     M.tiers.resize(pools.size() + 1);
     M.ln_w = ln_w.contiguous();
     M.ln_b = ln_b.contiguous();
-    M.decoder = Linear(dec_w, dec_b);
+    M.decoder = Linear(dec_w, dec_b, half);
     M.widest = std::max(M.H0, M.n_codes);
     for (const Linear& l : M.down) M.widest = std::max({M.widest, l.in, l.out});
     for (const Linear& l : M.up) M.widest = std::max(M.widest, l.out);
   }
+
+  // Whether the linear weights are held in half precision (asked for, and the CPU converts it).
+  bool half_weights() const { return M.decoder.half; }
 
   // tier: 0 centre, 1.. up blocks deepest first. kind: 0 S4D, 1 DPLR, 2 feed-forward.
   void add_layer(int tier, int kind, double norm_m, double norm_s, std::vector<torch::Tensor> t) {
@@ -469,29 +527,29 @@ class FastSaShiMi {
       return Floats(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
     };
     if (kind == FEEDFORWARD) {
-      L.fc1 = Linear(t[0], t[1]);
-      L.fc2 = Linear(t[2], t[3]);
+      L.fc1 = Linear(t[0], t[1], M.half);
+      L.fc2 = Linear(t[2], t[3], M.half);
       L.H = L.fc1.in;
       M.widest = std::max(M.widest, L.fc1.out);
     } else {
-      // t: a, b, c, D, out_w, out_b [, p, g, q, kappa, cg]; complex (H, N2) stored as (N2, H)
-      auto split = [&](const torch::Tensor& z, Floats& re, Floats& im) {
-        re = floats(torch::real(z).t());
-        im = floats(torch::imag(z).t());
-      };
-      split(t[0], L.a_re, L.a_im);
-      split(t[1], L.b_re, L.b_im);
-      split(t[2], L.c_re, L.c_im);
-      L.D = floats(t[3]);
-      L.out = Linear(t[4], t[5]);
+      // t: a, b, c, D, out_w, out_b [, p, g, q, kappa, cg]; complex (H, N2)
       L.H = t[0].size(0);
       L.N2 = t[0].size(1);
+      L.Hv = (L.H + 7) / 8;
+      std::vector<torch::Tensor> fields{t[0], t[1], t[2]};
+      if (kind == S4_DPLR) fields.insert(fields.end(), {t[8], t[6]});  // q, p
+      // (F, H, N2) complex -> (F, H, N2, 2) real -> (Hv, N2, F, 2, 8)
+      auto ri = torch::view_as_real(torch::stack(fields).to(torch::kComplexFloat));
+      ri = at::constant_pad_nd(ri, {0, 0, 0, 0, 0, 8 * L.Hv - L.H});
+      L.packed = floats(ri.view({(int64_t)fields.size(), L.Hv, 8, L.N2, 2}).permute({1, 3, 0, 4, 2}));
+      L.D = floats(t[3]);
+      L.out = Linear(t[4], t[5], M.half);
       if (kind == S4_DPLR) {
-        split(t[6], L.p_re, L.p_im);
-        split(t[7], L.g_re, L.g_im);
-        split(t[8], L.q_re, L.q_im);
-        L.kappa = floats(t[9]);
-        L.cg = floats(t[10]);
+        L.p = t[6].to(torch::kComplexDouble);
+        L.g = t[7].to(torch::kComplexDouble);
+        auto pad = [&](const torch::Tensor& x) { return floats(at::constant_pad_nd(x.to(torch::kFloat), {0, 8 * L.Hv - L.H})); };
+        L.kappa = pad(t[9]);
+        L.cg = pad(t[10]);
       }
       L.state_index = M.n_s4++;
       M.widest = std::max(M.widest, 2 * L.H);
@@ -554,17 +612,29 @@ class FastSaShiMi {
  private:
   Model M;
 
+  // States in torch's layout (B, H, N2) complex64 <-> this group's rows, packed (rows, Hv, N2, 2, 8).
+  // A DPLR state goes in as w = x + g alpha with alpha = 2 Re(sum conj(p) x) = P^H x, and comes
+  // back as x = w - g alpha; in double, so the round trip costs no precision.
   void load_state(Rows& R, std::vector<torch::Tensor>& s4_states, std::vector<torch::Tensor>& down_states,
                   std::vector<torch::Tensor>& up_states) const {
     const int r1 = R.r0 + R.n;
-    for (auto& s : s4_states) {  // (B, H, N2) complex64 -> (rows, 2, N2, H)
-      auto part = torch::view_as_real(s.slice(0, R.r0, r1)).permute({0, 3, 2, 1}).contiguous();
-      R.s4.emplace_back(part.data_ptr<float>(), part.data_ptr<float>() + part.numel());
-    }
-    R.alpha.assign(R.s4.size(), Floats());
+    R.s4.assign(M.n_s4, Floats());
+    R.alpha.assign(M.n_s4, Floats());
     for (auto& tier : M.tiers)
-      for (const Layer& L : tier)
-        if (L.kind == S4_DPLR) to_deferred(L, R.s4[L.state_index], R.alpha[L.state_index], R.n);
+      for (const Layer& L : tier) {
+        if (L.kind == FEEDFORWARD) continue;
+        auto x = s4_states[L.state_index].slice(0, R.r0, r1).to(torch::kComplexDouble);
+        auto alpha = torch::zeros({R.n, L.H}, torch::kDouble);
+        if (L.kind == S4_DPLR) {
+          alpha = 2 * torch::real((torch::conj(L.p) * x).sum(-1));
+          x = x + L.g * alpha.unsqueeze(-1);
+        }
+        auto ri = at::constant_pad_nd(torch::view_as_real(x.to(torch::kComplexFloat)), {0, 0, 0, 0, 0, 8 * L.Hv - L.H});
+        auto packed = ri.view({R.n, L.Hv, 8, L.N2, 2}).permute({0, 1, 3, 4, 2}).contiguous();
+        R.s4[L.state_index].assign(packed.data_ptr<float>(), packed.data_ptr<float>() + packed.numel());
+        auto al = at::constant_pad_nd(alpha.to(torch::kFloat), {0, 8 * L.Hv - L.H}).contiguous();
+        R.alpha[L.state_index].assign(al.data_ptr<float>(), al.data_ptr<float>() + al.numel());
+      }
     auto copy_rows = [&](std::vector<torch::Tensor>& from, std::vector<Floats>& to) {
       for (auto& s : from) {
         auto part = s.slice(0, R.r0, r1).contiguous();
@@ -582,47 +652,21 @@ class FastSaShiMi {
                    std::vector<torch::Tensor>& up_states) const {
     const int r1 = R.r0 + R.n;
     for (auto& tier : M.tiers)
-      for (const Layer& L : tier)
-        if (L.kind == S4_DPLR) from_deferred(L, R.s4[L.state_index], R.alpha[L.state_index], R.n);
-    for (size_t i = 0; i < s4_states.size(); ++i) {
-      auto dst = s4_states[i].slice(0, R.r0, r1);
-      auto soa = torch::from_blob(R.s4[i].data(), {R.n, 2, dst.size(2), dst.size(1)});
-      dst.copy_(torch::view_as_complex(soa.permute({0, 3, 2, 1}).contiguous()));
-    }
+      for (const Layer& L : tier) {
+        if (L.kind == FEEDFORWARD) continue;
+        auto packed = torch::from_blob(R.s4[L.state_index].data(), {R.n, L.Hv, L.N2, 2, 8});
+        auto ri = packed.permute({0, 1, 4, 2, 3}).reshape({R.n, 8 * L.Hv, L.N2, 2}).slice(1, 0, L.H).contiguous();
+        auto x = torch::view_as_complex(ri).to(torch::kComplexDouble);
+        if (L.kind == S4_DPLR) {
+          auto alpha = torch::from_blob(R.alpha[L.state_index].data(), {R.n, 8 * L.Hv}).slice(1, 0, L.H);
+          x = x - L.g * alpha.to(torch::kDouble).unsqueeze(-1);
+        }
+        s4_states[L.state_index].slice(0, R.r0, r1).copy_(x);
+      }
     for (size_t i = 0; i < down_states.size(); ++i)
       down_states[i].slice(0, R.r0, r1).copy_(torch::from_blob(R.down[i].data(), down_states[i].slice(0, R.r0, r1).sizes()));
     for (size_t i = 0; i < up_states.size(); ++i)
       up_states[i].slice(0, R.r0, r1).copy_(torch::from_blob(R.up[i].data(), up_states[i].slice(0, R.r0, r1).sizes()));
-  }
-
-  // DPLR state x -> (w, alpha) with alpha = 2 Re(sum conj(p) x) = P^H x, w = x + g alpha.
-  static void to_deferred(const Layer& L, Floats& state, Floats& alpha, int rows) {
-    const int H = L.H, N2 = L.N2;
-    alpha.assign((size_t)rows * H, 0.f);
-    for (int r = 0; r < rows; ++r) {
-      float* xr = state.data() + (size_t)r * 2 * N2 * H;
-      float* xi = xr + (size_t)N2 * H;
-      float* a = alpha.data() + (size_t)r * H;
-      for (size_t k = 0; k < (size_t)N2 * H; ++k) a[k % H] += 2.f * (L.p_re[k] * xr[k] + L.p_im[k] * xi[k]);
-      for (size_t k = 0; k < (size_t)N2 * H; ++k) {
-        xr[k] += L.g_re[k] * a[k % H];
-        xi[k] += L.g_im[k] * a[k % H];
-      }
-    }
-  }
-
-  // (w, alpha) -> x = w - g alpha.
-  static void from_deferred(const Layer& L, Floats& state, const Floats& alpha, int rows) {
-    const int H = L.H, N2 = L.N2;
-    for (int r = 0; r < rows; ++r) {
-      float* xr = state.data() + (size_t)r * 2 * N2 * H;
-      float* xi = xr + (size_t)N2 * H;
-      const float* a = alpha.data() + (size_t)r * H;
-      for (size_t k = 0; k < (size_t)N2 * H; ++k) {
-        xr[k] -= L.g_re[k] * a[k % H];
-        xi[k] -= L.g_im[k] * a[k % H];
-      }
-    }
   }
 
   void tier_step(int tier, Rows& R, Private& P, const Team& team) const {
@@ -635,7 +679,6 @@ class FastSaShiMi {
     const int rows = R.n, n_tiers = (int)M.pools.size(), H0 = M.H0, V = M.n_codes;
     Private P;
     P.normed.resize((size_t)rows * M.widest);
-    P.tmp.resize((size_t)rows * M.widest);
     P.prob.resize(V);
     P.order.resize(V);
     const float* E = M.embedding.data_ptr<float>();
@@ -749,7 +792,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<FastSaShiMi>(m, "FastSaShiMi")
       .def(pybind11::init<torch::Tensor, std::vector<int64_t>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                           std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor, torch::Tensor,
-                          torch::Tensor, torch::Tensor>())
+                          torch::Tensor, torch::Tensor, bool>())
       .def("add_layer", &FastSaShiMi::add_layer)
+      .def("half_weights", &FastSaShiMi::half_weights)
       .def("run", &FastSaShiMi::run, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
