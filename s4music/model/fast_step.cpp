@@ -315,7 +315,7 @@ void norm_rows(const float* x, float* y, int rows, int H, float m, float s) {
 //         S4Kernel.step_params). One pass over the state per step: the next step's P^H x is
 //         alpha itself, and y follows from sums over w, so x is never formed.
 // The state index is the inner loop, so the sums stay in registers and each packed slice of
-// parameters is read once for all R rows.
+// parameters is read once for the R rows.
 template <int R, bool Dplr>
 void s4_vector(const Layer& L, int v, const float* u, float* y, float* state, float* alpha, int row_offset) {
   constexpr int F = Dplr ? 5 : 3;
@@ -365,18 +365,14 @@ void s4_vector(const Layer& L, int v, const float* u, float* y, float* state, fl
   }
 }
 
-// The S4 recurrence over channels [c0, c1) (c0 a multiple of 8) of `rows` rows, four at a time.
+// The S4 recurrence over channels [c0, c1) (c0 a multiple of 8) of `rows` rows, two at a time
+// (with more, the sums no longer fit in registers).
 template <bool Dplr>
 void s4_rows(const Layer& L, const float* u, float* y, float* state, float* alpha, int rows, int c0, int c1) {
   for (int v = c0 / 8; v < (c1 + 7) / 8; ++v) {
     int r = 0;
-    for (; r + 4 <= rows; r += 4) s4_vector<4, Dplr>(L, v, u, y, state, alpha, r);
-    switch (rows - r) {
-      case 3: s4_vector<3, Dplr>(L, v, u, y, state, alpha, r); break;
-      case 2: s4_vector<2, Dplr>(L, v, u, y, state, alpha, r); break;
-      case 1: s4_vector<1, Dplr>(L, v, u, y, state, alpha, r); break;
-      default: break;
-    }
+    for (; r + 2 <= rows; r += 2) s4_vector<2, Dplr>(L, v, u, y, state, alpha, r);
+    if (r < rows) s4_vector<1, Dplr>(L, v, u, y, state, alpha, r);
   }
 }
 
