@@ -61,7 +61,7 @@ def _model(which: str):
     return load_model(DEFAULT_MODEL) if which == "bundled" else SaShiMi().eval()
 
 
-def generation(batch: int, steps: int, path: str = "plain", which: str = "default") -> dict:
+def generation(batch: int, steps: int, path: str = "plain", which: str = "default", half: bool = False) -> dict:
     import torch
 
     from s4music.model.fast import FusedStep
@@ -70,7 +70,7 @@ def generation(batch: int, steps: int, path: str = "plain", which: str = "defaul
     _, state = model.prefill(torch.randint(0, 256, (batch, 4096)))
     code = torch.full((batch,), 128)
     if path == "fused":
-        fused = FusedStep(model)
+        fused = FusedStep(model, half=half)
         fused.run(code, state, torch.rand(batch, 64))  # warm-up
         seconds = []
         for _ in range(3):  # best of three: a shared 2-core machine stalls a thread now and then
@@ -194,13 +194,16 @@ def main() -> None:
     print("| step | batch | samples/s (all variations) | RTF | peak RSS GB | vs plain step, batch 1 |")
     print("|---|---|---|---|---|---|")
     base = None
-    runs = [("plain", 1, gen_steps, None), ("plain", 8, gen_steps, None),
-            ("fused", 1, gen_steps * 40, {"OMP_NUM_THREADS": "1"}), ("fused", 1, gen_steps * 40, None),
-            ("fused", 8, gen_steps * 20, None)]
-    for path, batch, steps, env in runs:
-        r = _child("gen", env=env, batch=batch, steps=steps, path=path)
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    runs = [("plain", 1, gen_steps, None, False), ("plain", 8, gen_steps, None, False)]
+    for half in (False, True):  # linear weights in float32 (the plain step's codes), then half precision
+        runs += [("fused", 1, gen_steps * 40, one_thread, half), ("fused", 1, gen_steps * 40, None, half),
+                 ("fused", 8, gen_steps * 20, None, half)]
+    for path, batch, steps, env, half in runs:
+        r = _child("gen", env=env, batch=batch, steps=steps, path=path, half=half)
         base = base or r["samples_per_s"]
-        name = f"{path}, 1 thread" if env else path
+        name = path if path == "plain" else f"{path}, {'fp16' if half else 'fp32'} weights"
+        name += ", 1 thread" if env else ""
         print(f"| {name} | {batch} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / SAMPLE_RATE:.3f} "
               f"| {r['peak_gb']:.2f} | {r['samples_per_s'] / base:.1f}x |")
 
@@ -226,8 +229,8 @@ def main() -> None:
     small = _child("gen", batch=1, steps=gen_steps * 4, path="plain", which="bundled")
     print(f"| plain step | 1 | {small['samples_per_s']:.0f} | {small['samples_per_s'] / SAMPLE_RATE:.3f} | 1.0x |")
     for batch in (1, 8):
-        r = _child("gen", batch=batch, steps=gen_steps * 80, path="fused", which="bundled")
-        print(f"| fused step | {batch} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / SAMPLE_RATE:.2f} "
+        r = _child("gen", batch=batch, steps=gen_steps * 80, path="fused", which="bundled", half=True)
+        print(f"| fused step, fp16 weights | {batch} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / SAMPLE_RATE:.2f} "
               f"| {r['samples_per_s'] / small['samples_per_s']:.0f}x |")
     r = _child("prefill", seconds_of_audio=audio_s, which="bundled")
     print(f"| read a {audio_s:g} s prompt (`prefill`, best of three) | 1 | {audio_s * SAMPLE_RATE / r['seconds']:.0f} | "

@@ -15,8 +15,8 @@
 //                  parameters are one sequential stream;
 //   GELU, gates    erf and exp from glibc's vector math library (libmvec) where it exists.
 // Threads: rows of the batch (variations) are split into groups, one per thread. With fewer rows
-// than threads, a group gets a team that splits every layer by output channels and meets at a
-// barrier between layers, so batch 1 uses every core too.
+// than threads, a group gets a team that splits every layer's inner units (S4 channels, hidden
+// units) and meets at one barrier per layer to add up its parts, so batch 1 uses every core too.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -121,13 +121,13 @@ struct Linear {
     return wt[(size_t)i * out + o];
   }
 
-  // Outputs [o0, o1) of y[r] = W x[r] + b for `rows` rows; plain loops, any widths.
-  void columns(const float* x, float* y, int rows, int o0, int o1) const {
+  // Outputs [o0, o1) of y[r] = W[:, i0:i1] x[r][i0:i1] (+ b) for `rows` rows; plain loops, any widths.
+  void columns(const float* x, float* y, int rows, int o0, int o1, int i0, int i1, bool bias) const {
     for (int r = 0; r < rows; ++r) {
       float* __restrict yr = y + (size_t)r * out;
       const float* xr = x + (size_t)r * in;
-      for (int o = o0; o < o1; ++o) yr[o] = b[o];
-      for (int i = 0; i < in; ++i) {
+      for (int o = o0; o < o1; ++o) yr[o] = bias ? b[o] : 0.f;
+      for (int i = i0; i < i1; ++i) {
         const float xi = xr[i];
         if (half) {
           for (int o = o0; o < o1; ++o) yr[o] += weight(i, o) * xi;
@@ -150,12 +150,12 @@ struct Linear {
   // R rows by 8V outputs from o0, accumulated in registers. K interleaved partial sums over the
   // inputs keep enough independent FMA chains in flight when the tile is narrow.
   template <bool Half, int R, int V, int K>
-  void tile(const float* x, float* y, int o0) const {
+  void tile(const float* x, float* y, int o0, int i0, int i1, bool bias) const {
     __m256 acc[K][R][V];
     for (int v = 0; v < V; ++v) {
-      const __m256 bias = _mm256_loadu_ps(b.data() + o0 + 8 * v);
+      const __m256 start = bias ? _mm256_loadu_ps(b.data() + o0 + 8 * v) : _mm256_setzero_ps();
       for (int r = 0; r < R; ++r) {
-        acc[0][r][v] = bias;
+        acc[0][r][v] = start;
         for (int k = 1; k < K; ++k) acc[k][r][v] = _mm256_setzero_ps();
       }
     }
@@ -168,10 +168,10 @@ struct Linear {
         for (int v = 0; v < V; ++v) acc[k][r][v] = _mm256_fmadd_ps(wv[v], xb, acc[k][r][v]);
       }
     };
-    int i = 0;
-    for (; i + K <= in; i += K)
+    int i = i0;
+    for (; i + K <= i1; i += K)
       for (int k = 0; k < K; ++k) madd(k, i + k);
-    for (; i < in; ++i) madd(0, i);
+    for (; i < i1; ++i) madd(0, i);
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) {
         __m256 sum = acc[0][r][v];
@@ -182,53 +182,59 @@ struct Linear {
 
   // R rows, outputs [o0, o1): the widest tiles that fit, about eight accumulators each.
   template <bool Half, int R>
-  void block(const float* x, float* y, int o0, int o1) const {
+  void block(const float* x, float* y, int o0, int o1, int i0, int i1, bool bias) const {
     constexpr int widest = R == 1 ? 8 : R == 2 ? 4 : 2;
     int o = o0;
     while (o1 - o >= 8) {
       const int vectors = (o1 - o) / 8;
       if (widest >= 8 && vectors >= 8) {
-        tile<Half, R, 8, 1>(x, y, o);
+        tile<Half, R, 8, 1>(x, y, o, i0, i1, bias);
         o += 64;
       } else if (widest >= 4 && vectors >= 4) {
-        tile<Half, R, 4, std::max(1, 8 / (4 * R))>(x, y, o);
+        tile<Half, R, 4, std::max(1, 8 / (4 * R))>(x, y, o, i0, i1, bias);
         o += 32;
       } else if (vectors >= 2) {
-        tile<Half, R, 2, std::max(1, 8 / (2 * R))>(x, y, o);
+        tile<Half, R, 2, std::max(1, 8 / (2 * R))>(x, y, o, i0, i1, bias);
         o += 16;
       } else {
-        tile<Half, R, 1, std::max(1, 8 / R)>(x, y, o);
+        tile<Half, R, 1, std::max(1, 8 / R)>(x, y, o, i0, i1, bias);
         o += 8;
       }
     }
-    if (o < o1) columns(x, y, R, o, o1);
+    if (o < o1) columns(x, y, R, o, o1, i0, i1, bias);
   }
 
   template <bool Half>
-  void rows_by_four(const float* x, float* y, int rows, int o0, int o1) const {
+  void rows_by_four(const float* x, float* y, int rows, int o0, int o1, int i0, int i1, bool bias) const {
     int r = 0;
-    for (; r + 4 <= rows; r += 4) block<Half, 4>(x + (size_t)r * in, y + (size_t)r * out, o0, o1);
+    for (; r + 4 <= rows; r += 4) block<Half, 4>(x + (size_t)r * in, y + (size_t)r * out, o0, o1, i0, i1, bias);
     const float* xr = x + (size_t)r * in;
     float* yr = y + (size_t)r * out;
     switch (rows - r) {
-      case 3: block<Half, 3>(xr, yr, o0, o1); break;
-      case 2: block<Half, 2>(xr, yr, o0, o1); break;
-      case 1: block<Half, 1>(xr, yr, o0, o1); break;
+      case 3: block<Half, 3>(xr, yr, o0, o1, i0, i1, bias); break;
+      case 2: block<Half, 2>(xr, yr, o0, o1, i0, i1, bias); break;
+      case 1: block<Half, 1>(xr, yr, o0, o1, i0, i1, bias); break;
       default: break;
     }
   }
 #endif
 
-  // Outputs [o0, o1) of y[r] = W x[r] + b for `rows` rows of widths in and out.
-  void apply(const float* x, float* y, int rows, int o0, int o1) const {
+  // Outputs [o0, o1) of y[r] = W[:, i0:i1] x[r][i0:i1] (+ b) for `rows` rows of widths in and out.
+  void product(const float* x, float* y, int rows, int o0, int o1, int i0, int i1, bool bias) const {
 #ifdef S4MUSIC_AVX2
-    if (half) rows_by_four<true>(x, y, rows, o0, o1);
-    else rows_by_four<false>(x, y, rows, o0, o1);
+    if (half) rows_by_four<true>(x, y, rows, o0, o1, i0, i1, bias);
+    else rows_by_four<false>(x, y, rows, o0, o1, i0, i1, bias);
 #else
-    columns(x, y, rows, o0, o1);
+    columns(x, y, rows, o0, o1, i0, i1, bias);
 #endif
   }
+  // Outputs [o0, o1) of y[r] = W x[r] + b.
+  void apply(const float* x, float* y, int rows, int o0, int o1) const { product(x, y, rows, o0, o1, 0, in, true); }
   void apply(const float* x, float* y, int rows) const { apply(x, y, rows, 0, out); }
+  // Every output's share from inputs [i0, i1) (with the bias, or not): a member's part of a sum.
+  void partial(const float* x, float* y, int rows, int i0, int i1, bool bias) const {
+    product(x, y, rows, 0, out, i0, i1, bias);
+  }
   // This member's share of the outputs.
   void apply(const float* x, float* y, int rows, const Team& team) const {
     auto [o0, o1] = team.share(out);
@@ -281,7 +287,8 @@ struct Rows {
   std::vector<Floats> alpha;  // per S4 layer: (rows, Hv * 8), the DPLR low-rank coefficient
   std::vector<Floats> down;  // per pool: (rows, H, p)
   std::vector<Floats> up;    // per up block: (rows, H_out, p)
-  Floats h, act, wide, block_in;
+  Floats h, wide, block_in;
+  std::vector<Floats> partial;  // (2 parities x team size): each member's part of a layer's output
   std::vector<Floats> skips;  // per tier, its input
   std::vector<int64_t> code;
   std::atomic<int> arrived{0}, generation{0};
@@ -289,7 +296,9 @@ struct Rows {
 
 // Scratch that each thread keeps to itself.
 struct Private {
-  Floats normed;
+  Floats h;       // the tier's activations: every member keeps the same copy
+  Floats normed, hidden;
+  int parity = 0;  // which set of partial buffers the next layer writes
   std::vector<double> prob;
   std::vector<int> order;
 };
@@ -376,50 +385,67 @@ void s4_rows(const Layer& L, const float* u, float* y, float* state, float* alph
   }
 }
 
-// One residual layer on the group's rows of width H, in place on R.h. Each member normalizes
-// every channel (the statistics need them all) and computes its share of the outputs.
+// One residual layer on the group's rows of width H, in place on P.h. Each member normalizes every
+// channel, computes its share of the inner units (S4 channels, or feed-forward hidden units) and
+// from them its part of every output of the layer's last linear map. After one barrier every
+// member adds up the parts (in the same order, so all copies of h stay equal). The parts are
+// double-buffered: a member can only write a set again after the next barrier, which no member
+// passes before it has read the previous layer's parts.
 void layer_step(const Layer& L, Rows& R, Private& P, const Team& team) {
   const int H = L.H, rows = R.n;
-  float* h = R.h.data();
+  float* h = P.h.data();
   float* normed = P.normed.data();
-  float* act = R.act.data();
-  float* wide = R.wide.data();
+  float* hidden = P.hidden.data();
+  const Floats* parts = R.partial.data() + (size_t)P.parity * team.size;
+  float* mine = R.partial[(size_t)P.parity * team.size + team.member].data();
+  P.parity ^= 1;
   norm_rows(h, normed, rows, H, L.norm_m, L.norm_s);
-  auto [c0, c1] = team.share(H);
   if (L.kind == FEEDFORWARD) {
     auto [f0, f1] = team.share(L.fc1.out);
-    L.fc1.apply(normed, wide, rows, f0, f1);
-    gelu(wide, rows, L.fc1.out, f0, f1);
+    L.fc1.apply(normed, hidden, rows, f0, f1);
+    gelu(hidden, rows, L.fc1.out, f0, f1);
+    L.fc2.partial(hidden, mine, rows, f0, f1, team.lead());
     team.sync();
-    L.fc2.apply(wide, act, rows, c0, c1);
-    for (int r = 0; r < rows; ++r)
+    for (int r = 0; r < rows; ++r) {
+      float* __restrict hr = h + (size_t)r * H;
+      for (int m = 0; m < team.size; ++m) {
+        const float* __restrict add = parts[m].data() + (size_t)r * H;
 #pragma omp simd
-      for (int ch = c0; ch < c1; ++ch) h[(size_t)r * H + ch] += act[(size_t)r * H + ch];
-    team.sync();
+        for (int ch = 0; ch < H; ++ch) hr[ch] += add[ch];
+      }
+    }
     return;
   }
+  auto [c0, c1] = team.share(H);
   float* state = R.s4[L.state_index].data();
   float* alpha = R.alpha[L.state_index].data();
-  if (L.kind == S4_DPLR) s4_rows<true>(L, normed, act, state, alpha, rows, c0, c1);
-  else s4_rows<false>(L, normed, act, state, alpha, rows, c0, c1);
+  if (L.kind == S4_DPLR) s4_rows<true>(L, normed, hidden, state, alpha, rows, c0, c1);
+  else s4_rows<false>(L, normed, hidden, state, alpha, rows, c0, c1);
   for (int r = 0; r < rows; ++r) {
     const float* u = normed + (size_t)r * H;
-    float* y = act + (size_t)r * H;
+    float* y = hidden + (size_t)r * H;
 #pragma omp simd
     for (int ch = c0; ch < c1; ++ch) y[ch] = 2.f * y[ch] + L.D[ch] * u[ch];
   }
-  gelu(act, rows, H, c0, c1);
+  gelu(hidden, rows, H, c0, c1);
+  L.out.partial(hidden, mine, rows, c0, c1, team.lead());  // the linear half of the GLU, then its gates
   team.sync();
-  L.out.apply(act, wide, rows, c0, c1);          // the linear half of the GLU
-  L.out.apply(act, wide, rows, H + c0, H + c1);  // and its gates
   for (int r = 0; r < rows; ++r) {
-    const float* lin = wide + (size_t)r * 2 * H;
-    const float* gate = lin + H;
-    float* hr = h + (size_t)r * H;
+    const float* g = parts[0].data() + (size_t)r * 2 * H;
+    if (team.size > 1) {
+      float* __restrict sum = normed + (size_t)r * 2 * H;  // free again, and as wide as any layer's 2H
+      std::copy(g, g + 2 * H, sum);
+      for (int m = 1; m < team.size; ++m) {
+        const float* __restrict add = parts[m].data() + (size_t)r * 2 * H;
 #pragma omp simd
-    for (int ch = c0; ch < c1; ++ch) hr[ch] += lin[ch] / (1.f + expf(-gate[ch]));
+        for (int ch = 0; ch < 2 * H; ++ch) sum[ch] += add[ch];
+      }
+      g = sum;
+    }
+    float* __restrict hr = h + (size_t)r * H;
+#pragma omp simd
+    for (int ch = 0; ch < H; ++ch) hr[ch] += g[ch] / (1.f + expf(-g[H + ch]));
   }
-  team.sync();
 }
 
 // The log-partition at temperature 1 (a code's log-probability is logit - log_z); leaves
@@ -590,6 +616,7 @@ class FastSaShiMi {
       R.n = B * (g + 1) / n_groups - R.r0;
       load_state(R, s4_states, down_states, up_states);
       R.code.assign(c0 + R.r0, c0 + R.r0 + R.n);
+      R.partial.assign(2 * team, Floats((size_t)R.n * M.widest));
     }
 #pragma omp parallel num_threads(n_groups * team)
     {
@@ -640,7 +667,7 @@ class FastSaShiMi {
     copy_rows(down_states, R.down);
     copy_rows(up_states, R.up);
     const size_t wide = (size_t)R.n * M.widest;
-    for (auto* v : {&R.h, &R.act, &R.wide, &R.block_in}) v->resize(wide);
+    for (auto* v : {&R.h, &R.wide, &R.block_in}) v->resize(wide);
     R.skips.assign(M.pools.size() + 1, Floats(wide));
   }
 
@@ -665,8 +692,13 @@ class FastSaShiMi {
       up_states[i].slice(0, R.r0, r1).copy_(torch::from_blob(R.up[i].data(), up_states[i].slice(0, R.r0, r1).sizes()));
   }
 
+  // The tier's layers on every member's own copy of h, which starts from R.h and goes back to it.
   void tier_step(int tier, Rows& R, Private& P, const Team& team) const {
+    if (M.tiers[tier].empty()) return;
+    const size_t width = (size_t)R.n * M.tiers[tier].front().H;
+    std::copy(R.h.begin(), R.h.begin() + width, P.h.begin());
     for (const Layer& L : M.tiers[tier]) layer_step(L, R, P, team);
+    if (team.lead()) std::copy(P.h.begin(), P.h.begin() + width, R.h.begin());
   }
 
   // The group's rows for job.n steps. The lead member does the cheap serial parts (encoder,
@@ -674,7 +706,7 @@ class FastSaShiMi {
   void run_group(Rows& R, const Team& team, const Job& job) const {
     const int rows = R.n, n_tiers = (int)M.pools.size(), H0 = M.H0, V = M.n_codes;
     Private P;
-    P.normed.resize((size_t)rows * M.widest);
+    for (auto* v : {&P.h, &P.normed, &P.hidden}) v->resize((size_t)rows * M.widest);
     P.prob.resize(V);
     P.order.resize(V);
     const float* E = M.embedding.data_ptr<float>();
