@@ -1,6 +1,7 @@
 """The model shipped in the repository, and the demo that uses it."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +10,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from s4music.audio import spectral_flatness
+from conftest import need
+
+from s4music.audio import encode, load_audio, spectral_flatness
 from s4music.generate import DEFAULT_MODEL, GenerateOptions, check_prompt, continue_prompt
 from s4music.guidance import NOISE_FLATNESS, TYPICAL
 from s4music.model import load_model
+from s4music.model.fast import FusedStep, fused_available
 
 ROOT = Path(__file__).parent.parent
 PROMPT = ROOT / "examples" / "prompt.wav"
@@ -39,6 +43,23 @@ def test_example_prompt_is_in_the_models_domain():
 
 
 @pytest.mark.slow
+def test_half_weights_keep_the_bundled_models_likelihood():
+    """The fused step's default (linear weights in half precision) scores the example prompt as float32 does."""
+    need(fused_available(), "a C++ compiler for the fused CPU step")
+    model = load_model(DEFAULT_MODEL)
+    codes = encode(load_audio(PROMPT, model.audio.sample_rate).samples, model.audio.quantization)[None].long()
+    _, state = model.prefill(codes[:, :16000])
+    bits, logits = {}, {}
+    for half in (False, True):
+        step = FusedStep(model, half=half)
+        assert step.half == half
+        _, logprobs, logits[half] = step.run(codes[:, 15999], state.repeat(1), torch.rand(1, 63999),
+                                             forced=codes[:, 16000:])
+        bits[half] = -logprobs.double().mean().item() / math.log(2)
+    assert abs(bits[True] - bits[False]) < 1e-3
+    assert 0 < (logits[True] - logits[False]).abs().max() < 0.2
+
+
 def test_demo_continuation_is_music_like(tmp_path):
     result = continue_prompt(PROMPT, tmp_path / "demo.wav", options=GenerateOptions(seconds=3, seed=0))
     wave, rate = sf.read(str(result.takes[0].path))
