@@ -138,6 +138,15 @@ def test_seed_fixes_the_output_bit_for_bit(trained_model, tmp_path):
     assert [t.seed for t in a.takes] == [11, 12]
 
 
+def test_full_weights_give_the_plain_steps_codes(fused, trained_model, tmp_path):
+    opts = dict(seconds=0.1, seed=5, normalize="none")
+    runs = {name: improvise(tmp_path / f"{name}.wav", trained_model, GenerateOptions(**extra, **opts))
+            for name, extra in (("half", {}), ("full", {"half_weights": False}), ("plain", {"fused": False}))}
+    assert {k: json.loads(r.sidecar.read_text())["step"] for k, r in runs.items()} == {
+        "half": "fused-cpu-fp16", "full": "fused-cpu", "plain": "plain-cpu"}
+    assert runs["full"].takes[0].path.read_bytes() == runs["plain"].takes[0].path.read_bytes()
+
+
 def test_rank_orders_variations_by_likelihood(trained_model, tmp_path):
     result = improvise(tmp_path / "r.flac", trained_model, GenerateOptions(seconds=0.3, variations=3, seed=1, rank=True))
     bits = [t.bits for t in result.takes]
