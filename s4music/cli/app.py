@@ -29,12 +29,17 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def command(fn=None, *, name: str | None = None):
-    """Register a subcommand whose toolkit errors become one line and exit code 1."""
+def command(fn=None, *, name: str | None = None, inference: bool = False):
+    """Register a subcommand whose toolkit errors become one line and exit code 1. An inference
+    command (long forward passes, no training) keeps freed memory for reuse: see keep_freed_memory."""
 
     def register(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            if inference:
+                from s4music.system import keep_freed_memory
+
+                keep_freed_memory()
             try:
                 return fn(*args, **kwargs)
             except S4MusicError as e:
@@ -255,7 +260,7 @@ def train(
                   highlight=False)
 
 
-@command(name="eval")
+@command(name="eval", inference=True)
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="s4music checkpoint directory, or an official .pt."),
     data: Path = typer.Option(..., "--data", "-d", help="Prepared dataset to score."),
@@ -351,7 +356,7 @@ HalfWeights = Annotated[bool, typer.Option("--half-weights/--full-weights", help
                                            "(faster for large models; --full-weights gives the plain step's codes).")]
 
 
-@command(name="continue")
+@command(name="continue", inference=True)
 def continue_command(
     prompt: str = typer.Argument(..., help="Audio file (wav, flac, mp3, ogg, ...) or a URL (fetched with yt-dlp)."),
     out: Path = typer.Option(Path("continuation.wav"), "--out", "-o", help="Output file (.wav or .flac)."),
@@ -388,7 +393,7 @@ def continue_command(
                                                      on_guidance=_print_guidance), "continuing")
 
 
-@command
+@command(inference=True)
 def generate(
     out: Path = typer.Option(Path("improvisation.wav"), "--out", "-o", help="Output file (.wav or .flac)."),
     seconds: Seconds = 5.0,
@@ -417,7 +422,7 @@ def generate(
     _generation_run(lambda progress: improvise(out, model, options, on_progress=progress), "generating")
 
 
-@command
+@command(inference=True)
 def check(
     prompt: str = typer.Argument(..., help="Audio file or URL."),
     model: ModelPath = None,
