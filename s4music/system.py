@@ -78,7 +78,7 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     By default glibc maps each block over 32 MB afresh and unmaps it when it is freed, so every
     large tensor pays a page fault per 4 KB page on first touch. Reading a 10 s prompt with the
     default model allocates hundreds of such tensors and spends about a third of its time faulting.
-    Keeping them raises peak memory (2.2 -> 2.8 GB there) and changes the whole process, so the
+    Keeping them raises peak memory (2.3 -> 2.9 GB there) and changes the whole process, so the
     CLI's inference commands call this and the library never does. False where this is not glibc.
     """
     try:
