@@ -42,7 +42,6 @@ def test_example_prompt_is_in_the_models_domain():
     assert check_prompt(PROMPT).verdict == TYPICAL
 
 
-@pytest.mark.slow
 def test_half_weights_keep_the_bundled_models_likelihood():
     """The fused step's default (linear weights in half precision) scores the example prompt as float32 does."""
     need(fused_available(), "a C++ compiler for the fused CPU step")
@@ -60,6 +59,7 @@ def test_half_weights_keep_the_bundled_models_likelihood():
     assert 0 < (logits[True] - logits[False]).abs().max() < 0.2
 
 
+@pytest.mark.slow
 def test_demo_continuation_is_music_like(tmp_path):
     result = continue_prompt(PROMPT, tmp_path / "demo.wav", options=GenerateOptions(seconds=3, seed=0))
     wave, rate = sf.read(str(result.takes[0].path))
