@@ -266,6 +266,23 @@ struct Layer {
   Linear out;       // S4 output linear (2H, H), GLU after
   Linear fc1, fc2;  // feed-forward
   int state_index = -1;
+
+  // The one channel layout of the S4 recurrence: channels zero-padded to Hv vectors of 8 lanes.
+  // (..., H) -> (..., 8 Hv) float
+  torch::Tensor padded(const torch::Tensor& x) const {
+    return at::constant_pad_nd(x.to(torch::kFloat), {0, 8 * Hv - H}).contiguous();
+  }
+  // complex (K, H, N2) -> float (K, Hv, N2, 2, 8): real then imaginary lanes
+  torch::Tensor to_lanes(const torch::Tensor& z) const {
+    auto ri = at::constant_pad_nd(torch::view_as_real(z.to(torch::kComplexFloat)), {0, 0, 0, 0, 0, 8 * Hv - H});
+    return ri.view({z.size(0), Hv, 8, N2, 2}).permute({0, 1, 3, 4, 2}).contiguous();
+  }
+  // float (K, Hv, N2, 2, 8) -> complex (K, H, N2), the inverse of to_lanes
+  torch::Tensor from_lanes(float* data, int64_t k) const {
+    auto lanes = torch::from_blob(data, {k, Hv, N2, 2, 8});
+    return torch::view_as_complex(
+        lanes.permute({0, 1, 4, 2, 3}).reshape({k, 8 * Hv, N2, 2}).slice(1, 0, H).contiguous());
+  }
 };
 
 struct Model {
@@ -560,18 +577,14 @@ class FastSaShiMi {
       L.Hv = (L.H + 7) / 8;
       std::vector<torch::Tensor> fields{t[0], t[1], t[2]};
       if (kind == S4_DPLR) fields.insert(fields.end(), {t[8], t[6]});  // q, p
-      // (F, H, N2) complex -> (F, H, N2, 2) real -> (Hv, N2, F, 2, 8)
-      auto ri = torch::view_as_real(torch::stack(fields).to(torch::kComplexFloat));
-      ri = at::constant_pad_nd(ri, {0, 0, 0, 0, 0, 8 * L.Hv - L.H});
-      L.packed = floats(ri.view({(int64_t)fields.size(), L.Hv, 8, L.N2, 2}).permute({1, 3, 0, 4, 2}));
+      L.packed = floats(L.to_lanes(torch::stack(fields)).permute({1, 2, 0, 3, 4}));  // (F, Hv, ...) -> (Hv, N2, F, ...)
       L.D = floats(t[3]);
       L.out = Linear(t[4], t[5], M.half);
       if (kind == S4_DPLR) {
         L.p = t[6].to(torch::kComplexDouble);
         L.g = t[7].to(torch::kComplexDouble);
-        auto pad = [&](const torch::Tensor& x) { return floats(at::constant_pad_nd(x.to(torch::kFloat), {0, 8 * L.Hv - L.H})); };
-        L.kappa = pad(t[9]);
-        L.cg = pad(t[10]);
+        L.kappa = floats(L.padded(t[9]));
+        L.cg = floats(L.padded(t[10]));
       }
       L.state_index = M.n_s4++;
       M.widest = std::max(M.widest, 2 * L.H);
@@ -652,10 +665,9 @@ class FastSaShiMi {
           alpha = 2 * torch::real((torch::conj(L.p) * x).sum(-1));
           x = x + L.g * alpha.unsqueeze(-1);
         }
-        auto ri = at::constant_pad_nd(torch::view_as_real(x.to(torch::kComplexFloat)), {0, 0, 0, 0, 0, 8 * L.Hv - L.H});
-        auto packed = ri.view({R.n, L.Hv, 8, L.N2, 2}).permute({0, 1, 3, 4, 2}).contiguous();
+        auto packed = L.to_lanes(x);
         R.s4[L.state_index].assign(packed.data_ptr<float>(), packed.data_ptr<float>() + packed.numel());
-        auto al = at::constant_pad_nd(alpha.to(torch::kFloat), {0, 8 * L.Hv - L.H}).contiguous();
+        auto al = L.padded(alpha);
         R.alpha[L.state_index].assign(al.data_ptr<float>(), al.data_ptr<float>() + al.numel());
       }
     auto copy_rows = [&](std::vector<torch::Tensor>& from, std::vector<Floats>& to) {
@@ -677,9 +689,7 @@ class FastSaShiMi {
     for (auto& tier : M.tiers)
       for (const Layer& L : tier) {
         if (L.kind == FEEDFORWARD) continue;
-        auto packed = torch::from_blob(R.s4[L.state_index].data(), {R.n, L.Hv, L.N2, 2, 8});
-        auto ri = packed.permute({0, 1, 4, 2, 3}).reshape({R.n, 8 * L.Hv, L.N2, 2}).slice(1, 0, L.H).contiguous();
-        auto x = torch::view_as_complex(ri).to(torch::kComplexDouble);
+        auto x = L.from_lanes(R.s4[L.state_index].data(), R.n).to(torch::kComplexDouble);
         if (L.kind == S4_DPLR) {
           auto alpha = torch::from_blob(R.alpha[L.state_index].data(), {R.n, 8 * L.Hv}).slice(1, 0, L.H);
           x = x - L.g * alpha.to(torch::kDouble).unsqueeze(-1);
