@@ -42,7 +42,7 @@ from s4music.audio import atomic_path, write_json
 from s4music.data.dataset import PreparedDataset, WindowMixture, parse_spec
 from s4music.errors import S4MusicError
 from s4music.model.checkpoint import load_model, save_model
-from s4music.model.config import AudioFormat, SaShiMiConfig
+from s4music.model.config import AudioFormat, SaShiMiConfig, read_yaml
 from s4music.model.reparam import untie
 from s4music.model.sashimi import SaShiMi, code_bits
 
@@ -132,7 +132,7 @@ class TrainConfig:
         data: dict[str, Any] = {}
         if path is not None:
             try:
-                data = yaml.safe_load(Path(path).read_text()) or {}
+                data = read_yaml(Path(path).read_text()) or {}
             except (OSError, yaml.YAMLError) as e:
                 raise TrainingError(f"{path}: cannot read the config ({e})") from None
             if not isinstance(data, dict):
@@ -158,7 +158,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise TrainingError(f"--set {item!r}: {part} is not a mapping")
     try:
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = read_yaml(raw)
     except yaml.YAMLError as e:
         raise TrainingError(f"--set {item!r}: bad value ({e})") from None
 

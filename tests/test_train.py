@@ -103,6 +103,15 @@ def test_config_file_and_overrides(tmp_path):
         TrainConfig.load(None, ["steps"])
 
 
+def test_yaml_no_is_the_string_no_in_files_and_overrides(tmp_path):
+    # YAML 1.1 reads no/off/yes as booleans; precision's values include "no".
+    (tmp_path / "c.yaml").write_text("data: [a]\nprecision: no\ngradient_checkpointing: true\n")
+    config = TrainConfig.load(tmp_path / "c.yaml")
+    assert (config.precision, config.gradient_checkpointing) == ("no", True)
+    config = TrainConfig.load(None, ["data=[a]", "precision=bf16", "precision=no", "untie_pb=false"])
+    assert (config.precision, config.untie_pb) == ("no", False)
+
+
 def test_bf16_autocast_changes_the_arithmetic_not_the_saved_weights(music_dataset, tmp_path):
     # One process, precision switched back and forth: the Python API must allow it.
     for name, precision in (("fp32", "no"), ("bf16", "bf16"), ("fp32-again", "no")):

@@ -6,11 +6,29 @@ The defaults are the SaShiMi YouTubeMix model of Goel et al. (2022): 4,751,072 p
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """safe_load with YAML 1.2 booleans: only true/false, so `precision: no` stays the string "no"."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML safely (no object construction), reading yes/no/on/off as strings."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 @dataclass
@@ -95,7 +113,7 @@ class SaShiMiConfig:
 
     @classmethod
     def load_yaml(cls, path: str | Path) -> SaShiMiConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = read_yaml(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a model config must be a YAML mapping")
         return cls.from_dict(data)
