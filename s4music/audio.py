@@ -192,6 +192,15 @@ def normalize(wave: torch.Tensor, sample_rate: int, mode: str | None = "peak", t
     raise ValueError(f"unknown normalization {mode!r}; use peak, loudness or none")
 
 
+def remove_dc(wave: torch.Tensor, sample_rate: int, cutoff: float = 10.0) -> torch.Tensor:
+    """High-pass at `cutoff` Hz (a second-order Butterworth section): removes a DC offset and slow
+    drift, far below any musical pitch (the piano's lowest note is 27.5 Hz). Float64 inside: the
+    filter's poles sit close to 1 at such a low cutoff."""
+    if wave.numel() == 0:
+        return wave
+    return AF.highpass_biquad(wave.double(), sample_rate, cutoff).to(wave.dtype)
+
+
 def write_audio(path: str | Path, wave: torch.Tensor, sample_rate: int) -> Path:
     """Write mono float samples as 16-bit WAV or FLAC (by suffix), atomically."""
     path = Path(path)

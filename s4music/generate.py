@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from s4music.audio import Audio, atomic_path, decode, encode, load_audio, normalize, write_audio, write_json
+from s4music.audio import (Audio, atomic_path, decode, encode, load_audio, normalize, remove_dc, write_audio,
+                           write_json)
 from s4music.errors import S4MusicError
 from s4music.guidance import PromptReport, degeneracy, describe_signal, judge
 from s4music.model.checkpoint import load_model
@@ -70,6 +71,7 @@ class Take:
     bits: float  # mean NLL of the sampled codes under the model, bits/sample
     degenerate: str | None
     retries: int
+    dc_offset: float  # the continuation's mean level over its last second, as sampled; removed on writing
 
 
 @dataclass
@@ -242,12 +244,13 @@ def _finish(net: SaShiMi, model_id: str, state: SaShiMiState, first: torch.Tenso
     for k, i in enumerate(order):
         path = out if options.variations == 1 else out.with_name(f"{out.stem}-{k + 1}{out.suffix}")
         wave = waves[i] if lead is None else torch.cat([lead, waves[i]])  # one code stream: no seam to click
+        wave = remove_dc(wave, sr)  # the model's slow drift (see guidance.degeneracy), not its music
         target = -16.0 if options.normalize == "loudness" else -1.0
         wave = normalize(wave, sr, options.normalize, target)
         write_audio(path, wave, sr)
         if options.plot:
             plot_continuation(wave, sr, boundary, path.with_suffix(".png"))
-        takes.append(Take(path, seeds[i], bits[i], verdicts[i], retries[i]))
+        takes.append(Take(path, seeds[i], bits[i], verdicts[i], retries[i], float(waves[i][-sr:].mean())))
 
     rtf = generated / sr / gen_seconds
     timings.update(generate_s=gen_seconds, total_s=time.perf_counter() - started)
@@ -261,7 +264,7 @@ def _finish(net: SaShiMi, model_id: str, state: SaShiMiState, first: torch.Tenso
         "seed": seed,
         "step": step,
         "outputs": [{"file": t.path.name, "seed": t.seed, "bits_per_sample": t.bits, "degenerate": t.degenerate,
-                     "retries": t.retries} for t in takes],
+                     "retries": t.retries, "dc_offset_removed": t.dc_offset} for t in takes],
         "guidance": report.to_dict() if report else None,
         "timings": timings,
         "rtf": rtf,

@@ -7,7 +7,8 @@ the prompt in bits/sample, placed against the test-set NLL that `s4music eval --
 the checkpoint.
 
 It also judges finished continuations: `degeneracy` spots collapse into silence, runaway noise, and
-a drift to a constant offset (a model stuck on one level under a faint texture).
+a drift to an offset larger than the signal on it (a model stuck on one level under a faint texture).
+A slow drift under a lively signal is not degenerate: `continue` removes it from what it writes.
 """
 
 from __future__ import annotations
@@ -119,12 +120,13 @@ def judge(report: PromptReport, bits: float | None, summary: dict) -> PromptRepo
 
 
 DEGENERACIES = {"silence": "collapsed into silence", "noise": "ran away into noise",
-                "offset": "drifted to a DC offset"}
+                "offset": "stuck at a DC offset"}
 
 
 def degeneracy(wave: torch.Tensor, sample_rate: int) -> str | None:
-    """'silence', 'noise' or 'offset' when the continuation collapses to silence, runs away into
-    noise, or drifts to a DC offset over its second half; None when it does none of these."""
+    """'silence', 'noise' or 'offset' when the continuation (as the model made it, before any DC
+    removal) collapses to silence, runs away into noise, or over its second half sits at an offset
+    beyond both DC_OFFSET and its own spread; None when it does none of these."""
     tail = wave[wave.numel() // 2 :]
     if tail.numel() == 0:
         return None
@@ -132,6 +134,6 @@ def degeneracy(wave: torch.Tensor, sample_rate: int) -> str | None:
         return "silence"  # a constant level is silence too, whatever its offset
     if spectral_flatness(wave) > NOISE_FLATNESS:
         return "noise"
-    if abs(float(tail.mean())) > DC_OFFSET:
+    if abs(float(tail.mean())) > max(DC_OFFSET, float(tail.std())):
         return "offset"
     return None

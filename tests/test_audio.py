@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from s4music.audio import AudioError, decode, encode, load_audio, normalize, spectral_flatness, write_audio
+from s4music.audio import (AudioError, decode, encode, load_audio, normalize, remove_dc, spectral_flatness,
+                           write_audio)
 
 
 def _official_mulaw(clip: torch.Tensor) -> torch.Tensor:
@@ -85,3 +86,14 @@ def test_spectral_flatness_tells_tone_from_noise_and_ignores_a_dc_offset():
     # an offset leaks through the window into the low bins unless each frame's mean is removed
     assert spectral_flatness(tone + 0.2) == pytest.approx(spectral_flatness(tone), rel=0.01)  # was 260x off
     assert spectral_flatness(torch.zeros(32000)) == 0.0
+
+
+def test_remove_dc_takes_offset_and_drift_and_keeps_the_music():
+    t = torch.arange(48000, dtype=torch.float64) / 16000
+    tone = 0.3 * torch.sin(2 * torch.pi * 55 * t)  # A1, low in the piano's range
+    drifting = (tone + 0.1 + 0.05 * t).float()  # an offset and a slow drift, as sampled codes make
+    out = remove_dc(drifting, 16000)
+    settled = slice(8000, None)  # after the filter's start (a few tens of ms)
+    assert abs(out[settled].mean().item()) < 2e-3 and abs(drifting[settled].mean().item()) > 0.02
+    assert abs(out[settled].std().item() / tone[settled].std().item() - 1) < 0.02
+    assert out.dtype == torch.float32 and out.shape == drifting.shape

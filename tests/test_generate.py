@@ -189,6 +189,8 @@ def test_degeneracy_detection():
     drift[16000:] = 0.2 + 0.05 * music[16000:]  # a faint texture over an offset, as a stuck model makes
     assert degeneracy(drift, 16000) == "offset"
     assert degeneracy(music + 0.01, 16000) is None
+    wander = music + torch.linspace(0, -0.15, 32000)  # a slow drift under a lively signal: not stuck
+    assert degeneracy(wander, 16000) is None
 
 
 def test_continue_from_a_url_and_bad_inputs(trained_model, short_recording, http_server, tmp_path):
