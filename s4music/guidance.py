@@ -7,7 +7,7 @@ the prompt in bits/sample, placed against the test-set NLL that `s4music eval --
 the checkpoint.
 
 It also judges finished continuations: `degeneracy` spots collapse into silence, runaway noise, and
-a drift to an offset larger than the signal on it (a model stuck on one level under a faint texture).
+a drift to an offset that dwarfs the signal on it (a model stuck on one level under a faint texture).
 A slow drift under a lively signal is not degenerate: `continue` removes it from what it writes.
 """
 
@@ -23,6 +23,7 @@ TYPICAL, UNUSUAL, FAR = "typical", "unusual", "far from what this model knows"
 NOISE_FLATNESS = 0.35  # white noise is ~0.56; music is usually below 0.1
 SILENT_DBFS = -55.0
 DC_OFFSET = 0.05  # a mean level beyond this is an offset, not music (full scale is 1)
+STUCK_RATIO = 3.0  # a continuation is stuck when its offset is this many times the spread of the signal on it
 
 
 @dataclass
@@ -126,7 +127,7 @@ DEGENERACIES = {"silence": "collapsed into silence", "noise": "ran away into noi
 def degeneracy(wave: torch.Tensor, sample_rate: int) -> str | None:
     """'silence', 'noise' or 'offset' when the continuation (as the model made it, before any DC
     removal) collapses to silence, runs away into noise, or over its second half sits at an offset
-    beyond both DC_OFFSET and its own spread; None when it does none of these."""
+    beyond DC_OFFSET and STUCK_RATIO times its own spread; None when it does none of these."""
     tail = wave[wave.numel() // 2 :]
     if tail.numel() == 0:
         return None
@@ -134,6 +135,6 @@ def degeneracy(wave: torch.Tensor, sample_rate: int) -> str | None:
         return "silence"  # a constant level is silence too, whatever its offset
     if spectral_flatness(wave) > NOISE_FLATNESS:
         return "noise"
-    if abs(float(tail.mean())) > max(DC_OFFSET, float(tail.std())):
+    if abs(float(tail.mean())) > max(DC_OFFSET, STUCK_RATIO * float(tail.std())):
         return "offset"
     return None
