@@ -55,7 +55,7 @@ def main() -> None:
     f5, f95 = ev["flatness_5_95"]
     strata = "\n".join(f"| {s['stratum']} | {s['windows']} | {s['model_bits']:.3f} | {s['unigram_bits']:.3f} | "
                        f"{s['bigram_bits']:.3f} |" for s in ev["strata"])
-    demo = ""
+    demo = drift = ""
     if args.demo is not None:
         import soundfile as sf
         import torch
@@ -65,12 +65,16 @@ def main() -> None:
         wave, sample_rate = sf.read(str(args.demo), dtype="float32")
         flat = spectral_flatness(torch.from_numpy(wave[int(args.prompt_seconds * sample_rate):]))
         demo = f"The continuation part of the demo (`make demo`, seed 0) has a spectral flatness of {flat:.4f}."
+        sidecar = json.loads(args.demo.with_suffix(".json").read_text())
+        drift = (f" (the demo's had reached {sidecar['outputs'][0]['dc_offset_removed']:+.2f} of full scale "
+                 f"after {sidecar['options']['seconds']:g} s)")
     card = f"""# s4music default model
 
-A small SaShiMi trained from scratch with this toolkit's own commands, so that `make demo` works
-on a laptop CPU with nothing downloaded. The exact recipe is `examples/train_default_model.sh`
-with `examples/default_model.yaml` and `examples/default_model_long.yaml`; this card is written by
-`examples/write_model_card.py` from what that recipe recorded.
+The SaShiMi architecture of the paper, trained from scratch with this toolkit's own commands on
+one GPU, so that `make demo` works on a laptop CPU with nothing downloaded. The exact recipe is
+`examples/train_default_model.sh` with `examples/default_model.yaml` and
+`examples/default_model_long.yaml`; this card is written by `examples/write_model_card.py` from
+what that recipe recorded.
 
 ## Model
 - SaShiMi, {meta['parameters']:,} parameters: d_model {model['d_model']}, {model['n_layers']} (S4, FF) pairs per
@@ -78,7 +82,10 @@ with `examples/default_model.yaml` and `examples/default_model_long.yaml`; this 
   {model['s4']['d_state']}.
 - Audio: {meta['audio']['sample_rate']} Hz, 8-bit `{meta['audio']['quantization']}` codes.
 - Weights: float32 safetensors, {sum(f.stat().st_size for f in args.model.iterdir() if f.suffix == '.safetensors') / 1e6:.1f} MB.
-- Recommended sampling (used by `continue`/`generate` unless overridden): {summary.get('sampling')}.
+  They stay in float32: stored in float16, the S4 parameters lose enough to cost a clear part of
+  a bit per sample.
+- Recommended sampling (used by `continue`/`generate` unless overridden): {summary.get('sampling')}, chosen by
+  the spectral flatness of continuations of the example prompt at temperatures 0.7 to 1.
 
 ## Data
 - {summary.get('domain')}.
@@ -86,8 +93,9 @@ with `examples/default_model.yaml` and `examples/default_model_long.yaml`; this 
   the first 150 `bwv*` files in sorted order, and Joplin's Maple Leaf Rag; rendered with
   `render-midi --instrument piano --max-seconds 120` through FluidSynth and the TimGM6mb General
   MIDI soundfont (Debian `timgm6mb-soundfont`, GPL-2).
-- `prepare --seconds 4.096 --val 0.05 --test 0.05 --seed 0`: whole pieces go to one split. The
-  test split is held out from training and model selection.
+- `prepare --seconds 4.096 --val 0.05 --test 0.05 --seed 0` for stage 1 and evaluation, and the
+  same with `--seconds 8.192` for stage 2: whole pieces go to one split, the same pieces in both.
+  The test split is held out from training and model selection.
 
 ## Training
 {len(stages)} {"stage" if len(stages) == 1 else "stages"} of `s4music train` on the train split. Hardware: {args.hardware}.
@@ -104,30 +112,24 @@ The shipped weights are the last stage's `best/`: its lowest validation NLL.
 Test NLL: **{summary['test_bits']:.3f} bits/sample**, bootstrap 95% interval [{lo:.3f}, {hi:.3f}] over
 source files. Baselines: unigram {ev['unigram_bits']:.3f} (entropy of the test codes' own histogram),
 bigram {ev['bigram_bits']:.3f} (previous-sample model counted on the train split). For scale, the
-SaShiMi paper reports about 1.3 bits/sample on YouTubeMix piano with a 4.8M-parameter model trained
-on a GPU for far longer.
+SaShiMi paper reports about 1.3 bits/sample on YouTubeMix piano (real recordings, a harder and
+larger dataset) with this architecture trained for far longer.
 
 Spectral flatness of the test windows (5th to 95th percentile): {f5:.4f} to {f95:.4f}. {demo}
 
 ## Known limits
-- It is small and briefly trained. Continuations have piano-like timbre and decay, not harmony or
-  rhythm. At temperature 1 without truncation they turn to hiss within a second. With the
-  recommended top-k sampling the first second or so strikes and lets ring a note or two in the
-  prompt's register; then the signal drifts to a DC offset of about +0.2 under a quiet, sustained,
-  tonal texture (see the picture in the README), and `continue` flags the take as `offset`. Its
-  spectral flatness is above the test set's range (figures above): the continuation is not yet
-  music-like by that measure. Fine-tuning on 2 s windows lowered the test NLL but did not remove
-  the drift.
-- The drift comes from the truncation as much as from the model. Top-k keeps the likeliest codes,
-  and a mu-law code far from zero spans a wider amplitude bin, so it gathers more probability for
-  the same density: the kept codes lean away from zero. Ranking codes by density instead
-  (probability over bin width) removes the offset, but the texture then fades towards silence. No
-  sampling setting tried (top-k 2 to 5, top-p 0.5 to 0.9, temperature 0.7 to 1) gives a
-  music-like continuation; a larger, longer-trained model is the way out.
+- Continuations have the piano's timbre, its attacks and decays, and chords in the prompt's
+  register; they have no phrase structure, and after several seconds they grow denser and brighter
+  (the demo's flatness above against the test set's range).
+- Sampled code streams drift slowly away from zero under a signal that stays lively{drift}.
+  `continue` removes the drift from what it writes (a 10 Hz high-pass) and records the offset it
+  removed in the sidecar; takes where the offset dwarfs the signal are flagged `offset`.
 - It knows one rendered GM piano playing four-part chorales. Other instruments, drums, voice or
   real recordings are out of its domain; `s4music check` says so.
-- Trained on windows of at most 2 s, it reads 8 s prompts without trouble but has learned no
-  structure longer than that.
+- Trained on windows of at most 8 s, it has learned no structure longer than that.
+- Stage 2 started from a float16 copy of stage 1's best weights (the copy that fitted the GPU
+  machine's transfer limit) and was stopped by its time limit shortly before its last steps, at a
+  learning rate near zero; the recipe does the same conversion and runs all its steps.
 
 ## Licenses
 - Weights: Apache-2.0, like the toolkit.

@@ -64,12 +64,14 @@ def test_demo_continuation_is_music_like(tmp_path):
     result = continue_prompt(PROMPT, tmp_path / "demo.wav", options=GenerateOptions(seconds=3, seed=0))
     wave, rate = sf.read(str(result.takes[0].path))
     continuation = torch.from_numpy(wave[int(result.guidance.seconds * rate):]).float()
-    # The bundled model drifts to a DC offset after about a second (MODEL_CARD.md, known limits);
-    # it must neither fall silent nor run away into noise.
-    assert result.takes[0].degenerate in (None, "offset")
+    # It must neither fall silent, nor run away into noise, nor get stuck at an offset; what is
+    # written has the model's slow drift removed (MODEL_CARD.md, known limits).
+    assert result.takes[0].degenerate is None
     assert spectral_flatness(continuation) < NOISE_FLATNESS
+    assert abs(continuation.mean().item()) < 0.01
     meta = json.loads(result.sidecar.read_text())
-    assert meta["options"]["top_k"] == load_model(DEFAULT_MODEL).summary["sampling"]["top_k"]
+    for key, value in load_model(DEFAULT_MODEL).summary["sampling"].items():
+        assert meta["options"][key] == value
 
 
 @pytest.mark.slow
