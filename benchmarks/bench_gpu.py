@@ -13,13 +13,10 @@ this prints one line saying so.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
+
+from common import parse_args, run_child
 
 SAMPLE_RATE = 16000
 
@@ -132,11 +129,7 @@ def generation(batch: int, steps: int) -> dict:
 
 
 def _child(kind: str, env: dict | None = None, **kw) -> dict:
-    cmd = [sys.executable, __file__, "--child", json.dumps({"kind": kind, **kw})]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["killed"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, kind, env, **kw)
 
 
 def _cell(r: dict, key: str, fmt: str) -> str:
@@ -144,14 +137,8 @@ def _cell(r: dict, key: str, fmt: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--child")
-    args = parser.parse_args()
-    if args.child:
-        spec = json.loads(args.child)
-        fn = {"cauchy": cauchy, "train": train_step, "prefill": prefill, "gen": generation}[spec.pop("kind")]
-        print(json.dumps(fn(**spec)))
+    args = parse_args({"cauchy": cauchy, "train": train_step, "prefill": prefill, "gen": generation})
+    if args is None:
         return
 
     import torch

@@ -12,12 +12,10 @@ Each configuration runs in a fresh subprocess so its peak resident memory is its
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
-import subprocess
-import sys
 import time
+
+from common import parse_args, run_child
 
 SAMPLE_RATE = 16000
 
@@ -147,24 +145,12 @@ def linear_bound(seconds_of_audio: float) -> dict:
 
 
 def _child(kind: str, env: dict | None = None, **kw) -> dict:
-    import os
-
-    cmd = [sys.executable, __file__, "--child", json.dumps({"kind": kind, **kw})]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["killed"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, kind, env, **kw)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--child")
-    args = parser.parse_args()
-    if args.child:
-        spec = json.loads(args.child)
-        fn = {"train": train_step, "gen": generation, "prefill": prefill, "bound": linear_bound}[spec.pop("kind")]
-        print(json.dumps(fn(**spec)))
+    args = parse_args({"train": train_step, "gen": generation, "prefill": prefill, "bound": linear_bound})
+    if args is None:
         return
 
     lengths = [2000, 8000] if args.quick else [16000, 128000]
