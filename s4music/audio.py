@@ -196,9 +196,12 @@ def remove_dc(wave: torch.Tensor, sample_rate: int, cutoff: float = 10.0) -> tor
     """High-pass at `cutoff` Hz (a second-order Butterworth section): removes a DC offset and slow
     drift, far below any musical pitch (the piano's lowest note is 27.5 Hz). Float64 inside: the
     filter's poles sit close to 1 at such a low cutoff."""
-    if wave.numel() == 0:
+    if wave.numel() == 0 or wave.abs().max() == 0:
         return wave
-    return AF.highpass_biquad(wave.double(), sample_rate, cutoff).to(wave.dtype)
+    # torchaudio's biquad clamps its output to [-1, 1], which would clip a peak lifted by the
+    # removed offset; the filter is linear, so run it well inside that range and scale back.
+    scale = 4 * wave.abs().max().double()
+    return (AF.highpass_biquad(wave.double() / scale, sample_rate, cutoff) * scale).to(wave.dtype)
 
 
 def write_audio(path: str | Path, wave: torch.Tensor, sample_rate: int) -> Path:

@@ -97,3 +97,7 @@ def test_remove_dc_takes_offset_and_drift_and_keeps_the_music():
     assert abs(out[settled].mean().item()) < 2e-3 and abs(drifting[settled].mean().item()) > 0.02
     assert abs(out[settled].std().item() / tone[settled].std().item() - 1) < 0.02
     assert out.dtype == torch.float32 and out.shape == drifting.shape
+    # A peak at full scale over a negative offset rises above it once the offset is gone: not clipped here.
+    spiky = torch.full((32000,), -0.2)
+    spiky[::800] = 1.0
+    assert remove_dc(spiky, 16000)[16000:].max().item() > 1.1
