@@ -9,8 +9,12 @@ import warnings
 import pytest
 import torch
 
+from conftest import perturbed
+
 import s4music.cuda as ext
-from s4music.model import S4Config
+from s4music.generate import GenerateOptions, improvise
+from s4music.model import S4Config, SaShiMi, SaShiMiConfig
+from s4music.model.sashimi import code_bits
 from s4music.model.s4 import S4Block
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -78,9 +82,6 @@ def test_s4_layer_on_gpu_matches_cpu(length):
 @needs_gpu
 @pytest.mark.parametrize("mode", ["dplr", "diag"])
 def test_training_loss_and_gradients_on_gpu_match_cpu(mode):
-    from conftest import perturbed
-    from s4music.model import SaShiMi, SaShiMiConfig
-    from s4music.model.sashimi import code_bits
 
     cpu = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, s4=S4Config(mode=mode, d_state=16)))).train()
     gpu = copy.deepcopy(cpu).cuda()
@@ -98,9 +99,6 @@ def test_training_loss_and_gradients_on_gpu_match_cpu(mode):
 @pytest.mark.gpu
 @needs_gpu
 def test_generation_on_gpu_is_reproducible_bit_for_bit(tmp_path):
-    from conftest import perturbed
-    from s4music.generate import GenerateOptions, improvise
-    from s4music.model import SaShiMi, SaShiMiConfig
 
     perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, s4=S4Config(d_state=16)))).save(tmp_path / "model")
     options = GenerateOptions(seconds=0.1, seed=7, device="cuda", normalize="none")
