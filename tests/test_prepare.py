@@ -43,8 +43,25 @@ def test_prepare_splits_by_source_stratified_and_reproducible(music, tmp_path):
         assert sorted(files.values()).count("test") >= 1 and sorted(files.values()).count("val") >= 1
     again = prepare([music], tmp_path / "ds2", PrepareOptions(**OPTS, seed=3))
     assert [(p.name, s) for p, s, _ in again.added] == [(p.name, s) for p, s, _ in report.added]
+    # A copy of the collection in another place splits the same way: the order comes from the
+    # files' paths relative to the source directory, not from where it lies.
+    moved = shutil.copytree(music, tmp_path / "elsewhere" / "deeper" / "collection")
+    copied = prepare([moved], tmp_path / "ds3", PrepareOptions(**OPTS, seed=3))
+    assert sorted((p.name, s) for p, s, _ in copied.added) == sorted((p.name, s) for p, s, _ in report.added)
+    other_seed = prepare([music], tmp_path / "ds4", PrepareOptions(**OPTS, seed=4))
+    assert sorted((p.name, s) for p, s, _ in other_seed.added) != sorted((p.name, s) for p, s, _ in report.added)
     hours = sum(report.summary.values())
     assert hours == pytest.approx(sum(ds.count(s) for s in ("train", "val", "test")) * 2 / 3600)
+
+
+def test_a_split_file_pins_the_files_it_lists(music, tmp_path):
+    calm = sorted(p.relative_to(music).as_posix() for p in (music / "calm").iterdir())
+    pinned = {"test": calm[:2], "val": calm[2:3], "train": calm[3:]}
+    report = prepare([music], tmp_path / "ds", PrepareOptions(**OPTS, pinned={n: s for s, ns in pinned.items() for n in ns}))
+    split_of = {p.relative_to(music).as_posix(): s for p, s, _ in report.added}
+    assert {n: split_of[n] for n in calm} == {n: s for s, ns in pinned.items() for n in ns}
+    lively = [s for n, s in split_of.items() if n.startswith("lively/")]
+    assert lively.count("test") >= 1 and lively.count("val") >= 1  # unlisted files are split as usual
 
 
 def test_windows_are_the_same_codes_as_the_prompt_path(music, tmp_path):

@@ -11,8 +11,10 @@ Every source file goes through `s4music.audio` (decode, mono, resample, quantize
 Whole files go to one split, so no file straddles two. Strata come from the first folder below the
 source root (or the root's name) plus any `tags`; within each stratum, val and test receive their
 share of files (at least one each from three files on). Assignment is reproducible from the seed
-and the files' resolved paths (the same files elsewhere split differently), and incremental: files
-already in the dataset keep their split; new files fill the shortfalls.
+and each file's path relative to the source it was found under (so a copy of the collection in
+another place splits the same way), and incremental: files already in the dataset keep their split;
+new files fill the shortfalls. A split file (`pinned`) fixes the split of the files it lists, to
+rebuild a published held-out set exactly.
 
 Nothing is lost to a crash: windows are appended to the split files first and become part of the
 dataset only when dataset.json (written last, atomically) counts them; bytes beyond those counts
@@ -56,6 +58,7 @@ class PrepareOptions:
     test_fraction: float = 0.06
     seed: int = 0
     tags: dict[str, str] = field(default_factory=dict)
+    pinned: dict[str, str] = field(default_factory=dict)  # file name (as find_audio gives it) -> split, kept as given
 
     @property
     def window(self) -> int:
@@ -70,17 +73,18 @@ class PrepareReport:
     summary: dict[tuple[str, str], float] = field(default_factory=dict)  # (split, stratum) -> hours
 
 
-def find_audio(sources: list[str | Path]) -> list[tuple[Path, str]]:
-    """(file, folder stratum) for each audio file under `sources` (directories searched recursively)."""
+def find_audio(sources: list[str | Path]) -> list[tuple[Path, str, str]]:
+    """(file, folder stratum, name) for each audio file under `sources` (directories searched
+    recursively); the name is the file's path relative to its source directory, or its file name."""
     found = []
     for source in map(Path, sources):
         if source.is_dir():
             for p in sorted(source.rglob("*")):
                 if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS and not p.name.startswith("."):
                     rel = p.relative_to(source)
-                    found.append((p, rel.parts[0] if len(rel.parts) > 1 else source.resolve().name))
+                    found.append((p, rel.parts[0] if len(rel.parts) > 1 else source.resolve().name, rel.as_posix()))
         else:
-            found.append((source, source.resolve().parent.name))
+            found.append((source, source.resolve().parent.name, source.name))
     return found
 
 
@@ -88,8 +92,8 @@ def _source_id(path: Path) -> str:
     return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
 
 
-def _order_key(seed: int, source_id: str) -> str:
-    return hashlib.sha1(f"{seed}:{source_id}".encode()).hexdigest()
+def _order_key(seed: int, name: str) -> str:
+    return hashlib.sha1(f"{seed}:{name}".encode()).hexdigest()
 
 
 def _targets(n: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
@@ -102,8 +106,8 @@ def _targets(n: int, val_fraction: float, test_fraction: float) -> dict[str, int
 
 
 def assign_splits(existing: list[dict], new: list[dict], options: PrepareOptions) -> None:
-    """Set new[i]["split"]: existing files keep theirs; new ones fill each stratum's shortfalls,
-    in an order fixed by the seed."""
+    """Set new[i]["split"]: existing files keep theirs, pinned ones take theirs; the others fill each
+    stratum's shortfalls, in an order fixed by the seed."""
     by_stratum: dict[str, list[dict]] = defaultdict(list)
     for src in new:
         by_stratum[stratum_key(src["strata"])].append(src)
@@ -113,10 +117,35 @@ def assign_splits(existing: list[dict], new: list[dict], options: PrepareOptions
             if stratum_key(src["strata"]) == key:
                 have[src["split"]] += 1
         target = _targets(sum(have.values()) + len(items), options.val_fraction, options.test_fraction)
-        for src in sorted(items, key=lambda s: _order_key(options.seed, s["id"])):
+        for src in items:
+            if src["name"] in options.pinned:
+                src["split"] = options.pinned[src["name"]]
+                have[src["split"]] += 1
+        free = [src for src in items if src["name"] not in options.pinned]
+        for src in sorted(free, key=lambda s: _order_key(options.seed, s["name"])):
             short = [s for s in ("test", "val", "train") if have[s] < target[s]]
             src["split"] = short[0] if short else "train"
             have[src["split"]] += 1
+
+
+def read_pinned_splits(path: str | Path) -> dict[str, str]:
+    """A split file, {"train": [names], "val": [...], "test": [...]}, as file name -> split."""
+    path = Path(path)
+    try:
+        lists = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read the split file ({e})") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(lists, dict) or not set(lists) <= set(SPLITS) or \
+            not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists.values()):
+        raise DatasetError(f"{path}: expected {{\"train\": [file names], \"val\": [...], \"test\": [...]}}")
+    pinned = {}
+    for split, names in lists.items():
+        for name in names:
+            if pinned.setdefault(name, split) != split:
+                raise DatasetError(f"{path}: {name} is listed in both {pinned[name]} and {split}")
+    return pinned
 
 
 def stratum_key(strata: dict[str, str]) -> str:
@@ -164,7 +193,7 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
     report = PrepareReport()
     known = {(s["path"], s["size"], s["mtime"]) for s in meta["sources"]}
     candidates = []
-    for path, folder in find_audio(sources):
+    for path, folder, name in find_audio(sources):
         try:
             stat = path.stat()
         except OSError as e:
@@ -174,7 +203,7 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
         if key in known:
             report.unchanged += 1
             continue
-        candidates.append({"id": _source_id(path), "path": key[0], "size": key[1], "mtime": key[2],
+        candidates.append({"id": _source_id(path), "name": name, "path": key[0], "size": key[1], "mtime": key[2],
                            "strata": {"folder": folder, **options.tags}})
 
     assign_splits(meta["sources"], candidates, options)
