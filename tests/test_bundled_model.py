@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,19 @@ def test_example_prompt_is_in_the_models_domain():
     info = sf.info(str(PROMPT))
     assert 3 <= info.duration <= 6 and PROMPT.stat().st_size < 1e6
     assert check_prompt(PROMPT).verdict == TYPICAL
+
+
+def test_recipe_parses_and_takes_the_prompt_from_its_pinned_test_split():
+    recipe = ROOT / "examples" / "train_default_model.sh"
+    parsed = subprocess.run(["bash", "-n", str(recipe)], capture_output=True, text=True)
+    assert parsed.returncode == 0, parsed.stderr
+    text = recipe.read_text()
+    splits = json.loads((ROOT / "examples" / "default_model_splits.json").read_text())
+    assert text.count("--splits examples/default_model_splits.json") == 2  # both window lengths, one split
+    names = [n for ns in splits.values() for n in ns]
+    assert len(names) == len(set(names)) and len(splits["test"]) >= 5
+    prompt_source = re.search(r'"\$WORK/audio/(\S+?)" -t', text).group(1)
+    assert prompt_source in splits["test"]
 
 
 def test_half_weights_keep_the_bundled_models_likelihood():

@@ -48,6 +48,14 @@ def test_prepare_reports_bad_files_and_builds_the_rest(tmp_path, short_recording
     assert "b.wav: not audio" in result.output and "folder=calm,genre=game" in result.output
     bad_tag = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds"), "--tag", "oops"])
     assert bad_tag.exit_code == 1 and "expected key=value" in bad_tag.output
+    splits = tmp_path / "splits.json"
+    splits.write_text('{"test": ["calm/a.ogg"], "val": ["calm/a.ogg"]}')
+    twice = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds2"), "--splits", str(splits)])
+    assert twice.exit_code == 1 and f"{splits}: calm/a.ogg is listed in both test and val" in twice.output
+    splits.write_text("[1, 2]")
+    wrong = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds2"), "--splits", str(splits)])
+    assert wrong.exit_code == 1 and f"{splits}: expected" in wrong.output
+    assert not (tmp_path / "ds2").exists()
 
 
 def test_render_midi_with_an_unknown_instrument_is_one_line_and_exit_1(tmp_path):

@@ -180,9 +180,11 @@ def prepare(
     test: float = typer.Option(0.06, help="Share of each stratum's files for test."),
     seed: int = typer.Option(0, help="Seed of the split assignment."),
     tag: list[str] = typer.Option(None, help="A stratum tag for these sources, key=value (repeatable)."),
+    splits: Path = typer.Option(None, help='JSON split file {"train": [...], "val": [...], "test": [...]} of file '
+                                           "names relative to the source directory; listed files keep that split."),
 ):
     """Build or extend a training dataset: decode, mono, resample, quantize, window, split by source."""
-    from s4music.data.prepare import PrepareOptions, find_audio
+    from s4music.data.prepare import PrepareOptions, find_audio, read_pinned_splits
     from s4music.data.prepare import prepare as prepare_dataset
 
     tags = {}
@@ -192,7 +194,8 @@ def prepare(
             fail(f"--tag {t!r}: expected key=value")
         tags[key] = value
     options = PrepareOptions(seconds=seconds, sample_rate=sample_rate, quantization=quantization,
-                             val_fraction=val, test_fraction=test, seed=seed, tags=tags)
+                             val_fraction=val, test_fraction=test, seed=seed, tags=tags,
+                             pinned=read_pinned_splits(splits) if splits else {})
     with progress_bar() as bar:
         task = bar.add_task("preparing", total=len(find_audio(sources)))
         report = prepare_dataset(sources, out, options, on_file=lambda path, status: bar.advance(task))
