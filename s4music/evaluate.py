@@ -32,6 +32,7 @@ from s4music.model.checkpoint import load_model
 from s4music.model.sashimi import SaShiMi
 
 log = logging.getLogger(__name__)
+FLATNESS_QUANTILES = ("min", "p5", "median", "p95", "max")
 
 
 class EvalError(S4MusicError):
@@ -57,13 +58,13 @@ class EvalReport:
     strata: list[StratumResult]
     overall: StratumResult
     interval: tuple[float, float]  # bootstrap 95% interval of the overall model bits/sample
-    flatness: tuple[float, float] = (0.0, 0.0)  # 5th and 95th percentile spectral flatness of the windows
+    flatness: dict[str, float] = field(default_factory=dict)  # spectral flatness of the windows: FLATNESS_QUANTILES
     per_source: dict[str, tuple[float, int]] = field(default_factory=dict)  # source -> (bits sum, samples)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "dataset": self.dataset, "split": self.split, "context": self.context,
                 "strata": [asdict(r) for r in self.strata], "overall": asdict(self.overall),
-                "interval_95": list(self.interval), "flatness_5_95": list(self.flatness)}
+                "interval_95": list(self.interval), "flatness": self.flatness}
 
 
 def entropy_bits(counts: np.ndarray) -> float:
@@ -146,9 +147,10 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", cont
     per_source = {s: (float(model_sums[idx].sum()), len(idx) * width) for s, idx in sources.items()}
     interval = bootstrap_interval(list(per_source.values()), bootstrap, seed)
     flat = [spectral_flatness(decode(torch.from_numpy(np.array(w)), dataset.quantization)) for w in windows]
+    quantiles = np.percentile(flat, [0, 5, 50, 95, 100])
     return EvalReport(model=str(model_path), dataset=str(dataset.root), split=split, context=context,
                       strata=strata, overall=overall, interval=interval, per_source=per_source,
-                      flatness=tuple(float(v) for v in np.percentile(flat, [5, 95])))
+                      flatness={k: float(v) for k, v in zip(FLATNESS_QUANTILES, quantiles, strict=True)})
 
 
 def bootstrap_interval(units: list[tuple[float, int]], rounds: int, seed: int) -> tuple[float, float]:
@@ -173,5 +175,5 @@ def record_result(checkpoint: str | Path, report: EvalReport) -> None:
     update_summary(checkpoint, {"test_bits": o.model_bits, "eval": {
         "dataset": Path(report.dataset).name, "split": report.split, "context": report.context, "windows": o.windows,
         "model_bits": o.model_bits, "unigram_bits": o.unigram_bits, "bigram_bits": o.bigram_bits,
-        "interval_95": list(report.interval), "flatness_5_95": list(report.flatness),
+        "interval_95": list(report.interval), "flatness": report.flatness,
         "strata": [vars(r) for r in report.strata]}})

@@ -212,7 +212,11 @@ def test_eval_reports_strata_baselines_and_interval(music_dataset, tmp_path):
     lo, hi = report["interval_95"]
     assert lo <= overall["model_bits"] <= hi
     assert 0 < overall["bigram_bits"] < overall["unigram_bits"] <= 8
-    assert load_model(result.model).summary["test_bits"] == pytest.approx(overall["model_bits"])
+    summary = load_model(result.model).summary
+    assert summary["test_bits"] == pytest.approx(overall["model_bits"])
+    flatness = [report["flatness"][k] for k in ("min", "p5", "median", "p95", "max")]
+    assert 0 < flatness[0] and flatness == sorted(flatness) and flatness[-1] < 0.35  # rendered music, not noise
+    assert summary["eval"]["flatness"] == report["flatness"]
 
 
 def test_missing_dataset_or_checkpoint_is_one_line_and_leaves_no_run(tmp_path, music_dataset):
