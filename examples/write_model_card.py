@@ -117,7 +117,8 @@ what that recipe recorded.
   MIDI soundfont (Debian `timgm6mb-soundfont`, GPL-2).
 - `prepare --seconds 4.096 --val 0.05 --test 0.05 --seed 0` for stage 1 and evaluation, and the
   same with `--seconds 8.192` for stage 2: whole pieces go to one split, the same pieces in both.
-  The test split is held out from training and model selection.
+  The test split is held out from training and model selection; `examples/default_model_splits.json`
+  lists every piece's split, and `prepare --splits` with it rebuilds the same split anywhere.
 
 ## Training
 {len(stages)} {"stage" if len(stages) == 1 else "stages"} of `s4music train` on the train split. Hardware: {args.hardware}.
