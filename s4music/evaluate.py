@@ -32,7 +32,7 @@ from s4music.model.checkpoint import load_model
 from s4music.model.sashimi import SaShiMi
 
 log = logging.getLogger(__name__)
-FLATNESS_QUANTILES = ("min", "p5", "median", "p95", "max")
+FLATNESS_QUANTILES = {"min": 0, "p5": 5, "median": 50, "p95": 95, "max": 100}  # name -> percentile
 
 
 class EvalError(S4MusicError):
@@ -147,7 +147,7 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", cont
     per_source = {s: (float(model_sums[idx].sum()), len(idx) * width) for s, idx in sources.items()}
     interval = bootstrap_interval(list(per_source.values()), bootstrap, seed)
     flat = [spectral_flatness(decode(torch.from_numpy(np.array(w)), dataset.quantization)) for w in windows]
-    quantiles = np.percentile(flat, [0, 5, 50, 95, 100])
+    quantiles = np.percentile(flat, list(FLATNESS_QUANTILES.values()))
     return EvalReport(model=str(model_path), dataset=str(dataset.root), split=split, context=context,
                       strata=strata, overall=overall, interval=interval, per_source=per_source,
                       flatness={k: float(v) for k, v in zip(FLATNESS_QUANTILES, quantiles, strict=True)})
