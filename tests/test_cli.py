@@ -55,6 +55,12 @@ def test_prepare_reports_bad_files_and_builds_the_rest(tmp_path, short_recording
     splits.write_text("[1, 2]")
     wrong = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds2"), "--splits", str(splits)])
     assert wrong.exit_code == 1 and f"{splits}: expected" in wrong.output
+    splits.write_text('{"test": ["calm/a.ogg"')
+    broken = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds2"), "--splits", str(splits)])
+    assert broken.exit_code == 1 and f"{splits}: not valid JSON" in broken.output
+    missing = tmp_path / "nowhere.json"
+    gone = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds2"), "--splits", str(missing)])
+    assert gone.exit_code == 1 and f"{missing}: cannot read the split file" in gone.output
     assert not (tmp_path / "ds2").exists()
 
 
