@@ -5,7 +5,8 @@
 
 The prompt goes through the same conversion as training data (decode, mono, resample, quantize
 with the checkpoint's scheme), is read in one parallel pass that also scores it for guidance, and
-the continuation is stepped from the resulting state, on the fused CPU step when it is available.
+the continuation is stepped from the resulting state: on the fused C++ step on a CPU, from CUDA graphs
+on a GPU, where they are available.
 Every setting, the seeds, timings and the real-time factor go to a JSON sidecar beside the output.
 """
 
@@ -28,12 +29,12 @@ from s4music.audio import (Audio, atomic_path, decode, encode, load_audio, norma
 from s4music.errors import S4MusicError
 from s4music.guidance import PromptReport, degeneracy, describe_signal, judge
 from s4music.model.checkpoint import load_model
-from s4music.model.fast import FusedStep, fused_available, sample_codes
+from s4music.model.fast import FusedStep, GraphedStep, fused_available, sample_codes
 from s4music.model.sashimi import SaShiMi, SaShiMiState, code_bits
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
-PROGRESS_EVERY = 2000  # samples between progress reports (and fused-step calls)
+PROGRESS_EVERY = 2000  # samples between progress reports (and fast-step calls)
 
 
 class GenerationError(S4MusicError):
@@ -56,8 +57,8 @@ class GenerateOptions:
     include_prompt: bool = True
     normalize: str = "loudness"  # loudness (-16 LUFS), peak (-1 dBFS) or none
     format: str = "wav"  # wav or flac
-    device: str = "auto"  # auto, cpu or cuda
-    fused: bool = True  # use the fused CPU step when it is available
+    device: str = "auto"  # cpu, cuda, or auto: read the prompt on a GPU if any, generate on the fused CPU step
+    fused: bool = True  # the fast step: fused C++ on a CPU (when it builds), CUDA graphs on a GPU
     half_weights: bool = True  # fused step: linear weights in half precision (faster; not code for code the plain step)
     force: bool = False  # continue even when guidance judges the prompt far out of domain
     retry_degenerate: int = 0  # resample a variation that collapses, turns to noise or drifts to an offset, up to N times
@@ -212,14 +213,11 @@ def _finish(net: SaShiMi, model_id: str, state: SaShiMiState, first: torch.Tenso
     n = max(1, int(round(options.seconds * sr)))
     seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
     seeds = [seed + i for i in range(options.variations)]
-    fused = None
-    if options.fused and net.device.type == "cpu" and fused_available():
-        fused = FusedStep(net, half=options.half_weights)
-    step = ("fused-cpu-fp16" if fused.half else "fused-cpu") if fused else f"plain-{net.device.type}"
+    net, fast, step = _generation_step(net, options)
     log.info("seed %d; %s step", seed, step)
 
     gen_started = time.perf_counter()
-    codes, logprobs = _sample(net, fused, state, first, seeds, n, options, on_progress)
+    codes, logprobs = _sample(net, fast, state, first, seeds, n, options, on_progress)
     generated = options.variations * n
     retries = [0] * options.variations
     waves = [decode(c, scheme) for c in codes]
@@ -229,7 +227,7 @@ def _finish(net: SaShiMi, model_id: str, state: SaShiMiState, first: torch.Tenso
             retries[i] += 1
             seeds[i] = seed + i + 1_000_003 * retries[i]
             log.info("variation %d: %s; resampling with seed %d", i + 1, verdicts[i], seeds[i])
-            c, lp = _sample(net, fused, state, first, [seeds[i]], n, options, on_progress)
+            c, lp = _sample(net, fast, state, first, [seeds[i]], n, options, on_progress)
             codes[i], logprobs[i] = c[0], lp[0]
             waves[i] = decode(codes[i], scheme)
             verdicts[i] = degeneracy(waves[i], sr)
@@ -273,9 +271,30 @@ def _finish(net: SaShiMi, model_id: str, state: SaShiMiState, first: torch.Tenso
     return GenerateResult(takes, sidecar, report, seed, rtf, timings)
 
 
+def _generation_step(net: SaShiMi, options: GenerateOptions) -> tuple[SaShiMi, FusedStep | GraphedStep | None, str]:
+    """The model on the device that generates, its fast step (None: the plain one), and the step's name.
+
+    With --device auto the fused CPU step generates whenever it builds, even where a GPU read the
+    prompt: a GPU step is bound by kernel launches, and the fused step outran an H100's CUDA graphs
+    up to dozens of variations (benchmarks/RESULTS.md). --device cuda keeps generation on the GPU.
+    """
+    if not options.fused:
+        return net, None, f"plain-{net.device.type}"
+    if net.device.type == "cuda" and options.device == "auto" and fused_available():
+        log.info("prompt read on the GPU; generating on the fused CPU step (--device cuda: on the GPU)")
+        net = net.cpu()
+    if net.device.type == "cuda":
+        return net, GraphedStep(net), "graphed-cuda"
+    if fused_available():
+        fast = FusedStep(net, half=options.half_weights)
+        return net, fast, "fused-cpu-fp16" if fast.half else "fused-cpu"
+    return net, None, "plain-cpu"
+
+
 @torch.no_grad()
-def _sample(net: SaShiMi, fused: FusedStep | None, state: SaShiMiState, first: torch.Tensor, seeds: list[int], n: int,
-            options: GenerateOptions, on_progress: ProgressFn | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(net: SaShiMi, fast: FusedStep | GraphedStep | None, state: SaShiMiState, first: torch.Tensor,
+            seeds: list[int], n: int, options: GenerateOptions,
+            on_progress: ProgressFn | None) -> tuple[torch.Tensor, torch.Tensor]:
     """n codes for each seed from (a copy of) `state`: codes (V, n) int64 and their log-probs (V, n)."""
     uniforms = torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(s)) for s in seeds])
     batch = len(seeds)
@@ -286,8 +305,8 @@ def _sample(net: SaShiMi, fused: FusedStep | None, state: SaShiMiState, first: t
     started = time.perf_counter()
     for lo in range(0, n, PROGRESS_EVERY):
         hi = min(n, lo + PROGRESS_EVERY)
-        if fused is not None:
-            c, lp = fused.run(code.cpu(), state, uniforms[:, lo:hi], options.temperature, options.top_k, options.top_p)
+        if fast is not None:
+            c, lp = fast.run(code, state, uniforms[:, lo:hi], options.temperature, options.top_k, options.top_p)
             codes[:, lo:hi], logprobs[:, lo:hi] = c, lp
             code = c[:, -1]
         else:

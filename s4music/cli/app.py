@@ -348,7 +348,9 @@ Rank = Annotated[bool, typer.Option("--rank", help="Order variations by the mode
 Normalize = Annotated[str, typer.Option(help="Output level: loudness (-16 LUFS), peak (-1 dBFS) or none.")]
 Format = Annotated[str, typer.Option(help="wav or flac (when OUT has no such suffix).")]
 ModelPath = Annotated[Path, typer.Option(help="s4music checkpoint (default: the bundled model).")]
-Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, or auto: read the prompt on a GPU when there is one and "
+                                           "generate on the fused CPU step, which outruns a GPU's step up to "
+                                           "dozens of variations (cuda: generate on the GPU too).")]
 Retry = Annotated[int, typer.Option(help="Resample a variation that collapses to silence, turns to noise or "
                                               "drifts to a DC offset, up to N times.")]
 Plot = Annotated[bool, typer.Option("--plot", help="Also write OUT.png: waveform and spectrogram.")]

@@ -1,9 +1,11 @@
-"""Sampling, and the fused CPU step that generates faster than real time.
+"""Sampling, and the fast steps: fused C++ on the CPU, CUDA graphs on a GPU.
 
-Two paths produce continuations, and they make the same choices:
-    plain   SaShiMi.step (PyTorch, any device), one Python call per sample; the reference
-    fused   fast_step.cpp: the whole step and the sampling in C++, many samples per call, with the
-            linear weights in float32 (the same codes as the plain path) or half precision (faster)
+Three paths produce continuations, and they make the same choices:
+    plain    SaShiMi.step (PyTorch, any device), one Python call per sample; the reference
+    fused    fast_step.cpp: the whole step and the sampling in C++, many samples per call, with the
+             linear weights in float32 (the same codes as the plain path) or half precision (faster)
+    graphed  the plain step and sampling on a CUDA device, captured once as a CUDA graph of many
+             samples and replayed: the same kernels, so the same codes, without Python per sample
 
 Randomness is a tensor of uniforms drawn up front from a seeded generator, one per sample and
 variation, and both paths turn logits into a code with the same inverse-CDF rule
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -150,3 +153,105 @@ class FusedStep:
                             torch.empty(0, dtype=torch.long) if forced is None else forced.long().contiguous())
         state.t += uniforms.shape[1]
         return tuple(out)
+
+
+class GraphedStep:
+    """SaShiMi.step and `sample_codes` on a CUDA device, replayed from CUDA graphs.
+
+    The plain step launches a few hundred small kernels a sample, and at small batches the GPU idles
+    while Python issues them. Which tiers step depends only on t mod P (P the product of the pools),
+    so one graph of `block` samples (a multiple of P) starting at t = 0 mod P serves every block that
+    starts there. A graph is captured on first use for each batch size and sampling setting, and
+    replayed after that. It runs the plain step's kernels on the same inputs, so it samples the plain
+    path's codes, bit for bit (tests check this). Samples before the first block boundary and after
+    the last whole block take the plain step.
+    """
+
+    def __init__(self, model: SaShiMi, block: int = 64):
+        if model.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need the model on a CUDA device")
+        self.model = model
+        self.period = math.prod(model.config.pool)
+        self.block = self.period * max(1, block // self.period)
+        self._graphs: dict[tuple, _StepGraph] = {}
+
+    @torch.no_grad()
+    def run(self, codes: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor, temperature: float = 1.0,
+            top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take uniforms.shape[1] steps from `state` (updated in place), first inputs `codes` (B,).
+
+        Returns codes (B, n) and their log-probabilities (B, n), on the CPU."""
+        device = self.model.device
+        batch, n = uniforms.shape
+        uniforms = uniforms.to(device)
+        out_codes = torch.empty(batch, n, dtype=torch.long, device=device)
+        out_logp = torch.empty(batch, n, device=device)
+        code = codes.to(device)
+        i = 0
+        while i < n:
+            if state.t % self.period == 0 and n - i >= self.block:
+                key = (batch, temperature, top_k, top_p)
+                if key not in self._graphs:
+                    self._graphs[key] = _StepGraph(self.model, state, self.block, key[1:])
+                graph = self._graphs[key]
+                graph.replay(code, state, uniforms[:, i:i + self.block])
+                out_codes[:, i:i + self.block], out_logp[:, i:i + self.block] = graph.codes, graph.logp
+                code = graph.codes[:, -1].clone()
+                state.t += self.block
+                i += self.block
+            else:
+                logits, state = self.model.step(code, state)
+                code, lp = sample_codes(logits, uniforms[:, i], temperature, top_k, top_p)
+                out_codes[:, i], out_logp[:, i] = code, lp
+                i += 1
+        return out_codes.cpu(), out_logp.cpu()
+
+
+class _StepGraph:
+    """One captured block of steps and sampling, with the static tensors it reads and writes."""
+
+    def __init__(self, model: SaShiMi, state: SaShiMiState, block: int, sampling: tuple):
+        self.model, self.block, self.sampling = model, block, sampling
+        batch = state.s4[0].shape[0] if state.s4 else state.down[0].shape[0]
+        device = model.device
+        self.code = torch.full((batch,), model.config.n_codes // 2, dtype=torch.long, device=device)
+        self.uniforms = torch.zeros(batch, block, device=device)
+        self.codes = torch.zeros(batch, block, dtype=torch.long, device=device)
+        self.logp = torch.zeros(batch, block, device=device)
+        self.state = SaShiMiState(0, *[[x.detach().clone() for x in group] for group in _groups(state)])
+        # Capture needs a run first on a side stream (cuBLAS sets up its workspace then).
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._body()
+
+    def _body(self) -> None:
+        state = SaShiMiState(0, *[list(group) for group in _groups(self.state)])
+        code = self.code
+        for k in range(self.block):
+            logits, state = self.model.step(code, state)
+            code, lp = sample_codes(logits, self.uniforms[:, k], *self.sampling)
+            self.codes[:, k], self.logp[:, k] = code, lp
+        for statics, news in zip(_groups(self.state), _groups(state), strict=True):
+            for static, new in zip(statics, news, strict=True):
+                if new is not static:  # step returns fresh S4 states and pooled outputs
+                    static.copy_(new)
+
+    def replay(self, code: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor) -> None:
+        """Run the block from `state` (its tensors become the static ones, updated in place)."""
+        self.code.copy_(code)
+        self.uniforms.copy_(uniforms)
+        for statics, group in zip(_groups(self.state), _groups(state), strict=True):
+            for j, static in enumerate(statics):
+                if group[j] is not static:
+                    static.copy_(group[j])
+                    group[j] = static
+        self.graph.replay()
+
+
+def _groups(state: SaShiMiState) -> tuple[list, list, list]:
+    return state.s4, state.down, state.up
