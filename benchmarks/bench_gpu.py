@@ -3,12 +3,13 @@
 Ratios are against baselines measured in the same run:
   - Cauchy product: the PyTorch chunked path (what runs when the extension is unavailable);
   - training: the same step with the PyTorch Cauchy path (DPLR), and in float32 (bf16 rows);
-  - generation at batch > 1: batch 1.
+  - generation: the plain step at batch 1.
 Each configuration runs in a fresh subprocess so its peak GPU memory is its own. Without a GPU
 this prints one line saying so.
 
     python benchmarks/bench_gpu.py            # all
     python benchmarks/bench_gpu.py --quick    # short lengths, for a smoke run
+    python benchmarks/bench_gpu.py --only gen # one section
 """
 
 from __future__ import annotations
@@ -111,21 +112,25 @@ def prefill(seconds_of_audio: float) -> dict:
     return {"seconds": min(times), "peak_gb": _peak_gb()}
 
 
-def generation(batch: int, steps: int) -> dict:
-    """The plain recurrent step plus sampling, as `continue --device cuda` runs it."""
+def generation(batch: int, steps: int, step: str) -> dict:
+    """The recurrent step plus sampling, as `continue` runs it: `plain` or `graphed` (CUDA graphs) on
+    the GPU, or `fused` (the C++ step, fp16 weights) on this machine's CPU cores."""
     import torch
 
     from s4music.generate import GenerateOptions, _sample
     from s4music.model import SaShiMi
+    from s4music.model.fast import FusedStep, GraphedStep
 
     torch.manual_seed(0)
-    model = SaShiMi().cuda().eval()
-    _, state = model.prefill(torch.randint(0, 256, (1, 4096), device="cuda"))
+    model = SaShiMi().eval() if step == "fused" else SaShiMi().cuda().eval()
+    _, state = model.prefill(torch.randint(0, 256, (1, 4096), device=model.device))
     first = torch.tensor([128])
     options = GenerateOptions(top_k=0, top_p=1.0, temperature=1.0)
-    _sample(model, None, state, first, list(range(batch)), 64, options, None)  # warm-up
-    t = _timed(lambda: _sample(model, None, state, first, list(range(batch)), steps, options, None), 1)[0]
-    return {"samples_per_s": batch * steps / t, "peak_gb": _peak_gb()}
+    fast = {"plain": None, "graphed": lambda: GraphedStep(model), "fused": lambda: FusedStep(model, half=True)}[step]
+    fast = fast and fast()
+    _sample(model, fast, state, first, list(range(batch)), 256, options, None)  # warm-up (and capture)
+    t = _timed(lambda: _sample(model, fast, state, first, list(range(batch)), steps, options, None), 1)[0]
+    return {"samples_per_s": batch * steps / t, "threads": torch.get_num_threads()}
 
 
 def _child(kind: str, env: dict | None = None, **kw) -> dict:
@@ -137,7 +142,8 @@ def _cell(r: dict, key: str, fmt: str) -> str:
 
 
 def main() -> None:
-    args = parse_args({"cauchy": cauchy, "train": train_step, "prefill": prefill, "gen": generation})
+    sections = {"cauchy": cauchy_table, "train": train_table, "prefill": prefill_line, "gen": generation_table}
+    args = parse_args({"cauchy": cauchy, "train": train_step, "prefill": prefill, "gen": generation}, list(sections))
     if args is None:
         return
 
@@ -147,8 +153,13 @@ def main() -> None:
         print("## GPU\n\nNo CUDA device on this machine: skipped.")
         return
     print(f"## Default model (4,751,072 parameters), GPU: {torch.cuda.get_device_name(0)}\n")
+    for name, table in sections.items():
+        if args.only in (None, name):
+            table(args.quick)
 
-    length = 16384 if args.quick else 65536
+
+def cauchy_table(quick: bool) -> None:
+    length = 16384 if quick else 65536
     print(f"### Cauchy product, forward + backward (K=4, N=64, L={length}; median of 10)\n")
     print("| channels H | PyTorch chunked ms | CUDA extension ms | speed-up | extension's relative error vs float64 |")
     print("|---|---|---|---|---|")
@@ -158,9 +169,13 @@ def main() -> None:
         ratio = "" if "error" in base or "error" in ours else f"{base['ms'] / ours['ms']:.1f}x"
         print(f"| {width} | {_cell(base, 'ms', '.2f')} | {_cell(ours, 'ms', '.2f')} | {ratio} "
               f"| {_cell(ours, 'rel_err', '.1e')} |")
+    print()
 
-    batch, steps = (2, 3) if args.quick else (8, 5)
-    print(f"\n### Training step (batch {batch} x {length} samples, forward + backward + AdamW; median of {steps})\n")
+
+def train_table(quick: bool) -> None:
+    length = 16384 if quick else 65536
+    batch, steps = (2, 3) if quick else (8, 5)
+    print(f"### Training step (batch {batch} x {length} samples, forward + backward + AdamW; median of {steps})\n")
     print("| S4 mode | Cauchy path | precision | s/step | audio s per s | peak GB | vs PyTorch path, float32 |")
     print("|---|---|---|---|---|---|---|")
     no_ext = {"S4MUSIC_NO_CUDA_EXT": "1"}
@@ -175,25 +190,32 @@ def main() -> None:
         audio = "" if "error" in r else f"{batch * length / SAMPLE_RATE / r['seconds']:.0f}"
         print(f"| {mode} | {path} | {precision} | {_cell(r, 'seconds', '.3f')} | {audio} "
               f"| {_cell(r, 'peak_gb', '.1f')} | {ratio} |")
+    print()
 
+
+def prefill_line(quick: bool) -> None:
     audio_s = 10.0
     r = _child("prefill", seconds_of_audio=audio_s)
-    print(f"\n### Reading a {audio_s:g} s prompt (`prefill`, best of three): {_cell(r, 'seconds', '.3f')} s\n")
+    print(f"### Reading a {audio_s:g} s prompt (`prefill`, best of three): {_cell(r, 'seconds', '.3f')} s\n")
 
-    gen_steps = 200 if args.quick else 1000
-    print("### Recurrent generation, plain step + sampling (the `continue --device cuda` loop)\n")
-    print("| batch | samples/s (all variations) | RTF | vs batch 1 |")
-    print("|---|---|---|---|")
+
+def generation_table(quick: bool) -> None:
+    steps = 200 if quick else 2000
+    print("### Recurrent generation, step + sampling (the `continue` loop)\n")
+    print("| step | batch | samples/s (all variations) | RTF | vs plain GPU step, batch 1 |")
+    print("|---|---|---|---|---|")
     one = None
-    for b in (1, 8, 64):
-        r = _child("gen", batch=b, steps=gen_steps)
-        one = one or r.get("samples_per_s")
-        if "error" in r:
-            print(f"| {b} | failed: {r['error']} | | |")
-            continue
-        print(f"| {b} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / SAMPLE_RATE:.3f} "
-              f"| {r['samples_per_s'] / one:.1f}x |")
-
+    for step in ("plain", "graphed", "fused"):
+        for b in (1, 8, 64):
+            r = _child("gen", batch=b, steps=steps * (4 if step == "fused" else 1), step=step)
+            name = {"plain": "plain, GPU", "graphed": "CUDA graphs, GPU"}.get(step)
+            name = name or f"fused C++, fp16 weights, CPU ({r.get('threads')} threads)"
+            one = one or r.get("samples_per_s")
+            if "error" in r:
+                print(f"| {name} | {b} | failed: {r['error']} | | |")
+                continue
+            print(f"| {name} | {b} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / SAMPLE_RATE:.3f} "
+                  f"| {r['samples_per_s'] / one:.1f}x |")
 
 if __name__ == "__main__":
     main()

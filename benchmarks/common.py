@@ -20,11 +20,14 @@ def run_child(script: str, kind: str, env: dict | None = None, **kw) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def parse_args(functions: dict[str, Callable[..., dict]]) -> argparse.Namespace | None:
+def parse_args(functions: dict[str, Callable[..., dict]], sections: list[str] | None = None) -> argparse.Namespace | None:
     """The command line of a benchmark script. In a child, run the function it names, print its
-    result as JSON and return None; otherwise return the parsed arguments (`--quick`)."""
+    result as JSON and return None; otherwise return the parsed arguments (`--quick`, and `--only`
+    where the script has `sections`)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="short lengths, for a smoke run")
+    if sections:
+        parser.add_argument("--only", choices=sections, help="run this section alone")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
