@@ -49,6 +49,11 @@ def test_prepare_reports_bad_files_and_builds_the_rest(tmp_path, short_recording
     bad_tag = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds"), "--tag", "oops"])
     assert bad_tag.exit_code == 1 and "expected key=value" in bad_tag.output
     splits = tmp_path / "splits.json"
+    splits.write_text('{"test": ["calm/a.ogg", "calm/gone.ogg"], "train": ["a.ogg"]}')
+    pinned = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds3"), "--seconds", "2",
+                                 "--splits", str(splits)])
+    assert pinned.exit_code == 0, pinned.output
+    assert f"warning: {splits}: 2 listed file(s) not found under the sources (a.ogg, calm/gone.ogg)" in pinned.output
     splits.write_text('{"test": ["calm/a.ogg"], "val": ["calm/a.ogg"]}')
     twice = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds2"), "--splits", str(splits)])
     assert twice.exit_code == 1 and f"{splits}: calm/a.ogg is listed in both test and val" in twice.output

@@ -71,6 +71,7 @@ class PrepareReport:
     unchanged: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
     summary: dict[tuple[str, str], float] = field(default_factory=dict)  # (split, stratum) -> hours
+    unmatched_pins: list[str] = field(default_factory=list)  # names in the split file that no file under the sources has
 
 
 def find_audio(sources: list[str | Path]) -> list[tuple[Path, str, str]]:
@@ -193,7 +194,10 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
     report = PrepareReport()
     known = {(s["path"], s["size"], s["mtime"]) for s in meta["sources"]}
     candidates = []
-    for path, folder, name in find_audio(sources):
+    found = find_audio(sources)
+    names = {name for _, _, name in found}
+    report.unmatched_pins = sorted(n for n in options.pinned if n not in names)
+    for path, folder, name in found:
         try:
             stat = path.stat()
         except OSError as e:
