@@ -5,8 +5,8 @@
 
 The prompt goes through the same conversion as training data (decode, mono, resample, quantize
 with the checkpoint's scheme), is read in one parallel pass that also scores it for guidance, and
-the continuation is stepped from the resulting state: on the fused C++ step on a CPU, from CUDA graphs
-on a GPU, where they are available.
+the continuation is stepped from the resulting state: on the fused C++ CPU step where it builds (with
+--device auto even when a GPU read the prompt), from CUDA graphs with --device cuda, else plainly.
 Every setting, the seeds, timings and the real-time factor go to a JSON sidecar beside the output.
 """
 
