@@ -315,12 +315,18 @@ class S4Kernel(nn.Module):
         contrib = torch.bmm(chunks, torch.cat([rev.real, rev.imag], dim=1).transpose(1, 2))  # (H, B * chunks, N)
         contrib = contrib.view(h, batch, n_chunks, 2, self.N2).permute(2, 0, 1, 4, 3)
         contrib = _conj_pairs(torch.view_as_complex(contrib.contiguous()))  # (chunks, H, B, N)
-        power = rec.scan_power.to(torch.complex64).transpose(1, 2).contiguous()  # x @ power = (dA^c x)^T
+        power = rec.scan_power.to(torch.complex64)
+        if self.config.mode == "diag":  # dA^c is diagonal: the carry is elementwise
+            diagonal = torch.diagonal(power, dim1=-2, dim2=-1).unsqueeze(1)  # (H, 1, N)
+            carry = lambda x, j: torch.addcmul(contrib[j], x, diagonal)  # noqa: E731
+        else:
+            power = power.transpose(1, 2).contiguous()  # x @ power = (dA^c x)^T
+            carry = lambda x, j: torch.baddbmm(contrib[j], x, power)  # noqa: E731
         before = torch.empty_like(contrib)  # the state before each chunk
         x = contrib.new_zeros(contrib.shape[1:])
         for j in range(n_chunks):
             before[j] = x
-            x = torch.baddbmm(contrib[j], x, power)
+            x = carry(x, j)
         before = torch.view_as_real(before[..., : self.N2].permute(1, 2, 0, 3)).transpose(-1, -2)
         y.baddbmm_(before.reshape(h, batch * n_chunks, -1), rec.scan_rows, alpha=2)
         y = y.view(h, batch, -1)[..., pad:].permute(1, 2, 0).contiguous()
