@@ -29,7 +29,7 @@ from s4music.audio import (Audio, atomic_path, decode, encode, load_audio, norma
 from s4music.errors import S4MusicError
 from s4music.guidance import PromptReport, degeneracy, describe_signal, judge
 from s4music.model.checkpoint import load_model
-from s4music.model.fast import FusedStep, GraphedStep, fused_available, sample_codes
+from s4music.model.fast import FusedStep, GraphedStep, fused_available, plain_steps
 from s4music.model.sashimi import SaShiMi, SaShiMiState, code_bits
 
 log = logging.getLogger(__name__)
@@ -310,11 +310,8 @@ def _sample(net: SaShiMi, fast: FusedStep | GraphedStep | None, state: SaShiMiSt
             codes[:, lo:hi], logprobs[:, lo:hi] = c, lp
             code = c[:, -1]
         else:
-            for t in range(lo, hi):
-                logits, state = net.step(code, state)
-                code, lp = sample_codes(logits, uniforms[:, t].to(logits.device), options.temperature,
-                                        options.top_k, options.top_p)
-                codes[:, t], logprobs[:, t] = code.cpu(), lp.cpu()
+            code, state = plain_steps(net, code, state, uniforms[:, lo:hi], codes[:, lo:hi], logprobs[:, lo:hi],
+                                      options.temperature, options.top_k, options.top_p)
         if on_progress is not None:
             on_progress(hi, n, batch * hi / net.audio.sample_rate / (time.perf_counter() - started))
     return codes, logprobs

@@ -61,6 +61,20 @@ def sample_codes(logits: torch.Tensor, uniforms: torch.Tensor, temperature: floa
     return codes, logp.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
 
 
+def plain_steps(model: SaShiMi, code: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor, codes: torch.Tensor,
+                logprobs: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0) -> tuple[torch.Tensor, SaShiMiState]:
+    """The plain path: one SaShiMi.step and one `sample_codes` per column of uniforms (B, n), from
+    inputs `code` (B,). Writes codes (B, n) and their log-probabilities (B, n) in place; returns the
+    last code and the state."""
+    uniforms = uniforms.to(model.device)
+    for k in range(uniforms.shape[1]):
+        logits, state = model.step(code, state)
+        code, lp = sample_codes(logits, uniforms[:, k], temperature, top_k, top_p)
+        codes[:, k], logprobs[:, k] = code, lp
+    return code, state
+
+
 def _extension():
     """Build (or load the cached build of) the fused step; None when that is impossible here."""
     if "module" in _built:
@@ -192,7 +206,7 @@ class GraphedStep:
             if state.t % self.period == 0 and n - i >= self.block:
                 key = (batch, temperature, top_k, top_p)
                 if key not in self._graphs:
-                    self._graphs[key] = _StepGraph(self.model, state, self.block, key[1:])
+                    self._graphs[key] = _StepGraph(self.model, state, batch, self.block, key[1:])
                 graph = self._graphs[key]
                 graph.replay(code, state, uniforms[:, i:i + self.block])
                 out_codes[:, i:i + self.block], out_logp[:, i:i + self.block] = graph.codes, graph.logp
@@ -200,9 +214,8 @@ class GraphedStep:
                 state.t += self.block
                 i += self.block
             else:
-                logits, state = self.model.step(code, state)
-                code, lp = sample_codes(logits, uniforms[:, i], temperature, top_k, top_p)
-                out_codes[:, i], out_logp[:, i] = code, lp
+                code, state = plain_steps(self.model, code, state, uniforms[:, i:i + 1], out_codes[:, i:i + 1],
+                                          out_logp[:, i:i + 1], temperature, top_k, top_p)
                 i += 1
         return out_codes.cpu(), out_logp.cpu()
 
@@ -210,11 +223,10 @@ class GraphedStep:
 class _StepGraph:
     """One captured block of steps and sampling, with the static tensors it reads and writes."""
 
-    def __init__(self, model: SaShiMi, state: SaShiMiState, block: int, sampling: tuple):
+    def __init__(self, model: SaShiMi, state: SaShiMiState, batch: int, block: int, sampling: tuple):
         self.model, self.block, self.sampling = model, block, sampling
-        batch = state.s4[0].shape[0] if state.s4 else state.down[0].shape[0]
         device = model.device
-        self.code = torch.full((batch,), model.config.n_codes // 2, dtype=torch.long, device=device)
+        self.code = torch.zeros(batch, dtype=torch.long, device=device)
         self.uniforms = torch.zeros(batch, block, device=device)
         self.codes = torch.zeros(batch, block, dtype=torch.long, device=device)
         self.logp = torch.zeros(batch, block, device=device)
@@ -231,11 +243,7 @@ class _StepGraph:
 
     def _body(self) -> None:
         state = SaShiMiState(0, *[list(group) for group in _groups(self.state)])
-        code = self.code
-        for k in range(self.block):
-            logits, state = self.model.step(code, state)
-            code, lp = sample_codes(logits, self.uniforms[:, k], *self.sampling)
-            self.codes[:, k], self.logp[:, k] = code, lp
+        _, state = plain_steps(self.model, self.code, state, self.uniforms, self.codes, self.logp, *self.sampling)
         for statics, news in zip(_groups(self.state), _groups(state), strict=True):
             for static, new in zip(statics, news, strict=True):
                 if new is not static:  # step returns fresh S4 states and pooled outputs
