@@ -92,8 +92,13 @@ struct Team {
   bool lead() const { return member == 0; }
 };
 
+// Linear weights are stored in panels of kPanel outputs, each panel contiguous over the inputs:
+// (out / kPanel, in, kPanel), zero-padded to whole panels. A tile then reads its weights as a few
+// sequential streams, which the prefetchers follow, instead of kPanel values every `out`.
+constexpr int kPanel = 16;
+
 struct Linear {
-  // weight transposed (in, out), in float32 or, with `half`, IEEE half precision; bias (out)
+  // weights in panels (see kPanel), in float32 or, with `half`, IEEE half precision; bias (out)
   Floats wt, b;
   std::vector<uint16_t> wt16;
   int in = 0, out = 0;
@@ -101,7 +106,9 @@ struct Linear {
   Linear() = default;
   Linear(const torch::Tensor& w, const torch::Tensor& bias, bool half_weights = false)
       : in(w.size(1)), out(w.size(0)) {
-    auto t = w.t().contiguous();
+    const int panels = (out + kPanel - 1) / kPanel;
+    auto t = at::constant_pad_nd(w, {0, 0, 0, panels * kPanel - out}).view({panels, kPanel, in}).transpose(1, 2)
+                 .contiguous();
 #ifdef S4MUSIC_AVX2
     half = half_weights;
 #endif
@@ -116,11 +123,14 @@ struct Linear {
     b.assign(bc.data_ptr<float>(), bc.data_ptr<float>() + bc.numel());
   }
 
+  // Where weight (input i, output o) is stored.
+  size_t at(int i, int o) const { return ((size_t)(o / kPanel) * in + i) * kPanel + o % kPanel; }
+
   float weight(int i, int o) const {
 #ifdef S4MUSIC_AVX2
-    if (half) return _cvtsh_ss(wt16[(size_t)i * out + o]);
+    if (half) return _cvtsh_ss(wt16[at(i, o)]);
 #endif
-    return wt[(size_t)i * out + o];
+    return wt[at(i, o)];
   }
 
   // Outputs [o0, o1) of y[r] = W[:, i0:i1] x[r][i0:i1] (+ b) for `rows` rows; plain loops, any widths.
@@ -129,16 +139,8 @@ struct Linear {
       float* __restrict yr = y + (size_t)r * out;
       const float* xr = x + (size_t)r * in;
       for (int o = o0; o < o1; ++o) yr[o] = bias ? b[o] : 0.f;
-      for (int i = i0; i < i1; ++i) {
-        const float xi = xr[i];
-        if (half) {
-          for (int o = o0; o < o1; ++o) yr[o] += weight(i, o) * xi;
-          continue;
-        }
-        const float* __restrict w = wt.data() + (size_t)i * out;
-#pragma omp simd
-        for (int o = o0; o < o1; ++o) yr[o] += w[o] * xi;
-      }
+      for (int i = i0; i < i1; ++i)
+        for (int o = o0; o < o1; ++o) yr[o] += weight(i, o) * xr[i];
     }
   }
 
@@ -161,10 +163,11 @@ struct Linear {
         for (int k = 1; k < K; ++k) acc[k][r][v] = _mm256_setzero_ps();
       }
     }
+    size_t first[V];  // vector v's weights for input i are at first[v] + i * kPanel
+    for (int v = 0; v < V; ++v) first[v] = at(0, o0 + 8 * v);
     auto madd = [&](int k, int i) {
-      const size_t w = (size_t)i * out + o0;
       __m256 wv[V];
-      for (int v = 0; v < V; ++v) wv[v] = load8<Half>(w + 8 * v);
+      for (int v = 0; v < V; ++v) wv[v] = load8<Half>(first[v] + (size_t)i * kPanel);
       for (int r = 0; r < R; ++r) {
         const __m256 xb = _mm256_set1_ps(x[(size_t)r * in + i]);
         for (int v = 0; v < V; ++v) acc[k][r][v] = _mm256_fmadd_ps(wv[v], xb, acc[k][r][v]);
