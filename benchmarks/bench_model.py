@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import resource
 import time
+from pathlib import Path
 
 from common import parse_args, run_child
 
@@ -114,10 +115,23 @@ def prefill(seconds_of_audio: float, which: str = "default", path: str = "scan",
     return {"seconds": min(seconds), "peak_gb": _peak_gb()}
 
 
+def arithmetic_peak() -> dict:
+    """This machine's multiply-add peak on all threads (benchmarks/peak.cpp): float FMAs and int16
+    vpmaddwd, in billions of multiply-adds per second; empty without AVX2."""
+    import torch
+    from torch.utils import cpp_extension
+
+    module = cpp_extension.load(name="s4music_bench_peak", sources=[str(Path(__file__).with_name("peak.cpp"))],
+                                extra_cflags=["-O2", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    module.peak(10_000_000)  # warm-up: clocks up, threads started
+    rates = module.peak(200_000_000)
+    return {"fma_gmacs": rates[0], "madd_gmacs": rates[1], "threads": torch.get_num_threads()} if rates else {}
+
+
 def linear_bound(seconds_of_audio: float) -> dict:
-    """The least time the default model's linear layers alone need for a prompt, at this
-    machine's measured float32 matrix-multiply rate: multiply-adds are counted by hooks in a real
-    forward pass, the rate by a large matrix product."""
+    """The least time the default model's linear layers alone need for a prompt: multiply-adds
+    counted by hooks in a real forward pass, at this machine's measured float32 matrix-multiply
+    rate (a large matrix product) and at its float FMA peak (`arithmetic_peak`)."""
     import torch
 
     from s4music.model.sashimi import WeightNormLinear
@@ -141,7 +155,11 @@ def linear_bound(seconds_of_audio: float) -> dict:
         a @ b
     gflops = 5 * 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0) / 1e9
     flops = 2 * macs[0] / length * seconds_of_audio * SAMPLE_RATE
-    return {"gflop": flops / 1e9, "rate_gflops": gflops, "seconds": flops / 1e9 / gflops}
+    peak = arithmetic_peak()
+    bound = {"gflop": flops / 1e9, "rate_gflops": gflops, "seconds": flops / 1e9 / gflops}
+    if peak:
+        bound.update(peak, peak_gflops=2 * peak["fma_gmacs"], peak_seconds=flops / 1e9 / (2 * peak["fma_gmacs"]))
+    return bound
 
 
 def _child(kind: str, env: dict | None = None, **kw) -> dict:
@@ -217,6 +235,16 @@ def main() -> None:
     print(f"| stepping sample by sample (at the plain batch-1 rate above) | {stepping:.1f} | 1x |")
     print(f"| lower bound: the linear layers alone ({bound['gflop']:.0f} GFLOP) at this machine's measured "
           f"matrix-multiply rate ({bound['rate_gflops']:.0f} GFLOP/s) | {bound['seconds']:.2f} | |")
+    if "peak_seconds" in bound:
+        print(f"| lower bound: the same at this machine's float FMA peak ({bound['peak_gflops']:.0f} GFLOP/s, "
+              f"below) | {bound['peak_seconds']:.2f} | |")
+        print(f"\n### Arithmetic peak, all {bound['threads']} threads issuing independent AVX2 multiply-adds "
+              "(`benchmarks/peak.cpp`)\n")
+        print("| instruction | multiply-adds per second | vs float FMA |")
+        print("|---|---|---|")
+        print(f"| vfmadd231ps (float32, 8 a instruction) | {bound['fma_gmacs']:.1f} G | 1.00x |")
+        print(f"| vpmaddwd + vpaddd (int16 pairs into int32, 16 a instruction) | {bound['madd_gmacs']:.1f} G "
+              f"| {bound['madd_gmacs'] / bound['fma_gmacs']:.2f}x |")
 
     print("\n## Bundled model (s4music/assets/default-model), CPU (fused: best of three runs)\n")
     print("| what | batch | samples/s | RTF | vs plain step, batch 1 |")
