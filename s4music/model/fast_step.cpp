@@ -8,8 +8,9 @@
 //
 // At batch 1 a step is a chain of small matrix-vector products, bound by reading the weights.
 // The layout answers that:
-//   linear layers  weights stored transposed (in, out), so a row of the batch is a sum of weight
-//                  rows scaled by its inputs: register tiles of outputs, no horizontal sums;
+//   linear layers  weights stored by input, so a row of the batch is a sum of weight rows scaled
+//                  by its inputs: register tiles of outputs, no horizontal sums; in panels of 16
+//                  outputs (see kPanel), so a tile's weights are sequential streams;
 //   S4 recurrence  parameters and state packed by vectors of 8 channels, so the SIMD lanes are
 //                  channels, the sums over the state stay in registers, and each layer's
 //                  parameters are one sequential stream;
