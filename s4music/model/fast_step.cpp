@@ -326,18 +326,23 @@ struct Private {
   std::vector<int> order;
 };
 
-// (The sums are vectorized: in order, each add would wait for the one before.)
+// The mean and the (biased) variance of x[0:H]. The sums are vectorized: in order, each add
+// would wait for the one before.
+inline std::pair<float, float> mean_var(const float* x, int H) {
+  float mean = 0.f, var = 0.f;
+#pragma omp simd reduction(+ : mean)
+  for (int i = 0; i < H; ++i) mean += x[i];
+  mean /= H;
+#pragma omp simd reduction(+ : var)
+  for (int i = 0; i < H; ++i) var += (x[i] - mean) * (x[i] - mean);
+  return {mean, var / H};
+}
+
 void norm_rows(const float* x, float* y, int rows, int H, float m, float s) {
   for (int r = 0; r < rows; ++r) {
     const float* xr = x + (size_t)r * H;
-    float mean = 0.f;
-#pragma omp simd reduction(+ : mean)
-    for (int i = 0; i < H; ++i) mean += xr[i];
-    mean /= H;
-    float var = 0.f;
-#pragma omp simd reduction(+ : var)
-    for (int i = 0; i < H; ++i) var += (xr[i] - mean) * (xr[i] - mean);
-    const float scale = s / std::sqrt(var / H);
+    const auto [mean, var] = mean_var(xr, H);
+    const float scale = s / std::sqrt(var);
 #pragma omp simd
     for (int i = 0; i < H; ++i) y[(size_t)r * H + i] = scale * (xr[i] - mean + m);
   }
@@ -801,13 +806,8 @@ class FastSaShiMi {
       float* normed = P.normed.data();
       for (int r = 0; r < rows; ++r) {
         const float* x = h + (size_t)r * H0;
-        float mean = 0.f, var = 0.f;
-#pragma omp simd reduction(+ : mean)
-        for (int i = 0; i < H0; ++i) mean += x[i];
-        mean /= H0;
-#pragma omp simd reduction(+ : var)
-        for (int i = 0; i < H0; ++i) var += (x[i] - mean) * (x[i] - mean);
-        const float inv = 1.f / std::sqrt(var / H0 + 1e-5f);
+        const auto [mean, var] = mean_var(x, H0);
+        const float inv = 1.f / std::sqrt(var + 1e-5f);
         for (int i = 0; i < H0; ++i) normed[(size_t)r * H0 + i] = (x[i] - mean) * inv * lw[i] + lb[i];
       }
       float* logits = R.wide.data();
