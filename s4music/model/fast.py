@@ -81,22 +81,28 @@ def _extension():
         return _built["module"]
     module = None
     try:
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" is expected
-        from torch.utils import cpp_extension
-
-        from s4music.cuda import cache_dir
-
-        flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
-        cpu = _cpu_flags()
-        tag = hashlib.sha1((SOURCE.read_text() + " ".join(flags) + cpu).encode()).hexdigest()[:12]
-        build_dir = cache_dir() / f"cpu-step-{tag}"
-        build_dir.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(name=f"s4music_fast_step_{tag}", sources=[str(SOURCE)], extra_cflags=flags,
-                                    extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+        module = build_extension(SOURCE)
     except Exception as e:  # no compiler, or a failed build: the plain path still works
         log.warning("fused CPU step unavailable (%s); using the plain PyTorch step", str(e).splitlines()[0][:200])
     _built["module"] = module
     return module
+
+
+def build_extension(source: Path):
+    """Build (or load the cached build of) a fused step from `source`, cached by its text, the
+    flags and this CPU. Raises when it cannot build. `SOURCE` is the toolkit's; the A/B benchmark
+    (benchmarks/ab_fused_step.py) builds an earlier revision beside it."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" is expected
+    from torch.utils import cpp_extension
+
+    from s4music.cuda import cache_dir
+
+    flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
+    tag = hashlib.sha1((source.read_text() + " ".join(flags) + _cpu_flags()).encode()).hexdigest()[:12]
+    build_dir = cache_dir() / f"cpu-step-{tag}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name=f"s4music_fast_step_{tag}", sources=[str(source)], extra_cflags=flags,
+                              extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
 
 
 def _cpu_flags() -> str:
@@ -125,8 +131,9 @@ class FusedStep:
     Without F16C conversions (no AVX2) the weights stay float32; `half` says what is in effect.
     """
 
-    def __init__(self, model: SaShiMi, half: bool = False):
-        ext = _extension()
+    def __init__(self, model: SaShiMi, half: bool = False, extension=None):
+        """extension: a module from `build_extension`, to run another build of the kernel (A/B)."""
+        ext = extension or _extension()
         if ext is None:
             raise RuntimeError("the fused CPU step could not be built")
         with torch.no_grad():
