@@ -134,14 +134,39 @@ struct Linear {
     return wt[at(i, o)];
   }
 
-  // Outputs [o0, o1) of y[r] = W[:, i0:i1] x[r][i0:i1] (+ b) for `rows` rows; plain loops, any widths.
+  // Outputs [o0, o1) of y[r] = W[:, i0:i1] x[r][i0:i1] (+ b) for `rows` rows; plain loops, any widths
+  // (the whole product without AVX2, else the tail of a width). A panel's outputs for one input
+  // are contiguous, so the loop over them vectorizes.
   void columns(const float* x, float* y, int rows, int o0, int o1, int i0, int i1, bool bias) const {
     for (int r = 0; r < rows; ++r) {
       float* __restrict yr = y + (size_t)r * out;
       const float* xr = x + (size_t)r * in;
       for (int o = o0; o < o1; ++o) yr[o] = bias ? b[o] : 0.f;
-      for (int i = i0; i < i1; ++i)
-        for (int o = o0; o < o1; ++o) yr[o] += weight(i, o) * xr[i];
+      for (int start = o0; start < o1; start = (start / kPanel + 1) * kPanel) {
+        const int end = std::min(o1, (start / kPanel + 1) * kPanel);
+        if (!half && start % kPanel == 0 && end - start == kPanel) {  // a whole panel: sums in registers
+          float acc[kPanel];
+          std::copy(yr + start, yr + end, acc);
+          for (int i = i0; i < i1; ++i) {
+            const float* __restrict w = wt.data() + at(i, start);
+            const float xi = xr[i];
+#pragma omp simd
+            for (int q = 0; q < kPanel; ++q) acc[q] += w[q] * xi;
+          }
+          std::copy(acc, acc + kPanel, yr + start);
+          continue;
+        }
+        for (int i = i0; i < i1; ++i) {
+          const float xi = xr[i];
+          if (half) {
+            for (int o = start; o < end; ++o) yr[o] += weight(i, o) * xi;
+            continue;
+          }
+          const float* __restrict w = wt.data() + at(i, start) - start;  // w[o]: weight (i, o)
+#pragma omp simd
+          for (int o = start; o < end; ++o) yr[o] += w[o] * xi;
+        }
+      }
     }
   }
 
