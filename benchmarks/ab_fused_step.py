@@ -24,8 +24,6 @@ from s4music.model import load_model
 from s4music.model.fast import SOURCE, FusedStep, build_extension
 from s4music.system import keep_freed_memory
 
-SAMPLE_RATE = 16000
-
 
 def source_at(revision: str, directory: Path) -> Path:
     """fast_step.cpp as it was at `revision`, written into `directory`."""
@@ -42,12 +40,11 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="git revision whose fast_step.cpp is A (B: the working tree's)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: the bundled model)")
     parser.add_argument("--batch", type=int, default=8, help="variations stepped together")
-    parser.add_argument("--steps", type=int, default=0, help="samples a timed run (default: 16000 / batch)")
+    parser.add_argument("--steps", type=int, default=0, help="samples a timed run (default: 1 s of audio / batch)")
     parser.add_argument("--rounds", type=int, default=6, help="timed runs of each build")
     parser.add_argument("--full-weights", action="store_true", help="float32 linear weights instead of half")
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI's inference commands run
-    steps = args.steps or 16000 // args.batch
 
     with tempfile.TemporaryDirectory(prefix="s4music-ab-") as tmp:
         try:
@@ -56,6 +53,8 @@ def main() -> None:
             parser.error(f"--base {args.base}: {e.stderr.strip().splitlines()[-1]}")
         builds = {"A": build_extension(base), "B": build_extension(SOURCE)}
     model = load_model(args.model)
+    rate = model.audio.sample_rate
+    steps = args.steps or rate // args.batch
     _, state = model.prefill(torch.randint(0, 256, (args.batch, 2048), generator=torch.Generator().manual_seed(0)))
     fused = {k: FusedStep(model, half=not args.full_weights, extension=ext) for k, ext in builds.items()}
     first = torch.full((args.batch,), model.config.n_codes // 2)
@@ -72,7 +71,7 @@ def main() -> None:
             s = state.repeat(1)
             t0 = time.perf_counter()
             fused[k].run(first, s, torch.rand(args.batch, steps))
-            best[k] = max(best[k], args.batch * steps / (time.perf_counter() - t0) / SAMPLE_RATE)
+            best[k] = max(best[k], args.batch * steps / (time.perf_counter() - t0) / rate)
     print(f"\n| build | RTF at batch {args.batch} (all variations), best of {args.rounds} | vs A |")
     print("|---|---|---|")
     for k, name in (("A", f"A: {args.base}"), ("B", "B: working tree")):
