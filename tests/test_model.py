@@ -167,9 +167,14 @@ def test_variations_share_a_prompt_state():
     model = small()
     x = torch.randint(0, 256, (1, 50))
     _, state = model.prefill(x)
-    many = state.repeat(3)
-    y, _ = model.step(torch.tensor([5, 5, 5]), many)
-    assert torch.allclose(y[0], y[1]) and torch.allclose(y[1], y[2])
+    alone, _ = model.step(torch.tensor([5]), model.prefill(x)[1])
+    many, _ = model.step(torch.tensor([5, 5, 5]), state.repeat(3))
+    # Rows of one batch agree to float32 round-off: a batched matrix product may sum in another
+    # order than a single row's (AVX-512 kernels do), so not bit for bit.
+    scale = alone.abs().max()
+    for row in many:
+        assert (row - alone[0]).abs().max() <= 1e-5 * scale
+    assert scale > 1e-2  # the logits are not all zero
 
 
 @pytest.mark.parametrize("mode", ["dplr", "diag"])
