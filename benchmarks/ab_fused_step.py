@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from s4music.generate import DEFAULT_MODEL
-from s4music.model import load_model
+from s4music.model import DEFAULT_MODEL, load_model
 from s4music.model.fast import SOURCE, FusedStep, build_extension
 from s4music.system import keep_freed_memory
 

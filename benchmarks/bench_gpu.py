@@ -45,8 +45,7 @@ def cauchy(length: int, width: int, path: str) -> dict:
     """Forward + backward of one S4 layer's Cauchy product at the default model's sizes."""
     import torch
 
-    from s4music.cuda import cuda_cauchy
-    from s4music.model.kernels import _ChunkedCauchy, cauchy_reference
+    from s4music.model.kernels import _ChunkedCauchy, cuda_cauchy, cauchy_reference
 
     gen = torch.Generator().manual_seed(0)
     n = 64  # conjugate pairs expanded, as S4Kernel calls it

@@ -53,8 +53,7 @@ def train_step(length: int, path: str, steps: int, checkpointing: bool = False) 
 def _model(which: str):
     import torch
 
-    from s4music.generate import DEFAULT_MODEL
-    from s4music.model import SaShiMi, load_model
+    from s4music.model import DEFAULT_MODEL, SaShiMi, load_model
 
     torch.manual_seed(0)
     return load_model(DEFAULT_MODEL) if which == "bundled" else SaShiMi().eval()

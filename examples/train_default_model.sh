@@ -27,8 +27,8 @@ $S4 prepare "$WORK/audio" -o "$WORK/data8" --seconds 8.192 --val 0.05 --test 0.0
 #    8 s windows, starting from a float16 copy of stage 1's best weights, as the shipped model did
 #    (that copy is what fitted the GPU machine's transfer limit). Score the held-out test split.
 $S4 train --config examples/default_model.yaml --data "$WORK/data" --out "$WORK/run"
-.venv/bin/python -c "import sys, torch; from s4music.model import load_model; m = load_model(sys.argv[1]); \
-m.save(sys.argv[2], summary=m.summary, dtype=torch.float16)" "$WORK/run/best" "$WORK/run/best16"
+.venv/bin/python -c "import sys, torch; from s4music.model import load_model, save_model; m = load_model(sys.argv[1]); \
+save_model(m, sys.argv[2], summary=m.summary, dtype=torch.float16)" "$WORK/run/best" "$WORK/run/best16"
 $S4 train --config examples/default_model_long.yaml --from "$WORK/run/best16" --data "$WORK/data8" --out "$WORK/run-long"
 $S4 eval "$WORK/run-long/best" --data "$WORK/data" --split test --record --json > "$WORK/eval.json"
 

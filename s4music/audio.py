@@ -13,13 +13,10 @@ Schemes (recorded in every dataset and checkpoint):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +25,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from s4music.errors import S4MusicError
+from s4music.errors import S4MusicError, first_line
+from s4music.files import atomic_path
 
 SCHEMES = ("mulaw-official", "mulaw", "linear")
 MU = 255
@@ -53,29 +51,6 @@ class Audio:
         return self.samples.numel() / self.sample_rate
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; finished files get the usual mode
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path: str | Path, data) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
 # ------------------------------------------------------------------------------------------- decode
 
 
@@ -94,7 +69,7 @@ def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     )
     streams = json.loads(probe.stdout or "{}").get("streams", []) if probe.returncode == 0 else []
     if not streams:
-        reason = (probe.stderr.strip().splitlines() or ["no audio stream"])[-1]
+        reason = first_line(probe.stderr, "no audio stream", last=True)
         raise AudioError(f"{path}: not audio ({reason.replace(str(path) + ': ', '')})")
     rate, channels = int(streams[0]["sample_rate"]), int(streams[0]["channels"])
     out = subprocess.run(
@@ -102,7 +77,7 @@ def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
         capture_output=True,
     )
     if out.returncode != 0:
-        reason = (out.stderr.decode(errors="replace").strip().splitlines() or ["decoding failed"])[-1]
+        reason = first_line(out.stderr, "decoding failed", last=True)
         raise AudioError(f"{path}: cannot decode ({reason})")
     data = np.frombuffer(out.stdout, dtype=np.float32)
     return data[: data.size // channels * channels].reshape(-1, channels), rate

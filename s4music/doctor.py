@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from s4music import cuda, system
+from s4music import system
+from s4music.extensions import find_cuda_home
+from s4music.model.kernels import kernel_path
 
 
 @dataclass
@@ -25,11 +27,11 @@ def run_checks() -> list[Check]:
     ]
     if torch.cuda.is_available():
         checks.append(Check("gpu", True, torch.cuda.get_device_name(0), required=False))
-        checks.append(Check("s4 kernel (cuda)", True, cuda.kernel_path("cuda"), required=False))
+        checks.append(Check("s4 kernel (cuda)", True, kernel_path("cuda"), required=False))
     else:
         checks.append(Check("gpu", False, "none visible; running on CPU", required=False))
-    checks.append(Check("s4 kernel (cpu)", True, cuda.kernel_path("cpu")))
-    home = cuda.find_cuda_home()
+    checks.append(Check("s4 kernel (cpu)", True, kernel_path("cpu")))
+    home = find_cuda_home()
     checks.append(Check("cuda toolkit", home is not None, str(home) if home else "nvcc not found", required=False))
     for prog in ("ffmpeg", "fluidsynth"):
         version = system.program_version(prog)

@@ -26,9 +26,9 @@ import torch
 
 from s4music.audio import decode, spectral_flatness
 from s4music.data.dataset import PreparedDataset
-from s4music.data.prepare import stratum_key
+from s4music.data.format import stratum_key
 from s4music.errors import S4MusicError
-from s4music.model.checkpoint import load_model
+from s4music.model.registry import load_model
 from s4music.model.sashimi import SaShiMi
 
 log = logging.getLogger(__name__)

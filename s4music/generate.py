@@ -24,16 +24,15 @@ from pathlib import Path
 
 import torch
 
-from s4music.audio import (Audio, atomic_path, decode, encode, load_audio, normalize, remove_dc, write_audio,
-                           write_json)
+from s4music.audio import Audio, decode, encode, load_audio, normalize, remove_dc, write_audio
 from s4music.errors import S4MusicError
+from s4music.files import atomic_path, write_json
 from s4music.guidance import PromptReport, degeneracy, describe_signal, judge
-from s4music.model.checkpoint import load_model
+from s4music.model.registry import load_model, resolve_model
 from s4music.model.fast import FusedStep, GraphedStep, fused_available, plain_steps
 from s4music.model.sashimi import SaShiMi, SaShiMiState, code_bits
 
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
 PROGRESS_EVERY = 2000  # samples between progress reports (and fast-step calls)
 
 
@@ -98,10 +97,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def open_model(path: str | Path | None, device: torch.device) -> tuple[SaShiMi, str]:
-    path = Path(path) if path else DEFAULT_MODEL
-    if not path.exists() and path == DEFAULT_MODEL:
-        raise GenerationError(f"{path}: the bundled model is missing from this installation")
+def open_model(spec: str | Path | None, device: torch.device) -> tuple[SaShiMi, str]:
+    """The model a name or path stands for (None: the bundled one), and what to call it in the sidecar."""
+    path = resolve_model(spec)
     return load_model(path, device=device), str(path)
 
 
@@ -319,14 +317,12 @@ def _sample(net: SaShiMi, fast: FusedStep | GraphedStep | None, state: SaShiMiSt
 
 def plot_continuation(wave: torch.Tensor, sample_rate: int, boundary: float, png: Path) -> Path:
     """Waveform and spectrogram, with the prompt/continuation boundary marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global figure manager or backend to set
 
     x = wave.detach().cpu().numpy()
     t = torch.arange(len(x)).numpy() / sample_rate
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 5), dpi=110, sharex=True)
+    fig = Figure(figsize=(9, 5), dpi=110)
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
     ax1.plot(t, x, linewidth=0.4, color="#345")
     ax1.set_ylabel("amplitude")
     ax2.specgram(x, NFFT=512, Fs=sample_rate, noverlap=384, cmap="magma")
@@ -340,5 +336,4 @@ def plot_continuation(wave: torch.Tensor, sample_rate: int, boundary: float, png
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return png

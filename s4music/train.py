@@ -38,11 +38,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from s4music.audio import atomic_path, write_json
 from s4music.data.dataset import PreparedDataset, WindowMixture, parse_spec
 from s4music.errors import S4MusicError
-from s4music.model.checkpoint import load_model, save_model
+from s4music.files import atomic_path, write_json
+from s4music.options import split_assignment
+from s4music.model.checkpoint import save_model
 from s4music.model.config import AudioFormat, SaShiMiConfig, read_yaml
+from s4music.model.registry import load_model
 from s4music.model.reparam import untie
 from s4music.model.sashimi import SaShiMi, code_bits
 
@@ -127,8 +129,15 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def load(cls, path: str | Path, overrides: list[str] | None = None, **values) -> TrainConfig:
-        """A YAML file (or nothing), then `values` that are not None, then `key=value` overrides."""
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None, resume: bool = False,
+             **values) -> TrainConfig:
+        """A YAML file (or nothing), then `values` that are not None, then `key=value` overrides.
+
+        With `resume` and no file, the run's own config (`out`/config.yaml) is the base, so
+        `TrainConfig.load(out="runs/x", resume=True)` gives the config to continue that run with."""
+        out = values.get("out")
+        if path is None and resume and out is not None and (Path(out) / "config.yaml").exists():
+            path = Path(out) / "config.yaml"
         data: dict[str, Any] = {}
         if path is not None:
             try:
@@ -148,9 +157,7 @@ class TrainConfig:
 
 def apply_override(data: dict[str, Any], item: str) -> None:
     """`a.b=value` sets data['a']['b'] to value parsed as YAML (so 3, 1e-3, true, [4, 4] work)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise TrainingError(f"--set {item!r}: expected key=value")
+    key, raw = split_assignment(item, "--set")
     *parents, leaf = key.split(".")
     node = data
     for part in parents:
@@ -161,6 +168,23 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         node[leaf] = read_yaml(raw)
     except yaml.YAMLError as e:
         raise TrainingError(f"--set {item!r}: bad value ({e})") from None
+
+
+# What may change when a run is resumed; every other key must be the run's own.
+RESUMABLE_CHANGES = ("steps", "eval_every", "eval_windows", "save_every", "keep_last", "log", "max_bad_steps")
+
+
+def check_resume_config(config: TrainConfig, out: Path) -> None:
+    """Refuse to resume the run in `out` with a config that would train another model."""
+    try:
+        saved = TrainConfig.load(out / "config.yaml")
+    except TrainingError:
+        return  # a run killed before it wrote its config: nothing to compare with
+    changed = [k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.to_dict()[k] != v]
+    if changed:
+        shown = ", ".join(f"{k}={getattr(saved, k)!r}" for k in changed[:4])
+        raise TrainingError(f"{out / 'config.yaml'}: the run was started with {shown}; resume it with its own config "
+                            "(TrainConfig.load(out=..., resume=True), or `s4music train --out DIR --resume`)")
 
 
 @dataclass
@@ -357,13 +381,11 @@ class RunLog:
 
 def plot_losses(log_path: Path, png: Path) -> None:
     """The loss curve (train and validation bits/sample against step) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global figure manager or backend to set
 
     rows = RunLog.read(log_path)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
     for key, style in (("train_bits", "-"), ("val_bits", "o-")):
         pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
         if pts:
@@ -375,7 +397,6 @@ def plot_losses(log_path: Path, png: Path) -> None:
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------- the loop
@@ -384,23 +405,25 @@ def plot_losses(log_path: Path, png: Path) -> None:
 def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
     """Run (or, with `resume`, continue) training as `config` says. See the module docstring."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import gather_object, set_seed
 
     out = Path(config.out)
-    # Accelerate keeps one precision per process; forget the last run's (the process group stays), so
-    # the Python API can train twice in one process, as Hugging Face's Trainer does.
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=config.precision)
-    if config.precision == "fp16" and accelerator.device.type == "cpu":
-        raise TrainingError("precision=fp16 needs a GPU (Accelerate does not autocast to fp16 on a CPU); "
-                            "use bf16 or no")
+    # Accelerate places the processes and wraps the model for DDP; the precision is ours (autocast and,
+    # for fp16, a gradient scaler, below), so one process can run several trainings of other precisions.
+    accelerator = Accelerator(mixed_precision="no")
+    device = accelerator.device
+    if config.precision == "fp16" and device.type == "cpu":
+        raise TrainingError("precision=fp16 needs a GPU (autocast to fp16 does not run on a CPU); use bf16 or no")
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise TrainingError(f"batch_size={config.batch_size} must be a multiple of the {world} processes")
     checkpoint = latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
         raise TrainingError(f"{out}: no checkpoint to resume from")
+    if resume:
+        check_resume_config(config, out)
     if not resume and latest_checkpoint(out) is not None:
         raise TrainingError(f"{out}: already holds a run; resume it with --resume or choose another --out")
 
@@ -416,7 +439,7 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
     else:
         model, added = build_model(config, mixture)
     model.gradient_checkpointing = config.gradient_checkpointing
-    model.to(accelerator.device)  # before the optimizer, so its restored state lands beside the weights
+    model.to(device)  # before the optimizer, so its restored state lands beside the weights
     optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=(0.9, 0.999))
     scheduler = make_scheduler(optimizer, config)
     val_codes = validation_windows(mixture, config)
@@ -429,11 +452,11 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         scheduler.load_state_dict(state["scheduler"])
         mixture.load_state_dict(state["mixture"])
         torch.set_rng_state(state["rng"])
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         log.info("resumed %s at step %d", checkpoint, step)
 
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    if checkpoint is not None and accelerator.scaler is not None and state.get("scaler"):
-        accelerator.scaler.load_state_dict(state["scaler"])
+    ddp_model = accelerator.prepare(model)
     world_info = gather_object([{"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}])
 
     if accelerator.is_main_process:
@@ -455,8 +478,8 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         """Checkpoint step-N (model + training state) and prune old ones; main process only."""
         state = {"step": step, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "mixture": mixture.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict()}
-        if accelerator.scaler is not None:
-            state["scaler"] = accelerator.scaler.state_dict()
+        if scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
         path = out / "checkpoints" / f"step-{step:07d}"
         save_model(model, path, summary=summary(val_bits), extra=lambda d: write_state(d, state))
         for old in sorted((out / "checkpoints").glob("step-*"))[: -config.keep_last]:
@@ -469,22 +492,29 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
     while step < config.steps:
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros(2, device=accelerator.device)  # summed bits, non-finite micro-batches
+        total = torch.zeros(2, device=device)  # summed bits, non-finite micro-batches
         for micro in range(config.grad_accum):
-            codes = mixture.sample(config.batch_size)[rank * per_rank : (rank + 1) * per_rank].to(accelerator.device)
+            codes = mixture.sample(config.batch_size)[rank * per_rank : (rank + 1) * per_rank].to(device)
             sync = micro == config.grad_accum - 1
             # Every rank always runs backward (a rank that skipped would stall the others' all-reduce);
             # a non-finite loss makes the reduced gradient norm non-finite everywhere, and all skip.
-            with (accelerator.no_sync(ddp_model) if not sync else contextlib.nullcontext()), accelerator.autocast():
-                bits = code_bits(ddp_model(model.shift_right(codes)), codes).mean()
-                accelerator.backward(bits / config.grad_accum)
+            with accelerator.no_sync(ddp_model) if not sync else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    bits = code_bits(ddp_model(model.shift_right(codes)), codes).mean()
+                scaler.scale(bits / config.grad_accum).backward()
             total[0] += bits.detach().float()
             total[1] += 0 if torch.isfinite(bits) else 1
         total = accelerator.reduce(total, "sum")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.clip or math.inf)
-        if total[1] > 0 or not torch.isfinite(torch.as_tensor(grad_norm)):
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip or math.inf)
+        if scaler.is_enabled() and total[1] == 0 and not torch.isfinite(grad_norm):
+            scaler.step(optimizer)  # fp16 gradients overflowed: the scaler skips the step and lowers its scale
+            scaler.update()
+            continue
+        if total[1] > 0 or not torch.isfinite(grad_norm):
             bad_steps += 1
             optimizer.zero_grad(set_to_none=True)
+            scaler.update()  # forgets this step's unscale (a no-op without fp16)
             log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step + 1, bad_steps)
             if bad_steps >= config.max_bad_steps:
                 raise TrainingError(
@@ -492,7 +522,8 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
                     f"The last good checkpoint is kept. Try a lower lr, precision=no, or clip > 0")
             continue
         bad_steps = 0
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         step += 1
         train_bits = total[0].item() / (world * config.grad_accum)
 

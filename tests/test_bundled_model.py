@@ -14,9 +14,9 @@ import torch
 from conftest import need
 
 from s4music.audio import encode, load_audio, spectral_flatness
-from s4music.generate import DEFAULT_MODEL, GenerateOptions, check_prompt, continue_prompt
+from s4music.generate import GenerateOptions, check_prompt, continue_prompt
 from s4music.guidance import NOISE_FLATNESS, TYPICAL
-from s4music.model import load_model
+from s4music.model import DEFAULT_MODEL, load_model
 from s4music.model.fast import FusedStep, fused_available
 
 ROOT = Path(__file__).parent.parent

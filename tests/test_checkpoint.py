@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import DATA, perturbed
-from s4music.model import CheckpointError, S4Config, SaShiMi, SaShiMiConfig, import_official, load_model
+from s4music.model import CheckpointError, S4Config, SaShiMi, SaShiMiConfig, import_official, load_model, save_model
 
 OFFICIAL = DATA / "official"
 
@@ -110,7 +110,7 @@ def test_save_load_round_trip(tmp_path, mode):
     x = torch.randint(0, 256, (1, 64))
     with torch.no_grad():
         ref = model(x)
-    model.save(tmp_path / "ckpt", summary={"steps": 3})
+    save_model(model, tmp_path / "ckpt", summary={"steps": 3})
     loaded = load_model(tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(loaded(x), ref)
@@ -122,8 +122,8 @@ def test_save_load_round_trip(tmp_path, mode):
 
 def test_bf16_checkpoint_is_half_the_size_and_close(tmp_path):
     model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=1)))
-    model.save(tmp_path / "f32")
-    model.save(tmp_path / "bf16", dtype=torch.bfloat16)
+    save_model(model, tmp_path / "f32")
+    save_model(model, tmp_path / "bf16", dtype=torch.bfloat16)
     size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
     assert size(tmp_path / "bf16") < 0.6 * size(tmp_path / "f32")
     x = torch.randint(0, 256, (1, 64))
@@ -135,8 +135,8 @@ def test_bf16_checkpoint_is_half_the_size_and_close(tmp_path):
 def test_save_replaces_an_old_checkpoint_and_leaves_no_temporaries(tmp_path):
     a = SaShiMi(SaShiMiConfig(d_model=8, n_layers=1))
     b = SaShiMi(SaShiMiConfig(d_model=16, n_layers=1))
-    a.save(tmp_path / "ckpt")
-    b.save(tmp_path / "ckpt")
+    save_model(a, tmp_path / "ckpt")
+    save_model(b, tmp_path / "ckpt")
     assert load_model(tmp_path / "ckpt").config.d_model == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -145,12 +145,12 @@ def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "music").mkdir()
     (tmp_path / "music" / "song.wav").write_bytes(b"RIFF")
     with pytest.raises(CheckpointError, match="not an s4music checkpoint"):
-        SaShiMi(SaShiMiConfig(d_model=8, n_layers=1)).save(tmp_path / "music")
+        save_model(SaShiMi(SaShiMiConfig(d_model=8, n_layers=1)), tmp_path / "music")
     assert (tmp_path / "music" / "song.wav").exists()
 
 
 def test_damaged_checkpoints_are_clear_errors(tmp_path):
-    SaShiMi(SaShiMiConfig(d_model=8, n_layers=1)).save(tmp_path / "ckpt")
+    save_model(SaShiMi(SaShiMiConfig(d_model=8, n_layers=1)), tmp_path / "ckpt")
     weights = tmp_path / "ckpt" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="model.safetensors"):

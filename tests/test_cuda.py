@@ -4,17 +4,18 @@ and generation match the CPU (or PyTorch) path."""
 import copy
 import json
 import shutil
-import warnings
 
 import pytest
 import torch
 
 from conftest import perturbed
 
-import s4music.cuda as ext
+import s4music.cuda as cuda
+import s4music.model.kernels as kernels
 import s4music.generate as generate
+from s4music.extensions import find_cuda_home
 from s4music.generate import GenerateOptions, continue_prompt, improvise
-from s4music.model import S4Config, SaShiMi, SaShiMiConfig
+from s4music.model import S4Config, SaShiMi, SaShiMiConfig, save_model
 from s4music.model.fast import GraphedStep, fused_available
 from s4music.model.sashimi import code_bits
 from s4music.model.s4 import S4Block
@@ -23,28 +24,27 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(ext.find_cuda_home() is None or torch.version.cuda is None,
+@pytest.mark.skipif(find_cuda_home() is None or torch.version.cuda is None,
                     reason="needs nvcc and a CUDA build of torch")
 def test_extension_compiles_and_links():
-    module = ext.build()
+    module = cuda.build()
     assert hasattr(module, "forward") and hasattr(module, "backward")
 
 
-def test_fallback_warns_once_and_uses_the_pytorch_path(monkeypatch):
-    monkeypatch.setitem(ext._state, "checked", False)
-    monkeypatch.setitem(ext._state, "fn", None)
+def test_fallback_warns_once_and_uses_the_pytorch_path(monkeypatch, caplog):
+    monkeypatch.setitem(kernels._cuda, "checked", False)
+    monkeypatch.setitem(kernels._cuda, "fn", None)
 
     def broken_build():
         raise RuntimeError("nvcc exploded")
 
-    monkeypatch.setattr(ext, "build", broken_build)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert ext.cuda_cauchy() is None
-        assert ext.cuda_cauchy() is None
-    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    monkeypatch.setattr(kernels, "build", broken_build)
+    with caplog.at_level("WARNING", logger="s4music.model.kernels"):
+        assert kernels.cuda_cauchy() is None
+        assert kernels.cuda_cauchy() is None
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(messages) == 1 and "nvcc exploded" in messages[0]
-    assert "nvcc exploded" in ext.kernel_path("cuda:0")
+    assert "nvcc exploded" in kernels.kernel_path("cuda:0")
 
 
 def test_find_cuda_home_reads_through_an_nvcc_wrapper_script(tmp_path, monkeypatch):
@@ -57,15 +57,15 @@ def test_find_cuda_home_reads_through_an_nvcc_wrapper_script(tmp_path, monkeypat
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.setenv("PATH", str(wrapper.parent))
     assert shutil.which("nvcc") == str(wrapper)
-    assert ext.find_cuda_home() == toolkit
+    assert find_cuda_home() == toolkit
 
 
 @pytest.mark.gpu
 @needs_gpu
 def test_cuda_cauchy_matches_pytorch_path():
-    fn = ext.cuda_cauchy()
-    assert fn is not None, ext._state["reason"]
-    assert ext.check(fn) < 1e-5
+    fn = kernels.cuda_cauchy()
+    assert fn is not None, kernels._cuda["reason"]
+    assert kernels.check_cauchy(fn) < 1e-5
 
 
 @pytest.mark.gpu
@@ -102,7 +102,7 @@ def test_training_loss_and_gradients_on_gpu_match_cpu(mode):
 @needs_gpu
 def test_generation_on_gpu_is_reproducible_bit_for_bit(tmp_path):
 
-    perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, s4=S4Config(d_state=16)))).save(tmp_path / "model")
+    save_model(perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, s4=S4Config(d_state=16)))), tmp_path / "model")
     options = GenerateOptions(seconds=0.1, seed=7, device="cuda", normalize="none")
     outs = [improvise(tmp_path / f"out{i}.wav", tmp_path / "model", options) for i in range(2)]
     assert (tmp_path / "out0.wav").read_bytes() == (tmp_path / "out1.wav").read_bytes()
@@ -131,7 +131,7 @@ def test_graphed_step_samples_the_plain_steps_codes(mode, sampling, monkeypatch)
 def test_auto_reads_the_prompt_on_the_gpu_and_generates_on_the_fused_cpu_step(tmp_path):
     import soundfile as sf
 
-    perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, s4=S4Config(d_state=16)))).save(tmp_path / "model")
+    save_model(perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, s4=S4Config(d_state=16)))), tmp_path / "model")
     t = torch.arange(16000) / 16000
     sf.write(tmp_path / "prompt.wav", (0.3 * torch.sin(2 * torch.pi * 440 * t)).numpy(), 16000)
     options = GenerateOptions(seconds=0.2, seed=3, device="auto", force=True, normalize="none")

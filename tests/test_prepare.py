@@ -9,7 +9,8 @@ import torch
 
 from s4music.audio import encode, load_audio
 from s4music.data.dataset import PreparedDataset, WindowMixture
-from s4music.data.prepare import DatasetError, PrepareOptions, prepare
+from s4music.data.format import DatasetError
+from s4music.data.prepare import PrepareOptions, prepare
 
 OPTS = dict(seconds=2.0)
 

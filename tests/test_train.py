@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from s4music.data.prepare import PrepareOptions, prepare
 from s4music.evaluate import EvalError, evaluate
-from s4music.model import import_official, load_model
+from s4music.model import import_official, load_model, save_model
 from s4music.model.reparam import untie
+from s4music.options import OptionError
 from s4music.train import TrainConfig, TrainingError, train
 
 TINY = {"d_model": 16, "n_layers": 1, "pool": [4], "s4": {"d_state": 16}}
@@ -74,7 +75,7 @@ def test_reparam_preserves_the_function_and_reports_added_parameters(tmp_path, m
     lam = expanded.s4_blocks()[0].kernel.A_real
     assert lam.shape[0] == expanded.s4_blocks()[0].kernel.H
 
-    source.save(tmp_path / "src")
+    save_model(source, tmp_path / "src")
     result = train(tiny(music_dataset, tmp_path / "rp", mode="reparam", init=str(tmp_path / "src"), steps=1,
                         model={}, untie_pb=True))
     assert result.added_parameters == untie(source, untie_pb=True)[1]
@@ -99,7 +100,7 @@ def test_config_file_and_overrides(tmp_path):
         7, {"d_model": 32, "n_layers": 2}, 1e-3, 5, "plateau")
     with pytest.raises(TrainingError, match="unknown training config keys"):
         TrainConfig.load(None, ["data=[a]", "stepz=3"])
-    with pytest.raises(TrainingError, match="key=value"):
+    with pytest.raises(OptionError, match="--set 'steps': expected key=value"):
         TrainConfig.load(None, ["steps"])
 
 

@@ -154,13 +154,14 @@ def render_midi_command(
     workers: int = typer.Option(2, help="Files rendered in parallel."),
 ):
     """Render MIDI collections (e.g. the Lakh MIDI layout) to mono WAV with FluidSynth; resumable."""
-    from s4music.data.midi import RenderOptions, find_midi, render_midi
+    from s4music.data.midi import RenderOptions, render_midi
 
     options = RenderOptions(instruments=instrument or None, drums=drums, soundfont=soundfont,
                             sample_rate=sample_rate, max_seconds=max_seconds, workers=workers)
     with progress_bar() as bar:
-        task = bar.add_task("rendering", total=len(find_midi(sources)))
-        report = render_midi(sources, out, options, on_file=lambda src, status: bar.advance(task))
+        task = bar.add_task("rendering", total=None)
+        report = render_midi(sources, out, options,
+                             on_file=lambda src, status, done, total: bar.update(task, completed=done, total=total))
     for _, reason in report.skipped:
         console.print(f"[yellow]skipped:[/] {reason}", highlight=False, soft_wrap=True)
     minutes = sum(s for _, _, s in report.rendered) / 60
@@ -184,21 +185,16 @@ def prepare(
                                            "names relative to the source directory; listed files keep that split."),
 ):
     """Build or extend a training dataset: decode, mono, resample, quantize, window, split by source."""
-    from s4music.data.prepare import PrepareOptions, find_audio, read_pinned_splits
+    from s4music.data.prepare import PrepareOptions, read_pinned_splits
     from s4music.data.prepare import prepare as prepare_dataset
 
-    tags = {}
-    for t in tag or []:
-        key, sep, value = t.partition("=")
-        if not sep or not key:
-            fail(f"--tag {t!r}: expected key=value")
-        tags[key] = value
     options = PrepareOptions(seconds=seconds, sample_rate=sample_rate, quantization=quantization,
-                             val_fraction=val, test_fraction=test, seed=seed, tags=tags,
+                             val_fraction=val, test_fraction=test, seed=seed, tags=tag or [],
                              pinned=read_pinned_splits(splits) if splits else {})
     with progress_bar() as bar:
-        task = bar.add_task("preparing", total=len(find_audio(sources)))
-        report = prepare_dataset(sources, out, options, on_file=lambda path, status: bar.advance(task))
+        task = bar.add_task("preparing", total=None)
+        report = prepare_dataset(sources, out, options,
+                                 on_file=lambda path, status, done, total: bar.update(task, completed=done, total=total))
     table = Table(title=f"{out}: hours of audio")
     for column in ("split", "stratum", "hours"):
         table.add_column(column)
@@ -244,10 +240,8 @@ def train(
     from s4music.train import TrainConfig
     from s4music.train import train as run_training
 
-    if resume and config is None and out is not None and (out / "config.yaml").exists():
-        config = out / "config.yaml"
     cfg = TrainConfig.load(
-        config, overrides, data=data or None, out=str(out) if out else None, mode=mode, init=init, steps=steps,
+        config, overrides, resume=resume, data=data or None, out=str(out) if out else None, mode=mode, init=init, steps=steps,
         seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, precision=precision, seed=seed,
         groups=groups, untie_pb=untie_pb, dt_per_state=dt_per_state)
     console.print(f"run {cfg.out}: {cfg.mode}, seed {cfg.seed}", highlight=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from s4music.data.prepare import SPLITS, DatasetError, committed, read_meta
+from s4music.data.format import SPLITS, DatasetError, committed, read_meta
 
 
 class PreparedDataset:

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from s4music.audio import atomic_path, load_audio, write_audio, write_json
-from s4music.errors import S4MusicError
+from s4music.audio import load_audio, write_audio
+from s4music.errors import S4MusicError, first_line
+from s4music.files import atomic_path, write_json
 from s4music.system import js_runtimes
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def _reason(error: Exception) -> str:
     text = ANSI.sub("", str(error)).strip()
     text = re.sub(r"^ERROR:\s*", "", text)
     text = re.sub(r"^\[[\w:]+\]\s*[\w-]*:\s*", "", text)  # "[generic] id: ..."
-    text = text.splitlines()[0] if text else type(error).__name__
+    text = first_line(text, type(error).__name__)
     text = re.sub(r"\s*\(caused by .*\)$", "", text)
     text = re.sub(r"HTTPS?Connection\(host=.*?\): Failed to establish a new connection: (\[Errno \d+\] )?", "", text)
     if text.startswith("Unsupported URL"):

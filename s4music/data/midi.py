@@ -22,8 +22,9 @@ from pathlib import Path
 
 import mido
 
-from s4music.audio import atomic_path, load_audio, write_audio, write_json
-from s4music.errors import S4MusicError
+from s4music.audio import load_audio, write_audio
+from s4music.errors import S4MusicError, first_line
+from s4music.files import atomic_path, write_json
 from s4music.system import find_soundfont
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,7 @@ def filter_midi(src: Path, programs: set[int] | None, keep_drums: bool,
             track.append(msg.copy(time=tick - last_tick))
             last_tick = tick
     except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "truncated file" if isinstance(
-            e, EOFError) else type(e).__name__
+        reason = first_line(e, "truncated file" if isinstance(e, EOFError) else "")
         raise RenderError(f"{src}: not a readable MIDI file ({reason})") from None
     end_tick = round(now * TICKS_PER_SECOND)
     for channel in range(16):  # all notes off, so a cut-off file ends cleanly
@@ -136,7 +136,7 @@ def render_file(src: Path, out: Path, options: RenderOptions, soundfont: Path,
                "-T", "wav", "-F", str(wav_path), str(soundfont), str(mid_path)]
         proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if proc.returncode != 0 or not wav_path.exists():
-            reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+            reason = first_line(proc.stderr, f"exit {proc.returncode}", last=True)
             raise RenderError(f"{src}: FluidSynth failed ({reason})")
         audio = load_audio(wav_path, options.sample_rate)
     samples = audio.samples
@@ -162,9 +162,10 @@ def find_midi(sources: list[str | Path]) -> list[tuple[Path, Path]]:
 
 
 def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderOptions | None = None,
-                on_file: Callable[[Path, str], None] | None = None) -> RenderReport:
-    """Render every MIDI file under `sources` into `out_dir`, in parallel. `on_file(src, status)`
-    is called as each finishes. Failures are collected (and written to failures.jsonl), not raised."""
+                on_file: Callable[[Path, str, int, int], None] | None = None) -> RenderReport:
+    """Render every MIDI file under `sources` into `out_dir`, in parallel. `on_file(src, status, done,
+    total)` follows every file found: "already" rendered, then "rendered", "skipped" or "failed" as
+    each finishes. Failures are collected (and written to failures.jsonl), not raised."""
     options = options or RenderOptions()
     if shutil.which("fluidsynth") is None:
         raise RenderError("fluidsynth is not installed (run `make install`)")
@@ -177,12 +178,23 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
     out_dir.mkdir(parents=True, exist_ok=True)
     report = RenderReport()
     todo = []
-    for src, rel in find_midi(sources):
+    found = find_midi(sources)
+    done = 0
+
+    def progress(src: Path, status: str) -> None:
+        nonlocal done
+        done += 1
+        if on_file:
+            on_file(src, status, done, len(found))
+
+    for src, rel in found:
         out = out_dir / rel.with_suffix(".wav")
         if out.exists():
             report.already.append(src)
+            progress(src, "already")
         elif not src.is_file():
             report.failed.append((src, f"{src}: no such file"))
+            progress(src, "failed")
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
             todo.append((src, out))
@@ -203,8 +215,7 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
                 report.skipped.append((src, f"{src}: the chosen instruments never play"))
             else:
                 report.rendered.append((src, out, seconds))
-            if on_file:
-                on_file(src, "failed" if error else "skipped" if seconds is None else "rendered")
+            progress(src, "failed" if error else "skipped" if seconds is None else "rendered")
     if report.failed:
         with atomic_path(out_dir / "failures.jsonl") as tmp:
             tmp.write_text("".join(json.dumps({"source": str(s), "reason": r}) + "\n" for s, r in report.failed))

@@ -1,11 +1,6 @@
 """`s4music prepare`: audio files -> a training dataset of fixed windows of 8-bit codes.
 
-Layout of a dataset directory:
-    dataset.json     format, sample rate, quantization scheme, window length, split fractions,
-                     seed, the windows held by each split, and every source file it was built from
-    manifest.jsonl   one line per window: id, source, path, duration, sample_rate, split, strata
-    train.u8 ...     one flat uint8 file per split, windows back to back, read with np.memmap,
-                     so a 1000-hour dataset never has to fit in memory
+The directory's layout is in `s4music.data.format`.
 
 Every source file goes through `s4music.audio` (decode, mono, resample, quantize), as prompts do.
 Whole files go to one split, so no file straddles two. Strata come from the first folder below the
@@ -35,34 +30,54 @@ from pathlib import Path
 
 import numpy as np
 
-from s4music.audio import AUDIO_EXTENSIONS, atomic_path, encode, load_audio, write_json
+from s4music.audio import AUDIO_EXTENSIONS, SCHEMES, encode, load_audio
+from s4music.data.format import FORMAT, SPLITS, DatasetError, committed, read_meta, stratum_key
 from s4music.errors import S4MusicError
+from s4music.files import atomic_path, write_json
+from s4music.options import split_assignment
 
 log = logging.getLogger(__name__)
-FORMAT = "s4music-dataset"
-SPLITS = ("train", "val", "test")
 SILENCE_PEAK = 1e-3  # -60 dBFS
 COMMIT_EVERY = 32  # files between commits
-
-
-class DatasetError(S4MusicError):
-    pass
 
 
 @dataclass
 class PrepareOptions:
     seconds: float = 8.192  # the official window: 131,072 samples at 16 kHz
     sample_rate: int = 16000
-    quantization: str = "mulaw-official"
+    quantization: str = "mulaw-official"  # see s4music.audio.SCHEMES
     val_fraction: float = 0.06
     test_fraction: float = 0.06
     seed: int = 0
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] | list[str] = field(default_factory=dict)  # stratum tags; "key=value" strings are parsed
     pinned: dict[str, str] = field(default_factory=dict)  # file name (as find_audio gives it) -> split, kept as given
+
+    def __post_init__(self) -> None:
+        """Check every option before anything is created, so a bad one leaves nothing behind."""
+        if not isinstance(self.tags, dict):
+            self.tags = dict(split_assignment(t, "--tag") for t in self.tags)
+        problems = {
+            "quantization": (self.quantization not in SCHEMES, f"use one of {', '.join(SCHEMES)}"),
+            "seconds": (not self.seconds > 0, "must be positive"),
+            "sample_rate": (not self.sample_rate > 0, "must be positive"),
+            "val_fraction": (not 0 <= self.val_fraction < 1, "must be in [0, 1)"),
+            "test_fraction": (not 0 <= self.test_fraction < 1, "must be in [0, 1)"),
+        }
+        for name, (bad, rule) in problems.items():
+            if bad:
+                raise DatasetError(f"{name}={getattr(self, name)!r}: {rule}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise DatasetError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g}: "
+                               "leaves nothing to train on")
+        if self.window < 1:
+            raise DatasetError(f"seconds={self.seconds}: shorter than one sample at {self.sample_rate} Hz")
 
     @property
     def window(self) -> int:
         return int(round(self.seconds * self.sample_rate))
+
+
+FileProgress = Callable[[Path, str, int, int], None]  # (file, status, files done, files in all)
 
 
 @dataclass
@@ -149,27 +164,12 @@ def read_pinned_splits(path: str | Path) -> dict[str, str]:
     return pinned
 
 
-def stratum_key(strata: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(strata.items()))
-
-
-def read_meta(root: Path) -> dict | None:
-    """The dataset.json of `root`, checked; None when there is none."""
-    path = root / "dataset.json"
-    if not path.exists():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise DatasetError(f"{path}: not an s4music dataset")
-    return meta
-
-
 def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions | None = None,
-            on_file: Callable[[Path, str], None] | None = None) -> PrepareReport:
-    """Add the audio files under `sources` to the dataset at `out` (created if needed)."""
+            on_file: FileProgress | None = None) -> PrepareReport:
+    """Add the audio files under `sources` to the dataset at `out` (created if needed).
+
+    `on_file(path, status, done, total)` follows every file found: "unchanged" (already in the
+    dataset), "added" or "failed"."""
     options = options or PrepareOptions()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -197,15 +197,25 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
     found = find_audio(sources)
     names = {name for _, _, name in found}
     report.unmatched_pins = sorted(n for n in options.pinned if n not in names)
+    done = 0
+
+    def progress(path: Path, status: str) -> None:
+        nonlocal done
+        done += 1
+        if on_file:
+            on_file(path, status, done, len(found))
+
     for path, folder, name in found:
         try:
             stat = path.stat()
         except OSError as e:
             report.failed.append((path, f"{path}: {e.strerror or e}"))
+            progress(path, "failed")
             continue
         key = (str(path.resolve()), stat.st_size, stat.st_mtime)
         if key in known:
             report.unchanged += 1
+            progress(path, "unchanged")
             continue
         candidates.append({"id": _source_id(path), "name": name, "path": key[0], "size": key[1], "mtime": key[2],
                            "strata": {"folder": folder, **options.tags}})
@@ -220,8 +230,7 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
                 codes = _windows(path, options, window)
             except S4MusicError as e:
                 report.failed.append((path, str(e)))
-                if on_file:
-                    on_file(path, "failed")
+                progress(path, "failed")
                 continue
             split = src["split"]
             handles[split].write(codes.tobytes())
@@ -229,8 +238,7 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
             src["first"] = meta["splits"][split] + sum(p["windows"] for p in pending if p["split"] == split)
             pending.append(src)
             report.added.append((path, split, len(codes)))
-            if on_file:
-                on_file(path, "added")
+            progress(path, "added")
             if len(pending) >= COMMIT_EVERY:
                 _commit(root, meta, pending, handles)
                 pending = []
@@ -281,11 +289,6 @@ def _drop_uncommitted(root: Path, meta: dict) -> None:
         if len(kept) != len(lines):
             with atomic_path(manifest) as tmp:
                 tmp.write_text("".join(ln + "\n" for ln in kept))
-
-
-def committed(row: dict, meta: dict) -> bool:
-    """Whether a manifest row lies within the windows dataset.json counts."""
-    return row["offset"] < meta["splits"][row["split"]]
 
 
 def _windows(path: Path, options: PrepareOptions, window: int) -> np.ndarray:

@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from s4music.audio import write_json
-from s4music.errors import S4MusicError
+from s4music.files import write_json
+from s4music.errors import S4MusicError, first_line
 from s4music.model.config import AudioFormat, S4Config, SaShiMiConfig
 from s4music.model.sashimi import SaShiMi
 
@@ -91,7 +91,7 @@ def save_model(model: SaShiMi, directory: str | Path, summary: dict | None = Non
 
 def convert_official(source: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Import an official SaShiMi checkpoint and write it in our format."""
-    return import_official(source).save(out, dtype=dtype)
+    return save_model(import_official(source), out, dtype=dtype)
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def update_summary(path: str | Path, fields: dict[str, Any]) -> None:
     write_json(directory / CONFIG, meta)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> SaShiMi:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> SaShiMi:
     """Load an s4music checkpoint directory (or its model.safetensors), or import an official
     SaShiMi `.pt` checkpoint. Returns the model in eval mode, float32."""
     path = Path(path)
@@ -268,7 +268,7 @@ def import_official(path: str | Path) -> SaShiMi:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as e:  # torch raises several types for a bad or unsafe pickle
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise CheckpointError(f"{path}: not a loadable tensor-only checkpoint ({reason})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]  # a Lightning checkpoint: the state dict sits inside

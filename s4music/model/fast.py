@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from s4music.errors import first_line
+from s4music.extensions import cache_dir, load_extension
 from s4music.model.sashimi import FeedForward, SaShiMi, SaShiMiState, WeightNormLinear
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ def _extension():
     try:
         module = build_extension(SOURCE)
     except Exception as e:  # no compiler, or a failed build: the plain path still works
-        log.warning("fused CPU step unavailable (%s); using the plain PyTorch step", str(e).splitlines()[0][:200])
+        log.warning("fused CPU step unavailable (%s); using the plain PyTorch step", first_line(e)[:200])
     _built["module"] = module
     return module
 
@@ -92,17 +94,10 @@ def build_extension(source: Path):
     """Build (or load the cached build of) a fused step from `source`, cached by its text, the
     flags and this CPU. Raises when it cannot build. `SOURCE` is the toolkit's; the A/B benchmark
     (benchmarks/ab_fused_step.py) builds an earlier revision beside it."""
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" is expected
-    from torch.utils import cpp_extension
-
-    from s4music.cuda import cache_dir
-
     flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
     tag = hashlib.sha1((source.read_text() + " ".join(flags) + _cpu_flags()).encode()).hexdigest()[:12]
-    build_dir = cache_dir() / f"cpu-step-{tag}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(name=f"s4music_fast_step_{tag}", sources=[str(source)], extra_cflags=flags,
-                              extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+    return load_extension(f"s4music_fast_step_{tag}", [source], cflags=flags, ldflags=["-fopenmp"],
+                          build_dir=cache_dir() / f"cpu-step-{tag}")
 
 
 def _cpu_flags() -> str:

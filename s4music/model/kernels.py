@@ -9,7 +9,16 @@ Shapes:  v (K, H, N) complex, w (H, N) complex, z (L,) complex  ->  (K, H, L) co
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable
+
 import torch
+
+from s4music.cuda import build
+from s4music.errors import first_line
+
+log = logging.getLogger(__name__)
 
 # Elements of one (H, N, chunk) complex intermediate; 2**22 complex64 = 32 MiB.
 CHUNK_ELEMENTS = 1 << 22
@@ -62,15 +71,77 @@ class _ChunkedCauchy(torch.autograd.Function):
 
 
 def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Cauchy product with bounded memory; on CUDA uses the compiled extension once it has passed
-    its numerical check (see `s4music.cuda`)."""
+    """Cauchy product with bounded memory; on CUDA the compiled extension once it has passed its
+    numerical check (`cuda_cauchy`)."""
     if v.is_cuda:
-        from s4music.cuda import cuda_cauchy
-
         fast = cuda_cauchy()
         if fast is not None:
             return fast(v, z, w)
     return _ChunkedCauchy.apply(v, z, w)
+
+
+# The compiled CUDA Cauchy product (s4music/cuda) is used only after it reproduces _ChunkedCauchy
+# on random inputs, values and gradients; if it cannot build or fails that check, the toolkit logs
+# one warning and keeps the PyTorch path, which is always correct. S4MUSIC_NO_CUDA_EXT=1 disables it.
+_cuda: dict = {"checked": False, "fn": None, "module": None, "reason": "not tried yet"}
+
+
+class _CudaCauchy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v, z, w):
+        ctx.save_for_backward(v, z, w)
+        return _cuda["module"].forward(v, z, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, z, w = ctx.saved_tensors
+        grad_v, grad_w = _cuda["module"].backward(grad.contiguous(), v, z, w)
+        return grad_v, None, grad_w
+
+
+def check_cauchy(fn: Callable, device: str = "cuda") -> float:
+    """Largest relative error of `fn` against the PyTorch path, values and gradients."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(4, 8, 64, dtype=torch.cfloat, generator=gen).to(device)
+    w = (-0.5 - 1j * torch.rand(8, 64, generator=gen) * 50).to(torch.cfloat).to(device)
+    omega = torch.exp(-2j * torch.pi * torch.arange(257, dtype=torch.float64) / 512)
+    z = (2 * (1 - omega) / (1 + omega)).to(torch.cfloat).to(device)
+    grad = torch.randn(4, 8, 257, dtype=torch.cfloat, generator=gen).to(device)
+    outs = []
+    for f in (fn, _ChunkedCauchy.apply):
+        vv, ww = v.clone().requires_grad_(), w.clone().requires_grad_()
+        out = f(vv, z, ww)
+        out.backward(grad)
+        outs.append((out.detach(), vv.grad, ww.grad))
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(*outs, strict=True))
+
+
+def cuda_cauchy() -> Callable | None:
+    """The checked CUDA Cauchy product, or None (after one warning) when it cannot be used."""
+    if _cuda["checked"]:
+        return _cuda["fn"]
+    _cuda["checked"] = True
+    if os.environ.get("S4MUSIC_NO_CUDA_EXT"):
+        _cuda["reason"] = "disabled by S4MUSIC_NO_CUDA_EXT"
+        return None
+    try:
+        _cuda["module"] = build()
+        err = check_cauchy(_CudaCauchy.apply)
+        if err > 1e-4:
+            raise RuntimeError(f"numerical check failed (relative error {err:.2e})")
+        _cuda["fn"], _cuda["reason"] = _CudaCauchy.apply, f"active (check error {err:.1e})"
+    except Exception as e:  # any failure means: use the PyTorch path
+        _cuda["reason"] = f"unavailable: {first_line(e, last=True)}"
+        log.warning("CUDA Cauchy extension %s; using the PyTorch kernel path", _cuda["reason"])
+    return _cuda["fn"]
+
+
+def kernel_path(device: str) -> str:
+    """Which Cauchy implementation tensors on `device` use, for `s4music doctor`."""
+    if not device.startswith("cuda"):
+        return "pytorch (chunked, CPU)"
+    fn = cuda_cauchy()
+    return "cuda extension" if fn is not None else f"pytorch ({_cuda['reason']})"
 
 
 # --------------------------------------------------------------------------------------------

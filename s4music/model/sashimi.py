@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -228,12 +227,6 @@ class SaShiMi(nn.Module):
 
     def s4_blocks(self) -> list[S4Block]:
         return [m for m in self.modules() if isinstance(m, S4Block)]
-
-    def save(self, directory: str | Path, summary: dict | None = None, dtype: torch.dtype | None = None) -> Path:
-        """Write model.safetensors + config.json into `directory`, atomically."""
-        from s4music.model.checkpoint import save_model
-
-        return save_model(self, directory, summary=summary, dtype=dtype)
 
     # ------------------------------------------------------------------ parallel
     def shift_right(self, codes: torch.Tensor) -> torch.Tensor:
