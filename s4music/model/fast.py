@@ -118,6 +118,20 @@ def _weight(linear: nn.Linear | WeightNormLinear) -> tuple[torch.Tensor, torch.T
     return linear.weight.detach().float().contiguous(), linear.bias.detach().float().contiguous()
 
 
+def _layer_tensors(ext, layer: nn.Module) -> tuple[object, dict[str, torch.Tensor]]:
+    """A residual layer's kind (ext.LayerKind) and its tensors by the names add_layer takes."""
+    if isinstance(layer, FeedForward):
+        (w1, b1), (w2, b2) = _weight(layer.fc1), _weight(layer.fc2)
+        return ext.LayerKind.FEEDFORWARD, {"fc1_w": w1, "fc1_b": b1, "fc2_w": w2, "fc2_b": b2}
+    params = layer.kernel.step_params()
+    out_w, out_b = _weight(layer.output_linear)
+    tensors = {"a": params["a"], "b": params["b"], "c": params["c"], "D": layer.D.detach()[0].float().contiguous(),
+               "out_w": out_w, "out_b": out_b}
+    if layer.kernel.config.mode == "diag":
+        return ext.LayerKind.S4D, tensors
+    return ext.LayerKind.DPLR, {**tensors, **{k: params[k] for k in ("p", "g", "q", "kappa", "cg")}}
+
+
 class FusedStep:
     """The model in step form for the C++ kernel. Build it after the weights are final (it copies them).
 
@@ -135,24 +149,16 @@ class FusedStep:
             downs = [_weight(p.linear) for p in model.down_pools]
             ups = [_weight(u.pool.linear) for u in model.up_blocks]
             self.impl = ext.FastSaShiMi(
-                model.encoder.weight.detach().float().contiguous(), list(model.config.pool),
-                [w for w, _ in downs], [b for _, b in downs], [w for w, _ in ups], [b for _, b in ups],
-                model.norm.weight.detach().float().contiguous(), model.norm.bias.detach().float().contiguous(),
-                *_weight(model.decoder), half)
+                embedding=model.encoder.weight.detach().float().contiguous(), pools=list(model.config.pool),
+                down_w=[w for w, _ in downs], down_b=[b for _, b in downs],
+                up_w=[w for w, _ in ups], up_b=[b for _, b in ups],
+                ln_w=model.norm.weight.detach().float().contiguous(), ln_b=model.norm.bias.detach().float().contiguous(),
+                ln_eps=model.norm.eps, dec_w=_weight(model.decoder)[0], dec_b=_weight(model.decoder)[1], half=half)
             for tier, layers in enumerate([model.center, *[u.layers for u in model.up_blocks]]):
                 for res in layers:
-                    m, s = float(res.norm.m), float(res.norm.s)
-                    if isinstance(res.layer, FeedForward):
-                        self.impl.add_layer(tier, 2, m, s, [*_weight(res.layer.fc1), *_weight(res.layer.fc2)])
-                        continue
-                    block = res.layer
-                    params = block.kernel.step_params()
-                    tensors = [params["a"], params["b"], params["c"], block.D.detach()[0].float().contiguous(),
-                               *_weight(block.output_linear)]
-                    kind = 0 if block.kernel.config.mode == "diag" else 1
-                    if kind == 1:
-                        tensors += [params[k] for k in ("p", "g", "q", "kappa", "cg")]
-                    self.impl.add_layer(tier, kind, m, s, tensors)
+                    kind, tensors = _layer_tensors(ext, res.layer)
+                    self.impl.add_layer(tier=tier, kind=kind, norm_m=float(res.norm.m), norm_s=float(res.norm.s),
+                                        tensors=tensors)
         self.half = self.impl.half_weights()
 
     def run(self, codes: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor, temperature: float = 1.0,

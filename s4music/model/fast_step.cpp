@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <map>
 #include <numeric>
 #include <thread>
 #include <vector>
@@ -282,7 +283,8 @@ inline void gelu(float* x, int rows, int w, int c0, int c1) {
   }
 }
 
-enum Kind { S4_DIAG = 0, S4_DPLR = 1, FEEDFORWARD = 2 };
+// What a residual layer holds; Python names them through the module's LayerKind.
+enum Kind { S4_DIAG, S4_DPLR, FEEDFORWARD };
 
 struct Layer {
   int kind = 0, H = 0, N2 = 0, Hv = 0;  // Hv: channels in vectors of 8, the last one zero-padded
@@ -323,6 +325,7 @@ struct Model {
   std::vector<Linear> down, up;          // per tier boundary
   std::vector<std::vector<Layer>> tiers;  // [0] = centre, [1..] = up blocks, deepest first
   torch::Tensor ln_w, ln_b;
+  float ln_eps = 1e-5f;  // the final LayerNorm's epsilon
   Linear decoder;
   int n_s4 = 0, widest = 0;
   bool half = false;  // linear weights in half precision
@@ -574,7 +577,8 @@ class FastSaShiMi {
  public:
   FastSaShiMi(torch::Tensor embedding, std::vector<int64_t> pools, std::vector<torch::Tensor> down_w,
               std::vector<torch::Tensor> down_b, std::vector<torch::Tensor> up_w, std::vector<torch::Tensor> up_b,
-              torch::Tensor ln_w, torch::Tensor ln_b, torch::Tensor dec_w, torch::Tensor dec_b, bool half) {
+              torch::Tensor ln_w, torch::Tensor ln_b, double ln_eps, torch::Tensor dec_w, torch::Tensor dec_b,
+              bool half) {
     M.half = half;
     M.embedding = embedding.contiguous();
     M.n_codes = embedding.size(0);
@@ -585,6 +589,7 @@ class FastSaShiMi {
     M.tiers.resize(pools.size() + 1);
     M.ln_w = ln_w.contiguous();
     M.ln_b = ln_b.contiguous();
+    M.ln_eps = (float)ln_eps;
     M.decoder = Linear(dec_w, dec_b, half);
     M.widest = std::max(M.H0, M.n_codes);
     for (const Linear& l : M.down) M.widest = std::max({M.widest, l.in, l.out});
@@ -594,8 +599,10 @@ class FastSaShiMi {
   // Whether the linear weights are held in half precision (asked for, and the CPU converts it).
   bool half_weights() const { return M.decoder.half; }
 
-  // tier: 0 centre, 1.. up blocks deepest first. kind: 0 S4D, 1 DPLR, 2 feed-forward.
-  void add_layer(int tier, int kind, double norm_m, double norm_s, std::vector<torch::Tensor> t) {
+  // tier: 0 centre, 1.. up blocks deepest first. Tensors by name: a feed-forward layer's fc1_w, fc1_b,
+  // fc2_w, fc2_b; an S4 layer's a, b, c (complex (H, N2), see S4Kernel.step_params), D, out_w, out_b,
+  // and for DPLR also p, g, q (complex (H, N2)), kappa and cg (H).
+  void add_layer(int tier, Kind kind, double norm_m, double norm_s, const std::map<std::string, torch::Tensor>& t) {
     Layer L;
     L.kind = kind;
     L.norm_m = (float)norm_m;
@@ -604,26 +611,31 @@ class FastSaShiMi {
       auto c = x.contiguous();
       return Floats(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
     };
+    auto get = [&](const char* name) {
+      auto it = t.find(name);
+      TORCH_CHECK(it != t.end(), "add_layer: no tensor '", name, "'");
+      return it->second;
+    };
     if (kind == FEEDFORWARD) {
-      L.fc1 = Linear(t[0], t[1], M.half);
-      L.fc2 = Linear(t[2], t[3], M.half);
+      L.fc1 = Linear(get("fc1_w"), get("fc1_b"), M.half);
+      L.fc2 = Linear(get("fc2_w"), get("fc2_b"), M.half);
       L.H = L.fc1.in;
       M.widest = std::max(M.widest, L.fc1.out);
     } else {
-      // t: a, b, c, D, out_w, out_b [, p, g, q, kappa, cg]; complex (H, N2)
-      L.H = t[0].size(0);
-      L.N2 = t[0].size(1);
+      const auto a = get("a");
+      L.H = a.size(0);
+      L.N2 = a.size(1);
       L.Hv = (L.H + 7) / 8;
-      std::vector<torch::Tensor> fields{t[0], t[1], t[2]};
-      if (kind == S4_DPLR) fields.insert(fields.end(), {t[8], t[6]});  // q, p
+      std::vector<torch::Tensor> fields{a, get("b"), get("c")};
+      if (kind == S4_DPLR) fields.insert(fields.end(), {get("q"), get("p")});
       L.packed = floats(L.to_lanes(torch::stack(fields)).permute({1, 2, 0, 3, 4}));  // (F, Hv, ...) -> (Hv, N2, F, ...)
-      L.D = floats(t[3]);
-      L.out = Linear(t[4], t[5], M.half);
+      L.D = floats(get("D"));
+      L.out = Linear(get("out_w"), get("out_b"), M.half);
       if (kind == S4_DPLR) {
-        L.p = t[6].to(torch::kComplexDouble);
-        L.g = t[7].to(torch::kComplexDouble);
-        L.kappa = floats(L.padded(t[9]));
-        L.cg = floats(L.padded(t[10]));
+        L.p = get("p").to(torch::kComplexDouble);
+        L.g = get("g").to(torch::kComplexDouble);
+        L.kappa = floats(L.padded(get("kappa")));
+        L.cg = floats(L.padded(get("cg")));
       }
       L.state_index = M.n_s4++;
       M.widest = std::max(M.widest, 2 * L.H);
@@ -824,7 +836,7 @@ class FastSaShiMi {
         if (team.lead())
           for (size_t k = 0; k < width; ++k) h[k] += block_in[k];
       }
-      // final LayerNorm (eps 1e-5), by every member, and the decoder's outputs shared
+      // final LayerNorm, by every member, and the decoder's outputs shared
       team.sync();
       const float* lw = M.ln_w.data_ptr<float>();
       const float* lb = M.ln_b.data_ptr<float>();
@@ -832,7 +844,7 @@ class FastSaShiMi {
       for (int r = 0; r < rows; ++r) {
         const float* x = h + (size_t)r * H0;
         const auto [mean, var] = mean_var(x, H0);
-        const float inv = 1.f / std::sqrt(var + 1e-5f);
+        const float inv = 1.f / std::sqrt(var + M.ln_eps);
         for (int i = 0; i < H0; ++i) normed[(size_t)r * H0 + i] = (x[i] - mean) * inv * lw[i] + lb[i];
       }
       float* logits = R.wide.data();
@@ -865,11 +877,19 @@ class FastSaShiMi {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::enum_<Kind>(m, "LayerKind")
+      .value("S4D", S4_DIAG)
+      .value("DPLR", S4_DPLR)
+      .value("FEEDFORWARD", FEEDFORWARD);
   pybind11::class_<FastSaShiMi>(m, "FastSaShiMi")
       .def(pybind11::init<torch::Tensor, std::vector<int64_t>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
-                          std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor, torch::Tensor,
-                          torch::Tensor, torch::Tensor, bool>())
-      .def("add_layer", &FastSaShiMi::add_layer)
+                          std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, double,
+                          torch::Tensor, torch::Tensor, bool>(),
+           pybind11::arg("embedding"), pybind11::arg("pools"), pybind11::arg("down_w"), pybind11::arg("down_b"),
+           pybind11::arg("up_w"), pybind11::arg("up_b"), pybind11::arg("ln_w"), pybind11::arg("ln_b"),
+           pybind11::arg("ln_eps"), pybind11::arg("dec_w"), pybind11::arg("dec_b"), pybind11::arg("half"))
+      .def("add_layer", &FastSaShiMi::add_layer, pybind11::arg("tier"), pybind11::arg("kind"), pybind11::arg("norm_m"),
+           pybind11::arg("norm_s"), pybind11::arg("tensors"))
       .def("half_weights", &FastSaShiMi::half_weights)
       .def("run", &FastSaShiMi::run, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
