@@ -5,16 +5,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := ffmpeg fluidsynth timgm6mb-soundfont
+APT_PACKAGES := ffmpeg fluidsynth timgm6mb-soundfont libportaudio2
 # Real recordings (Ogg Vorbis, 44.1 kHz stereo) that the tests use as fixtures.
 TEST_APT_PACKAGES := drascula-music
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test demo bench lint clean
+.PHONY: install system-deps test test-fast test-sweep demo bench lint clean
 
 install: system-deps $(STAMP)
 
-# Debian packages the toolkit runs: ffmpeg (decoding), FluidSynth and a General MIDI soundfont.
+# Debian packages the toolkit runs: ffmpeg (decoding, encoding), FluidSynth and a General MIDI
+# soundfont, PortAudio (--play).
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES) $(TEST_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -32,6 +33,23 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The quick tier: synthesized fixtures only (no FluidSynth renders, music21 scores, recordings or
+# training; those tests are marked slow). Under a minute on 2 cores once `make install` has built
+# the fused step.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The same suite under each CPU setting CI may land on: 1 and 2 threads, and ATen's kernels at
+# their default (AVX-512 where the CPU has it) and forced to AVX2. The fast tier by default;
+# SWEEP_ARGS= (empty) sweeps the whole suite.
+SWEEP_ARGS ?= -m "not slow"
+test-sweep: install
+	@set -e; for threads in 1 2; do for cap in default avx2; do \
+	  echo "== OMP_NUM_THREADS=$$threads ATEN_CPU_CAPABILITY=$$cap"; \
+	  env OMP_NUM_THREADS=$$threads $$( [ $$cap = default ] || echo ATEN_CPU_CAPABILITY=$$cap ) \
+	    $(BIN)/python -m pytest -q -p no:cacheprovider $(SWEEP_ARGS) $(PYTEST_ARGS); \
+	done; done
 
 # Continue the bundled example prompt with the bundled model (no downloads). DEMO_SECONDS=2 for a quick run.
 DEMO_SECONDS ?= 10

@@ -116,19 +116,20 @@ def generation(batch: int, steps: int, step: str) -> dict:
     the GPU, or `fused` (the C++ step, fp16 weights) on this machine's CPU cores."""
     import torch
 
-    from s4music.generate import GenerateOptions, _sample
+    from s4music.generate import Sampling, StepOptions
+    from s4music.generate.sampler import Stepper
     from s4music.model import SaShiMi
-    from s4music.model.fast import FusedStep, GraphedStep
 
     torch.manual_seed(0)
     model = SaShiMi().eval() if step == "fused" else SaShiMi().cuda().eval()
     _, state = model.prefill(torch.randint(0, 256, (1, 4096), device=model.device))
     first = torch.tensor([128])
-    options = GenerateOptions(top_k=0, top_p=1.0, temperature=1.0)
-    fast = {"plain": None, "graphed": lambda: GraphedStep(model), "fused": lambda: FusedStep(model, half=True)}[step]
-    fast = fast and fast()
-    _sample(model, fast, state, first, list(range(batch)), 256, options, None)  # warm-up (and capture)
-    t = _timed(lambda: _sample(model, fast, state, first, list(range(batch)), steps, options, None), 1)[0]
+    options = {"plain": StepOptions(device="cuda", fused=False), "graphed": StepOptions(device="cuda"),
+               "fused": StepOptions(device="cpu")}[step]
+    stepper = Stepper(model, options)
+    stepper.sampler(state, first, list(range(batch)), Sampling(1.0, 0, 1.0)).take(256)  # warm-up (and capture)
+    sampler = stepper.sampler(state, first, list(range(batch)), Sampling(1.0, 0, 1.0))
+    t = _timed(lambda: sampler.take(steps), 1)[0]
     return {"samples_per_s": batch * steps / t, "threads": torch.get_num_threads()}
 
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from s4music.audio import spectral_flatness
-from s4music.generate import GenerateOptions, continue_prompt
+from s4music.generate import GenerateOptions, Output, continue_prompt
 
 
 def describe_run(run: Path, sample_rate: int) -> str:
@@ -50,7 +50,7 @@ def continuation_flatness(model: Path, n: int, test: dict) -> str:
     """The flatness of n 10 s continuations of the example prompt (seeds 0..n-1), with the model's
     recommended sampling, against the test windows' quantiles `test`."""
     prompt = Path(__file__).with_name("prompt.wav")
-    options = GenerateOptions(seconds=10, variations=n, seed=0, include_prompt=False)
+    options = GenerateOptions(seconds=10, variations=n, seed=0, output=Output(include_prompt=False))
     with tempfile.TemporaryDirectory() as tmp:
         takes = continue_prompt(prompt, Path(tmp) / "take.wav", model=model, options=options).takes
         flats = [spectral_flatness(torch.from_numpy(sf.read(str(t.path), dtype="float32")[0])) for t in takes]

@@ -105,7 +105,9 @@ def load_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
     lo = int(round((start or 0.0) * rate))
     hi = data.shape[0] if end is None else min(data.shape[0], int(round(end * rate)))
     if lo >= hi:
-        raise AudioError(f"{path}: the selection {start or 0}-{end} s is empty (file is {data.shape[0] / rate:.1f} s)")
+        until = "the end" if end is None else f"{end:g} s"
+        raise AudioError(f"{path}: the selection {start or 0:g} s to {until} is empty (the file is "
+                         f"{data.shape[0] / rate:.1f} s long)")
     mono = torch.from_numpy(np.ascontiguousarray(data[lo:hi].mean(axis=1)))
     if not torch.isfinite(mono).all():
         raise AudioError(f"{path}: contains NaN or infinite samples")
@@ -149,36 +151,6 @@ def decode(codes: torch.Tensor, scheme: str = "mulaw-official") -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- write
 
 
-def normalize(wave: torch.Tensor, sample_rate: int, mode: str | None = "peak", target: float = -1.0) -> torch.Tensor:
-    """'peak': peak at `target` dBFS; 'loudness': integrated loudness at `target` LUFS; None: as is."""
-    if mode is None or mode == "none" or wave.abs().max() == 0:
-        return wave
-    if mode == "peak":
-        return wave * (10 ** (target / 20) / wave.abs().max())
-    if mode == "loudness":
-        if wave.numel() < 0.4 * sample_rate:  # shorter than one loudness gate: fall back to peak
-            return normalize(wave, sample_rate, "peak", -1.0)
-        lufs = AF.loudness(wave.unsqueeze(0), sample_rate).item()
-        if not math.isfinite(lufs):
-            return wave
-        out = wave * 10 ** ((target - lufs) / 20)
-        peak = out.abs().max()
-        return out / peak * 0.999 if peak > 1 else out  # never clip
-    raise ValueError(f"unknown normalization {mode!r}; use peak, loudness or none")
-
-
-def remove_dc(wave: torch.Tensor, sample_rate: int, cutoff: float = 10.0) -> torch.Tensor:
-    """High-pass at `cutoff` Hz (a second-order Butterworth section): removes a DC offset and slow
-    drift, far below any musical pitch (the piano's lowest note is 27.5 Hz). Float64 inside: the
-    filter's poles sit close to 1 at such a low cutoff."""
-    if wave.numel() == 0 or wave.abs().max() == 0:
-        return wave
-    # torchaudio's biquad clamps its output to [-1, 1], which would clip a peak lifted by the
-    # removed offset; the filter is linear, so run it well inside that range and scale back.
-    scale = 4 * wave.abs().max().double()
-    return (AF.highpass_biquad(wave.double() / scale, sample_rate, cutoff) * scale).to(wave.dtype)
-
-
 def write_audio(path: str | Path, wave: torch.Tensor, sample_rate: int) -> Path:
     """Write mono float samples as 16-bit WAV or FLAC (by suffix), atomically."""
     path = Path(path)
@@ -208,7 +180,3 @@ def spectral_flatness(wave: torch.Tensor, n_fft: int = 1024) -> float:
     if not power.numel():
         return 0.0
     return float((power.log().mean(-1).exp() / power.mean(-1)).mean())
-
-
-def dbfs(x: float) -> float:
-    return 20 * math.log10(max(x, 1e-10))

@@ -60,22 +60,23 @@ class _Quiet(logging.Filter):
 
 @contextlib.contextmanager
 def _build_environment(cuda_home: Path | None):
-    """CUDA_HOME (and an architecture when no GPU is visible) for one build, restored afterwards."""
+    """torch.utils.cpp_extension, with CUDA_HOME (and an architecture when no GPU is visible) set for
+    one build and restored afterwards."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _Quiet()
+    logger.addFilter(quiet)  # before the import: it warns about a missing CUDA runtime as it loads
     from torch.utils import cpp_extension
 
     names = ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST")
     saved_env = {name: os.environ.get(name) for name in names}
     saved_home = cpp_extension.CUDA_HOME
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    quiet = _Quiet()
-    logger.addFilter(quiet)
     try:
         if cuda_home is not None:
             os.environ["CUDA_HOME"] = str(cuda_home)
             cpp_extension.CUDA_HOME = str(cuda_home)  # it reads CUDA_HOME once, at its own import
             if not torch.cuda.is_available():
                 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH)
-        yield
+        yield cpp_extension
     finally:
         logger.removeFilter(quiet)
         cpp_extension.CUDA_HOME = saved_home
@@ -92,8 +93,6 @@ def load_extension(name: str, sources: list[Path], cflags: list[str] | None = No
     """Compile (or reuse the cached build of) an extension and import it. Raises when it cannot build.
 
     cuda: the sources include .cu files; the toolkit is found by `find_cuda_home`."""
-    from torch.utils import cpp_extension
-
     cuda_home = None
     if cuda:
         cuda_home = find_cuda_home()
@@ -104,7 +103,7 @@ def load_extension(name: str, sources: list[Path], cflags: list[str] | None = No
         ldflags = [*(ldflags or []), f"-L{cuda_home / 'lib'}", f"-L{cuda_home / 'lib64'}"]
     build_dir = build_dir or cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    with _build_environment(cuda_home):
+    with _build_environment(cuda_home) as cpp_extension:
         return cpp_extension.load(
             name=name, sources=[str(s) for s in sources], extra_cflags=cflags or [],
             extra_cuda_cflags=["-O3"] if cuda else None, extra_ldflags=ldflags or [],

@@ -23,20 +23,39 @@ def _umask() -> int:
     return mask
 
 
+class AtomicFile:
+    """A temporary file beside `path` that becomes `path` in one rename on `commit()`, or is removed
+    by `abort()`: for a file written over a long time (a stream of audio), whose writer may stop."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".tmp{self.path.suffix}",
+                                   dir=self.path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; finished files get the usual mode
+        self.tmp = Path(tmp)
+
+    def commit(self, path: str | Path | None = None) -> Path:
+        """Rename the finished file to `path` (default: the one it was made for)."""
+        dest = Path(path) if path is not None else self.path
+        os.replace(self.tmp, dest)
+        return dest
+
+    def abort(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; finished files get the usual mode
+    f = AtomicFile(path)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        yield f.tmp
+        f.commit()
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        f.abort()
 
 
 def write_json(path: str | Path, data) -> None:

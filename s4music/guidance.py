@@ -1,7 +1,7 @@
 """Prompt guidance: is this prompt a good fit for the model, and if not, why?
 
-`s4music check` runs it alone; `continue` runs it first and, without --force, will not spend a long
-run on a prompt it judges far from what the model knows. It looks at the signal (length, the
+`s4music check` runs it alone (exit 2 for a far prompt); `continue` runs it first, reports the
+verdict, reasons and advice, and goes on (with --strict it refuses a far prompt). It looks at the signal (length, the
 conversions it needs, silence, clipping, DC offset, noise-likeness) and at the model's own NLL on
 the prompt in bits/sample, placed against the test-set NLL that `s4music eval --record` stored in
 the checkpoint.
@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from s4music.audio import Audio, dbfs, spectral_flatness
+from s4music.audio import Audio, spectral_flatness
+from s4music.dsp import dbfs
 
 TYPICAL, UNUSUAL, FAR = "typical", "unusual", "far from what this model knows"
 NOISE_FLATNESS = 0.35  # white noise is ~0.56; music is usually below 0.1
@@ -117,6 +118,10 @@ def judge(report: PromptReport, bits: float | None, summary: dict) -> PromptRepo
         report.reasons.append(f"{bits:.2f} bits/sample on the prompt; this checkpoint records no test NLL "
                               "(run `s4music eval --record`) to compare with")
     report.verdict = FAR if FAR in levels else UNUSUAL if UNUSUAL in levels else TYPICAL
+    if report.verdict != TYPICAL and bits is not None and ref is not None and bits - ref > 0.75:
+        report.advice.append("to continue music like this well, fine-tune on some of it: `s4music prepare "
+                             "YOUR_FILES -o data/mine`, then `s4music train --mode finetune --from MODEL "
+                             "--data data/mine`")
     return report
 
 

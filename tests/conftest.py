@@ -5,15 +5,50 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
 
 
+# Fixtures of real music (FluidSynth renders, music21 scores, recordings, a trained model): a test
+# that uses one is slow, and `make test-fast` leaves it out. Everything else runs on synthesized data.
+REAL_MUSIC_FIXTURES = {"music_dataset", "trained_model", "midi_corpus", "recordings", "short_recording"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if REAL_MUSIC_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the `s4music` console script in this process (its exit codes and one-line errors, without
+    a second of interpreter start-up per call): cli("check", "x.wav") -> (code, stdout, stderr)."""
+    import sys
+
+    from s4music.cli.app import main
+
+    def run(*args):
+        capsys.readouterr()
+        argv, sys.argv = sys.argv, ["s4music", *map(str, args)]
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code
+        finally:
+            sys.argv = argv
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
 
 
 def perturbed(model, scale=0.05):
@@ -22,6 +57,44 @@ def perturbed(model, scale=0.05):
         for p in model.parameters():
             p.add_(scale * torch.randn_like(p))
     return model.eval()
+
+
+def synthesized_music(seconds: float = 3.0, rate: int = 16000, channels: int = 1) -> np.ndarray:
+    """Piano-like notes: decaying harmonics of a few pitches, (L, channels) float32, peak 0.5."""
+    t = np.arange(int(seconds * rate)) / rate
+    wave = np.zeros_like(t)
+    for k, pitch in enumerate([220.0, 277.2, 329.6, 440.0, 329.6, 277.2]):
+        start = k * seconds / 6
+        env = np.where(t >= start, np.exp(-4 * (t - start)), 0.0)
+        wave += env * sum(np.sin(2 * np.pi * pitch * h * (t - start)) / h for h in (1, 2, 3))
+    wave = 0.5 * wave / np.abs(wave).max()
+    return np.repeat(wave[:, None], channels, axis=1).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def synth_prompt(tmp_path_factory) -> Path:
+    """3 s of synthesized piano-like notes, 16 kHz mono WAV."""
+    import soundfile as sf
+
+    path = tmp_path_factory.mktemp("synth") / "notes.wav"
+    sf.write(str(path), synthesized_music(), 16000)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, synth_prompt) -> Path:
+    """A small untrained SaShiMi (perturbed off its init), saved with a summary as eval --record
+    leaves one: its NLL on `synth_prompt` as the test figure, so that prompt is typical for it."""
+    from s4music.audio import encode, load_audio
+    from s4music.model import S4Config, SaShiMi, SaShiMiConfig, save_model
+
+    torch.manual_seed(0)
+    model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=1, pool=[4, 4], s4=S4Config(d_state=16))))
+    codes = encode(load_audio(synth_prompt).samples, "mulaw-official").long()[None]
+    with torch.no_grad():
+        bits = model.bits(codes).mean().item()
+    summary = {"test_bits": bits, "domain": "synthesized notes", "eval": {"level": {"lufs": -20.0, "peak_dbfs": 0.0}}}
+    return save_model(model, tmp_path_factory.mktemp("tiny") / "model", summary=summary)
 
 
 RECORDINGS_DIR = Path("/usr/share/scummvm/drascula/audio")

@@ -37,6 +37,7 @@ def test_bundled_model_is_small_complete_and_evaluated():
     assert f"{summary['test_bits']:.2f} bits/sample on held-out chorales" in readme  # so does the README
 
 
+@pytest.mark.slow
 def test_example_prompt_is_in_the_models_domain():
     info = sf.info(str(PROMPT))
     assert 3 <= info.duration <= 6 and PROMPT.stat().st_size < 1e6
@@ -56,6 +57,7 @@ def test_recipe_parses_and_takes_the_prompt_from_its_pinned_test_split():
     assert prompt_source in splits["test"]
 
 
+@pytest.mark.slow
 def test_half_weights_keep_the_bundled_models_likelihood():
     """The fused step's default (linear weights in half precision) scores the example prompt as float32 does."""
     need(fused_available(), "a C++ compiler for the fused CPU step")
@@ -75,17 +77,17 @@ def test_half_weights_keep_the_bundled_models_likelihood():
 
 @pytest.mark.slow
 def test_demo_continuation_is_music_like(tmp_path):
-    result = continue_prompt(PROMPT, tmp_path / "demo.wav", options=GenerateOptions(seconds=3, seed=0))
+    result = continue_prompt(PROMPT, tmp_path / "demo.wav", options=GenerateOptions(seconds=3, seed=0, retry_degenerate=1))
     wave, rate = sf.read(str(result.takes[0].path))
     continuation = torch.from_numpy(wave[int(result.guidance.seconds * rate):]).float()
     # It must neither fall silent, nor run away into noise, nor get stuck at an offset; what is
     # written has the model's slow drift removed (MODEL_CARD.md, known limits).
-    assert result.takes[0].degenerate is None
+    assert result.takes[0].degenerate is None and result.takes[0].retries == 0  # a good take is not retried
     assert spectral_flatness(continuation) < NOISE_FLATNESS
     assert abs(continuation.mean().item()) < 0.01
     meta = json.loads(result.sidecar.read_text())
     for key, value in load_model(DEFAULT_MODEL).summary["sampling"].items():
-        assert meta["options"][key] == value
+        assert meta["sampling"][key] == value
 
 
 @pytest.mark.slow

@@ -12,11 +12,11 @@ from conftest import perturbed
 
 import s4music.cuda as cuda
 import s4music.model.kernels as kernels
-import s4music.generate as generate
 from s4music.extensions import find_cuda_home
-from s4music.generate import GenerateOptions, continue_prompt, improvise
+from s4music.generate import GenerateOptions, Output, Sampling, StepOptions, continue_prompt, improvise
+from s4music.generate.sampler import Stepper
 from s4music.model import S4Config, SaShiMi, SaShiMiConfig, save_model
-from s4music.model.fast import GraphedStep, fused_available
+from s4music.model.fast import fused_available
 from s4music.model.sashimi import code_bits
 from s4music.model.s4 import S4Block
 
@@ -103,7 +103,7 @@ def test_training_loss_and_gradients_on_gpu_match_cpu(mode):
 def test_generation_on_gpu_is_reproducible_bit_for_bit(tmp_path):
 
     save_model(perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, s4=S4Config(d_state=16)))), tmp_path / "model")
-    options = GenerateOptions(seconds=0.1, seed=7, device="cuda", normalize="none")
+    options = GenerateOptions(seconds=0.1, seed=7, step=StepOptions(device="cuda"), output=Output(normalize="none"))
     outs = [improvise(tmp_path / f"out{i}.wav", tmp_path / "model", options) for i in range(2)]
     assert (tmp_path / "out0.wav").read_bytes() == (tmp_path / "out1.wav").read_bytes()
     assert json.loads(outs[0].sidecar.read_text())["step"] == "graphed-cuda"
@@ -112,18 +112,20 @@ def test_generation_on_gpu_is_reproducible_bit_for_bit(tmp_path):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("mode, sampling", [("dplr", {}), ("diag", {"temperature": 0.8, "top_k": 50, "top_p": 0.95})])
-def test_graphed_step_samples_the_plain_steps_codes(mode, sampling, monkeypatch):
+def test_graphed_step_samples_the_plain_steps_codes(mode, sampling):
     model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, s4=S4Config(mode=mode, d_state=16)))).cuda()
-    # A prompt of 1000 samples leaves the state mid-period (1000 % 16 = 8), and calls of 120 samples
+    # A prompt of 1000 samples leaves the state mid-period (1000 % 16 = 8), and chunks of 120 samples
     # end mid-block: plain steps before, between and after the graph's blocks, across calls.
     _, state = model.prefill(torch.randint(0, 256, (1, 1000), device="cuda"))
-    monkeypatch.setattr(generate, "PROGRESS_EVERY", 120)
-    options = GenerateOptions(**{"temperature": 1.0, "top_k": 0, "top_p": 1.0, **sampling})
+    resolved = Sampling(**{"temperature": 1.0, "top_k": 0, "top_p": 1.0, **sampling})
     first, seeds = torch.tensor([128]), [0, 1, 2]
-    plain = generate._sample(model, None, state, first, seeds, 300, options, None)
-    graphed = generate._sample(model, GraphedStep(model, block=64), state, first, seeds, 300, options, None)
-    assert torch.equal(plain[0], graphed[0])
-    assert torch.equal(plain[1], graphed[1])
+    plain = Stepper(model, StepOptions(device="cuda", fused=False)).sampler(state, first, seeds, resolved)
+    graphed = Stepper(model, StepOptions(device="cuda"))
+    assert graphed.name == "graphed-cuda"
+    graphed = graphed.sampler(state, first, seeds, resolved)
+    for _ in range(3):
+        a, b = plain.take(120), graphed.take(120)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 @pytest.mark.gpu
@@ -134,7 +136,7 @@ def test_auto_reads_the_prompt_on_the_gpu_and_generates_on_the_fused_cpu_step(tm
     save_model(perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, s4=S4Config(d_state=16)))), tmp_path / "model")
     t = torch.arange(16000) / 16000
     sf.write(tmp_path / "prompt.wav", (0.3 * torch.sin(2 * torch.pi * 440 * t)).numpy(), 16000)
-    options = GenerateOptions(seconds=0.2, seed=3, device="auto", force=True, normalize="none")
+    options = GenerateOptions(seconds=0.2, seed=3, step=StepOptions(device="auto"), output=Output(normalize="none"))
     result = continue_prompt(tmp_path / "prompt.wav", tmp_path / "out.wav", tmp_path / "model", options)
     sidecar = json.loads(result.sidecar.read_text())
     assert sidecar["step"] == ("fused-cpu-fp16" if fused_available() else "graphed-cuda")

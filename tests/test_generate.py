@@ -1,3 +1,6 @@
+"""Generation: the fused and plain steps, sampling, the stream and the files made from it, guidance
+that advises, and the checks of every option."""
+
 import copy
 import json
 import subprocess
@@ -7,22 +10,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import DATA, need, perturbed
+from conftest import DATA, need, perturbed, synthesized_music
 
-from s4music.generate import (
-    GenerateOptions,
-    GenerationError,
-    _sample,
-    check_prompt,
-    continue_prompt,
-    improvise,
-    with_sampling,
-)
-from s4music.guidance import FAR, TYPICAL, degeneracy
-from s4music.model import S4Config, SaShiMi, SaShiMiConfig, import_official
+from s4music.generate import (GenerateOptions, GenerationError, Output, PromptRefused, PromptSelection, Sampling,
+                              StepOptions, check_prompt, continue_prompt, improvise, stream_continuation)
+from s4music.generate.sampler import Stepper
+from s4music.audio import Audio
+from s4music.guidance import FAR, TYPICAL, UNUSUAL, degeneracy, describe_signal, judge
+from s4music.model import S4Config, SaShiMi, SaShiMiConfig, import_official, load_model, save_model
 from s4music.model.fast import FusedStep, fused_available, sample_codes
-from s4music.model.sashimi import WeightNormLinear
 from s4music.model.reparam import untie
+from s4music.model.sashimi import WeightNormLinear
+from s4music.sinks import pcm16
 
 S4MUSIC = [sys.executable, "-m", "s4music.cli"]
 
@@ -83,17 +82,20 @@ def test_fused_step_with_half_weights_matches_the_rounded_model(fused):
     assert (logits - model(x)[:, 100:-1]).abs().max() > 1e-4  # the weights really were rounded
 
 
-def test_fused_and_plain_paths_sample_the_same_codes(fused):
+def test_fused_and_plain_samplers_give_the_same_codes(fused):
     torch.manual_seed(0)
     model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, pool=[4], s4=S4Config(d_state=16))))
     _, state = model.prefill(torch.randint(0, 256, (1, 50)))
     first = torch.tensor([77])
-    for opts in (with_sampling(GenerateOptions(), {}), with_sampling(GenerateOptions(temperature=0.8, top_k=20), {}),
-                 with_sampling(GenerateOptions(top_p=0.9), {})):
-        a = _sample(model, FusedStep(model), state, first, [5, 6], 300, opts, None)
-        b = _sample(model, None, state, first, [5, 6], 300, opts, None)
-        assert torch.equal(a[0], b[0]), opts
-        assert torch.allclose(a[1], b[1], atol=1e-4)
+    fast = Stepper(model, StepOptions(half_weights=False))
+    plain = Stepper(model, StepOptions(fused=False))
+    assert (fast.name, plain.name) == ("fused-cpu", "plain-cpu")
+    for sampling in (Sampling(1.0, 0, 1.0), Sampling(0.8, 20, 1.0), Sampling(1.0, 0, 0.9)):
+        a, b = (s.sampler(state, first, [5, 6], sampling) for s in (fast, plain))
+        for n in (7, 300):  # two chunks: the state and the generators carry over
+            (ca, la), (cb, lb) = a.take(n), b.take(n)
+            assert torch.equal(ca, cb), sampling
+            assert torch.allclose(la, lb, atol=1e-4)
 
 
 def test_sampling_rules():
@@ -106,75 +108,166 @@ def test_sampling_rules():
     assert {pick(u, top_p=0.3) for u in np.linspace(0, 0.999, 20)} == {3}
 
 
-@pytest.mark.slow
-def test_continue_real_recordings_in_common_formats(trained_model, short_recording, tmp_path):
-    need(__import__("shutil").which("ffmpeg") is not None, "ffmpeg")
-    prompts = [short_recording]
-    for ext, rate in ((".mp3", 48000), (".flac", 48000)):
-        dest = tmp_path / f"prompt{ext}"
-        subprocess.run(["ffmpeg", "-v", "error", "-i", str(short_recording), "-ar", str(rate), "-ac", "2", str(dest)],
-                       check=True)
-        prompts.append(dest)
-    for prompt in prompts:
-        out = tmp_path / f"{prompt.stem}-{prompt.suffix[1:]}.wav"
-        result = continue_prompt(prompt, out, trained_model,
-                                 GenerateOptions(seconds=1.0, prompt_seconds=2.0, seed=3, force=True))
-        info = sf.info(str(out))
-        assert info.samplerate == 16000 and info.channels == 1
-        assert abs(info.duration - 3.0) < 1e-3
-        meta = json.loads(result.sidecar.read_text())
-        assert meta["seed"] == 3 and meta["rtf"] > 0 and meta["guidance"]["source_channels"] == 2
-        assert "resampled" in " ".join(meta["guidance"]["conversions"])
-
-
-def test_seed_fixes_the_output_bit_for_bit(trained_model, tmp_path):
+def test_seed_fixes_the_output_bit_for_bit(tiny_model, tmp_path):
     opts = dict(seconds=0.5, variations=2)
-    a = improvise(tmp_path / "a.wav", trained_model, GenerateOptions(seed=11, **opts))
-    b = improvise(tmp_path / "b.wav", trained_model, GenerateOptions(seed=11, **opts))
-    c = improvise(tmp_path / "c.wav", trained_model, GenerateOptions(seed=12, **opts))
+    a = improvise(tmp_path / "a.wav", tiny_model, GenerateOptions(seed=11, **opts))
+    b = improvise(tmp_path / "b.wav", tiny_model, GenerateOptions(seed=11, **opts))
+    c = improvise(tmp_path / "c.wav", tiny_model, GenerateOptions(seed=12, **opts))
     for x, y in zip(a.takes, b.takes, strict=True):
         assert x.path.read_bytes() == y.path.read_bytes()
     assert a.takes[0].path.read_bytes() != c.takes[0].path.read_bytes()
-    assert [t.seed for t in a.takes] == [11, 12]
+    assert [t.seed for t in a.takes] == [11, 12] and [t.path.name for t in a.takes] == ["a-1.wav", "a-2.wav"]
 
 
-def test_full_weights_give_the_plain_steps_codes(fused, trained_model, tmp_path):
-    opts = dict(seconds=0.1, seed=5, normalize="none")
-    runs = {name: improvise(tmp_path / f"{name}.wav", trained_model, GenerateOptions(**extra, **opts))
-            for name, extra in (("half", {}), ("full", {"half_weights": False}), ("plain", {"fused": False}))}
+def test_full_weights_give_the_plain_steps_codes(fused, tiny_model, tmp_path):
+    runs = {name: improvise(tmp_path / f"{name}.wav", tiny_model, GenerateOptions(
+        seconds=0.1, seed=5, output=Output(normalize="none"), step=StepOptions(**step)))
+        for name, step in (("half", {}), ("full", {"half_weights": False}), ("plain", {"fused": False}))}
     assert {k: json.loads(r.sidecar.read_text())["step"] for k, r in runs.items()} == {
         "half": "fused-cpu-fp16", "full": "fused-cpu", "plain": "plain-cpu"}
     assert runs["full"].takes[0].path.read_bytes() == runs["plain"].takes[0].path.read_bytes()
 
 
-def test_rank_orders_variations_by_likelihood(trained_model, tmp_path):
-    result = improvise(tmp_path / "r.flac", trained_model, GenerateOptions(seconds=0.3, variations=3, seed=1, rank=True))
-    bits = [t.bits for t in result.takes]
-    assert bits == sorted(bits)
-    assert [t.path.name for t in result.takes] == ["r-1.flac", "r-2.flac", "r-3.flac"]
+def test_rank_orders_the_takes_of_an_unranked_run(tiny_model, tmp_path):
+    plain = improvise(tmp_path / "u.flac", tiny_model, GenerateOptions(seconds=0.3, variations=3, seed=2))
+    ranked = improvise(tmp_path / "r.flac", tiny_model, GenerateOptions(seconds=0.3, variations=3, seed=2, rank=True))
+    order = sorted(range(3), key=lambda i: plain.takes[i].bits)
+    assert order != [0, 1, 2], "pick another seed: the unranked run happens to be in order"
+    assert [t.seed for t in ranked.takes] == [plain.takes[i].seed for i in order]
+    assert [t.bits for t in ranked.takes] == sorted(t.bits for t in plain.takes)
+    for k, i in enumerate(order):  # best first: r-1 is the unranked run's likeliest take
+        assert ranked.takes[k].path.name == f"r-{k + 1}.flac"
+        assert np.array_equal(sf.read(str(ranked.takes[k].path))[0], sf.read(str(plain.takes[i].path))[0])
 
 
-def test_guidance_verdicts(trained_model, music_dataset, tmp_path):
+@pytest.mark.parametrize("options,message", [
+    (GenerateOptions(seconds=0), "--seconds 0: must be more than 0 and at most 3600"),
+    (GenerateOptions(seconds=1e9), "--seconds 1e+09: must be more than 0 and at most 3600 (one hour)"),
+    (GenerateOptions(variations=0), "--variations 0: must be 1 to 1024"),
+    (GenerateOptions(retry_degenerate=-1), "--retry-degenerate -1: must be 0 or more"),
+    (GenerateOptions(sampling=Sampling(temperature=-1)), "--temperature -1: must be 0 (greedy) or more"),
+    (GenerateOptions(sampling=Sampling(top_k=-2)), "--top-k -2: must be 0 (off) or more"),
+    (GenerateOptions(sampling=Sampling(top_p=0)), "--top-p 0: must be in (0, 1]"),
+    (GenerateOptions(prompt=PromptSelection(seconds=0)), "--prompt-seconds 0: must be positive"),
+    (GenerateOptions(prompt=PromptSelection(start=5, end=2)), "--prompt-end 2: must be after --prompt-start (5)"),
+    (GenerateOptions(output=Output(normalize="loud")), "--normalize loud: use one of loudness, peak, none"),
+    (GenerateOptions(step=StepOptions(device="tpu")), "--device tpu: use one of auto, cpu, cuda"),
+])
+def test_option_checks_name_the_option_and_its_range(options, message, tmp_path):
+    with pytest.raises(GenerationError) as caught:
+        improvise(tmp_path / "x.wav", options=options)
+    assert message in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_several_bad_options_are_named_at_once_on_the_command_line(tmp_path, cli):
+    code, _, err = cli("generate", "-o", tmp_path / "x.wav", "--seconds", "0", "--top-p", "2")
+    assert code == 1 and "Traceback" not in err
+    assert "--seconds 0: must be more than 0 and at most 3600 (one hour); --top-p 2: must be in (0, 1]; 1 is off" in \
+        err.replace("\n", "")
+    code, _, err = cli("generate", "--seconds", "abc")  # a value the parser refuses is an error too: exit 1
+    assert code == 1 and "Invalid value for '--seconds'" in err
+
+
+def test_a_degenerate_take_is_resampled_up_to_n_times(tiny_model, tmp_path):
+    # a model that can only say one code: every take is a constant level, which is silence
+    stuck = load_model(tiny_model)
+    with torch.no_grad():
+        stuck.decoder.bias[200] = 1e4
+    save_model(stuck, tmp_path / "stuck", summary=stuck.summary)
+    result = improvise(tmp_path / "s.wav", tmp_path / "stuck", GenerateOptions(seconds=0.5, seed=3, retry_degenerate=2))
+    take = result.takes[0]
+    assert (take.degenerate, take.retries, take.seed) == ("silence", 2, 3 + 2 * 1_000_003)
+    assert json.loads(result.sidecar.read_text())["outputs"][0]["retries"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["s.json", "s.wav"]  # no leftovers
+
+
+def test_no_prompt_leaves_the_prompt_out_and_the_continuation_as_it_was(tiny_model, synth_prompt, tmp_path):
+    opts = dict(seconds=0.5, seed=2)
+    whole = continue_prompt(synth_prompt, tmp_path / "w.wav", tiny_model, GenerateOptions(**opts))
+    alone = continue_prompt(synth_prompt, tmp_path / "a.wav", tiny_model,
+                            GenerateOptions(**opts, output=Output(include_prompt=False)))
+    w, a = (sf.read(str(r.takes[0].path), dtype="int16")[0] for r in (whole, alone))
+    assert len(a) == 8000 and len(w) == 8000 + 3 * 16000
+    assert np.array_equal(w[-8000:], a)
+
+
+def test_the_stream_is_the_file(tiny_model, synth_prompt, tmp_path):
+    options = GenerateOptions(seconds=0.7, variations=2, seed=4)
+    generation = stream_continuation(synth_prompt, tiny_model, options)
+    assert generation.guidance.verdict == TYPICAL and generation.frames == 3 * 16000 + 11200
+    streamed = [b"", b""]
+    for chunk in generation:
+        for i in range(2):
+            streamed[i] += pcm16(chunk.after(generation.first_frame)[i].numpy())
+    result = continue_prompt(synth_prompt, tmp_path / "f.wav", tiny_model, options)
+    for i in range(2):
+        assert result.takes[i].path.read_bytes()[44:] == streamed[i]
+
+
+@pytest.mark.parametrize("suffix", ["wav", "flac", "ogg", "mp3"])
+def test_the_output_format_follows_the_file_name(tiny_model, synth_prompt, tmp_path, suffix):
+    result = continue_prompt(synth_prompt, tmp_path / f"out.{suffix}", tiny_model, GenerateOptions(seconds=1, seed=0))
+    info = sf.info(str(result.takes[0].path))
+    assert info.samplerate == 16000 and info.channels == 1
+    assert info.format == {"wav": "WAV", "flac": "FLAC", "ogg": "OGG", "mp3": "MP3"}[suffix]
+    assert abs(info.duration - 4.0) < (0.08 if suffix == "mp3" else 1e-3)  # mp3 frames pad the end a little
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.json", f"out.{suffix}"])
+
+
+def test_an_output_it_cannot_write_is_an_error_before_any_work(tmp_path, cli):
+    for out, reason in ((tmp_path / "x.xyz", "cannot write .xyz; use .wav, .flac, .ogg, .mp3"),
+                        (tmp_path / "x", "cannot write a file without a suffix")):
+        code, _, err = cli("generate", "-o", out, "--model", tmp_path / "no-such-model")
+        # the output is checked before the model is even looked for
+        assert code == 1 and reason in err.replace("\n", ""), err
+    with pytest.raises(GenerationError, match="standard output carries one take"):
+        improvise("-", options=GenerateOptions(variations=2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_far_prompt_continues_with_a_warning_and_strict_refuses_it(tiny_model, tmp_path, cli):
+    sf.write(str(tmp_path / "silence.wav"), np.zeros(32000, dtype=np.float32), 16000)
+    report = check_prompt(tmp_path / "silence.wav", tiny_model)
+    assert report.verdict == FAR and "silent" in " ".join(report.reasons)
+    result = continue_prompt(tmp_path / "silence.wav", tmp_path / "x.wav", tiny_model, GenerateOptions(seconds=0.1))
+    assert result.takes[0].path.exists() and result.guidance.far
+    assert json.loads(result.sidecar.read_text())["guidance"]["verdict"] == FAR
+    with pytest.raises(PromptRefused, match="--strict") as refused:
+        continue_prompt(tmp_path / "silence.wav", tmp_path / "y.wav", tiny_model,
+                        GenerateOptions(seconds=0.1, strict=True))
+    assert refused.value.exit_code == 2 and not (tmp_path / "y.wav").exists()
+    base = [tmp_path / "silence.wav", "--model", tiny_model]
+    code, _, err = cli("continue", *base, "-o", tmp_path / "z.wav", "--seconds", "0.1")
+    assert code == 0 and "warning: verdict: far from what this model knows" in err
+    assert "advice:" in err and (tmp_path / "z.wav").exists()
+    for args in (["continue", *base, "-o", tmp_path / "q.wav", "--strict"], ["check", *base]):
+        code, _, err = cli(*args)
+        assert code == 2 and "far from what this model knows" in err, err
+    assert not (tmp_path / "q.wav").exists()
+
+
+def test_guidance_knows_its_own_music(trained_model, music_dataset, tmp_path):
     rows = [json.loads(line) for line in (music_dataset / "manifest.jsonl").read_text().splitlines()]
     in_domain = next(r["path"] for r in rows if r["split"] == "test")
-    report = check_prompt(in_domain, trained_model, GenerateOptions(prompt_seconds=4.0))
+    report = check_prompt(in_domain, trained_model, PromptSelection(seconds=4.0))
     assert report.verdict == TYPICAL, report
     assert report.reference_bits is not None
-
     rng = np.random.default_rng(0)
     sf.write(str(tmp_path / "noise.wav"), rng.uniform(-0.5, 0.5, 48000).astype(np.float32), 48000)
-    sf.write(str(tmp_path / "silence.wav"), np.zeros(32000, dtype=np.float32), 16000)
-    for name, word in (("noise.wav", "noise"), ("silence.wav", "silent")):
-        report = check_prompt(tmp_path / name, trained_model)
-        assert report.verdict == FAR and word in " ".join(report.reasons), report
-        with pytest.raises(GenerationError, match="--force"):
-            continue_prompt(tmp_path / name, tmp_path / "x.wav", trained_model, GenerateOptions(seconds=0.1))
-    forced = continue_prompt(tmp_path / "noise.wav", tmp_path / "x.wav", trained_model,
-                             GenerateOptions(seconds=0.1, force=True))
-    assert forced.takes[0].path.exists()
-    out = subprocess.run([*S4MUSIC, "check", str(tmp_path / "noise.wav"), "--model", str(trained_model)],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "far from what this model knows" in out.stderr
+    report = check_prompt(tmp_path / "noise.wav", trained_model)
+    assert report.verdict == FAR and "noise" in " ".join(report.reasons)
+
+
+def test_guidance_says_what_the_model_knows_and_how_to_get_a_model_that_knows_more():
+    audio = Audio(torch.from_numpy(synthesized_music()[:, 0]), 16000, 48000, 2)
+    summary = {"test_bits": 2.0, "domain": "Bach chorales on a General MIDI piano"}
+    for bits, verdict in ((2.1, TYPICAL), (3.0, UNUSUAL), (4.5, FAR)):
+        report = judge(describe_signal(audio, "orchestra.wav"), bits, summary)
+        assert report.verdict == verdict
+        advice = " ".join(report.advice)
+        assert ("fine-tune" in advice) == (verdict != TYPICAL)
+        assert (summary["domain"] in advice) == (verdict != TYPICAL)
 
 
 def test_degeneracy_detection():
@@ -193,12 +286,12 @@ def test_degeneracy_detection():
     assert degeneracy(wander, 16000) is None
 
 
-def test_continue_from_a_url_and_bad_inputs(trained_model, short_recording, http_server, tmp_path):
+@pytest.mark.slow
+def test_continue_from_a_url_and_bad_inputs(tiny_model, synth_prompt, http_server, tmp_path):
     root, base = http_server
-    (root / "song.ogg").write_bytes(short_recording.read_bytes())
-    out = subprocess.run([*S4MUSIC, "continue", f"{base}/song.ogg", "-o", str(tmp_path / "u.wav"), "--model",
-                          str(trained_model), "--seconds", "0.25", "--seed", "4", "--force"],
-                         capture_output=True, text=True)
+    (root / "song.wav").write_bytes(synth_prompt.read_bytes())
+    out = subprocess.run([*S4MUSIC, "continue", f"{base}/song.wav", "-o", str(tmp_path / "u.wav"), "--model",
+                          str(tiny_model), "--seconds", "0.25", "--seed", "4"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "seed 4" in out.stderr and (tmp_path / "u.wav").exists() and (tmp_path / "u.json").exists()
 
@@ -206,8 +299,28 @@ def test_continue_from_a_url_and_bad_inputs(trained_model, short_recording, http
     for prompt, reason in ((str(tmp_path / "missing.ogg"), "no such file"), (f"{base}/nothing.ogg", "404"),
                            (str(tmp_path / "corrupt.ogg"), "not audio")):
         bad = subprocess.run([*S4MUSIC, "continue", prompt, "-o", str(tmp_path / "b.wav"), "--model",
-                              str(trained_model)], capture_output=True, text=True)
+                              str(tiny_model)], capture_output=True, text=True)
         assert bad.returncode == 1
         assert reason in bad.stderr.lower() and prompt.split("/")[-1] in bad.stderr
         assert len([ln for ln in bad.stderr.splitlines() if ln.strip()]) == 1, bad.stderr
         assert not (tmp_path / "b.wav").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_continue_real_recordings_in_common_formats(trained_model, short_recording, tmp_path):
+    need(__import__("shutil").which("ffmpeg") is not None, "ffmpeg")
+    prompts = [short_recording]
+    for ext, rate in ((".mp3", 48000), (".flac", 48000)):
+        dest = tmp_path / f"prompt{ext}"
+        subprocess.run(["ffmpeg", "-v", "error", "-i", str(short_recording), "-ar", str(rate), "-ac", "2", str(dest)],
+                       check=True)
+        prompts.append(dest)
+    for prompt in prompts:
+        out = tmp_path / f"{prompt.stem}-{prompt.suffix[1:]}.wav"
+        result = continue_prompt(prompt, out, trained_model,
+                                 GenerateOptions(seconds=1.0, prompt=PromptSelection(seconds=2.0), seed=3))
+        info = sf.info(str(out))
+        assert info.samplerate == 16000 and info.channels == 1
+        assert abs(info.duration - 3.0) < 1e-3
+        meta = json.loads(result.sidecar.read_text())
+        assert meta["seed"] == 3 and meta["rtf"] > 0 and meta["guidance"]["source_channels"] == 2
+        assert "resampled" in " ".join(meta["guidance"]["conversions"])

@@ -1,9 +1,16 @@
-"""The `s4music` command line. Each subcommand parses options and calls one library function."""
+"""The `s4music` command line. Each subcommand parses options and calls one library function.
+
+Defaults come from the library's option dataclasses, so they are written once. Exit codes:
+0 done; 1 an error (one line naming the file or URL and the reason); 2 a prompt judged far from
+what the model knows (`check`, and `continue --strict`); 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,24 +21,40 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from s4music.data.fetch import FetchOptions
+from s4music.data.midi import RenderOptions
+from s4music.data.prepare import PrepareOptions
 from s4music.errors import S4MusicError
+from s4music.generate import DEGENERACIES, GenerateOptions, Output, PromptSelection, Sampling, StepOptions
+from s4music.model.registry import DEFAULT_NAME
+from s4music.train import TrainConfig
+
+EXIT_CODES = "Exit codes: 0 done, 1 error, 2 prompt judged far from the model's music, 130 interrupted."
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Continue music with SaShiMi, a multi-scale S4 state-space model over raw 16 kHz audio.",
+    help="Continue music with SaShiMi, a multi-scale S4 state-space model over raw 16 kHz audio.\n\n" + EXIT_CODES,
 )
 console = Console(stderr=True)
 
 
-def fail(message: str) -> None:
+class Quiet(Exception):
+    """End the command at once with this exit code and nothing more said."""
+
+    def __init__(self, code: int = 0):
+        self.code = code
+
+
+def fail(message: str, code: int = 1) -> None:
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 def command(fn=None, *, name: str | None = None, inference: bool = False):
-    """Register a subcommand whose toolkit errors become one line and exit code 1. An inference
-    command (long forward passes, no training) keeps freed memory for reuse: see keep_freed_memory."""
+    """Register a subcommand whose toolkit errors become one line and an exit code (1, or the
+    error's own `exit_code`). An inference command (long forward passes, no training) keeps freed
+    memory for reuse: see keep_freed_memory."""
 
     def register(fn):
         @functools.wraps(fn)
@@ -43,7 +66,7 @@ def command(fn=None, *, name: str | None = None, inference: bool = False):
             try:
                 return fn(*args, **kwargs)
             except S4MusicError as e:
-                fail(str(e))
+                fail(str(e), getattr(e, "exit_code", 1))
 
         return app.command(name)(wrapper)
 
@@ -57,6 +80,36 @@ def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Sh
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
+
+
+def progress_bar(info: bool = False) -> Progress:
+    """A rich progress bar with ETA, on stderr; `info` adds a column fed by the task field "info"."""
+    extra = (TextColumn("{task.fields[info]}"),) if info else ()
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *extra, TimeRemainingColumn(),
+        console=console, transient=True,
+    )
+
+
+def report_failures(failures: list[tuple[str, str]], done: int, what: str, any_failure_fails: bool) -> None:
+    """A batch's summary: failures one per line. Exit 1 if any failed (`any_failure_fails`) or none succeeded."""
+    for _, reason in failures:
+        console.print(f"[red]failed:[/] {reason}", highlight=False, soft_wrap=True)
+    console.print(f"{done} {what}, {len(failures)} failed")
+    if failures and (any_failure_fails or not done):
+        raise typer.Exit(1)
+
+
+def default(text: str, value) -> str:
+    """Help text that states the library's default."""
+    return f"{text} [default: {value}]"
+
+
+ModelSpec = Annotated[str, typer.Option("--model", "-m", help=f"Model: a name ({DEFAULT_NAME}: the bundled model) "
+                                                               "or an s4music checkpoint directory or official .pt.")]
+
+
+# ------------------------------------------------------------------------------------------- machine
 
 
 @command
@@ -92,22 +145,7 @@ def convert(
     console.print(f"wrote {path}")
 
 
-def progress_bar(info: bool = False) -> Progress:
-    """A rich progress bar with ETA, on stderr; `info` adds a column fed by the task field "info"."""
-    extra = (TextColumn("{task.fields[info]}"),) if info else ()
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *extra, TimeRemainingColumn(),
-        console=console, transient=True,
-    )
-
-
-def report_failures(failures: list[tuple[str, str]], done: int, what: str, any_failure_fails: bool) -> None:
-    """A batch's summary: failures one per line. Exit 1 if any failed (`any_failure_fails`) or none succeeded."""
-    for _, reason in failures:
-        console.print(f"[red]failed:[/] {reason}", highlight=False, soft_wrap=True)
-    console.print(f"{done} {what}, {len(failures)} failed")
-    if failures and (any_failure_fails or not done):
-        raise typer.Exit(1)
+# ------------------------------------------------------------------------------------------- data
 
 
 @command
@@ -117,10 +155,9 @@ def fetch(
     start: float = typer.Option(None, help="Keep audio from this second on (applied after download)."),
     end: float = typer.Option(None, help="Keep audio up to this second."),
     playlist_items: str = typer.Option(None, help="Playlist items to fetch, e.g. '1-3,7'."),
-    sample_rate: int = typer.Option(16000, help="Sample rate of the converted audio."),
+    sample_rate: int = typer.Option(FetchOptions.sample_rate, help="Sample rate of the converted audio."),
 ):
     """Download the audio of web pages (yt-dlp), keep the original, and convert it to mono WAV."""
-    from s4music.data.fetch import FetchOptions
     from s4music.data.fetch import fetch as fetch_urls
 
     options = FetchOptions(sample_rate=sample_rate, start=start, end=end, playlist_items=playlist_items)
@@ -147,14 +184,14 @@ def render_midi_command(
     instrument: list[str] = typer.Option(None, "--instrument", "-i",
                                          help="Keep only this GM family (piano, strings, ...), program 0-127, "
                                               "or 'drums'. Repeatable. Default: everything."),
-    drums: bool = typer.Option(True, "--drums/--no-drums", help="Keep channel 10 (drums)."),
+    drums: bool = typer.Option(RenderOptions.drums, "--drums/--no-drums", help="Keep channel 10 (drums)."),
     soundfont: Path = typer.Option(None, help="General MIDI .sf2 (default: found in Debian's paths)."),
-    max_seconds: float = typer.Option(600.0, help="Render at most this many seconds of each file."),
-    sample_rate: int = typer.Option(16000, help="Output sample rate."),
-    workers: int = typer.Option(2, help="Files rendered in parallel."),
+    max_seconds: float = typer.Option(RenderOptions.max_seconds, help="Render at most this many seconds of each file."),
+    sample_rate: int = typer.Option(RenderOptions.sample_rate, help="Output sample rate."),
+    workers: int = typer.Option(RenderOptions.workers, help="Files rendered in parallel."),
 ):
     """Render MIDI collections (e.g. the Lakh MIDI layout) to mono WAV with FluidSynth; resumable."""
-    from s4music.data.midi import RenderOptions, render_midi
+    from s4music.data.midi import render_midi
 
     options = RenderOptions(instruments=instrument or None, drums=drums, soundfont=soundfont,
                             sample_rate=sample_rate, max_seconds=max_seconds, workers=workers)
@@ -174,19 +211,19 @@ def render_midi_command(
 def prepare(
     sources: list[Path] = typer.Argument(..., help="Audio files or directories (wav, flac, mp3, ogg, opus, m4a, ...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Dataset directory (created, or extended if it exists)."),
-    seconds: float = typer.Option(8.192, help="Window length in seconds (the paper's 131,072 samples)."),
-    quantization: str = typer.Option("mulaw-official", help="mulaw-official, mulaw or linear."),
-    sample_rate: int = typer.Option(16000, help="Sample rate of the codes."),
-    val: float = typer.Option(0.06, help="Share of each stratum's files for validation."),
-    test: float = typer.Option(0.06, help="Share of each stratum's files for test."),
-    seed: int = typer.Option(0, help="Seed of the split assignment."),
+    seconds: float = typer.Option(PrepareOptions.seconds, help="Window length in seconds (the paper's 131,072 samples)."),
+    quantization: str = typer.Option(PrepareOptions.quantization, help="mulaw-official, mulaw or linear."),
+    sample_rate: int = typer.Option(PrepareOptions.sample_rate, help="Sample rate of the codes."),
+    val: float = typer.Option(PrepareOptions.val_fraction, help="Share of each stratum's files for validation."),
+    test: float = typer.Option(PrepareOptions.test_fraction, help="Share of each stratum's files for test."),
+    seed: int = typer.Option(PrepareOptions.seed, help="Seed of the split assignment."),
     tag: list[str] = typer.Option(None, help="A stratum tag for these sources, key=value (repeatable)."),
     splits: Path = typer.Option(None, help='JSON split file {"train": [...], "val": [...], "test": [...]} of file '
                                            "names relative to the source directory; listed files keep that split."),
 ):
     """Build or extend a training dataset: decode, mono, resample, quantize, window, split by source."""
-    from s4music.data.prepare import PrepareOptions, read_pinned_splits
     from s4music.data.prepare import prepare as prepare_dataset
+    from s4music.data.prepare import read_pinned_splits
 
     options = PrepareOptions(seconds=seconds, sample_rate=sample_rate, quantization=quantization,
                              val_fraction=val, test_fraction=test, seed=seed, tags=tag or [],
@@ -211,39 +248,45 @@ def prepare(
                     "files in the dataset", any_failure_fails=False)
 
 
+# ------------------------------------------------------------------------------------------- training
+
+
 @command
 def train(
     data: list[str] = typer.Option(None, "--data", "-d",
                                    help="Prepared dataset, optionally with a mixture weight: path[:weight]. Repeatable."),
-    out: Path = typer.Option(None, "--out", "-o", help="Run directory (default runs/s4music)."),
-    mode: str = typer.Option(None, help="scratch, finetune or reparam (default scratch)."),
-    init: str = typer.Option(None, "--from", help="Checkpoint to start from: s4music directory or official .pt."),
+    out: Path = typer.Option(None, "--out", "-o", help=default("Run directory.", TrainConfig.out)),
+    mode: str = typer.Option(None, help=default("scratch, finetune or reparam.", TrainConfig.mode)),
+    init: str = typer.Option(None, "--from", help="Checkpoint to start from: a model name, an s4music directory "
+                                                  "or an official .pt."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML training config; options given here override it."),
     overrides: list[str] = typer.Option(None, "--set", help="Override a config key: key=value, e.g. model.d_model=32."),
-    steps: int = typer.Option(None, help="Optimizer steps (default 1000)."),
-    seq_len: int = typer.Option(None, help="Samples per training window (default 16000)."),
-    batch_size: int = typer.Option(None, help="Windows per micro-batch over all processes (default 4)."),
-    grad_accum: int = typer.Option(None, help="Micro-batches per optimizer step (default 1)."),
-    lr: float = typer.Option(None, help="Learning rate (default 4e-3; SSM parameters use ssm_lr, 1e-3)."),
-    precision: str = typer.Option(None, help="no, bf16, or fp16 (GPU only) autocast (default no)."),
-    seed: int = typer.Option(None, help="Seed of initialization and data order (default 0)."),
+    steps: int = typer.Option(None, help=default("Optimizer steps.", TrainConfig.steps)),
+    seq_len: int = typer.Option(None, help=default("Samples per training window.", TrainConfig.seq_len)),
+    batch_size: int = typer.Option(None, help=default("Windows per micro-batch over all processes.",
+                                                      TrainConfig.batch_size)),
+    grad_accum: int = typer.Option(None, help=default("Micro-batches per optimizer step.", TrainConfig.grad_accum)),
+    lr: float = typer.Option(None, help=default(f"Learning rate (SSM parameters use ssm_lr, {TrainConfig.ssm_lr}).",
+                                                TrainConfig.lr)),
+    precision: str = typer.Option(None, help=default("no, bf16, or fp16 (GPU only) autocast.", TrainConfig.precision)),
+    seed: int = typer.Option(None, help=default("Seed of initialization and data order.", TrainConfig.seed)),
     groups: int = typer.Option(None, help="reparam: copies of Lambda per layer (default: one per channel)."),
     untie_pb: bool = typer.Option(None, "--untie-pb", help="reparam: untie P and B as well."),
     dt_per_state: bool = typer.Option(None, "--dt-per-state", help="reparam: a step size per channel and state."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint, "
+                                                        "with the run's own config."),
 ):
     """Train SaShiMi on prepared datasets: from scratch, fine-tuned, or reparameterized (untied S4).
 
     Multi-process: `ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m s4music.cli train ...`
     on CPUs, or `accelerate launch --multi_gpu --num_processes N -m s4music.cli train ...` on GPUs.
     """
-    from s4music.train import TrainConfig
     from s4music.train import train as run_training
 
     cfg = TrainConfig.load(
-        config, overrides, resume=resume, data=data or None, out=str(out) if out else None, mode=mode, init=init, steps=steps,
-        seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, precision=precision, seed=seed,
-        groups=groups, untie_pb=untie_pb, dt_per_state=dt_per_state)
+        config, overrides, resume=resume, data=data or None, out=str(out) if out else None, mode=mode, init=init,
+        steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, precision=precision,
+        seed=seed, groups=groups, untie_pb=untie_pb, dt_per_state=dt_per_state)
     console.print(f"run {cfg.out}: {cfg.mode}, seed {cfg.seed}", highlight=False)
     with progress_bar(info=True) as bar:
         task = bar.add_task("training", total=cfg.steps, info="")
@@ -264,7 +307,7 @@ def train(
 
 @command(name="eval", inference=True)
 def eval_command(
-    checkpoint: Path = typer.Argument(..., help="s4music checkpoint directory, or an official .pt."),
+    model: str = typer.Argument(DEFAULT_NAME, help="Model: a name or an s4music checkpoint directory or official .pt."),
     data: Path = typer.Option(..., "--data", "-d", help="Prepared dataset to score."),
     split: str = typer.Option("test", help="train, val or test."),
     context: int = typer.Option(None, help="Samples scored from rest at a time (default: the whole window, "
@@ -276,17 +319,15 @@ def eval_command(
     record: bool = typer.Option(False, help="Store the result in the checkpoint's summary (prompt guidance uses it)."),
 ):
     """Test NLL in bits per sample, per stratum, with unigram and bigram baselines and a 95% interval."""
-    import json
-
     from s4music.evaluate import evaluate, record_result
 
     with progress_bar() as bar:
         task = bar.add_task("scoring", total=None)
-        report = evaluate(checkpoint, data, split=split, context=context, batch_size=batch_size, device=device,
+        report = evaluate(model, data, split=split, context=context, batch_size=batch_size, device=device,
                           max_windows=max_windows, on_progress=lambda done, total: bar.update(task, completed=done,
                                                                                               total=total))
     if record:
-        record_result(checkpoint, report)
+        record_result(model, report)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -301,41 +342,63 @@ def eval_command(
                     f"(bootstrap over {len(report.per_source)} source files)")
 
 
-def _generate_options(**values):
-    from s4music.generate import GenerateOptions
-
-    return GenerateOptions(**{k: v for k, v in values.items() if v is not None})
+# ------------------------------------------------------------------------------------------- generation
 
 
-def _print_guidance(report) -> None:
+def print_guidance(report, continuing: bool = True) -> None:
+    """The verdict, its reasons and advice, on stderr; a far verdict as a warning when `continuing`."""
     colour = {"typical": "green", "unusual": "yellow"}.get(report.verdict, "red")
     console.print(f"prompt: {report.seconds:.2f} s; " + ("; ".join(report.conversions) or "no conversion needed"),
                   highlight=False)
-    console.print(f"verdict: [{colour}]{report.verdict}[/]", highlight=False)
+    label = "[bold yellow]warning:[/] " if report.far and continuing else ""
+    console.print(f"{label}verdict: [{colour}]{report.verdict}[/]", highlight=False)
     for reason in report.reasons:
         console.print(f"  - {reason}", highlight=False)
     for advice in report.advice:
         console.print(f"  advice: {advice}", highlight=False)
+    if report.far and continuing:
+        console.print("  continuing anyway (--strict refuses such a prompt)", highlight=False)
 
 
-def _generation_run(run, what: str):
-    """Run a generation with a progress bar (ETA and live RTF), then list the outputs."""
-    from s4music.guidance import DEGENERACIES
+def generation_run(run, what: str, out: str) -> None:
+    """Run a generation with a progress bar (ETA and live RTF), then list the outputs. A reader of
+    standard output that goes away ends the run quietly."""
+    from s4music.generate import OutputClosed
 
-    with progress_bar(info=True) as bar:
-        task = bar.add_task(what, total=None, info="")
-        result = run(lambda done, total, rtf: bar.update(task, completed=done, total=total, info=f"RTF {rtf:.2f}"))
+    bar = progress_bar(info=True)
+    task = None
+
+    def progress(done: int, total: int, rtf: float) -> None:
+        nonlocal task
+        if task is None:  # shown from the first sample on, so an early error is one line alone
+            bar.start()
+            task = bar.add_task(what, total=total, info="")
+        bar.update(task, completed=done, total=total, info=f"RTF {rtf:.2f}")
+
+    try:
+        result = run(progress)
+    except OutputClosed:
+        raise Quiet(0) from None
+    finally:
+        bar.stop()
     console.print(f"seed {result.seed}; RTF {result.rtf:.2f} ({result.timings['generate_s']:.1f} s generating)",
                   highlight=False)
     for take in result.takes:
         flag = f" [red]degenerate: {DEGENERACIES[take.degenerate]}[/]" if take.degenerate else ""
-        console.print(f"wrote {take.path} (seed {take.seed}, {take.bits:.2f} bits/sample){flag}", highlight=False)
-    console.print(f"settings and timings: {result.sidecar}", highlight=False)
+        where = take.path if take.path is not None else "standard output"
+        console.print(f"wrote {where} (seed {take.seed}, {take.bits:.2f} bits/sample){flag}", highlight=False)
+    if result.underruns:
+        console.print(f"[yellow]the sound device ran dry {result.underruns} time(s)[/]", highlight=False)
+    if result.sidecar is not None:
+        console.print(f"settings and timings: {result.sidecar}", highlight=False)
 
 
-# Options that continue and generate share.
-Seconds = Annotated[float, typer.Option(help="Seconds to generate.")]
-Variations = Annotated[int, typer.Option("-n", "--variations", help="Variations, each with its own seed (seed, seed+1, ...).")]
+# Options that continue and generate share; defaults are the library's.
+Out = Annotated[str, typer.Option("--out", "-o", help="Output file: .wav, .flac, .ogg or .mp3 (by its suffix), "
+                                                      "or - for a WAV stream on standard output.")]
+Seconds = Annotated[float, typer.Option(help="Seconds to generate (at most an hour).")]
+Variations = Annotated[int, typer.Option("-n", "--variations", help="Variations, each with its own seed "
+                                                                    "(seed, seed+1, ...).")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature (0: greedy). Default: the model's "
                                                  "recommendation, else 1.")]
 TopK = Annotated[int, typer.Option(help="Keep the k likeliest codes (0: off). Default: the model's recommendation, "
@@ -344,117 +407,155 @@ TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the likeliest 
                                           "(1: off). Default: as top-k.")]
 Seed = Annotated[int, typer.Option(help="Seed (default: random; always printed and saved).")]
 Rank = Annotated[bool, typer.Option("--rank", help="Order variations by the model's own likelihood, best first.")]
-Normalize = Annotated[str, typer.Option(help="Output level: loudness (-16 LUFS), peak (-1 dBFS) or none.")]
-Format = Annotated[str, typer.Option(help="wav or flac (when OUT has no such suffix).")]
-ModelPath = Annotated[Path, typer.Option(help="s4music checkpoint (default: the bundled model).")]
+Normalize = Annotated[str, typer.Option(help="Output level, one gain fixed before the first sample, then a "
+                                             "true-peak limiter at -1 dBTP: loudness (-16 LUFS), peak (-1 dBFS) or "
+                                             "none (the model's level).")]
+Format = Annotated[str, typer.Option(help="wav, flac, ogg or mp3 for -o - (files take it from their suffix).")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, or auto: read the prompt on a GPU when there is one and "
-                                           "generate on the fused CPU step, which outruns a GPU's step up to "
-                                           "dozens of variations (cuda: generate on the GPU too).")]
+                                          "generate on the fused CPU step (cuda: generate on the GPU too).")]
 Retry = Annotated[int, typer.Option(help="Resample a variation that collapses to silence, turns to noise or "
-                                              "drifts to a DC offset, up to N times.")]
+                                         "sticks at a DC offset, up to N times (files only).")]
 Plot = Annotated[bool, typer.Option("--plot", help="Also write OUT.png: waveform and spectrogram.")]
 Fused = Annotated[bool, typer.Option("--fused/--no-fused", help="Use the fused C++ CPU step when available "
                                                                 "(--no-fused: the plain PyTorch step).")]
 HalfWeights = Annotated[bool, typer.Option("--half-weights/--full-weights", help="Fused step: hold the linear "
                                            "weights in half precision, which reads half the memory per sample "
-                                           "(faster for large models; --full-weights gives the plain step's codes).")]
+                                           "(faster; --full-weights gives the plain step's codes).")]
+Play = Annotated[bool, typer.Option("--play", help="Play on the default sound device as it is made, from the last "
+                                                   "second of the prompt.")]
+G, P, OUT, D = GenerateOptions, PromptSelection, Output, StepOptions  # their defaults
+
+
+def options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize, format,
+                 plot, device, fused, half_weights, strict=G.strict, include_prompt=OUT.include_prompt,
+                 prompt_seconds=P.seconds, prompt_start=None, prompt_end=None) -> GenerateOptions:
+    return GenerateOptions(
+        seconds=seconds, variations=variations, seed=seed, rank=rank, retry_degenerate=retry_degenerate, strict=strict,
+        sampling=Sampling(temperature, top_k, top_p), prompt=PromptSelection(prompt_seconds, prompt_start, prompt_end),
+        output=Output(include_prompt, normalize, format, plot), step=StepOptions(device, fused, half_weights))
 
 
 @command(name="continue", inference=True)
 def continue_command(
     prompt: str = typer.Argument(..., help="Audio file (wav, flac, mp3, ogg, ...) or a URL (fetched with yt-dlp)."),
-    out: Path = typer.Option(Path("continuation.wav"), "--out", "-o", help="Output file (.wav or .flac)."),
-    seconds: Seconds = 5.0,
-    prompt_seconds: float = typer.Option(8.0, help="Use the last N seconds of the prompt (of the selection)."),
+    out: Out = "continuation.wav",
+    seconds: Seconds = G.seconds,
+    prompt_seconds: float = typer.Option(P.seconds, help="Use the last N seconds of the prompt (of the selection)."),
     prompt_start: float = typer.Option(None, help="Prompt selection start, seconds."),
     prompt_end: float = typer.Option(None, help="Prompt selection end, seconds."),
-    variations: Variations = 1,
+    variations: Variations = G.variations,
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
     seed: Seed = None,
-    rank: Rank = False,
-    include_prompt: bool = typer.Option(True, "--prompt/--no-prompt", help="Start the output with the prompt."),
-    normalize: Normalize = "loudness",
-    format: Format = "wav",
-    model: ModelPath = None,
-    device: Device = "auto",
-    force: bool = typer.Option(False, "--force", help="Continue even a prompt judged far from the model's music."),
-    retry_degenerate: Retry = 0,
-    plot: Plot = False,
-    fused: Fused = True,
-    half_weights: HalfWeights = True,
+    rank: Rank = G.rank,
+    include_prompt: bool = typer.Option(OUT.include_prompt, "--prompt/--no-prompt", help="Start the output with the prompt."),
+    normalize: Normalize = OUT.normalize,
+    format: Format = None,
+    model: ModelSpec = DEFAULT_NAME,
+    device: Device = D.device,
+    strict: bool = typer.Option(G.strict, "--strict", help="Refuse (exit 2) a prompt judged far from the model's "
+                                                           "music; by default a warning is printed and it continues."),
+    retry_degenerate: Retry = G.retry_degenerate,
+    plot: Plot = OUT.plot,
+    fused: Fused = D.fused,
+    half_weights: HalfWeights = D.half_weights,
+    play: Play = False,
 ):
-    """Continue a piece of music: PROMPT is read, checked, and carried on for --seconds."""
+    """Continue a piece of music: PROMPT is read, checked, and carried on for --seconds.
+
+    Stream it as it is made: `s4music continue song.mp3 -o - | ffplay -`, or `--play`."""
     from s4music.generate import continue_prompt
 
-    options = _generate_options(
-        seconds=seconds, prompt_seconds=prompt_seconds, prompt_start=prompt_start, prompt_end=prompt_end,
-        variations=variations, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, rank=rank,
-        include_prompt=include_prompt, normalize=normalize, format=format, device=device, force=force,
-        retry_degenerate=retry_degenerate, plot=plot, fused=fused, half_weights=half_weights)
-    _generation_run(lambda progress: continue_prompt(prompt, out, model, options, on_progress=progress,
-                                                     on_guidance=_print_guidance), "continuing")
+    options = options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize,
+                           format, plot, device, fused, half_weights, strict, include_prompt, prompt_seconds,
+                           prompt_start, prompt_end)
+    generation_run(lambda progress: continue_prompt(prompt, out, model, options, on_progress=progress,
+                                                    on_guidance=print_guidance, play=play), "continuing", out)
 
 
 @command(inference=True)
 def generate(
-    out: Path = typer.Option(Path("improvisation.wav"), "--out", "-o", help="Output file (.wav or .flac)."),
-    seconds: Seconds = 5.0,
-    variations: Variations = 1,
+    out: Out = "improvisation.wav",
+    seconds: Seconds = G.seconds,
+    variations: Variations = G.variations,
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
     seed: Seed = None,
-    rank: Rank = False,
-    normalize: Normalize = "loudness",
-    format: Format = "wav",
-    model: ModelPath = None,
-    device: Device = "auto",
-    retry_degenerate: Retry = 0,
-    plot: Plot = False,
-    fused: Fused = True,
-    half_weights: HalfWeights = True,
+    rank: Rank = G.rank,
+    normalize: Normalize = OUT.normalize,
+    format: Format = None,
+    model: ModelSpec = DEFAULT_NAME,
+    device: Device = D.device,
+    retry_degenerate: Retry = G.retry_degenerate,
+    plot: Plot = OUT.plot,
+    fused: Fused = D.fused,
+    half_weights: HalfWeights = D.half_weights,
+    play: Play = False,
 ):
     """Improvise from nothing: sample the model from silence."""
     from s4music.generate import improvise
 
-    options = _generate_options(
-        seconds=seconds, variations=variations, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        rank=rank, normalize=normalize, format=format, device=device, retry_degenerate=retry_degenerate, plot=plot,
-        fused=fused, half_weights=half_weights)
-    _generation_run(lambda progress: improvise(out, model, options, on_progress=progress), "generating")
+    options = options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize,
+                           format, plot, device, fused, half_weights)
+    generation_run(lambda progress: improvise(out, model, options, on_progress=progress, play=play), "generating", out)
 
 
 @command(inference=True)
 def check(
     prompt: str = typer.Argument(..., help="Audio file or URL."),
-    model: ModelPath = None,
-    prompt_seconds: float = typer.Option(8.0, help="Judge the last N seconds (as continue would use them)."),
+    model: ModelSpec = DEFAULT_NAME,
+    prompt_seconds: float = typer.Option(P.seconds, help="Judge the last N seconds (as continue would use them)."),
     prompt_start: float = typer.Option(None, help="Selection start, seconds."),
     prompt_end: float = typer.Option(None, help="Selection end, seconds."),
+    device: Device = D.device,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ):
     """Tell whether a prompt suits the model before spending minutes on it. Exit 2 if it is far off."""
-    import json
+    from s4music.generate import GenerationError, check_prompt
 
-    from s4music.generate import check_prompt
-
-    report = check_prompt(prompt, model, _generate_options(prompt_seconds=prompt_seconds, prompt_start=prompt_start,
-                                                           prompt_end=prompt_end))
+    selection = PromptSelection(prompt_seconds, prompt_start, prompt_end)
+    if problems := selection.problems():
+        raise GenerationError("; ".join(problems))
+    report = check_prompt(prompt, model, selection, device)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        _print_guidance(report)
+        print_guidance(report, continuing=False)
     if report.far:
         raise typer.Exit(2)
 
 
 def main() -> None:
+    """The console script: exit codes as EXIT_CODES says; usage errors (a bad option) are errors (1)."""
     try:
-        app()
+        code = app(prog_name="s4music", standalone_mode=False)  # returns a typer.Exit's code instead of exiting
+    except Quiet as q:
+        _silence_stdout()
+        sys.exit(q.code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        console.print("interrupted")
+        sys.exit(130)
+    except typer.TyperException as e:  # a usage error: a bad option or value
+        e.show()
+        sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    except BrokenPipeError:
+        _silence_stdout()
+        sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so flushing it at exit cannot fail on a closed pipe."""
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())

@@ -1,0 +1,140 @@
+"""What a generation run is asked to do, in small typed pieces.
+
+    GenerateOptions(seconds=10, variations=4, seed=1, rank=True,
+                    sampling=Sampling(temperature=0.9), prompt=PromptSelection(seconds=6),
+                    output=Output(normalize="peak"), step=StepOptions(device="cpu"))
+
+Every check of a value happens in `check()`, before any model or file is touched, and names the
+command-line option it comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from s4music.errors import S4MusicError
+
+MAX_SECONDS = 3600.0  # one take; longer runs would hold hours of codes for the degeneracy checks
+MAX_VARIATIONS = 1024
+
+
+class GenerationError(S4MusicError):
+    pass
+
+
+class PromptRefused(GenerationError):
+    """--strict and a prompt judged far from what the model knows: exit code 2, as `check` gives."""
+
+    exit_code = 2
+
+
+@dataclass
+class Sampling:
+    """How a code is drawn from the model's distribution. None takes the checkpoint's recommendation
+    (its summary's "sampling"), else the neutral value: temperature 1, top-k and top-p off."""
+
+    temperature: float | None = None  # 0: greedy
+    top_k: int | None = None  # keep the k likeliest codes; 0: off
+    top_p: float | None = None  # keep the likeliest codes up to this probability; 1: off
+
+    NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+    def resolved(self, summary: dict) -> Sampling:
+        """Unset values from the checkpoint's recommendation, then the neutral ones."""
+        recommended = summary.get("sampling") or {}
+        return Sampling(**{k: v if (v := getattr(self, k)) is not None else recommended.get(k, neutral)
+                           for k, neutral in self.NEUTRAL.items()})
+
+    def problems(self) -> list[str]:
+        t, k, p = self.temperature, self.top_k, self.top_p
+        return [f"{name} {value:g}: {rule}" for name, value, bad, rule in (
+            ("--temperature", t, t is not None and not t >= 0, "must be 0 (greedy) or more"),
+            ("--top-k", k, k is not None and k < 0, "must be 0 (off) or more"),
+            ("--top-p", p, p is not None and not 0 < p <= 1, "must be in (0, 1]; 1 is off"),
+        ) if bad]
+
+
+@dataclass
+class PromptSelection:
+    """Which part of the prompt file is read: [start, end] seconds, then its last `seconds`."""
+
+    seconds: float = 8.0
+    start: float | None = None
+    end: float | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.seconds > 0:
+            out.append(f"--prompt-seconds {self.seconds:g}: must be positive")
+        if self.start is not None and not self.start >= 0:
+            out.append(f"--prompt-start {self.start:g}: must be 0 or more")
+        if self.end is not None and not self.end > (self.start or 0):
+            out.append(f"--prompt-end {self.end:g}: must be after --prompt-start ({self.start or 0:g})")
+        return out
+
+
+@dataclass
+class Output:
+    """What is written and how loud. `normalize` fixes one gain before the first sample is written:
+    loudness puts the prompt (for `generate`, the model's test audio) at -16 LUFS, peak puts its peak
+    at -1 dBFS; a true-peak limiter keeps the result under -1 dBTP. none writes the model's level."""
+
+    include_prompt: bool = True
+    normalize: str = "loudness"
+    format: str | None = None  # None: from the file name; for "-" (standard output) wav unless given
+    plot: bool = False
+
+    NORMALIZE = ("loudness", "peak", "none")
+
+    def problems(self) -> list[str]:
+        if self.normalize not in self.NORMALIZE:
+            return [f"--normalize {self.normalize}: use one of {', '.join(self.NORMALIZE)}"]
+        return []
+
+
+@dataclass
+class StepOptions:
+    """Where and how the model steps. device auto: read the prompt on a GPU when there is one and
+    generate on the fused CPU step (which outruns a GPU's step at small batches; see
+    benchmarks/RESULTS.md); cuda: generate on the GPU too (CUDA graphs of the plain step)."""
+
+    device: str = "auto"
+    fused: bool = True  # the fused C++ step on a CPU where it builds, CUDA graphs on a GPU
+    half_weights: bool = True  # fused CPU step: linear weights in half precision (faster; other codes)
+
+    DEVICES = ("auto", "cpu", "cuda")
+
+    def problems(self) -> list[str]:
+        return [f"--device {self.device}: use one of {', '.join(self.DEVICES)}"] if self.device not in self.DEVICES else []
+
+
+@dataclass
+class GenerateOptions:
+    seconds: float = 5.0  # length of the continuation
+    variations: int = 1  # each with its own seed: seed, seed + 1, ...
+    seed: int | None = None  # None: a fresh random seed (always reported and saved)
+    rank: bool = False  # order the variations by the model's likelihood, best first
+    retry_degenerate: int = 0  # resample a variation that collapses, turns to noise or sticks at an offset
+    strict: bool = False  # refuse a prompt judged far from what the model knows (default: warn, continue)
+    sampling: Sampling = field(default_factory=Sampling)
+    prompt: PromptSelection = field(default_factory=PromptSelection)
+    output: Output = field(default_factory=Output)
+    step: StepOptions = field(default_factory=StepOptions)
+
+    def check(self) -> None:
+        """A GenerationError naming every bad option, with its allowed range."""
+        problems = []
+        if not 0 < self.seconds <= MAX_SECONDS:
+            problems.append(f"--seconds {self.seconds:g}: must be more than 0 and at most {MAX_SECONDS:g} (one hour)")
+        if not 1 <= self.variations <= MAX_VARIATIONS:
+            problems.append(f"--variations {self.variations}: must be 1 to {MAX_VARIATIONS}")
+        if self.retry_degenerate < 0:
+            problems.append(f"--retry-degenerate {self.retry_degenerate}: must be 0 or more")
+        for part in (self.sampling, self.prompt, self.output, self.step):
+            problems += part.problems()
+        if problems:
+            raise GenerationError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

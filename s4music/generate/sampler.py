@@ -1,0 +1,87 @@
+"""Stage 3: the sampler. Codes for several variations at once, from one state, a chunk at a time.
+
+    stepper = Stepper(net, StepOptions())                    # picks the step: fused CPU, CUDA graphs, plain
+    sampler = stepper.sampler(state, first_code, seeds=[7, 8], sampling=Sampling(0.8, 0, 1.0))
+    codes, logprobs = sampler.take(2000)                     # (2, 2000) each; call again to go on
+
+Randomness is one seeded generator per variation, drawn a chunk at a time (the same numbers as one
+draw of the whole take), so a seed fixes the codes whatever the chunking.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from s4music.generate.options import GenerationError, Sampling, StepOptions
+from s4music.model.fast import FusedStep, GraphedStep, fused_available, plain_steps
+from s4music.model.sashimi import SaShiMi, SaShiMiState
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """The device a model is loaded on: a GPU for auto when there is one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GenerationError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+class Stepper:
+    """The model on the device that generates, and its fast step.
+
+    With --device auto the fused CPU step generates whenever it builds, even where a GPU read the
+    prompt: a GPU step is bound by kernel launches, and the fused step outran an H100's CUDA graphs
+    up to dozens of variations (benchmarks/RESULTS.md). --device cuda keeps generation on the GPU.
+    """
+
+    def __init__(self, net: SaShiMi, options: StepOptions):
+        self.fast: FusedStep | GraphedStep | None = None
+        if not options.fused:
+            self.name = f"plain-{net.device.type}"
+        else:
+            if net.device.type == "cuda" and options.device == "auto" and fused_available():
+                log.info("prompt read on the GPU; generating on the fused CPU step (--device cuda: on the GPU)")
+                net = net.cpu()
+            if net.device.type == "cuda":
+                self.fast, self.name = GraphedStep(net), "graphed-cuda"
+            elif fused_available():
+                self.fast = FusedStep(net, half=options.half_weights)
+                self.name = "fused-cpu-fp16" if self.fast.half else "fused-cpu"
+            else:
+                self.name = "plain-cpu"
+        self.net = net
+
+    def sampler(self, state: SaShiMiState, first: torch.Tensor, seeds: list[int], sampling: Sampling) -> Sampler:
+        """Variations, one per seed, that all start from `state` (batch 1, left as it is) and input `first`."""
+        return Sampler(self, state, first, seeds, sampling)
+
+
+class Sampler:
+    """len(seeds) variations stepped together from copies of one state."""
+
+    def __init__(self, stepper: Stepper, state: SaShiMiState, first: torch.Tensor, seeds: list[int],
+                 sampling: Sampling):
+        self.stepper, self.sampling, self.seeds = stepper, sampling, list(seeds)
+        self.state = state.repeat(len(seeds))
+        self.code = first.reshape(-1)[:1].repeat(len(seeds)).to(stepper.net.device)
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    @torch.no_grad()
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next n codes of every variation, (V, n) int64, and their log-probabilities (V, n)."""
+        uniforms = torch.stack([torch.rand(n, generator=g) for g in self.generators])
+        s = self.sampling
+        fast = self.stepper.fast
+        if fast is not None:
+            codes, logprobs = fast.run(self.code, self.state, uniforms, s.temperature, s.top_k, s.top_p)
+            self.code = codes[:, -1].to(self.stepper.net.device)
+            return codes.cpu(), logprobs.cpu()
+        codes = torch.empty(len(self.seeds), n, dtype=torch.long)
+        logprobs = torch.empty(len(self.seeds), n)
+        self.code, self.state = plain_steps(self.stepper.net, self.code, self.state, uniforms, codes, logprobs,
+                                            s.temperature, s.top_k, s.top_p)
+        return codes, logprobs
