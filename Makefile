@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@echo "building the fused CPU step for this CPU (about a minute)"
+	$(BIN)/python -c "from s4music.model.fast import fused_available as ok; print('fused CPU step:', \
+	  'ready' if ok() else 'unavailable; the plain PyTorch step will be used')"
 	touch $@
 
 test: install

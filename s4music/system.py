@@ -76,10 +76,10 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     """Have glibc keep freed blocks of up to `limit` bytes for reuse instead of unmapping them.
 
     By default glibc maps each block over 32 MB afresh and unmaps it when it is freed, so every
-    large tensor pays a page fault per 4 KB page on first touch. Reading a 10 s prompt with the
-    default model allocates hundreds of such tensors and spends about a third of its time faulting.
-    Keeping them raises peak memory (2.3 -> 2.9 GB there) and changes the whole process, so the
-    CLI's inference commands call this and the library never does. False where this is not glibc.
+    large tensor pays a page fault per 4 KB page on first touch, and reading a long prompt allocates
+    hundreds of such tensors (benchmarks/RESULTS.md measures both settings). Keeping them raises
+    peak memory and changes the whole process, so the CLI's inference commands call this and the
+    library never does. False where this is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -97,6 +97,24 @@ def tiny_model(tmp_path_factory, synth_prompt) -> Path:
     return save_model(model, tmp_path_factory.mktemp("tiny") / "model", summary=summary)
 
 
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory) -> Path:
+    """A small prepared dataset of synthesized notes: 8 files in two folders, 0.512 s windows."""
+    import soundfile as sf
+
+    from s4music.data.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("synth-data")
+    for k in range(8):
+        folder = root / "audio" / ("low" if k < 4 else "high")
+        folder.mkdir(parents=True, exist_ok=True)
+        wave = synthesized_music(seconds=2.0)[:, 0] * (0.5 + 0.1 * k)
+        rate = 16000 * (1 + k % 2)  # and half of them at 32 kHz, resampled by prepare
+        sf.write(str(folder / f"notes{k}.wav"), np.repeat(wave, 1 + k % 2) if k % 2 else wave, rate)
+    prepare([root / "audio"], root / "dataset", PrepareOptions(seconds=0.512, val_fraction=0.25, test_fraction=0.25))
+    return root / "dataset"
+
+
 RECORDINGS_DIR = Path("/usr/share/scummvm/drascula/audio")
 
 

@@ -1,5 +1,6 @@
 """The `s4music` command line: thin commands, one-line errors, exit codes."""
 
+import re
 import shutil
 
 from typer.testing import CliRunner
@@ -10,11 +11,17 @@ from s4music.cli.app import app
 runner = CliRunner()
 
 
-def test_help_lists_the_commands():
-    result = runner.invoke(app, ["--help"])
+def test_help_lists_the_commands_and_the_exit_codes():
+    result = runner.invoke(app, ["--help"], terminal_width=120)
     assert result.exit_code == 0
-    for name in ("doctor", "convert", "fetch", "render-midi", "prepare", "train", "eval", "continue", "generate", "check"):
-        assert name in result.output
+    # the first word of each row of the Commands table, so "check" is not found inside "checkpoint"
+    listed = set(re.findall(r"^│ ([a-z][a-z-]*) ", result.output.split("Commands")[1], flags=re.M))
+    assert listed == {"doctor", "convert", "fetch", "render-midi", "prepare", "train", "eval", "continue",
+                      "generate", "check"}
+    text = " ".join(result.output.split())
+    assert "2 prompt judged far from the model's music, 130 interrupted" in text
+    check = " ".join(runner.invoke(app, ["check", "--help"], terminal_width=120).output.split())
+    assert "Exit codes: 0 done, 1 error, 2 prompt judged far" in check  # every command's help says them
 
 
 def test_convert_writes_a_loadable_checkpoint_and_fails_cleanly(tmp_path):
@@ -69,7 +76,27 @@ def test_prepare_reports_bad_files_and_builds_the_rest(tmp_path, short_recording
     assert not (tmp_path / "ds2").exists()
 
 
+def test_prepare_with_a_bad_option_creates_nothing(tmp_path, cli):
+    for option, value, reason in (("--quantization", "foo", "quantization='foo': use one of mulaw-official, mulaw, linear"),
+                                  ("--val", "0.95", "val_fraction + test_fraction = 1.01: leaves nothing to train on"),
+                                  ("--seconds", "-1", "seconds=-1.0: must be positive")):
+        code, _, err = cli("prepare", tmp_path, "-o", tmp_path / "ds", option, value)
+        assert code == 1 and reason in err.replace("\n", ""), err
+        assert "Traceback" not in err and not (tmp_path / "ds").exists()
+
+
 def test_render_midi_with_an_unknown_instrument_is_one_line_and_exit_1(tmp_path):
     result = runner.invoke(app, ["render-midi", str(tmp_path), "-o", str(tmp_path / "out"), "-i", "kazoo"])
     assert result.exit_code == 1 and "unknown instrument 'kazoo'" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_every_command_that_takes_a_model_takes_the_bundled_one_by_name_or_by_default(cli, synth_dataset):
+    import json
+
+    for args in (["eval", "default"], ["eval"]):
+        code, out, err = cli(*args, "--data", synth_dataset, "--max-windows", "1", "--json")
+        assert code == 0, err
+        assert json.loads(out)["model"] == "default" and json.loads(out)["overall"]["windows"] == 1
+    code, _, err = cli("eval", "no-such-model", "--data", synth_dataset)
+    assert code == 1 and "no-such-model: no such file or directory, and not a model name" in err

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from s4music.evaluate import EvalError, evaluate
 from s4music.model import import_official, load_model, save_model
 from s4music.model.reparam import untie
 from s4music.options import OptionError
-from s4music.train import TrainConfig, TrainingError, train
+from s4music.train import TrainConfig, TrainingError, make_scheduler, train
 
 TINY = {"d_model": 16, "n_layers": 1, "pool": [4], "s4": {"d_state": 16}}
 S4MUSIC = [sys.executable, "-m", "s4music.cli"]
@@ -93,6 +94,46 @@ def test_quantization_mismatch_is_a_clear_error(tmp_path, short_recording):
         evaluate(official, linear, split="train")
 
 
+def test_warm_up_then_cosine_and_plateau_schedules():
+    params = [torch.nn.Parameter(torch.zeros(1))]
+
+    def lrs(config: TrainConfig, vals=None) -> list[float]:
+        opt = torch.optim.SGD(params, lr=config.lr)
+        sched = make_scheduler(opt, config)
+        out = []
+        for i in range(config.steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step(vals[i]) if vals is not None else sched.step()
+        return out
+
+    base = dict(data=["x"], lr=1.0, steps=10)
+    warm = lrs(TrainConfig(**base, warmup=4))
+    assert warm[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warm-up to the full rate
+    assert warm[4] == pytest.approx(1.0) and all(a > b for a, b in zip(warm[4:-1], warm[5:], strict=True))  # then cosine down
+    assert warm[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert lrs(TrainConfig(**base, schedule="constant")) == [1.0] * 10
+    # plateau: the rate halves after `plateau_patience` evaluations without improvement
+    vals = [5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 3.0, 3.0, 3.0, 3.0]
+    plateau = lrs(TrainConfig(**base, schedule="plateau", plateau_patience=2), vals)
+    assert plateau == [1.0] * 5 + [0.5] * 5
+
+
+def test_keep_last_prunes_old_checkpoints(synth_dataset, tmp_path):
+    result = train(tiny(synth_dataset, tmp_path / "run", seq_len=1024, steps=5, save_every=1, keep_last=2))
+    assert sorted(p.name for p in (result.out / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
+
+
+def test_resume_takes_the_runs_own_config_and_refuses_another(synth_dataset, tmp_path):
+    out = tmp_path / "run"
+    train(tiny(synth_dataset, out, seq_len=1024, steps=2, save_every=1))
+    config = TrainConfig.load(out=str(out), resume=True, steps=3)  # the saved config, with more steps
+    assert config == tiny(synth_dataset, out, seq_len=1024, steps=3, save_every=1)
+    assert train(config, resume=True).step == 3
+    with pytest.raises(TrainingError, match=r"config.yaml: the run was started with lr=0.004"):
+        train(tiny(synth_dataset, out, seq_len=1024, steps=4, save_every=1, lr=0.1), resume=True)
+
+
 def test_config_file_and_overrides(tmp_path):
     (tmp_path / "c.yaml").write_text("data: [a]\nsteps: 7\nmodel:\n  d_model: 32\n")
     config = TrainConfig.load(tmp_path / "c.yaml", ["model.n_layers=2", "lr=1e-3", "schedule=plateau"], seed=5)
@@ -102,6 +143,8 @@ def test_config_file_and_overrides(tmp_path):
         TrainConfig.load(None, ["data=[a]", "stepz=3"])
     with pytest.raises(OptionError, match="--set 'steps': expected key=value"):
         TrainConfig.load(None, ["steps"])
+    with pytest.raises(TrainingError, match="--set 'model.d_model=4': model is not a mapping"):
+        TrainConfig.load(None, ["data=[a]", "model=3", "model.d_model=4"])
 
 
 def test_yaml_no_is_the_string_no_in_files_and_overrides(tmp_path):

@@ -8,6 +8,7 @@ what the model knows (`check`, and `continue --strict`); 130 interrupted.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from s4music.data.fetch import FetchOptions
 from s4music.data.midi import RenderOptions
 from s4music.data.prepare import PrepareOptions
 from s4music.errors import S4MusicError
+from s4music.evaluate import evaluate
 from s4music.generate import DEGENERACIES, GenerateOptions, Output, PromptSelection, Sampling, StepOptions
 from s4music.model.registry import DEFAULT_NAME
 from s4music.train import TrainConfig
@@ -68,7 +70,7 @@ def command(fn=None, *, name: str | None = None, inference: bool = False):
             except S4MusicError as e:
                 fail(str(e), getattr(e, "exit_code", 1))
 
-        return app.command(name)(wrapper)
+        return app.command(name, epilog=EXIT_CODES)(wrapper)
 
     return register(fn) if fn is not None else register
 
@@ -305,21 +307,24 @@ def train(
                   highlight=False)
 
 
+EVAL = {name: p.default for name, p in inspect.signature(evaluate).parameters.items()}  # its defaults
+
+
 @command(name="eval", inference=True)
 def eval_command(
     model: str = typer.Argument(DEFAULT_NAME, help="Model: a name or an s4music checkpoint directory or official .pt."),
     data: Path = typer.Option(..., "--data", "-d", help="Prepared dataset to score."),
-    split: str = typer.Option("test", help="train, val or test."),
+    split: str = typer.Option(EVAL["split"], help="train, val or test."),
     context: int = typer.Option(None, help="Samples scored from rest at a time (default: the whole window, "
                                            "8.192 s for datasets built with the defaults)."),
-    batch_size: int = typer.Option(4, help="Windows scored together."),
+    batch_size: int = typer.Option(EVAL["batch_size"], help="Windows scored together."),
     max_windows: int = typer.Option(None, help="Score only the first N windows (quick checks)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option(EVAL["device"], help="cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     record: bool = typer.Option(False, help="Store the result in the checkpoint's summary (prompt guidance uses it)."),
 ):
     """Test NLL in bits per sample, per stratum, with unigram and bigram baselines and a 95% interval."""
-    from s4music.evaluate import evaluate, record_result
+    from s4music.evaluate import record_result
 
     with progress_bar() as bar:
         task = bar.add_task("scoring", total=None)

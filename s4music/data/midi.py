@@ -167,12 +167,12 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
     total)` follows every file found: "already" rendered, then "rendered", "skipped" or "failed" as
     each finishes. Failures are collected (and written to failures.jsonl), not raised."""
     options = options or RenderOptions()
+    programs, named_drums = parse_instruments(options.instruments)  # a bad name fails before anything else
     if shutil.which("fluidsynth") is None:
         raise RenderError("fluidsynth is not installed (run `make install`)")
     soundfont = Path(options.soundfont) if options.soundfont else find_soundfont()
     if soundfont is None or not soundfont.is_file():
         raise RenderError(f"{soundfont or 'soundfont'}: no General MIDI soundfont found; pass --soundfont")
-    programs, named_drums = parse_instruments(options.instruments)  # a bad name fails before any work
     keep_drums = options.drums and (programs is None or named_drums)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ Three paths produce continuations, and they make the same choices:
 Randomness is a tensor of uniforms drawn up front from a seeded generator, one per sample and
 variation, and both paths turn logits into a code with the same inverse-CDF rule
 (`sample_codes`). So a seed fixes the output, and the paths agree wherever their logits do.
-The extension is JIT-built once per machine (about a minute) and cached; without a C++ compiler
-the plain path is used.
+The extension is JIT-built once per machine (`make install` does it; else the first use, with a
+log line while it builds) and cached; without a C++ compiler the plain path is used.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -96,8 +97,15 @@ def build_extension(source: Path):
     (benchmarks/ab_fused_step.py) builds an earlier revision beside it."""
     flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
     tag = hashlib.sha1((source.read_text() + " ".join(flags) + _cpu_flags()).encode()).hexdigest()[:12]
-    return load_extension(f"s4music_fast_step_{tag}", [source], cflags=flags, ldflags=["-fopenmp"],
-                          build_dir=cache_dir() / f"cpu-step-{tag}")
+    name, build_dir = f"s4music_fast_step_{tag}", cache_dir() / f"cpu-step-{tag}"
+    fresh = not (build_dir / f"{name}.so").exists()
+    if fresh:
+        log.info("building the fused CPU step for this CPU (once; about a minute)")
+    started = time.perf_counter()
+    module = load_extension(name, [source], cflags=flags, ldflags=["-fopenmp"], build_dir=build_dir)
+    if fresh:
+        log.info("built the fused CPU step in %.0f s (%s)", time.perf_counter() - started, build_dir)
+    return module
 
 
 def _cpu_flags() -> str:

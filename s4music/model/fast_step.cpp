@@ -672,7 +672,7 @@ class FastSaShiMi {
     threads = omp_get_max_threads();
 #endif
     // A team meets at a barrier every layer, and past 4 members the meetings cost more than the split
-    // saves (batch 1 on a 16-core Xeon: RTF 0.65, 0.91, 1.07, 0.80, 0.53 with teams of 1, 2, 4, 8, 16).
+    // saves (measured on a 16-core Xeon: benchmarks/RESULTS.md, the GPU machine's section).
     const int n_groups = std::max(1, std::min(B, threads)), team = std::clamp(threads / n_groups, 1, kMaxTeam);
     std::vector<Rows> groups(n_groups);
     const int64_t* c0 = codes0.data_ptr<int64_t>();
