@@ -30,6 +30,9 @@ from s4music.files import atomic_path
 
 SCHEMES = ("mulaw-official", "mulaw", "linear")
 MU = 255
+# libsndfile reads MP3 through mpg123, which prints its complaints about a bad file straight to
+# standard error; ffmpeg (-v error) says one line, which becomes the error message.
+FFMPEG_FIRST = {".mp3"}
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".webm"}
 
 
@@ -95,10 +98,13 @@ def load_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
         raise AudioError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file")
-    try:
-        data, rate = _decode_soundfile(path)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+    if path.suffix.lower() in FFMPEG_FIRST and shutil.which("ffmpeg") is not None:
         data, rate = _decode_ffmpeg(path)
+    else:
+        try:
+            data, rate = _decode_soundfile(path)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+            data, rate = _decode_ffmpeg(path)
     if data.shape[0] == 0:
         raise AudioError(f"{path}: no samples")
     channels = data.shape[1]

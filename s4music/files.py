@@ -5,16 +5,21 @@
     write_json("meta.json", {...})           # the same, for a JSON document
 
 A reader sees the old file or the new one, never a mixture. Temporary names start with a dot and
-hold ".tmp", so directory listings and globs for the real files never pick them up.
+hold ".tmp", so directory listings and globs for the real files never pick them up, and a later
+writer (holding the directory's `DirectoryLock`) can remove those a killed one left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+from s4music.errors import S4MusicError
 
 
 def _umask() -> int:
@@ -62,3 +67,57 @@ def write_json(path: str | Path, data) -> None:
     """`data` as indented UTF-8 JSON at `path`, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+class DirectoryLock:
+    """One writer at a time for a directory (a dataset, a training run): an exclusive `flock` on its
+    `.lock` file, taken at once or refused with a one-line error. The kernel releases it when the
+    process ends, however it ends, so a killed writer never leaves it stuck.
+
+        with DirectoryLock(root, "prepare"):
+            ...  # the only writer: temporaries left in `root` are a dead writer's
+    """
+
+    def __init__(self, directory: str | Path, what: str):
+        self.directory, self.what = Path(directory), what
+        self.fd: int | None = None
+
+    def __enter__(self) -> DirectoryLock:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as e:
+            raise S4MusicError(f"{self.directory}: cannot write here ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise S4MusicError(f"{self.directory}: another {self.what} is writing here (pid {holder}); "
+                               "wait for it to finish, or choose another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+            self.fd = None
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Remove what writers that died left in `directory` (files and directories named `.<name>.tmp...`
+    or `.<name>.old-...`). Call it only as the directory's sole writer (holding its DirectoryLock)."""
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        if entry.name.startswith(".") and (".tmp" in entry.name or ".old-" in entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed

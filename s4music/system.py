@@ -46,14 +46,28 @@ def find_soundfont() -> Path | None:
     return None
 
 
+def bundled_deno() -> str | None:
+    """The Deno binary of the `deno` package (a dependency of s4music), or None where it is absent."""
+    try:
+        import deno
+    except ImportError:
+        return None
+    path = deno.find_deno_bin()
+    return str(path) if path and Path(path).is_file() else None
+
+
 def js_runtimes() -> dict[str, str]:
-    """JavaScript runtimes yt-dlp can use for YouTube, as {name: path}, by yt-dlp's own version rules."""
+    """JavaScript runtimes yt-dlp can use for YouTube, as {name: path}, by yt-dlp's own version rules:
+    the Deno that ships with s4music first (so it works without the venv on PATH), then PATH's."""
     import yt_dlp  # noqa: F401  (registers the runtimes)
     from yt_dlp.globals import supported_js_runtimes
 
     usable = {}
-    for name, runtime in supported_js_runtimes.value.items():
-        info = runtime().info
+    candidates = [("deno", bundled_deno())] + [(name, None) for name in supported_js_runtimes.value]
+    for name, path in candidates:
+        if name in usable:
+            continue
+        info = supported_js_runtimes.value[name](path).info
         if info is not None and info.supported:
             usable[name] = info.path
     return usable
@@ -68,7 +82,7 @@ def js_runtime_report() -> tuple[bool, str]:
     from yt_dlp.globals import supported_js_runtimes
 
     too_old = [f"{n} {i.version}" for n, r in supported_js_runtimes.value.items() if (i := r().info) is not None]
-    hint = "install deno (2.3+) or node (22+)"
+    hint = "reinstall s4music (it ships deno), or install deno (2.3+) or node (22+)"
     return False, (f"only unsupported versions found ({', '.join(too_old)}); {hint}" if too_old else f"none; {hint}")
 
 

@@ -40,9 +40,9 @@ from safetensors.torch import load_file, save_file
 
 from s4music.data.dataset import PreparedDataset, WindowMixture, parse_spec
 from s4music.errors import S4MusicError
-from s4music.files import atomic_path, write_json
+from s4music.files import DirectoryLock, atomic_path, remove_stale_temporaries, write_json
 from s4music.options import split_assignment
-from s4music.model.checkpoint import save_model
+from s4music.model.checkpoint import CheckpointError, save_model, verify_checkpoint
 from s4music.model.config import AudioFormat, SaShiMiConfig, read_yaml
 from s4music.model.registry import load_model
 from s4music.model.reparam import untie
@@ -249,11 +249,22 @@ def read_state(directory: Path) -> dict[str, Any]:
     return _unflatten(json.loads((directory / TRAINING_JSON).read_text()), tensors)
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint of a run (directories appear only once complete)."""
+def checkpoints(out: Path) -> list[Path]:
+    """A run's complete checkpoints, oldest first (directories appear only once complete)."""
     found = sorted((out / "checkpoints").glob("step-*"))
-    found = [p for p in found if (p / TRAINING_JSON).exists()]
-    return found[-1] if found else None
+    return [p for p in found if (p / TRAINING_JSON).exists()]
+
+
+def resumable_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint of a run whose files verify (sizes and checksums recorded at save time);
+    a damaged one is skipped, with a warning that names it and the reason."""
+    for path in reversed(checkpoints(out)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            log.warning("skipping %s: %s", path.name, e)
+    return None
 
 
 # ---------------------------------------------------------------------------------- building
@@ -419,144 +430,154 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise TrainingError(f"batch_size={config.batch_size} must be a multiple of the {world} processes")
-    checkpoint = latest_checkpoint(out) if resume else None
-    if resume and checkpoint is None:
-        raise TrainingError(f"{out}: no checkpoint to resume from")
-    if resume:
-        check_resume_config(config, out)
-    if not resume and latest_checkpoint(out) is not None:
-        raise TrainingError(f"{out}: already holds a run; resume it with --resume or choose another --out")
-
     set_seed(config.seed)
     try:
         mixture = WindowMixture([(PreparedDataset(p), w) for p, w in map(parse_spec, config.data)],
                                 config.seq_len, "train", config.seed)
     except FileNotFoundError as e:
         raise TrainingError(f"{e.filename}: no such dataset") from None
-    if checkpoint is not None:
-        model = load_model(checkpoint).train()
-        added = model.summary.get("added_parameters", 0)
-    else:
+    if resume and not checkpoints(out):
+        raise TrainingError(f"{out}: no checkpoint to resume from")
+    if not resume:  # before anything is written: a bad --from or model config leaves no run behind
         model, added = build_model(config, mixture)
-    model.gradient_checkpointing = config.gradient_checkpointing
-    model.to(device)  # before the optimizer, so its restored state lands beside the weights
-    optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=(0.9, 0.999))
-    scheduler = make_scheduler(optimizer, config)
-    val_codes = validation_windows(mixture, config)
-
-    step, best, bad_steps = 0, math.inf, 0
-    if checkpoint is not None:
-        state = read_state(checkpoint)
-        step, best = state["step"], state["best"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        mixture.load_state_dict(state["mixture"])
-        torch.set_rng_state(state["rng"])
-        if scaler.is_enabled() and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        log.info("resumed %s at step %d", checkpoint, step)
-
-    ddp_model = accelerator.prepare(model)
-    world_info = gather_object([{"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}])
-
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "config.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        (out / "seed").write_text(f"{config.seed}\n")
-        write_json(out / "world.json", {"world_size": world, "ranks": world_info})
-        runlog = RunLog(out, config.log, step)
-    log.info("seed %d; %d process(es); %s parameters%s", config.seed, world, f"{model.num_parameters():,}",
-             f" ({added:,} added by reparam)" if added else "")
-
-    def summary(val_bits: float | None) -> dict:
-        return {"mode": config.mode, "from": config.init, "data": config.data, "step": step, "seed": config.seed,
-                "val_bits": val_bits, "world_size": world, "added_parameters": added,
-                **({"domain": config.domain} if config.domain else {})}
-
-    def save(val_bits: float | None) -> None:
-        """Checkpoint step-N (model + training state) and prune old ones; main process only."""
-        state = {"step": step, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "mixture": mixture.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict()}
-        if scaler.is_enabled():
-            state["scaler"] = scaler.state_dict()
-        path = out / "checkpoints" / f"step-{step:07d}"
-        save_model(model, path, summary=summary(val_bits), extra=lambda d: write_state(d, state))
-        for old in sorted((out / "checkpoints").glob("step-*"))[: -config.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    per_rank = config.batch_size // world
-    samples_per_step = config.batch_size * config.grad_accum * config.seq_len
-    val_bits = None
-    ddp_model.train()
-    while step < config.steps:
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros(2, device=device)  # summed bits, non-finite micro-batches
-        for micro in range(config.grad_accum):
-            codes = mixture.sample(config.batch_size)[rank * per_rank : (rank + 1) * per_rank].to(device)
-            sync = micro == config.grad_accum - 1
-            # Every rank always runs backward (a rank that skipped would stall the others' all-reduce);
-            # a non-finite loss makes the reduced gradient norm non-finite everywhere, and all skip.
-            with accelerator.no_sync(ddp_model) if not sync else contextlib.nullcontext():
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    bits = code_bits(ddp_model(model.shift_right(codes)), codes).mean()
-                scaler.scale(bits / config.grad_accum).backward()
-            total[0] += bits.detach().float()
-            total[1] += 0 if torch.isfinite(bits) else 1
-        total = accelerator.reduce(total, "sum")
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip or math.inf)
-        if scaler.is_enabled() and total[1] == 0 and not torch.isfinite(grad_norm):
-            scaler.step(optimizer)  # fp16 gradients overflowed: the scaler skips the step and lowers its scale
-            scaler.update()
-            continue
-        if total[1] > 0 or not torch.isfinite(grad_norm):
-            bad_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()  # forgets this step's unscale (a no-op without fp16)
-            log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step + 1, bad_steps)
-            if bad_steps >= config.max_bad_steps:
-                raise TrainingError(
-                    f"{out}: the loss was NaN or inf for {bad_steps} steps in a row at step {step + 1}; stopped. "
-                    f"The last good checkpoint is kept. Try a lower lr, precision=no, or clip > 0")
-            continue
-        bad_steps = 0
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-        train_bits = total[0].item() / (world * config.grad_accum)
-
-        val_bits = None
-        if val_codes is not None and (step % config.eval_every == 0 or step == config.steps):
-            val_bits = mean_bits(model, val_codes)
-        if config.schedule == "plateau":
-            if val_bits is not None:
-                scheduler.step(val_bits)
-        else:
-            scheduler.step()
-        lr = optimizer.param_groups[0]["lr"]
-        rate = samples_per_step / mixture.sample_rate / (time.perf_counter() - started)
+    # One writer per run directory; what a killed writer left half-written there is removed.
+    writer = DirectoryLock(out, "training run") if accelerator.is_main_process else contextlib.nullcontext()
+    with writer:
         if accelerator.is_main_process:
-            runlog.write({"step": step, "train_bits": f"{train_bits:.5f}",
-                          "val_bits": None if val_bits is None else f"{val_bits:.5f}", "lr": f"{lr:.3e}",
-                          "audio_s_per_s": f"{rate:.3f}", "time": f"{time.time():.1f}"})
-            if val_bits is not None and val_bits < best:
-                best = val_bits
-                save_model(model, out / "best", summary=summary(val_bits))
-            if step % config.save_every == 0 or step == config.steps:
-                save(val_bits)
-        if on_step is not None and accelerator.is_main_process:
-            on_step(StepInfo(step, config.steps, train_bits, lr, rate, val_bits))
+            for directory in (out, out / "checkpoints"):
+                for stale in remove_stale_temporaries(directory):
+                    log.info("removed %s, left by a run that was killed", stale)
         accelerator.wait_for_everyone()
+        checkpoint = resumable_checkpoint(out) if resume else None
+        if resume and checkpoint is None:
+            raise TrainingError(f"{out}: no checkpoint to resume from")
+        if resume:
+            check_resume_config(config, out)
+        if not resume and checkpoints(out):
+            raise TrainingError(f"{out}: already holds a run; resume it with --resume or choose another --out")
 
-    final = out / "model"
-    if accelerator.is_main_process:
-        save_model(model, final, summary=summary(val_bits))
-        runlog.close()
-        plot_losses(out / "log.csv", out / "loss.png")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(out=out, model=final, best=out / "best" if (out / "best").exists() else None, step=step,
-                       val_bits=val_bits, parameters=model.num_parameters(), added_parameters=added,
-                       world_size=world)
+        if checkpoint is not None:
+            model = load_model(checkpoint).train()
+            added = model.summary.get("added_parameters", 0)
+        model.gradient_checkpointing = config.gradient_checkpointing
+        model.to(device)  # before the optimizer, so its restored state lands beside the weights
+        optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=(0.9, 0.999))
+        scheduler = make_scheduler(optimizer, config)
+        val_codes = validation_windows(mixture, config)
+
+        step, best, bad_steps = 0, math.inf, 0
+        if checkpoint is not None:
+            state = read_state(checkpoint)
+            step, best = state["step"], state["best"]
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            mixture.load_state_dict(state["mixture"])
+            torch.set_rng_state(state["rng"])
+            if scaler.is_enabled() and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            log.info("resumed %s at step %d", checkpoint, step)
+
+        ddp_model = accelerator.prepare(model)
+        world_info = gather_object([{"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}])
+
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            with atomic_path(out / "config.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            (out / "seed").write_text(f"{config.seed}\n")
+            write_json(out / "world.json", {"world_size": world, "ranks": world_info})
+            runlog = RunLog(out, config.log, step)
+        log.info("seed %d; %d process(es); %s parameters%s", config.seed, world, f"{model.num_parameters():,}",
+                 f" ({added:,} added by reparam)" if added else "")
+
+        def summary(val_bits: float | None) -> dict:
+            return {"mode": config.mode, "from": config.init, "data": config.data, "step": step, "seed": config.seed,
+                    "val_bits": val_bits, "world_size": world, "added_parameters": added,
+                    **({"domain": config.domain} if config.domain else {})}
+
+        def save(val_bits: float | None) -> None:
+            """Checkpoint step-N (model + training state) and prune old ones; main process only."""
+            state = {"step": step, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "mixture": mixture.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict()}
+            if scaler.is_enabled():
+                state["scaler"] = scaler.state_dict()
+            path = out / "checkpoints" / f"step-{step:07d}"
+            save_model(model, path, summary=summary(val_bits), extra=lambda d: write_state(d, state))
+            for old in sorted((out / "checkpoints").glob("step-*"))[: -config.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+
+        per_rank = config.batch_size // world
+        samples_per_step = config.batch_size * config.grad_accum * config.seq_len
+        val_bits = None
+        ddp_model.train()
+        while step < config.steps:
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros(2, device=device)  # summed bits, non-finite micro-batches
+            for micro in range(config.grad_accum):
+                codes = mixture.sample(config.batch_size)[rank * per_rank : (rank + 1) * per_rank].to(device)
+                sync = micro == config.grad_accum - 1
+                # Every rank always runs backward (a rank that skipped would stall the others' all-reduce);
+                # a non-finite loss makes the reduced gradient norm non-finite everywhere, and all skip.
+                with accelerator.no_sync(ddp_model) if not sync else contextlib.nullcontext():
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        bits = code_bits(ddp_model(model.shift_right(codes)), codes).mean()
+                    scaler.scale(bits / config.grad_accum).backward()
+                total[0] += bits.detach().float()
+                total[1] += 0 if torch.isfinite(bits) else 1
+            total = accelerator.reduce(total, "sum")
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip or math.inf)
+            if scaler.is_enabled() and total[1] == 0 and not torch.isfinite(grad_norm):
+                scaler.step(optimizer)  # fp16 gradients overflowed: the scaler skips the step and lowers its scale
+                scaler.update()
+                continue
+            if total[1] > 0 or not torch.isfinite(grad_norm):
+                bad_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()  # forgets this step's unscale (a no-op without fp16)
+                log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step + 1, bad_steps)
+                if bad_steps >= config.max_bad_steps:
+                    raise TrainingError(
+                        f"{out}: the loss was NaN or inf for {bad_steps} steps in a row at step {step + 1}; stopped. "
+                        f"The last good checkpoint is kept. Try a lower lr, precision=no, or clip > 0")
+                continue
+            bad_steps = 0
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            train_bits = total[0].item() / (world * config.grad_accum)
+
+            val_bits = None
+            if val_codes is not None and (step % config.eval_every == 0 or step == config.steps):
+                val_bits = mean_bits(model, val_codes)
+            if config.schedule == "plateau":
+                if val_bits is not None:
+                    scheduler.step(val_bits)
+            else:
+                scheduler.step()
+            lr = optimizer.param_groups[0]["lr"]
+            rate = samples_per_step / mixture.sample_rate / (time.perf_counter() - started)
+            if accelerator.is_main_process:
+                runlog.write({"step": step, "train_bits": f"{train_bits:.5f}",
+                              "val_bits": None if val_bits is None else f"{val_bits:.5f}", "lr": f"{lr:.3e}",
+                              "audio_s_per_s": f"{rate:.3f}", "time": f"{time.time():.1f}"})
+                if val_bits is not None and val_bits < best:
+                    best = val_bits
+                    save_model(model, out / "best", summary=summary(val_bits))
+                if step % config.save_every == 0 or step == config.steps:
+                    save(val_bits)
+            if on_step is not None and accelerator.is_main_process:
+                on_step(StepInfo(step, config.steps, train_bits, lr, rate, val_bits))
+            accelerator.wait_for_everyone()
+
+        final = out / "model"
+        if accelerator.is_main_process:
+            save_model(model, final, summary=summary(val_bits))
+            runlog.close()
+            plot_losses(out / "log.csv", out / "loss.png")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return TrainResult(out=out, model=final, best=out / "best" if (out / "best").exists() else None, step=step,
+                           val_bits=val_bits, parameters=model.num_parameters(), added_parameters=added,
+                           world_size=world)

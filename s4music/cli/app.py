@@ -211,8 +211,8 @@ def render_midi_command(
 
 @command
 def prepare(
-    sources: list[Path] = typer.Argument(..., help="Audio files or directories (wav, flac, mp3, ogg, opus, m4a, ...)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Dataset directory (created, or extended if it exists)."),
+    sources: list[Path] = typer.Argument(None, help="Audio files or directories (wav, flac, mp3, ogg, opus, m4a, ...)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Dataset directory (created, or extended if it exists)."),
     seconds: float = typer.Option(PrepareOptions.seconds, help="Window length in seconds (the paper's 131,072 samples)."),
     quantization: str = typer.Option(PrepareOptions.quantization, help="mulaw-official, mulaw or linear."),
     sample_rate: int = typer.Option(PrepareOptions.sample_rate, help="Sample rate of the codes."),
@@ -222,10 +222,24 @@ def prepare(
     tag: list[str] = typer.Option(None, help="A stratum tag for these sources, key=value (repeatable)."),
     splits: Path = typer.Option(None, help='JSON split file {"train": [...], "val": [...], "test": [...]} of file '
                                            "names relative to the source directory; listed files keep that split."),
+    verify: Path = typer.Option(None, "--verify", help="Only check the dataset at this directory: do dataset.json, "
+                                                       "the manifest and the split files agree? Exit 1 if not."),
 ):
-    """Build or extend a training dataset: decode, mono, resample, quantize, window, split by source."""
+    """Build or extend a training dataset: decode, mono, resample, quantize, window, split by source.
+
+    `s4music prepare --verify DIR` checks a dataset instead."""
+    from s4music.data.format import verify_dataset
     from s4music.data.prepare import prepare as prepare_dataset
     from s4music.data.prepare import read_pinned_splits
+
+    if verify is not None:
+        problems = verify_dataset(verify)
+        for problem in problems:
+            console.print(f"[red]damaged:[/] {problem}", highlight=False, soft_wrap=True)
+        console.print(f"{verify}: {'whole' if not problems else f'{len(problems)} problem(s)'}", highlight=False)
+        raise typer.Exit(1 if problems else 0)
+    if not sources or out is None:
+        fail("give the audio SOURCES and --out DIR (or --verify DIR to check a dataset)")
 
     options = PrepareOptions(seconds=seconds, sample_rate=sample_rate, quantization=quantization,
                              val_fraction=val, test_fraction=test, seed=seed, tags=tag or [],

@@ -10,6 +10,7 @@ directory. A bad URL fails alone: the others still complete.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -114,13 +115,9 @@ class _Logger:
         log.debug("yt-dlp error: %s", ANSI.sub("", msg))
 
 
-def _download(url: str, workdir: Path, options: FetchOptions, on_progress) -> list[dict]:
-    import yt_dlp
-
-    def hook(d):
-        if on_progress and d.get("status") in ("downloading", "finished"):
-            on_progress(url, d.get("downloaded_bytes") or 0, d.get("total_bytes") or d.get("total_bytes_estimate"))
-
+def ydl_params(workdir: Path, options: FetchOptions, hooks: list | None = None) -> dict:
+    """yt-dlp's options as the toolkit sets them: quiet, into `workdir`, and every usable JavaScript
+    runtime by its full path (Deno from the `deno` package first), so YouTube works without a PATH."""
     params = {
         "format": "bestaudio/best",
         "outtmpl": {"default": str(workdir / "%(autonumber)s.%(ext)s")},
@@ -128,7 +125,7 @@ def _download(url: str, workdir: Path, options: FetchOptions, on_progress) -> li
         "no_warnings": True,
         "noprogress": True,
         "logger": _Logger(),
-        "progress_hooks": [hook],
+        "progress_hooks": hooks or [],
         "socket_timeout": options.timeout,
         "retries": 2,
         "noplaylist": False,
@@ -137,7 +134,17 @@ def _download(url: str, workdir: Path, options: FetchOptions, on_progress) -> li
     }
     if options.playlist_items:
         params["playlist_items"] = options.playlist_items
-    with yt_dlp.YoutubeDL(params) as ydl:
+    return params
+
+
+def _download(url: str, workdir: Path, options: FetchOptions, on_progress) -> list[dict]:
+    import yt_dlp
+
+    def hook(d):
+        if on_progress and d.get("status") in ("downloading", "finished"):
+            on_progress(url, d.get("downloaded_bytes") or 0, d.get("total_bytes") or d.get("total_bytes_estimate"))
+
+    with yt_dlp.YoutubeDL(ydl_params(workdir, options, [hook])) as ydl:
         info = ydl.extract_info(url, download=True)
     entries = [e for e in (info.get("entries") or [info]) if e]
     return [e for e in entries if e.get("requested_downloads")]
@@ -149,7 +156,11 @@ def fetch(urls: list[str], out_dir: str | Path, options: FetchOptions | None = N
     """Download and convert each URL. Failures are collected in the report, not raised."""
     options = options or FetchOptions()
     out_dir = Path(out_dir)
-    (out_dir / "original").mkdir(parents=True, exist_ok=True)
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FetchError(f"{out_dir}: cannot write here ({e.strerror or e})") from None
     report = FetchReport()
     for url in urls:
         try:
@@ -162,6 +173,8 @@ def fetch(urls: list[str], out_dir: str | Path, options: FetchOptions | None = N
             report.failed.append((url, str(e)))
             if on_result:
                 on_result(url, None, str(e))
+    if created and not report.fetched:
+        shutil.rmtree(out_dir, ignore_errors=True)  # nothing came of it: leave nothing
     return report
 
 
@@ -176,33 +189,52 @@ def _fetch_one(url: str, out_dir: Path, options: FetchOptions, on_progress) -> l
             raise FetchError(f"{url}: {_reason(e)}") from None
         if not entries:
             raise FetchError(f"{url}: no audio found on the page")
-        results = []
-        for entry in entries:
-            downloaded = Path(entry["requested_downloads"][0]["filepath"])
-            name = _unique(out_dir, safe_name(entry.get("title") or entry.get("id") or "audio"))
-            try:
-                audio = load_audio(downloaded, options.sample_rate, options.start, options.end)
-            except S4MusicError as e:
-                raise FetchError(f"{url}: downloaded, but {str(e).replace(str(downloaded) + ': ', '')}") from None
-            original = out_dir / "original" / f"{name}{downloaded.suffix.lower()}"
-            with atomic_path(original) as dest:
-                shutil.copyfile(downloaded, dest)
-            wav = write_audio(out_dir / f"{name}.wav", audio.samples, audio.sample_rate)
-            sidecar = out_dir / f"{name}.json"
-            write_json(sidecar, {
-                "url": url,
-                "webpage_url": entry.get("webpage_url") or url,
-                "title": entry.get("title"),
-                "uploader": entry.get("uploader"),
-                "duration": entry.get("duration") or round(audio.seconds, 3),
-                "license": entry.get("license"),
-                "extractor": entry.get("extractor_key"),
-                "original": str(original.relative_to(out_dir)),
-                "audio": wav.name,
-                "sample_rate": audio.sample_rate,
-                "source_sample_rate": audio.source_rate,
-                "source_channels": audio.source_channels,
-                "trim": {"start": options.start, "end": options.end},
-            })
-            results.append(Fetched(url, wav, original, sidecar, audio.seconds))
+        results, written = [], []  # what this URL wrote so far: removed if a later item fails
+        try:
+            for entry in entries:
+                downloaded = Path(entry["requested_downloads"][0]["filepath"])
+                try:
+                    audio = load_audio(downloaded, options.sample_rate, options.start, options.end)
+                except S4MusicError as e:
+                    raise FetchError(f"{url}: downloaded, but {str(e).replace(str(downloaded) + ': ', '')}") from None
+                try:
+                    results.append(_write_item(url, entry, downloaded, audio, out_dir, options, written))
+                except OSError as e:
+                    raise FetchError(f"{url}: cannot write into {out_dir} ({e.strerror or e})") from None
+        except FetchError:
+            for path in written:
+                path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (out_dir / "original").rmdir()  # only if that left it empty
+            raise
         return results
+
+
+def _write_item(url: str, entry: dict, downloaded: Path, audio, out_dir: Path, options: FetchOptions,
+                written: list[Path]) -> Fetched:
+    """The original, the converted WAV and the sidecar of one item; each path goes into `written`."""
+    name = _unique(out_dir, safe_name(entry.get("title") or entry.get("id") or "audio"))
+    original = out_dir / "original" / f"{name}{downloaded.suffix.lower()}"
+    with atomic_path(original) as dest:
+        shutil.copyfile(downloaded, dest)
+    written.append(original)
+    wav = write_audio(out_dir / f"{name}.wav", audio.samples, audio.sample_rate)
+    written.append(wav)
+    sidecar = out_dir / f"{name}.json"
+    write_json(sidecar, {
+        "url": url,
+        "webpage_url": entry.get("webpage_url") or url,
+        "title": entry.get("title"),
+        "uploader": entry.get("uploader"),
+        "duration": entry.get("duration") or round(audio.seconds, 3),
+        "license": entry.get("license"),
+        "extractor": entry.get("extractor_key"),
+        "original": str(original.relative_to(out_dir)),
+        "audio": wav.name,
+        "sample_rate": audio.sample_rate,
+        "source_sample_rate": audio.source_rate,
+        "source_channels": audio.source_channels,
+        "trim": {"start": options.start, "end": options.end},
+    })
+    written.append(sidecar)
+    return Fetched(url, wav, original, sidecar, audio.seconds)

@@ -33,7 +33,7 @@ import numpy as np
 from s4music.audio import AUDIO_EXTENSIONS, SCHEMES, encode, load_audio
 from s4music.data.format import FORMAT, SPLITS, DatasetError, committed, read_meta, stratum_key
 from s4music.errors import S4MusicError
-from s4music.files import atomic_path, write_json
+from s4music.files import DirectoryLock, atomic_path, remove_stale_temporaries, write_json
 from s4music.options import split_assignment
 
 log = logging.getLogger(__name__)
@@ -169,10 +169,15 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
     """Add the audio files under `sources` to the dataset at `out` (created if needed).
 
     `on_file(path, status, done, total)` follows every file found: "unchanged" (already in the
-    dataset), "added" or "failed"."""
+    dataset), "added" or "failed". One run at a time writes a dataset: a second one fails at once."""
     options = options or PrepareOptions()
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(root, "prepare"):
+        remove_stale_temporaries(root)
+        return _prepare(sources, root, options, on_file)
+
+
+def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_file: FileProgress | None) -> PrepareReport:
     meta = read_meta(root)
     if meta is None:
         meta = {

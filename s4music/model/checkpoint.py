@@ -11,11 +11,14 @@ the older V3. See `import_official`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -70,9 +73,11 @@ def save_model(model: SaShiMi, directory: str | Path, summary: dict | None = Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         if extra is not None:
             extra(tmp)
+        # sizes and checksums of everything but the config, so a torn or changed file is named on load
+        meta["files"] = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -87,6 +92,29 @@ def save_model(model: SaShiMi, directory: str | Path, summary: dict | None = Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Raise a CheckpointError naming the first file of `directory` whose size or checksum differs
+    from what was recorded when it was saved (checkpoints saved before checksums pass as they are)."""
+    directory = Path(directory)
+    for name, expected in _read_meta(directory).get("files", {}).items():
+        path = directory / name
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing (the checkpoint was saved with it)")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(f"{path}: damaged: {size} bytes, {expected['size']} when it was saved")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path}: damaged: its checksum differs from the one recorded when it was saved")
 
 
 def convert_official(source: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -126,6 +154,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> SaS
         return import_official(path).to(device).eval()
     directory = path if path.is_dir() else path.parent
     meta = _read_meta(directory)
+    verify_checkpoint(directory)
     try:
         config = SaShiMiConfig.from_dict(meta["model"])
         audio = AudioFormat(**meta.get("audio", {}))
@@ -264,12 +293,18 @@ def import_official(path: str | Path) -> SaShiMi:
     """
     path = Path(path)
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about pickle protocols are not the user's business
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except Exception as e:  # torch raises several types for a bad or unsafe pickle
-        reason = first_line(e)
-        raise CheckpointError(f"{path}: not a loadable tensor-only checkpoint ({reason})") from None
+    except pickle.UnpicklingError as e:  # what weights_only refuses: the file would run code to load
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" (it names {found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: not a plain tensor checkpoint: it holds Python objects that loading would "
+                              f"have to run{what}; s4music loads only tensors, for safety") from None
+    except Exception as e:  # torch raises several types for a damaged file
+        raise CheckpointError(f"{path}: not a loadable tensor-only checkpoint ({first_line(e)})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]  # a Lightning checkpoint: the state dict sits inside
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

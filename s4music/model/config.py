@@ -31,6 +31,17 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
+MAX_WEIGHTS = 2e9  # a config beyond this is a typo (d_model: 1000000000), not a model to allocate
+
+
+def _check_ints(config, prefix: str, **ranges: tuple[int, int]) -> None:
+    """ValueError naming the field when one of `ranges` is not an int within its (low, high)."""
+    for name, (low, high) in ranges.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{prefix}{name}={value!r}: must be a whole number from {low} to {high}")
+
+
 @dataclass
 class S4Config:
     """One S4 layer's state-space parameterization.
@@ -56,8 +67,11 @@ class S4Config:
     def __post_init__(self) -> None:
         if self.mode not in ("dplr", "diag"):
             raise ValueError(f"s4.mode must be 'dplr' or 'diag', not {self.mode!r}")
-        if self.d_state % 2:
-            raise ValueError(f"s4.d_state must be even (conjugate pairs), not {self.d_state}")
+        if not isinstance(self.d_state, int) or self.d_state % 2 or not 2 <= self.d_state <= 4096:
+            raise ValueError(f"s4.d_state={self.d_state!r}: must be an even number from 2 to 4096 (conjugate pairs)")
+        _check_ints(self, "s4.", n_ssm=(1, 1 << 16), lambda_copies=(0, 1 << 16))
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"s4.dt_min={self.dt_min!r}, s4.dt_max={self.dt_max!r}: need 0 < dt_min <= dt_max")
         if self.dt_transform not in ("softplus", "exp"):
             raise ValueError(f"s4.dt_transform must be 'softplus' or 'exp', not {self.dt_transform!r}")
 
@@ -83,7 +97,18 @@ class SaShiMiConfig:
     def __post_init__(self) -> None:
         if isinstance(self.s4, dict):
             self.s4 = S4Config(**self.s4)
-        self.pool = [int(p) for p in self.pool]
+        if not isinstance(self.pool, list) or not all(isinstance(p, int) and 1 <= p <= 64 for p in self.pool) \
+                or len(self.pool) > 8:
+            raise ValueError(f"pool={self.pool!r}: must be a list of at most 8 factors from 1 to 64")
+        _check_ints(self, "", d_model=(1, 16384), n_layers=(1, 256), expand=(1, 16), ff_expand=(1, 16),
+                    n_codes=(2, 65536))
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout!r}: must be in [0, 1)")
+        widths = [self.d_model * self.expand**i for i in range(len(self.pool) + 1)]
+        weights = sum(2 * self.n_layers * (2 + 2 * self.ff_expand) * h * h for h in widths)  # S4 and FF linears
+        if weights > MAX_WEIGHTS:
+            raise ValueError(f"d_model={self.d_model}, n_layers={self.n_layers}, pool={self.pool}, expand={self.expand}: "
+                             f"about {weights:.2g} weights, more than the {MAX_WEIGHTS:.0e} this toolkit allows")
 
     @property
     def total_pool(self) -> int:
