@@ -40,7 +40,7 @@ from s4music.sinks import STDOUT, DeviceSink, FileSink, StdoutSink, output_forma
 __all__ = [
     "DEGENERACIES", "Chunk", "GenerateOptions", "GenerateResult", "Generation", "GenerationError", "Output",
     "PromptRefused", "PromptSelection", "Sampling", "StepOptions", "Take", "check_prompt", "continue_prompt",
-    "improvise", "load_prompt", "open_model", "stream_continuation", "stream_improvisation",
+    "improvise", "load_prompt", "open_model", "stream_continuation", "stream_improvisation", "write_generation",
 ]
 
 RETRY_SEED_STRIDE = 1_000_003  # retry r of variation i uses seed + i + r * stride
