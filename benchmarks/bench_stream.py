@@ -127,8 +127,9 @@ def main() -> None:
         print(f"overhead: failed: {cost['error']}")
     else:
         print(f"Overhead of the stream (post-processing, chunks, the file and its sidecar written, the takes "
-              f"judged) over sampling alone, {min(seconds, 10.0):g} s, best of five interleaved: {cost['stream_s']:.2f} s against "
-              f"{cost['sampler_s']:.2f} s, {100 * (cost['stream_s'] / cost['sampler_s'] - 1):+.1f}% (target: under 5%).")
+              f"judged) over sampling alone, {min(seconds, 10.0):g} s, best of five interleaved: "
+              f"{cost['stream_s']:.2f} s against {cost['sampler_s']:.2f} s, "
+              f"{100 * (cost['stream_s'] / cost['sampler_s'] - 1):+.1f}% (target: under 5%).")
 
 
 if __name__ == "__main__":
