@@ -125,13 +125,18 @@ def load_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
 # ------------------------------------------------------------------------------------------- codes
 
 
-def encode(wave: torch.Tensor, scheme: str = "mulaw-official") -> torch.Tensor:
-    """Float samples (..., L) -> uint8 codes (..., L). 'mulaw-official' scales each clip (the last axis)."""
+def encode(wave: torch.Tensor, scheme: str = "mulaw-official", peak: float | None = None) -> torch.Tensor:
+    """Float samples (..., L) -> uint8 codes (..., L). 'mulaw-official' scales each clip (the last
+    axis) from its min and max to [-1, 1]; with `peak` (a live stream, whose clip never ends), from
+    [-peak, peak] instead, so the scale holds from one chunk to the next."""
     wave = wave.float()
     if scheme == "mulaw-official":
-        lo = wave.amin(dim=-1, keepdim=True)
-        hi = wave.amax(dim=-1, keepdim=True)
-        x = 2 * (wave - lo) / (hi - lo + 1e-6) - 1
+        if peak is None:
+            lo = wave.amin(dim=-1, keepdim=True)
+            hi = wave.amax(dim=-1, keepdim=True)
+        else:
+            lo, hi = -peak, peak
+        x = (2 * (wave - lo) / (hi - lo + 1e-6) - 1).clamp(-1, 1)
         x = torch.sign(x) * torch.log1p(MU * x.abs()) / math.log1p(MU)
         return torch.floor((x + 1) / 2 * (256 - 0.01) + 0.005).clamp(0, 255).to(torch.uint8)
     if scheme == "mulaw":

@@ -132,3 +132,52 @@ class Limiter:
     def flush(self) -> torch.Tensor:
         """The last `delay` samples (B, delay), limited as if the signal went on in silence."""
         return self(torch.zeros(self.history.shape[0], self.delay, dtype=torch.float64))
+
+
+class Resampler:
+    """Sample-rate conversion for a stream: a Kaiser-windowed sinc at each output instant, with the
+    input's history carried between calls, so chunks of any size give the same output as one piece
+    (up to rounding). The output lags the input by `HALF_WIDTH` input samples; `flush()` ends it."""
+
+    HALF_WIDTH = 16  # input samples on either side of an output instant (at the lower of the two rates)
+
+    def __init__(self, rate_in: int, rate_out: int):
+        self.rate_in, self.rate_out = rate_in, rate_out
+        self.cutoff = min(1.0, rate_out / rate_in) * 0.97  # of the input's Nyquist, a little inside it
+        self.width = int(math.ceil(self.HALF_WIDTH / self.cutoff))
+        self.buffer = np.zeros(self.width, dtype=np.float64)  # input before the next output's window
+        self.start = 0  # input index of buffer[0]
+        self.next_out = 0  # index of the next output sample
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x (n,) float -> the output samples (m,) whose windows the input now covers."""
+        if self.rate_in == self.rate_out:
+            return np.asarray(x, dtype=np.float32)
+        self.buffer = np.concatenate([self.buffer, np.asarray(x, dtype=np.float64)])
+        end = self.start + len(self.buffer) - self.width  # an output at input time t needs input to t + width
+        times = []
+        while True:  # output k sits at input time k * rate_in / rate_out (+ width, the lag)
+            t = self.next_out * self.rate_in / self.rate_out
+            if t > end - self.width:
+                break
+            times.append(t)
+            self.next_out += 1
+        out = self._at(np.asarray(times)) if times else np.zeros(0)
+        keep_from = int(math.floor(self.next_out * self.rate_in / self.rate_out)) - self.start
+        keep_from = max(0, min(keep_from, len(self.buffer) - 2 * self.width))
+        self.buffer, self.start = self.buffer[keep_from:], self.start + keep_from
+        return out.astype(np.float32)
+
+    def _at(self, times: np.ndarray) -> np.ndarray:
+        """The band-limited input at (lagged) input times."""
+        base = np.floor(times).astype(np.int64)
+        offsets = np.arange(-self.width + 1, self.width + 1)
+        idx = base[:, None] + offsets[None, :]  # (m, 2 width) input indices, relative to the stream
+        dist = times[:, None] - idx
+        window = np.kaiser(2 * self.width + 1, 8.0)
+        w = self.cutoff * np.sinc(self.cutoff * dist) * np.interp(dist, np.arange(-self.width, self.width + 1), window)
+        return (self.buffer[idx + self.width - self.start] * w).sum(axis=1)
+
+    def flush(self) -> np.ndarray:
+        """The outputs the lag still holds, as if the input went on in silence."""
+        return self(np.zeros(2 * self.width))

@@ -223,6 +223,30 @@ class DeviceSink:
         self.stream.close()
 
 
+class RecordingSink:
+    """A recording whose length is not known up front (a jam): WAV or FLAC through libsndfile under a
+    temporary name, renamed into place by close(), which a stopped run calls too, so what was
+    recorded up to a Ctrl-C or a dead input is kept, whole and valid."""
+
+    def __init__(self, path: str | Path, sample_rate: int, channels: int):
+        self.path = Path(path)
+        kind = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16")}.get(self.path.suffix.lower().lstrip("."))
+        if kind is None:
+            raise SinkError(f"{self.path}: a recording is .wav or .flac")
+        try:
+            self.file = AtomicFile(self.path)
+            self.writer = sf.SoundFile(str(self.file.tmp), "w", sample_rate, channels, format=kind[0], subtype=kind[1])
+        except (OSError, sf.LibsndfileError) as e:
+            raise SinkError(f"{self.path}: cannot write here ({first_line(e)})") from None
+
+    def write(self, frames: np.ndarray) -> None:
+        self.writer.write(np.asarray(frames, dtype=np.float32))
+
+    def close(self) -> Path:
+        self.writer.close()
+        return self.file.commit()
+
+
 def open_sink(path: str | Path, sample_rate: int, frames: int, channels: int = 1, format: str | None = None):
     """A FileSink, or a StdoutSink for "-"."""
     if str(path) == STDOUT:

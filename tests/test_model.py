@@ -203,3 +203,27 @@ def test_gradient_checkpointing_leaves_loss_and_gradients_unchanged():
     assert loss_plain == pytest.approx(loss_ckpt, abs=1e-6)
     for a, b in zip(plain, ckpt, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["dplr", "diag"])
+def test_prefill_from_a_state_continues_exactly(mode):
+    # chunk lengths that are not multiples of the pooling (16) nor of the scan's chunk (256), and some that are
+    model = small(mode, pool=[4, 4])
+    x = torch.randint(0, 256, (2, 1100))
+    whole_logits, whole = model.prefill(x)
+    for cuts in ([333, 767], [1, 2, 3, 1094], [256, 512, 332], [13] * 84 + [8]):
+        state, logits, at = None, [], 0
+        for n in cuts:
+            lg, after = model.prefill(x[:, at:at + n], state)
+            if state is not None:
+                assert after is not state and state.t == at  # the given state is left as it was
+            logits.append(lg)
+            state, at = after, at + n
+        assert state.t == 1100
+        assert (torch.cat(logits, 1) - whole_logits).abs().max() < TOL, cuts
+        for got, want in zip([*state.s4, *state.down, *state.up], [*whole.s4, *whole.down, *whole.up], strict=True):
+            assert (got - want).abs().max() < TOL * max(1.0, want.abs().max()), cuts
+    # and stepping on from a chunked prefill is the convolution over everything
+    _, state = model.prefill(x[:, 100:307], model.prefill(x[:, :100])[1])
+    y, _ = model.step(x[:, 307], state)
+    assert (y - model(x)[:, 307]).abs().max() < TOL

@@ -27,6 +27,7 @@ from s4music.data.midi import RenderOptions
 from s4music.data.prepare import PrepareOptions
 from s4music.errors import S4MusicError
 from s4music.evaluate import evaluate
+from s4music.jam import JamOptions
 from s4music.generate import DEGENERACIES, GenerateOptions, Output, PromptSelection, Sampling, StepOptions
 from s4music.model.registry import DEFAULT_NAME
 from s4music.train import TrainConfig
@@ -443,6 +444,7 @@ HalfWeights = Annotated[bool, typer.Option("--half-weights/--full-weights", help
 Play = Annotated[bool, typer.Option("--play", help="Play on the default sound device as it is made, from the last "
                                                    "second of the prompt.")]
 G, P, OUT, D = GenerateOptions, PromptSelection, Output, StepOptions  # their defaults
+JAM = JamOptions
 
 
 def options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize, format,
@@ -544,6 +546,58 @@ def check(
         print_guidance(report, continuing=False)
     if report.far:
         raise typer.Exit(2)
+
+
+@command(inference=True)
+def jam(
+    input: str = typer.Option(None, "--input", "-i", help="What to listen to: - for a WAV stream on standard input "
+                                                          "(any rate and channels), or an audio file; default: the "
+                                                          "default sound input."),
+    realtime: bool = typer.Option(False, "--realtime", help="With --input FILE: play the file at its own pace "
+                                                            "(else as fast as the model goes)."),
+    record: Path = typer.Option(None, "--record", help="Write the jam as two channels (the input as heard, the "
+                                                       "model's answers), .wav or .flac."),
+    log: Path = typer.Option(None, "--log", help="Write one JSON line per answer: start, end, why it ended, seed, "
+                                                 "bits per sample."),
+    wait: float = typer.Option(JAM.wait, help="Seconds of quiet before the model answers."),
+    max_answer: float = typer.Option(JAM.max_answer, help="The longest answer, seconds."),
+    quiet_db: float = typer.Option(JAM.quiet_db, help="Quiet: this many dB below the recent playing level."),
+    play: bool = typer.Option(True, "--play/--no-play", help="Play the answers on the default sound output."),
+    model: ModelSpec = DEFAULT_NAME,
+    seed: Seed = None,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    fused: Fused = D.fused,
+    half_weights: HalfWeights = D.half_weights,
+):
+    """Jam: the model listens live and answers when you pause, until the input ends (or Ctrl-C).
+
+    `ffmpeg -re -i song.ogg -f wav - | s4music jam --input - --record jam.wav --log turns.jsonl`"""
+    import sys
+
+    from s4music.jam import run_jam
+    from s4music.model.registry import load_model
+    from s4music.sources import device_input, file_at_pace, wav_stream
+
+    options = JamOptions(wait=wait, max_answer=max_answer, quiet_db=quiet_db, seed=seed,
+                         sampling=Sampling(temperature, top_k, top_p),
+                         step=StepOptions(device="cpu", fused=fused, half_weights=half_weights))
+    options.check()
+    net = load_model(model, device="cpu")
+    sr = net.audio.sample_rate
+    if input is None:
+        source = device_input(sr)
+    elif input == "-":
+        source = wav_stream(sys.stdin.buffer, sr)
+    else:
+        source = file_at_pace(input, sr, realtime=realtime)
+    colours = {"verdict": "cyan", "answer": "green", "turn": "green"}
+    result = run_jam(source, net, options, record=record, log=log, play=play,
+                     on_event=lambda e: console.print(f"[{colours[e.kind]}]{e.time_s:7.2f} s[/] {e.text}",
+                                                      highlight=False))
+    console.print(f"{result.seconds:.1f} s of input, {len(result.turns)} answer(s), seed {result.seed}, "
+                  f"{result.step}" + (f"; recording: {result.record}" if result.record else ""), highlight=False)
 
 
 def main() -> None:

@@ -37,6 +37,9 @@ from s4music.model.kernels import cauchy, vandermonde
 
 # The prompt scan folds this many samples into the state per matrix step.
 SCAN_CHUNK = 256
+# Up to this many chunks (batch x chunks) in a call, a chunk's own convolution goes by FFT rather than by
+# building the (H, SCAN_CHUNK, SCAN_CHUNK) Toeplitz matrix, which costs more than it saves there.
+FFT_CHUNKS = 16
 
 
 def hippo_legs_nplr(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,18 +89,25 @@ class Recurrence:
     dA_top (H, N/2, N) complex64: the rows of dA that update the kept half of the state.
     dB     (H, N/2) complex64.
     dC     (H, N/2) complex64: the raw C (C-tilde undone), so y = 2 Re(dC . x).
-    scan_kernel (H, N/2, SCAN_CHUNK) complex64: column j is (dA^j dB), half rows.
+    scan_columns (H, SCAN_CHUNK, N) float32: row j is (dA^j dB) over the half state, as
+                [real | imag]: what an input j samples before a chunk's end adds to the state.
+    scan_taps   (H, SCAN_CHUNK) float32: the kernel's first taps K[j] = 2 Re(dC dA^j dB).
+    scan_taps_f (H, SCAN_CHUNK + 1) complex64: their FFT at 2 SCAN_CHUNK points.
     scan_rows   (H, N, SCAN_CHUNK) float32: column i is (dC dA^(i+1)) over the half state, as
                 [real; -imag], so that 2 Re(x . column) is a real product with [x.real | x.imag].
     scan_power  (H, N, N) complex128: dA^SCAN_CHUNK, full rows.
+    dA_log      (H, N/2) complex64: the log of dA's diagonal (S4D; None for DPLR), so dA^k = exp(k dA_log).
     """
 
     dA_top: torch.Tensor
     dB: torch.Tensor
     dC: torch.Tensor
-    scan_kernel: torch.Tensor
+    scan_columns: torch.Tensor
+    scan_taps: torch.Tensor
+    scan_taps_f: torch.Tensor
     scan_rows: torch.Tensor
     scan_power: torch.Tensor
+    dA_log: torch.Tensor | None
 
 
 class S4Kernel(nn.Module):
@@ -236,13 +246,19 @@ class S4Kernel(nn.Module):
                 rows = torch.cat([rows, rows @ power], dim=-2)
                 power = power @ power
             n2 = self.N2
+            half = columns[:, :n2]  # (H, N/2, c) complex128
+            taps = 2 * torch.einsum("hn,hnc->hc", c[:, :n2], half).real.float()
             rec = Recurrence(
                 dA_top=d_a[:, :n2].to(torch.complex64),
                 dB=d_b[:, :n2].to(torch.complex64),
                 dC=c[:, :n2].to(torch.complex64),
-                scan_kernel=columns[:, :n2].to(torch.complex64),
+                scan_columns=torch.cat([half.real, half.imag], dim=1).transpose(1, 2).float().contiguous(),
+                scan_taps=taps,
+                scan_taps_f=torch.fft.rfft(taps, n=2 * SCAN_CHUNK),
                 scan_rows=torch.cat([rows[..., :n2].real, -rows[..., :n2].imag], -1).transpose(1, 2).float(),
                 scan_power=power,
+                dA_log=torch.log(torch.diagonal(d_a, dim1=-2, dim2=-1)[:, :n2]).to(torch.complex64)
+                if self.config.mode == "diag" else None,
             )
         self._cache = (key, rec)
         return rec
@@ -287,7 +303,7 @@ class S4Kernel(nn.Module):
         return y, state
 
     @torch.no_grad()
-    def scan(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def scan(self, u: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Convolution mode without the FFT, for prompt reading: u (B, L, H) -> y (B, L, H) and the
         state after u (B, H, N/2). y = 2 Re(C x) without the D term, as `conv_kernel` gives.
 
@@ -297,22 +313,45 @@ class S4Kernel(nn.Module):
         state x before a chunk adds 2 Re(C dA^(i+1) x) to its sample i. Nothing of size (H, N, L)
         is formed, and all but the loop are real matrix products: several times faster than the
         FFT for long prompts.
+
+        From rest (`state` None) a length that is not a multiple of c is padded with zeros in
+        front. From a `state` (B, H, N/2), the first L mod c samples are taken first: in closed form
+        for S4D, by the recurrence for DPLR (whose dA^k costs a dense product); lengths that are
+        multiples of c go straight to the chunks.
         """
-        rec = self.recurrence()
         batch, length, h = u.shape
         c = SCAN_CHUNK
-        pad = (-length) % c
-        # (H, B * chunks, c): time runs along the last axis, so both layout changes are 2-D transposes
-        chunks = u.float().permute(2, 0, 1)
-        chunks = (F.pad(chunks, (pad, 0)) if pad else chunks.contiguous()).view(h, -1, c)  # zeros first: at rest
-        n_chunks = chunks.shape[1] // batch
+        if state is None:
+            pad = (-length) % c
+            chunks = u.float().permute(2, 0, 1)  # (H, B, L): time last, so both layout changes are 2-D transposes
+            chunks = F.pad(chunks, (pad, 0)) if pad else chunks.contiguous()  # zeros first: at rest
+            y, x = self._chunks(chunks, None)
+            return y[..., pad:].permute(1, 2, 0).contiguous(), x
+        head = length % c
+        ys = []
+        if head:
+            y, state = self._head(u[:, :head].float(), state)
+            ys.append(y)
+        if length > head:
+            y, state = self._chunks(u[:, head:].float().permute(2, 0, 1).contiguous(), state)
+            ys.append(y.permute(1, 2, 0))
+        return torch.cat(ys, dim=1).contiguous(), state
 
-        taps = 2 * torch.einsum("hn,hnc->hc", rec.dC, rec.scan_kernel).real  # K[0..c-1]
-        toeplitz = F.pad(taps, (c - 1, 0)).unfold(-1, c, 1).flip(1)  # (H, c, c): [s, i] = K[i - s], 0 below
-        y = torch.bmm(chunks, toeplitz)  # (H, B * chunks, c)
+    def _chunks(self, chunks: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """chunks (H, B, L), L a multiple of c, from `state` (B, H, N/2) or rest -> y (H, B, L), state."""
+        rec = self.recurrence()
+        c = SCAN_CHUNK
+        h, batch, length = chunks.shape
+        n_chunks = length // c
+        chunks = chunks.view(h, batch * n_chunks, c)
 
-        rev = rec.scan_kernel.flip(-1)  # weight of chunk position i is dA^(c-1-i) dB
-        contrib = torch.bmm(chunks, torch.cat([rev.real, rev.imag], dim=1).transpose(1, 2))  # (H, B * chunks, N)
+        if n_chunks * batch <= FFT_CHUNKS:  # a few chunks: the (H, c, c) Toeplitz would cost more to build than to use
+            y = torch.fft.irfft(torch.fft.rfft(chunks, n=2 * c) * rec.scan_taps_f.unsqueeze(1), n=2 * c)[..., :c].contiguous()
+        else:
+            toeplitz = F.pad(rec.scan_taps, (c - 1, 0)).unfold(-1, c, 1).flip(1)  # (H, c, c): [s, i] = K[i - s]
+            y = torch.bmm(chunks, toeplitz)  # (H, B * chunks, c)
+        # chunk position i reaches the chunk's end through dA^(c-1-i) dB: reversed, through the columns
+        contrib = torch.bmm(chunks.flip(-1), rec.scan_columns)  # (H, B * chunks, N)
         contrib = contrib.view(h, batch, n_chunks, 2, self.N2).permute(2, 0, 1, 4, 3)
         contrib = _conj_pairs(torch.view_as_complex(contrib.contiguous()))  # (chunks, H, B, N)
         power = rec.scan_power.to(torch.complex64)
@@ -323,14 +362,35 @@ class S4Kernel(nn.Module):
             power = power.transpose(1, 2).contiguous()  # x @ power = (dA^c x)^T
             carry = lambda x, j: torch.baddbmm(contrib[j], x, power)  # noqa: E731
         before = torch.empty_like(contrib)  # the state before each chunk
-        x = contrib.new_zeros(contrib.shape[1:])
+        x = contrib.new_zeros(contrib.shape[1:]) if state is None else _conj_pairs(state.transpose(0, 1))
         for j in range(n_chunks):
             before[j] = x
             x = carry(x, j)
         before = torch.view_as_real(before[..., : self.N2].permute(1, 2, 0, 3)).transpose(-1, -2)
         y.baddbmm_(before.reshape(h, batch * n_chunks, -1), rec.scan_rows, alpha=2)
-        y = y.view(h, batch, -1)[..., pad:].permute(1, 2, 0).contiguous()
-        return y, x[..., : self.N2].transpose(0, 1).contiguous()
+        return y.view(h, batch, length), x[..., : self.N2].transpose(0, 1).contiguous()
+
+    def _head(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fewer than c samples u (B, r, H) from `state` (B, H, N/2) -> y (B, r, H), the state after."""
+        rec = self.recurrence()
+        r = u.shape[1]
+        if self.config.mode != "diag":
+            ys = []
+            for t in range(r):
+                y, state = self.step(u[:, t], state)
+                ys.append(y)
+            return torch.stack(ys, dim=1), state
+        # from the inputs: the kernel's first r taps; from the state: y_i = 2 Re(C dA^(i+1) x), the scan's rows
+        toeplitz = F.pad(rec.scan_taps[:, :r], (r - 1, 0)).unfold(-1, r, 1).flip(1)  # (H, r, r)
+        u_h = u.permute(2, 0, 1)  # (H, B, r): channels as the batch of matrix products
+        y = torch.bmm(u_h, toeplitz)
+        x_ri = torch.cat([state.real, state.imag], dim=-1).transpose(0, 1)  # (H, B, N)
+        y = torch.baddbmm(y, x_ri, rec.scan_rows[..., :r], alpha=2).permute(1, 2, 0)
+        # input i reaches the end through dA^(r-1-i) dB: reversed in time, through the columns
+        ri = torch.bmm(u_h.flip(-1), rec.scan_columns[:, :r]).transpose(0, 1)  # (B, H, N) as [real | imag]
+        decay = torch.exp(r * rec.dA_log)  # dA^r, elementwise for S4D
+        state = decay * state + torch.complex(ri[..., : self.N2], ri[..., self.N2:])
+        return y, state
 
 
 def fft_length(n: int) -> int:
@@ -382,21 +442,24 @@ class S4Block(nn.Module):
     def _out(self, y: torch.Tensor) -> torch.Tensor:
         return F.glu(self.output_linear(F.gelu(y)), dim=-1)
 
-    def forward(self, x: torch.Tensor, return_state: bool = False):
-        """x (B, L, H) -> y (B, L, H), and the recurrent state after x when asked."""
+    def forward(self, x: torch.Tensor, return_state: bool = False, state: torch.Tensor | None = None):
+        """x (B, L, H) -> y (B, L, H), and the recurrent state after x when asked. From `state`
+        (B, H, N/2) instead of rest: without gradients only (prompt reading)."""
         batch, length, _ = x.shape
         if length == 0:
-            state = self.kernel.initial_state(batch) if return_state else None
-            return x, state
+            if return_state:
+                state = self.kernel.initial_state(batch) if state is None else state
+            return x, state if return_state else None
         u = x.float()  # the convolution stays in float32 under autocast
-        state = None
         with torch.autocast(device_type=u.device.type, enabled=False):
             if torch.is_grad_enabled():  # training: differentiable FFT convolution
+                if state is not None:
+                    raise ValueError("S4Block: a starting state needs torch.no_grad() (it is for prompt reading)")
                 y = fft_convolution(u, self.kernel.conv_kernel(length))
                 if return_state:
                     state = self.kernel.scan(u)[1]
             else:  # prompt reading and evaluation: the same function, chunked
-                y, state = self.kernel.scan(u)
+                y, state = self.kernel.scan(u, state)
                 state = state if return_state else None
             y = y + u * self.D
         return self._out(y.to(x.dtype)), state

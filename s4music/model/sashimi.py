@@ -97,9 +97,9 @@ class Residual(nn.Module):
     def is_s4(self) -> bool:
         return isinstance(self.layer, S4Block)
 
-    def forward(self, x: torch.Tensor, return_state: bool = False):
+    def forward(self, x: torch.Tensor, return_state: bool = False, state: torch.Tensor | None = None):
         if self.is_s4:
-            y, state = self.layer(self.norm(x), return_state=return_state)
+            y, state = self.layer(self.norm(x), return_state=return_state, state=state)
             return x + self.dropout(y), state
         return x + self.dropout(self.layer(self.norm(x))), None
 
@@ -145,11 +145,17 @@ class UpPool(nn.Module):
         """(..., H) -> (..., H_out, p): the p full-rate outputs that one pooled step yields."""
         return self.linear(x).unflatten(-1, (self.d_out, self.pool))
 
-    def forward(self, x: torch.Tensor, length: int) -> torch.Tensor:
-        """Returns (B, length, H_out) and the block that holds position `length` (B, H_out, p)."""
-        blocks = F.pad(self.unfold(x), (0, 0, 0, 0, 1, 0))  # (B, Lp + 1, H_out, p)
-        y = blocks.transpose(2, 3).flatten(1, 2)[:, :length]
-        return y, blocks[:, length // self.pool]
+    def forward(self, x: torch.Tensor, length: int, first: torch.Tensor | None = None,
+                offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (B, length, H_out) and the block that holds the position after them (B, H_out, p).
+
+        From rest the first block is zeros; continuing, it is `first` (B, H_out, p), the block being
+        emitted, of which `offset` positions are already out."""
+        blocks = self.unfold(x)  # (B, Lp, H_out, p)
+        head = blocks.new_zeros(blocks.shape[0], 1, *blocks.shape[2:]) if first is None else first.unsqueeze(1)
+        blocks = torch.cat([head, blocks], dim=1)
+        y = blocks.transpose(2, 3).flatten(1, 2)[:, offset : offset + length]
+        return y, blocks[:, (offset + length) // self.pool]
 
 
 class UpBlock(nn.Module):
@@ -245,26 +251,35 @@ class SaShiMi(nn.Module):
         return self._run(x, return_state=False)[0]
 
     @torch.no_grad()
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, SaShiMiState]:
-        """Read a whole prompt in one parallel pass: logits (B, L, 256) and the state after it."""
-        return self._run(x, return_state=True)
+    def prefill(self, x: torch.Tensor, state: SaShiMiState | None = None) -> tuple[torch.Tensor, SaShiMiState]:
+        """Read inputs x (B, L) in one parallel pass, from rest or from `state` (which is left as it
+        is): logits (B, L, 256) and the state after them. prefill(x[:, :k]) then prefill(x[:, k:],
+        state) is prefill(x), for any k."""
+        return self._run(x, return_state=True, start=state)
 
-    def _run(self, x: torch.Tensor, return_state: bool):
-        state = SaShiMiState(t=x.shape[1])
+    def _run(self, x: torch.Tensor, return_state: bool, start: SaShiMiState | None = None):
+        t0 = start.t if start is not None else 0
+        state = SaShiMiState(t=t0 + x.shape[1])
+        s4_in = iter(start.s4) if start is not None else None
 
         def blocks(layers, h):
             for layer in layers:
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                     h = checkpoint(lambda t, layer=layer: layer(t)[0], h, use_reentrant=False)
                     continue
-                h, s = layer(h, return_state=return_state)
+                given = next(s4_in) if s4_in is not None and layer.is_s4 else None
+                h, s = layer(h, return_state=return_state, state=given)
                 if s is not None:
                     state.s4.append(s)
             return h
 
         h = self.encoder(x)
-        skips = [h]
-        for pool in self.down_pools:
+        skips, slots = [h], []  # slots[i]: tier i's position within its current pooled step, at t0
+        period = 1
+        for i, pool in enumerate(self.down_pools):
+            slots.append((t0 // period) % pool.pool)
+            if start is not None:  # the pooled step being gathered starts with the samples waiting in the buffer
+                h = torch.cat([start.down[i][..., : slots[i]].transpose(1, 2), h], dim=1)
             if return_state:  # the partial pooled step at the end waits in the buffer
                 n = h.shape[1] // pool.pool * pool.pool
                 buf = h.new_zeros(h.shape[0], h.shape[2], pool.pool)
@@ -272,10 +287,13 @@ class SaShiMi(nn.Module):
                 state.down.append(buf)
             h = pool(h)
             skips.append(h)
+            period *= pool.pool
         h = blocks(self.center, h) + skips.pop()
-        for up in self.up_blocks:
+        for j, up in enumerate(self.up_blocks):
             skip = skips.pop()
-            h, pending = up.pool(h, skip.shape[1])
+            tier = len(self.up_blocks) - 1 - j
+            first = start.up[j] if start is not None else None
+            h, pending = up.pool(h, skip.shape[1], first=first, offset=slots[tier])
             state.up.append(pending)
             h = h + skip
             h = blocks(up.layers, h) + h

@@ -1,0 +1,322 @@
+"""`s4music jam`: a band mate that listens live and answers when you pause.
+
+    result = run_jam(wav_stream(sys.stdin.buffer, 16000), options=JamOptions(wait=1.0),
+                     record="jam.wav", log="turns.jsonl")
+
+A state-space model keeps a constant-size state in step with live audio, sample by sample, for as
+long as the music goes on. While the player plays, the state follows the input as it arrives: in
+blocks of `align` samples (or two) read in one parallel pass (`prefill(x, state)`) where the
+state's time is aligned to them, and by teacher forcing through the fused step for the rest (fewer
+samples, and its cost per sample does not depend on the block). When the input has stayed quiet for `wait`
+seconds (quiet: `quiet_db` below the recent playing level), the model answers from its state until
+the player comes back or `max_answer` seconds pass; then the answer fades out within one block
+(20 ms) and the jam listens again. The model hears its own answer (its state continues through it)
+and then the player's return.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from s4music.audio import Audio, decode, encode
+from s4music.dsp import HighPass, dbfs
+from s4music.errors import S4MusicError
+from s4music.files import AtomicFile
+from s4music.generate.options import Sampling, StepOptions
+from s4music.generate.sampler import Sampler, Stepper
+from s4music.guidance import describe_signal, judge
+from s4music.model.fast import FusedStep
+from s4music.model.registry import load_model
+from s4music.model.s4 import SCAN_CHUNK
+from s4music.model.sashimi import SaShiMi, code_bits
+from s4music.sinks import DeviceSink, RecordingSink
+
+MUSIC_FLOOR_DBFS = -60.0  # the first block above this starts the jam's sense of the playing level
+LEVEL_RELEASE_DB_PER_S = 3.0  # how fast the playing level follows a softer passage down
+PEAK_RELEASE_DB_PER_S = 1.0  # how fast the encoding scale follows the input down
+RECENT_S = 3.0  # the live verdict judges this much of the latest playing
+
+
+class JamError(S4MusicError):
+    pass
+
+
+@dataclass
+class JamOptions:
+    wait: float = 1.0  # seconds of quiet before the model answers
+    max_answer: float = 10.0  # the longest answer, seconds
+    quiet_db: float = 20.0  # quiet: this far below the recent playing level
+    guidance_after: float = 3.0  # seconds of playing before the first live verdict
+    seed: int | None = None  # answer k uses seed + k; None: a fresh random seed
+    sampling: Sampling = field(default_factory=Sampling)
+    step: StepOptions = field(default_factory=lambda: StepOptions(device="cpu"))
+
+    def check(self) -> None:
+        problems = [f"{name} {value:g}: {rule}" for name, value, bad, rule in (
+            ("--wait", self.wait, not 0 < self.wait <= 60, "must be more than 0 and at most 60 seconds"),
+            ("--max-answer", self.max_answer, not 0 < self.max_answer <= 600, "must be more than 0 and at most 600"),
+            ("--quiet-db", self.quiet_db, not 3 <= self.quiet_db <= 80, "must be 3 to 80 dB"),
+        ) if bad] + self.sampling.problems()
+        if problems:
+            raise JamError("; ".join(problems))
+
+
+@dataclass
+class Turn:
+    """One answer, on the jam's clock (seconds of input since the start)."""
+
+    index: int
+    seed: int
+    silence_s: float  # when the quiet it answers began
+    start_s: float
+    end_s: float
+    ended: str  # "player returned", "max answer" or "input ended"
+    bits_per_sample: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class JamEvent:
+    kind: str  # "verdict" (the live guidance changed), "answer" (one begins) or "turn" (one ended)
+    time_s: float
+    text: str
+    turn: Turn | None = None
+
+
+class Jam:
+    """Listening and answering, one block of input at a time: `feed(block)` returns the model's
+    answer for that block's time (zeros while it listens)."""
+
+    def __init__(self, net: SaShiMi, options: JamOptions | None = None,
+                 on_event: Callable[[JamEvent], None] | None = None):
+        self.options = options or JamOptions()
+        self.options.check()
+        self.on_event = on_event or (lambda event: None)
+        self.sr = net.audio.sample_rate
+        self.scheme = net.audio.quantization
+        self.stepper = Stepper(net, self.options.step)
+        self.net = self.stepper.net
+        self.sampling = self.options.sampling.resolved(net.summary)
+        self.seed = self.options.seed if self.options.seed is not None else secrets.randbelow(2**31)
+        self.align = SCAN_CHUNK * net.config.total_pool  # a prefill from a state this aligned takes no slow head
+        self.state = self.net.initial_state(1)
+        self.code = torch.tensor([net.config.n_codes // 2])  # the next input, as after the official start code
+        self.clock = 0  # input samples seen
+        self.pending: list[torch.Tensor] = []  # input codes the state has not taken yet
+        self.peak = 1e-3  # the encoding scale: the input's recent peak
+        self.level_db: float | None = None  # the recent playing level
+        self.quiet_since: int | None = None  # clock sample where the current quiet began
+        self.armed = False  # the player has played since the last answer
+        self.answer: Sampler | None = None
+        self.turns: list[Turn] = []
+        self.highpass = HighPass(self.sr)
+        self.heard: deque[np.ndarray] = deque()  # the last few seconds of playing, and the model's bits on them
+        self.heard_bits: deque[tuple[int, float]] = deque()  # (samples, summed bits) of what the state took
+        self.played_s = 0.0
+        self.verdict: str | None = None
+        self.next_verdict_s = self.options.guidance_after
+
+    # ---------------------------------------------------------------- the state follows the input
+    def _absorb(self, everything: bool, eager: bool = False) -> None:
+        """Feed pending input codes into the state: aligned blocks by one parallel pass (two aligned
+        units at a time while the player plays, which runs faster; one at a time with `eager`, when
+        an answer may be near and what is left pending must be short), the rest (to re-align after
+        an answer, or all of it with `everything`) by teacher forcing."""
+        codes = torch.cat(self.pending) if self.pending else torch.zeros(0, dtype=torch.long)
+        taken, big = 0, 2 * self.align
+        while taken < len(codes):
+            t, left = self.state.t, len(codes) - taken
+            if t % self.align:
+                n, forced = min(left, self.align - t % self.align), True
+            elif t % big == 0 and left >= big:
+                n, forced = big, False
+            elif left >= self.align and (eager or t % big):
+                n, forced = self.align, False
+            elif everything:
+                n, forced = left, True
+            else:
+                break
+            self._take(codes[taken : taken + n], forced)
+            taken += n
+        self.pending = [codes[taken:]] if taken < len(codes) else []
+
+    @torch.no_grad()
+    def _take(self, codes: torch.Tensor, forced: bool) -> None:
+        fast = self.stepper.fast
+        if forced and isinstance(fast, FusedStep):
+            _, logprobs, _ = fast.run(self.code, self.state, torch.zeros(1, len(codes)), forced=codes.unsqueeze(0))
+            bits = -logprobs[0].double() / math.log(2)
+        else:
+            x = torch.cat([self.code, codes[:-1]]).unsqueeze(0)
+            logits, self.state = self.net.prefill(x, self.state)
+            bits = code_bits(logits, codes.unsqueeze(0))[0].double()
+        self.code = codes[-1:]
+        self.heard_bits.append((len(codes), float(bits.sum())))
+        while sum(n for n, _ in self.heard_bits) - self.heard_bits[0][0] > RECENT_S * self.sr:
+            self.heard_bits.popleft()
+
+    # ---------------------------------------------------------------- a block
+    def feed(self, block: np.ndarray) -> np.ndarray:
+        """One block of input (n,) float32 at the model's rate -> the answer for its time (n,)."""
+        block = np.asarray(block, dtype=np.float32)
+        n = len(block)
+        seconds = n / self.sr
+        rms_db = dbfs(float(np.sqrt(np.mean(block.astype(np.float64) ** 2)))) if n else -200.0
+        quiet = self.level_db is None or rms_db < self.level_db - self.options.quiet_db
+        if not quiet:
+            self.level_db = max(rms_db, self.level_db - LEVEL_RELEASE_DB_PER_S * seconds)
+        elif self.level_db is None and rms_db > MUSIC_FLOOR_DBFS:
+            self.level_db, quiet = rms_db, False
+        out = np.zeros(n, dtype=np.float32)
+        if self.answer is not None:
+            out = self._answer_block(n, ended="player returned" if not quiet else None)
+        else:
+            self._listen(block, quiet)
+        self.clock += n
+        return out
+
+    def _listen(self, block: np.ndarray, quiet: bool) -> None:
+        n = len(block)
+        if len(block):
+            self.peak = max(float(np.abs(block).max()), self.peak * 10 ** (-PEAK_RELEASE_DB_PER_S * n / self.sr / 20))
+        self.pending.append(encode(torch.from_numpy(block), self.scheme, peak=self.peak).long())
+        self._absorb(everything=False, eager=quiet)
+        if not quiet:
+            self.armed, self.quiet_since = True, None
+            self.played_s += n / self.sr
+            self.heard.append(block)
+            while len(self.heard) > 1 and sum(map(len, self.heard)) - len(self.heard[0]) > RECENT_S * self.sr:
+                self.heard.popleft()
+            self._guidance()
+            return
+        if self.quiet_since is None:
+            self.quiet_since = self.clock
+        if self.armed and self.clock + n - self.quiet_since >= self.options.wait * self.sr:
+            self._start_answer(self.clock + n)  # from the next block on
+
+    def _start_answer(self, start: int) -> None:
+        self._absorb(everything=True)
+        index = len(self.turns)
+        seed = self.seed + index
+        self.answer = self.stepper.sampler(self.state, self.code, [seed], self.sampling)
+        self.answer_info = {"index": index, "seed": seed, "silence": self.quiet_since, "start": start,
+                            "logprob": 0.0, "samples": 0}
+        self.armed, self.quiet_since = False, None
+        self.on_event(JamEvent("answer", self.answer_info["start"] / self.sr, f"answering (seed {seed})"))
+
+    def _answer_block(self, n: int, ended: str | None) -> np.ndarray:
+        info = self.answer_info
+        if ended is None and info["samples"] + n >= self.options.max_answer * self.sr:
+            ended = "max answer"
+        codes, logprobs = self.answer.take(n)
+        info["logprob"] += float(logprobs.double().sum())
+        info["samples"] += n
+        wave = self.highpass(decode(codes, self.scheme) * self.peak)[0].float().numpy()
+        if ended is not None:
+            wave *= np.linspace(1.0, 0.0, n, dtype=np.float32)  # fade out within the block
+            self._end_answer(ended, self.clock + n)
+        return wave
+
+    def _end_answer(self, why: str, end: int) -> None:
+        info = self.answer_info
+        self.state, self.code = self.answer.state, self.answer.code.cpu()  # it heard its own answer
+        self.answer = None
+        bits = -info["logprob"] / max(1, info["samples"]) / math.log(2)
+        turn = Turn(info["index"], info["seed"], info["silence"] / self.sr, info["start"] / self.sr, end / self.sr,
+                    why, bits)
+        self.turns.append(turn)
+        self.on_event(JamEvent("turn", turn.end_s, f"answer {turn.index + 1}: {turn.start_s:.2f}-{turn.end_s:.2f} s, "
+                                                   f"{why}, {bits:.2f} bits/sample", turn))
+
+    def finish(self) -> None:
+        """The input has ended: close an answer that was playing."""
+        if self.answer is not None:
+            self._end_answer("input ended", self.clock)
+
+    def _guidance(self) -> None:
+        """A one-line verdict on how well the model knows the input, first after guidance_after
+        seconds of playing, then each second, reported when it changes."""
+        if self.played_s < self.next_verdict_s:
+            return
+        self.next_verdict_s = self.played_s + 1.0
+        taken = sum(n for n, _ in self.heard_bits)
+        if not taken or not self.heard:
+            return
+        audio = Audio(torch.from_numpy(np.concatenate(self.heard)), self.sr, self.sr, 1)
+        report = judge(describe_signal(audio, "live input"), sum(b for _, b in self.heard_bits) / taken,
+                       self.net.summary)
+        if report.verdict != self.verdict:
+            self.verdict = report.verdict
+            why = report.reasons[-1] if report.reasons else ""
+            self.on_event(JamEvent("verdict", self.clock / self.sr, f"{report.verdict}: {why}"))
+
+
+@dataclass
+class JamResult:
+    turns: list[Turn]
+    seconds: float  # of input
+    seed: int
+    step: str
+    record: Path | None
+    log: Path | None
+
+
+def run_jam(source: Iterator[np.ndarray], model: str | Path | SaShiMi | None = None,
+            options: JamOptions | None = None, record: str | Path | None = None, log: str | Path | None = None,
+            play: bool = True, on_event: Callable[[JamEvent], None] | None = None,
+            sample_rate: int | None = None) -> JamResult:
+    """Jam on the blocks of `source` (mono float32 at the model's rate; see s4music.sources), until it
+    ends. `record` writes the jam as two channels (the input as heard, the model's answers); `log`
+    one JSON line per answer. Both are kept, closed and valid, however the jam stops."""
+    options = options or JamOptions()
+    options.check()
+    net = model if isinstance(model, SaShiMi) else load_model(model, device="cpu")
+    sr = net.audio.sample_rate
+    if sample_rate is not None and sample_rate != sr:
+        raise JamError(f"the source gives {sample_rate} Hz, the model takes {sr} Hz")
+    recording = RecordingSink(record, sr, 2) if record else None
+    log_file = AtomicFile(log) if log else None
+    log_stream = open(log_file.tmp, "w") if log_file else None
+
+    def event(e: JamEvent) -> None:
+        if e.turn is not None and log_stream is not None:
+            log_stream.write(json.dumps(e.turn.to_dict()) + "\n")
+            log_stream.flush()
+        if on_event is not None:
+            on_event(e)
+
+    device = None
+    try:
+        jam = Jam(net, options, event)
+        device = DeviceSink(sr) if play else None
+        for block in source:
+            answer = jam.feed(block)
+            if recording is not None:
+                recording.write(np.stack([block, answer], axis=1))
+            if device is not None:
+                device.write(answer)
+        jam.finish()
+        if device is not None:
+            device.close()  # what is queued plays to its end
+            device = None
+    finally:
+        if recording is not None:
+            recording.close()
+        if log_stream is not None:
+            log_stream.close()
+            log_file.commit()
+        if device is not None:
+            device.abort()
+    return JamResult(jam.turns, jam.clock / sr, jam.seed, jam.stepper.name, recording.path if recording else None,
+                     Path(log) if log else None)

@@ -1,0 +1,185 @@
+"""Jam: the model follows live input and answers in the pauses; streams that go wrong end cleanly."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import need, synthesized_music
+
+from s4music.audio import encode, load_audio
+from s4music.extensions import cache_dir
+from s4music.generate import StepOptions
+from s4music.jam import Jam, JamError, JamOptions, run_jam
+from s4music.model import load_model
+from s4music.sources import SourceError, wav_stream
+
+S4MUSIC = [sys.executable, "-m", "s4music.cli"]
+SR = 16000
+
+
+def blocks_of(x: np.ndarray, n: int = 320):
+    for i in range(0, len(x), n):
+        yield x[i : i + n]
+
+
+def wav_bytes(x: np.ndarray, rate: int, channels: int = 1) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, x, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_the_model_answers_in_the_pause_and_stops_when_the_player_returns(tiny_model, tmp_path):
+    music = synthesized_music(seconds=3.0)[:, 0]
+    x = np.concatenate([music, np.zeros(2 * SR, np.float32), music[: SR]])
+    events = []
+    result = run_jam(blocks_of(x), tiny_model, JamOptions(seed=5, wait=0.5), record=tmp_path / "j.wav",
+                     log=tmp_path / "t.jsonl", play=False, on_event=events.append)
+    (turn,) = result.turns
+    assert turn.silence_s == pytest.approx(3.0, abs=0.021)
+    assert turn.start_s == pytest.approx(3.5, abs=0.041)  # wait, to the block
+    assert turn.end_s == pytest.approx(5.0, abs=0.041) and turn.ended == "player returned"
+    assert [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()] == [turn.to_dict()]
+    rec, rate = sf.read(str(tmp_path / "j.wav"))
+    assert rate == SR and rec.shape == (len(x), 2)
+    assert np.abs(rec[:, 0] - x).max() < 1e-4  # channel 1: the input as heard
+    answer = rec[:, 1]
+    assert not answer[: int(3.5 * SR)].any() and not answer[int(5.04 * SR):].any()
+    assert np.sqrt(np.mean(answer[int(3.6 * SR): int(4.9 * SR)] ** 2)) > 1e-3
+    assert [e.kind for e in events if e.kind != "verdict"] == ["answer", "turn"]
+
+
+def test_the_state_follows_the_input_as_one_prefill_would(tiny_model):
+    # aligned blocks by prefill, the rest by teacher forcing (once an answer has left the state's time
+    # unaligned): the state after the input is the state after one prefill of it, whatever the blocks
+    net = load_model(tiny_model)
+    codes = encode(torch.from_numpy(synthesized_music(seconds=1.2)[:, 0]), net.audio.quantization).long()
+    _, want = net.prefill(net.shift_right(codes.unsqueeze(0)))
+    jam = Jam(net, JamOptions(step=StepOptions(device="cpu", half_weights=False)))
+    assert jam.align == 4096  # 256-sample scan chunks at the deepest tier, under pools [4, 4]
+    first = 300  # taken by teacher forcing, as after an answer: the next ones re-align, then go by prefill
+    jam._take(codes[:first], forced=True)
+    for i in range(first, len(codes), 777):
+        jam.pending.append(codes[i : i + 777])
+        jam._absorb(everything=False)
+    jam._absorb(everything=True)
+    assert jam.state.t == len(codes) and int(jam.code) == int(codes[-1]) and not jam.pending
+    for got, ref in zip(jam.state.s4, want.s4, strict=True):
+        assert (got - ref).abs().max() < 1e-4 * max(1.0, float(ref.abs().max()))
+
+
+def test_bad_jam_options_are_named(tiny_model):
+    with pytest.raises(JamError, match="--wait 0: must be more than 0"):
+        run_jam(iter([]), tiny_model, JamOptions(wait=0), play=False)
+
+
+def test_a_wav_stream_at_any_rate_and_channel_count_is_read_as_prompts_are(tmp_path):
+    x = synthesized_music(seconds=1.0, rate=44100, channels=2)
+    got = np.concatenate(list(wav_stream(io.BytesIO(wav_bytes(x, 44100)), SR)))
+    (tmp_path / "x.wav").write_bytes(wav_bytes(x, 44100))
+    want = load_audio(tmp_path / "x.wav", SR).samples.numpy()
+    assert abs(len(got) - len(want)) < 64  # the resampler's flush
+    assert np.abs(got[: len(want)] - want).max() < 0.02
+    with pytest.raises(SourceError, match="standard input: not a WAV stream"):
+        list(wav_stream(io.BytesIO(b"ID3\x04 this is an mp3, or anything else"), SR))
+    cut = wav_bytes(x, 44100)[:5001]  # mid-frame
+    assert sum(map(len, wav_stream(io.BytesIO(cut), SR))) > 0  # what was whole is given, then it ends
+
+
+@pytest.fixture
+def sound_env(tmp_path):
+    pytest.importorskip("sounddevice", reason="sounddevice (PortAudio) is installed by `make install`")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".asoundrc").write_text("pcm.!default { type null }\n")
+    return {**os.environ, "HOME": str(home), "S4MUSIC_CACHE": str(cache_dir().parent.parent)}
+
+
+def test_jam_on_the_sound_device_until_ctrl_c_keeps_the_recording(tiny_model, tmp_path, sound_env):
+    run = subprocess.Popen([*S4MUSIC, "jam", "--model", str(tiny_model), "--record", str(tmp_path / "r.wav")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=sound_env)
+    deadline = time.time() + 120
+    while not any(p.name.startswith(".r.") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # listening to the (null) device's silence
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err.decode()
+    info = sf.info(str(tmp_path / "r.wav"))  # closed properly: a valid file
+    assert info.channels == 2 and info.samplerate == SR and info.frames > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_input_streams_end_with_one_line_or_a_clean_stop(tiny_model, tmp_path):
+    cmd = [*S4MUSIC, "jam", "--input", "-", "--model", str(tiny_model), "--no-play", "--record"]
+    text = subprocess.run([*cmd, str(tmp_path / "a.wav")], input=b"not a wav stream at all", capture_output=True)
+    lines = [ln for ln in text.stderr.decode().splitlines() if ln.strip()]
+    assert text.returncode == 1 and len(lines) == 1 and "not a WAV stream" in lines[0]
+    music = synthesized_music(seconds=2.0)[:, 0]
+    cut = wav_bytes(music, SR)[:30001]  # truncated mid-stream (and mid-frame)
+    out = subprocess.run([*cmd, str(tmp_path / "b.wav")], input=cut, capture_output=True)
+    assert out.returncode == 0, out.stderr.decode()
+    info = sf.info(str(tmp_path / "b.wav"))
+    assert info.channels == 2 and abs(info.frames - (30001 - 44) // 2) < 64
+    # a writer that goes away: the pipe closes, the jam ends and keeps what it heard
+    writer = subprocess.Popen([*cmd, str(tmp_path / "c.wav")], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    writer.stdin.write(wav_bytes(music, SR)[:20000])
+    writer.stdin.close()
+    assert writer.wait(timeout=120) == 0
+    assert sf.info(str(tmp_path / "c.wav")).frames > 0
+
+
+@pytest.mark.slow
+def test_a_real_recording_at_real_time_pace_gets_two_answers_in_its_two_silences(recordings, tmp_path):
+    need(shutil.which("ffmpeg") is not None, "ffmpeg")
+    music = load_audio(recordings[0], 44100).samples.numpy()
+    assert len(music) > 12 * 44100
+    silence = np.zeros(3 * 44100, np.float32)
+    # two 3 s silences, after 4 s and after 8 s of music
+    piece = np.concatenate([music[: 4 * 44100], silence, music[4 * 44100 : 8 * 44100], silence,
+                            music[8 * 44100 : 11 * 44100]])
+    sf.write(str(tmp_path / "piece.wav"), np.stack([piece, piece], 1), 44100)  # stereo, 44.1 kHz
+    ffmpeg = subprocess.Popen(["ffmpeg", "-v", "error", "-re", "-i", str(tmp_path / "piece.wav"), "-f", "wav", "-"],
+                              stdout=subprocess.PIPE)
+    jam = subprocess.run([*S4MUSIC, "jam", "--input", "-", "--no-play", "--seed", "0", "--record",
+                          str(tmp_path / "jam.wav"), "--log", str(tmp_path / "turns.jsonl")],
+                         stdin=ffmpeg.stdout, capture_output=True, text=True)
+    ffmpeg.wait()
+    assert jam.returncode == 0, jam.stderr
+    turns = [json.loads(line) for line in (tmp_path / "turns.jsonl").read_text().splitlines()]
+    assert len(turns) == 2, turns
+    for turn, (quiet, back) in zip(turns, [(4.0, 7.0), (11.0, 14.0)], strict=True):
+        assert abs(turn["silence_s"] - quiet) < 0.05
+        assert quiet < turn["start_s"] <= quiet + 1.0 + 0.5  # within --wait + 0.5 s of the silence
+        assert abs(turn["end_s"] - back) <= 0.2 and turn["ended"] == "player returned"
+    rec, rate = sf.read(str(tmp_path / "jam.wav"))
+    answer = rec[:, 1]
+    voiced = np.zeros(len(answer), bool)
+    for turn in turns:
+        voiced[int(turn["start_s"] * rate): int(turn["end_s"] * rate)] = True
+    frames = answer[: len(answer) // 320 * 320].reshape(-1, 320)
+    loud = np.sqrt((frames**2).mean(1)) > 1e-3
+    inside = voiced[: len(loud) * 320].reshape(-1, 320).all(1)
+    outside = ~voiced[: len(loud) * 320].reshape(-1, 320).any(1)
+    assert loud[inside].mean() > 0.9 and not loud[outside].any()  # channel 2 sounds exactly there
+
+
+def test_the_wav_header_parser_takes_extensible_and_float_streams():
+    x = synthesized_music(seconds=0.5)[:, 0]
+    for subtype in ("FLOAT", "PCM_32"):
+        buf = io.BytesIO()
+        sf.write(buf, x, SR, format="WAV", subtype=subtype)
+        got = np.concatenate(list(wav_stream(io.BytesIO(buf.getvalue()), SR)))
+        assert np.abs(got[: len(x)] - x).max() < 1e-3
+    header = b"RIFF" + struct.pack("<I", 0) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, SR, SR * 3, 3, 24)
+    with pytest.raises(SourceError, match="24-bit samples is not supported"):
+        list(wav_stream(io.BytesIO(header + b"data" + struct.pack("<I", 0)), SR))
