@@ -6,11 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := ffmpeg fluidsynth timgm6mb-soundfont libportaudio2
-# Real recordings (Ogg Vorbis, 44.1 kHz stereo) that the tests use as fixtures.
-TEST_APT_PACKAGES := drascula-music
+# Real recordings (Ogg Vorbis, 44.1 kHz stereo) that the tests use as fixtures, and the browser the
+# studio's page is tested in (driven by Playwright, which uses it rather than downloading its own).
+TEST_APT_PACKAGES := drascula-music chromium
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test test-fast test-sweep demo bench lint clean
+.PHONY: install system-deps test test-fast test-sweep demo studio bench lint clean
 
 install: system-deps $(STAMP)
 
@@ -59,6 +60,11 @@ DEMO_SECONDS ?= 10
 demo: install
 	$(BIN)/s4music continue examples/prompt.wav -o demo/continuation.wav --seconds $(DEMO_SECONDS) --seed 0 --plot
 	@echo "listen: demo/continuation.wav (picture: demo/continuation.png, settings: demo/continuation.json)"
+
+# The web page (s4music studio) on http://127.0.0.1:7860; STUDIO_ARGS="--port 8000 --model runs/mine/best".
+STUDIO_ARGS ?=
+studio: install
+	GRADIO_ANALYTICS_ENABLED=False $(BIN)/s4music studio $(STUDIO_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/run.py

@@ -83,6 +83,8 @@ def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Sh
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
+    if not verbose:  # the web page's HTTP client logs every request at INFO
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def progress_bar(info: bool = False) -> Progress:
@@ -598,6 +600,26 @@ def jam(
                                                       highlight=False))
     console.print(f"{result.seconds:.1f} s of input, {len(result.turns)} answer(s), seed {result.seed}, "
                   f"{result.step}" + (f"; recording: {result.record}" if result.record else ""), highlight=False)
+
+
+@command
+def studio(
+    port: int = typer.Option(7860, help="Port to serve on."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 lets anyone on the network use it."),
+    model: ModelSpec = DEFAULT_NAME,
+    share: bool = typer.Option(False, "--share", help="Also open a public Gradio tunnel (off unless asked)."),
+    max_upload_mb: int = typer.Option(100, help="Largest upload, MB."),
+):
+    """A local web page that guides you to a good continuation: prompt in, guidance, takes."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
+    from s4music.studio import serve
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[bold yellow]warning:[/] serving on {host}: anyone who can reach this machine can use the "
+                      "studio and the model", highlight=False)
+    console.print(f"s4music studio: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port} (Ctrl-C stops it)",
+                  highlight=False)
+    serve(host, port, model, share=share, max_upload_mb=max_upload_mb)
 
 
 def main() -> None:

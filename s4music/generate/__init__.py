@@ -164,9 +164,10 @@ def take_paths(out: Path, variations: int) -> list[Path]:
 
 
 def write_generation(generation: Generation, out: str | Path, model_id: str, source: str | None,
-                     play: bool = False) -> GenerateResult:
+                     play: bool = False, on_chunk: Callable[[Chunk], None] | None = None) -> GenerateResult:
     """Run the stream into its sinks: one file per variation (or standard output), the sound device
-    with `play`; then retries, ranking and the sidecar. Files appear only when complete."""
+    with `play`, and `on_chunk` (a web page's player); then retries, ranking and the sidecar. Files
+    appear only when complete; an exception from `on_chunk` stops the run and leaves none."""
     options = generation.options
     stdout = str(out) == STDOUT
     sr, frames = generation.sample_rate, generation.frames
@@ -184,6 +185,8 @@ def write_generation(generation: Generation, out: str | Path, model_id: str, sou
                     sink.write(chunk.after(generation.first_frame)[i].numpy())
                 if device is not None:
                     device.write(chunk.after(play_from)[0].numpy())
+                if on_chunk is not None:
+                    on_chunk(chunk)
         except BrokenPipeError:
             raise OutputClosed("standard output was closed by its reader") from None
         takes = generation.takes()
