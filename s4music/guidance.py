@@ -86,6 +86,9 @@ def judge(report: PromptReport, bits: float | None, summary: dict) -> PromptRepo
         if advice:
             report.advice.append(advice)
 
+    if summary.get("kind") == "speech":
+        flag(FAR, f"this model knows speech ({domain or 'spoken words'}), not music",
+             "for music, use --model default, or youtubemix for piano")
     if report.rms_dbfs < SILENT_DBFS:
         flag(FAR, f"the prompt is silent (RMS {report.rms_dbfs:.0f} dBFS)",
              "give a prompt with music in it, or trim to a part that plays (--prompt-start/--prompt-end)")

@@ -285,3 +285,119 @@ def trained_model(music_dataset, tmp_path_factory) -> Path:
     result = train(config)
     record_result(result.model, evaluate(result.model, music_dataset, context=4096, max_windows=24))
     return result.model
+
+
+class LocalHub:
+    """A Hugging Face Hub on 127.0.0.1, well enough for huggingface_hub's downloads and file listings.
+
+    hub.add("model", "krandiash/sashimi-release", "checkpoints/x.pt", data); hub.url for HF_ENDPOINT.
+    hub.cut[path] = k cuts the next k downloads of a file off half way; hub.requests logs each request.
+    """
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self):
+        self.files: dict[tuple[str, str], dict[str, bytes]] = {}
+        self.cut: dict[str, int] = {}
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
+
+    def add(self, kind: str, repo: str, path: str, data: bytes) -> None:
+        self.files.setdefault((kind, repo), {})[path] = data
+
+    def handler(self):
+        import hashlib
+        import json as _json
+        import re as _re
+
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _route(self):
+                hub.requests.append((self.command, self.path, self.headers.get("Range")))
+                path = self.path.split("?")[0]
+                m = _re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path)
+                if m:
+                    files = hub.files.get((m.group(1)[:-1], m.group(2)))
+                    if files is None:
+                        return self._error(404, "RepoNotFound")
+                    body = _json.dumps([{"type": "file", "path": p, "size": len(d),
+                                         "oid": hashlib.sha1(d).hexdigest()} for p, d in sorted(files.items())])
+                    return self._send(200, body.encode(), {"Content-Type": "application/json"})
+                m = _re.fullmatch(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                if not m:
+                    return self._error(404, "RepoNotFound")
+                files = hub.files.get(("dataset" if m.group(1) else "model", m.group(2)))
+                if files is None:
+                    return self._error(404, "RepoNotFound")
+                data = files.get(m.group(4))
+                if data is None:
+                    return self._error(404, "EntryNotFound")
+                etag = hashlib.sha256(data).hexdigest()
+                start = 0
+                rng = self.headers.get("Range")
+                if rng:
+                    start = int(rng.removeprefix("bytes=").split("-")[0] or 0)
+                headers = {"X-Repo-Commit": hub.COMMIT, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
+                           "Content-Type": "application/octet-stream"}
+                if self.command == "HEAD":
+                    return self._send(200, b"", {**headers, "Content-Length": str(len(data))}, head=True)
+                body = data[start:]
+                status = 206 if rng else 200
+                if rng:
+                    headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                if hub.cut.get(m.group(4), 0) > 0:
+                    hub.cut[m.group(4)] -= 1
+                    self.send_response(status)
+                    for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return None
+                return self._send(status, body, headers)
+
+            def _error(self, status, code):
+                return self._send(status, _json.dumps({"error": code}).encode(),
+                                  {"X-Error-Code": code, "Content-Type": "application/json"})
+
+            def _send(self, status, body, headers, head=False):
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+                return None
+
+            do_GET = do_HEAD = _route
+
+        return Handler
+
+
+@pytest.fixture
+def local_hub(tmp_path):
+    """A LocalHub served on 127.0.0.1, and the environment that points huggingface_hub (and s4music's
+    caches) at it and at fresh cache directories: yields (hub, env)."""
+    hub = LocalHub()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), hub.handler())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+           "S4MUSIC_CACHE": str(tmp_path / "s4music-cache"), "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5"}
+    env.pop("HF_HUB_OFFLINE", None)
+    # the fused step's build is the machine's, not the test's: share it
+    (tmp_path / "s4music-cache").mkdir()
+    shared = FIXTURE_CACHE.parent / "extensions"
+    shared.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "s4music-cache" / "extensions").symlink_to(shared)
+    yield hub, env
+    server.shutdown()
+    server.server_close()

@@ -104,6 +104,7 @@ def sound_env(tmp_path):
     return {**os.environ, "HOME": str(home), "S4MUSIC_CACHE": str(cache_dir().parent.parent)}
 
 
+@pytest.mark.slow  # jam in a subprocess
 def test_jam_on_the_sound_device_until_ctrl_c_keeps_the_recording(tiny_model, tmp_path, sound_env):
     run = subprocess.Popen([*S4MUSIC, "jam", "--model", str(tiny_model), "--record", str(tmp_path / "r.wav")],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=sound_env)
@@ -119,6 +120,7 @@ def test_jam_on_the_sound_device_until_ctrl_c_keeps_the_recording(tiny_model, tm
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow  # jam in a subprocess
 def test_bad_input_streams_end_with_one_line_or_a_clean_stop(tiny_model, tmp_path):
     cmd = [*S4MUSIC, "jam", "--input", "-", "--model", str(tiny_model), "--no-play", "--record"]
     text = subprocess.run([*cmd, str(tmp_path / "a.wav")], input=b"not a wav stream at all", capture_output=True)

@@ -76,20 +76,20 @@ def test_prepare_stress_concurrent_runs_and_kill_9_never_corrupt_the_dataset(tmp
     assert sum(meta["splits"].values()) == len(rows) > 0
 
 
-def test_verify_names_what_does_not_agree(synth_dataset, tmp_path):
+def test_verify_names_what_does_not_agree(synth_dataset, tmp_path, cli):
     ds = tmp_path / "ds"
     shutil.copytree(synth_dataset, ds)
     assert verify_dataset(ds) == []
-    out = subprocess.run([*S4MUSIC, "prepare", "--verify", str(ds)], capture_output=True, text=True)
-    assert out.returncode == 0 and "whole" in out.stderr
+    code, _, err = cli("prepare", "--verify", ds)
+    assert code == 0 and "whole" in err
     with open(ds / "train.u8", "r+b") as f:
         f.truncate(1000)
     (ds / "manifest.jsonl").write_text("".join((ds / "manifest.jsonl").read_text().splitlines(True)[1:]))
     problems = verify_dataset(ds)
     assert any("train.u8: 1000 bytes, but dataset.json counts" in p for p in problems)
     assert any("manifest.jsonl" in p for p in problems)
-    out = subprocess.run([*S4MUSIC, "prepare", "--verify", str(ds)], capture_output=True, text=True)
-    assert out.returncode == 1 and "damaged:" in out.stderr
+    code, _, err = cli("prepare", "--verify", ds)
+    assert code == 1 and "damaged:" in err
 
 
 @pytest.fixture
@@ -204,6 +204,7 @@ def test_an_unsafe_pickle_is_refused_without_advice_to_switch_the_safety_off(tmp
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_text_file_named_mp3_gives_only_the_one_line_error(tmp_path):
     (tmp_path / "song.mp3").write_text("hello, I am text\n" * 50)
     out = subprocess.run([*S4MUSIC, "check", str(tmp_path / "song.mp3")], capture_output=True, text=True)
@@ -227,6 +228,7 @@ def test_a_selection_past_the_end_says_where_it_starts_and_where_it_ends(synth_p
     assert code == 1 and "the selection 100 s to the end is empty (the file is 3.0 s long)" in err.replace("\n", "")
 
 
+@pytest.mark.slow  # a subprocess
 def test_yt_dlp_as_the_toolkit_configures_it_has_a_supported_javascript_runtime(tmp_path):
     import yt_dlp  # noqa: F401
     from yt_dlp.globals import supported_js_runtimes

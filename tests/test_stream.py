@@ -1,4 +1,5 @@
-"""Continuation you hear as it is made: standard output, the sound device, a closed pipe, Ctrl-C."""
+"""Continuation you hear as it is made: standard output, the sound device, a closed pipe, Ctrl-C.
+Each runs the command in a process of its own (pipes and signals are the point), so all are slow."""
 
 import os
 import signal
@@ -13,6 +14,7 @@ import soundfile as sf
 from s4music.audio import load_audio
 from s4music.extensions import cache_dir
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
 S4MUSIC = [sys.executable, "-m", "s4music.cli"]
 
@@ -34,7 +36,6 @@ def test_standard_output_carries_the_same_bytes_as_the_file(tiny_model, synth_pr
     assert b"verdict" in streamed.stderr  # guidance and logs go to standard error
 
 
-@pytest.mark.slow
 def test_the_bundled_model_streams_what_it_writes(tmp_path):
     # the issue's own check: -o - > a.wav and -o b.wav give identical bytes
     args = ["continue", str(ROOT / "examples" / "prompt.wav"), "--seconds", "5", "--seed", "1"]

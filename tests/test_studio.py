@@ -17,6 +17,7 @@ import soundfile as sf
 ROOT = Path(__file__).parent.parent
 ARTIFACTS = Path(os.environ.get("S4MUSIC_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts"))
 gradio = pytest.importorskip("gradio", reason="gradio is installed by `make install`")
+pytestmark = pytest.mark.slow  # a web server, a page and its clients
 from gradio_client import Client, handle_file  # noqa: E402
 
 from s4music.studio import Studio, build  # noqa: E402
@@ -130,7 +131,6 @@ def test_the_command_binds_to_localhost_and_warns_when_told_otherwise(tmp_path, 
         run.wait(timeout=30)
 
 
-@pytest.mark.slow
 def test_the_page_in_a_real_browser_continues_the_example_prompt(tmp_path):
     """Debian's Chromium, headless: upload examples/prompt.wav, see the guidance, press continue, and
     wait for the player to have a playable source. A screenshot is kept as a test artifact."""

@@ -26,6 +26,7 @@ def _faults(mode: str) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow  # two fresh interpreters
 def test_kept_memory_is_reused_without_page_faults():
     kept = _faults("keep")
     if not kept["kept"]:

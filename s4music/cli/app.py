@@ -83,8 +83,12 @@ def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Sh
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
-    if not verbose:  # the web page's HTTP client logs every request at INFO
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    if not verbose:  # HTTP clients log every request; the Hub client its retries (our one line says what failed)
+        for name in ("httpx", "httpx2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # it sets its own level when it is imported
+    if not sys.stderr.isatty():  # a log file or a pipe gets our lines, not the Hub client's progress bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def progress_bar(info: bool = False) -> Progress:
@@ -265,6 +269,38 @@ def prepare(
                       "directory the split file names files in?", highlight=False, soft_wrap=True)
     report_failures([(str(p), r) for p, r in report.failed], len(report.added) + report.unchanged,
                     "files in the dataset", any_failure_fails=False)
+
+
+@command(name="fetch-dataset")
+def fetch_dataset_command(
+    name: str = typer.Argument(..., help="youtubemix, beethoven or sc09 (the paper's datasets, on the Hugging Face Hub)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset directory to prepare."),
+):
+    """Download one of the paper's datasets, unpack it, and prepare it with the official split."""
+    from s4music.data.named import fetch_dataset
+
+    with progress_bar() as bar:
+        task = bar.add_task("preparing", total=None)
+        result = fetch_dataset(name, out, on_file=lambda path, status, done, total: bar.update(task, completed=done,
+                                                                                               total=total))
+    splits = ", ".join(f"{n} {s}" for s, n in result.splits.items())
+    console.print(f"{out}: {result.files} files ({splits}), official split; "
+                  f"{len(result.report.failed)} failed", highlight=False)
+    report_failures([(str(p), r) for p, r in result.report.failed], len(result.report.added) + result.report.unchanged,
+                    "files in the dataset", any_failure_fails=False)
+
+
+@command
+def models():
+    """The models you can name wherever a model is taken, and which are here already."""
+    from s4music.model.registry import list_models
+
+    table = Table(title="s4music models")
+    for column in ("name", "cached", "size MB", "source", "what it is"):
+        table.add_column(column, overflow="fold")
+    for m in list_models():
+        table.add_row(m["name"], m["cached"], f"{m['size_mb']:.0f}" if m["size_mb"] else "?", m["source"], m["about"])
+    Console().print(table)
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -1,0 +1,80 @@
+"""Files from the Hugging Face Hub, through `huggingface_hub`: its cache (HF_HOME), resumable
+downloads, HF_HUB_OFFLINE, HF_ENDPOINT (a mirror, or a local server in the tests) and a token when
+one is set (HF_TOKEN). Every failure becomes one line naming the repository and the file.
+
+    path = download("krandiash/sashimi-release", "checkpoints/sashimi_youtubemix.pt")
+    names = list_files("krandiash/youtubemix", repo_type="dataset")
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from s4music.errors import S4MusicError, first_line
+
+log = logging.getLogger(__name__)
+
+
+class HubError(S4MusicError):
+    pass
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _explain(e: Exception, repo: str, filename: str | None, revision: str) -> HubError:
+    from huggingface_hub import errors
+
+    where = f"{repo}/{filename}" if filename else repo
+    if isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
+        return HubError(f"{where}: not downloaded yet, and the Hub cannot be reached (offline, HF_HUB_OFFLINE=1, or "
+                        f"{_endpoint()} unreachable); run it once with network access")
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return HubError(f"{repo}: no such repository on {_endpoint()} (or a private one: set HF_TOKEN)")
+    if isinstance(e, errors.RevisionNotFoundError):
+        return HubError(f"{repo}: no revision {revision!r}")
+    if isinstance(e, errors.EntryNotFoundError):
+        return HubError(f"{where}: no such file in the repository (revision {revision})")
+    return HubError(f"{where}: download failed ({first_line(e)}); run again to resume it")
+
+
+def download(repo: str, filename: str, revision: str = "main", repo_type: str = "model") -> Path:
+    """The file in the local cache, downloaded (or resumed) first where needed."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, repo_type=repo_type))
+    except Exception as e:  # the Hub client and its HTTP stack raise many types; each becomes one line
+        raise _explain(e, repo, filename, revision) from None
+
+
+def cached(repo: str, filename: str, revision: str = "main", repo_type: str = "model") -> Path | None:
+    """The file if it is in the local cache (no network); else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, revision=revision, repo_type=repo_type)
+    return Path(found) if isinstance(found, str) else None
+
+
+def list_files(repo: str, revision: str = "main", repo_type: str = "model") -> list[str]:
+    """Every file of a repository at `revision`."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().list_repo_files(repo, revision=revision, repo_type=repo_type)
+    except Exception as e:  # as in download
+        raise _explain(e, repo, None, revision) from None
+
+
+def forget(path: Path) -> None:
+    """Remove a downloaded file that turned out broken from the cache (its snapshot link and the blob
+    it points to), so the next run downloads it afresh."""
+    blob = path.resolve()
+    for p in {path, blob}:
+        if p.exists() or p.is_symlink():
+            p.unlink()
+    log.info("removed %s from the Hub cache", path)
