@@ -25,7 +25,7 @@ def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
 
 
-def train_step(length: int, path: str, steps: int, checkpointing: bool = False) -> dict:
+def train_step(length: int, path: str, steps: int, checkpointing: bool = False, bf16: bool = False) -> dict:
     import torch
 
     import s4music.model.s4 as s4
@@ -42,7 +42,8 @@ def train_step(length: int, path: str, steps: int, checkpointing: bool = False) 
     times = []
     for _ in range(steps + 1):  # the first step also attunes the kernels; not timed
         t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, 256), x.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as train's precision=bf16
+            loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, 256).float(), x.reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -87,7 +88,7 @@ def generation(batch: int, steps: int, path: str = "plain", which: str = "defaul
 
 
 def prefill(seconds_of_audio: float, which: str = "default", path: str = "scan", repeats: int = 3,
-            keep_freed: bool = True) -> dict:
+            keep_freed: bool = True, bf16: bool = False) -> dict:
     import torch
 
     from s4music.model.s4 import S4Kernel, fft_convolution
@@ -105,13 +106,29 @@ def prefill(seconds_of_audio: float, which: str = "default", path: str = "scan",
         S4Kernel.scan = fft
     model = _model(which)
     x = torch.randint(0, 256, (1, int(seconds_of_audio * SAMPLE_RATE)))
-    model.prefill(x[:, :4096])  # builds the cached recurrence matrices
-    seconds = []
-    for _ in range(repeats):  # best of: a shared 2-core machine stalls a thread now and then
-        t0 = time.perf_counter()
-        model.prefill(x)
-        seconds.append(time.perf_counter() - t0)
-    return {"seconds": min(seconds), "peak_gb": _peak_gb()}
+    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # the S4 parts stay float32
+    with precision:
+        model.prefill(x[:, :4096])  # builds the cached recurrence matrices
+        seconds = []
+        for _ in range(repeats):  # best of: a shared 2-core machine stalls a thread now and then
+            t0 = time.perf_counter()
+            model.prefill(x)
+            seconds.append(time.perf_counter() - t0)
+    return {"seconds": min(seconds), "peak_gb": _peak_gb(), "prompt_bits": prompt_bits(model, bf16)}
+
+
+def prompt_bits(model, bf16: bool) -> float:
+    """The model's bits/sample on examples/prompt.wav, read as `continue` reads it."""
+    import torch
+
+    from s4music.audio import encode, load_audio
+    from s4music.model.sashimi import code_bits
+
+    codes = encode(load_audio(Path(__file__).parent.parent / "examples" / "prompt.wav").samples,
+                   model.audio.quantization).long()[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits, _ = model.prefill(model.shift_right(codes))
+    return code_bits(logits.float(), codes).mean().item()
 
 
 def arithmetic_peak() -> dict:
@@ -124,7 +141,12 @@ def arithmetic_peak() -> dict:
                                 extra_cflags=["-O2", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     module.peak(10_000_000)  # warm-up: clocks up, threads started
     rates = module.peak(200_000_000)
-    return {"fma_gmacs": rates[0], "madd_gmacs": rates[1], "threads": torch.get_num_threads()} if rates else {}
+    if not rates:
+        return {}
+    out = {"fma_gmacs": rates[0], "madd_gmacs": rates[1], "threads": torch.get_num_threads()}
+    if len(rates) > 2:
+        out["fma512_gmacs"] = rates[2]
+    return out
 
 
 def linear_bound(seconds_of_audio: float) -> dict:
@@ -147,18 +169,31 @@ def linear_bound(seconds_of_audio: float) -> dict:
     length = SAMPLE_RATE
     with torch.no_grad():
         model(torch.randint(0, 256, (1, length)))
-    a, b = torch.randn(40000, 256), torch.randn(256, 512)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    gflops = 5 * 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0) / 1e9
+    rates = {dtype: matmul_gflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
     flops = 2 * macs[0] / length * seconds_of_audio * SAMPLE_RATE
     peak = arithmetic_peak()
-    bound = {"gflop": flops / 1e9, "rate_gflops": gflops, "seconds": flops / 1e9 / gflops}
+    gflops = rates[torch.float32]
+    bound = {"gflop": flops / 1e9, "rate_gflops": gflops, "seconds": flops / 1e9 / gflops,
+             "bf16_gflops": rates[torch.bfloat16], "bf16_seconds": flops / 1e9 / rates[torch.bfloat16]}
     if peak:
-        bound.update(peak, peak_gflops=2 * peak["fma_gmacs"], peak_seconds=flops / 1e9 / (2 * peak["fma_gmacs"]))
+        widest = peak.get("fma512_gmacs", peak["fma_gmacs"])
+        bound.update(peak, peak_gflops=2 * widest, peak_seconds=flops / 1e9 / (2 * widest))
     return bound
+
+
+def matmul_gflops(dtype) -> float:
+    """A large matrix product's rate on this machine's threads (bf16: AMX or AVX512-BF16 where the
+    CPU has them, else whatever torch does), best of five."""
+    import torch
+
+    a, b = torch.randn(40000, 256).to(dtype), torch.randn(256, 512).to(dtype)
+    a @ b
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / min(times) / 1e9
 
 
 def _child(kind: str, env: dict | None = None, **kw) -> dict:
@@ -178,9 +213,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     naive = _child("train", length=lengths[0], path="naive", steps=steps)
     for length in lengths:
-        for ckpt in (False, True):
-            name = "chunked + checkpointing" if ckpt else "chunked"
-            ours = _child("train", length=length, path="chunked", steps=steps, checkpointing=ckpt)
+        for ckpt, bf16 in ((False, False), (True, False), (False, True)):
+            name = "chunked + checkpointing" if ckpt else "chunked, bf16 autocast" if bf16 else "chunked"
+            ours = _child("train", length=length, path="chunked", steps=steps, checkpointing=ckpt, bf16=bf16)
             if "error" in ours:
                 print(f"| {length} | {name} | failed: {ours['error']} | | | |")
                 continue
@@ -233,31 +268,53 @@ def main() -> None:
           f"| {fft['seconds']:.2f} | {stepping / fft['seconds']:.0f}x faster |")
     print(f"| stepping sample by sample (at the plain batch-1 rate above) | {stepping:.1f} | 1x |")
     print(f"| lower bound: the linear layers alone ({bound['gflop']:.0f} GFLOP) at this machine's measured "
-          f"matrix-multiply rate ({bound['rate_gflops']:.0f} GFLOP/s) | {bound['seconds']:.2f} | |")
+          f"float32 matrix-multiply rate ({bound['rate_gflops']:.0f} GFLOP/s) | {bound['seconds']:.2f} | |")
+    print(f"| lower bound: the same at its bfloat16 matrix-multiply rate ({bound['bf16_gflops']:.0f} GFLOP/s) "
+          f"| {bound['bf16_seconds']:.2f} | |")
     if "peak_seconds" in bound:
+        width = "AVX-512" if "fma512_gmacs" in bound else "AVX2"
         print(f"| lower bound: the same at this machine's float FMA peak ({bound['peak_gflops']:.0f} GFLOP/s, "
-              f"below) | {bound['peak_seconds']:.2f} | |")
-        print(f"\n### Arithmetic peak, all {bound['threads']} threads issuing independent AVX2 multiply-adds "
+              f"{width}, below) | {bound['peak_seconds']:.2f} | |")
+    print(f"\nThe parallel pass takes {r['seconds'] / bound['seconds']:.1f}x the linear layers' float32 matrix "
+          f"time (the issue's target: 1.5x).")
+    print("\n| bundled model, 10 s prompt | seconds | vs float32 linear bound | bits/sample on examples/prompt.wav |")
+    print("|---|---|---|---|")
+    for bf16 in (False, True):
+        b = _child("prefill", seconds_of_audio=audio_s, which="bundled", bf16=bf16)
+        if "error" in b:
+            print(f"| {'bf16 autocast' if bf16 else 'float32'} | failed: {b['error']} | | |")
+            continue
+        print(f"| {'bf16 autocast (linear layers; S4 in float32)' if bf16 else 'float32'} | {b['seconds']:.2f} | "
+              f"{b['seconds'] / bound['seconds']:.1f}x | {b['prompt_bits']:.5f} |")
+    if "fma_gmacs" in bound:
+        print(f"\n### Arithmetic peak, all {bound['threads']} threads issuing independent multiply-adds "
               "(`benchmarks/peak.cpp`)\n")
-        print("| instruction | multiply-adds per second | vs float FMA |")
+        print("| instruction | multiply-adds per second | vs float FMA (ymm) |")
         print("|---|---|---|")
-        print(f"| vfmadd231ps (float32, 8 a instruction) | {bound['fma_gmacs']:.1f} G | 1.00x |")
+        print(f"| vfmadd231ps (float32, 8 a ymm instruction) | {bound['fma_gmacs']:.1f} G | 1.00x |")
         print(f"| vpmaddwd + vpaddd (int16 pairs into int32, 16 a instruction) | {bound['madd_gmacs']:.1f} G "
               f"| {bound['madd_gmacs'] / bound['fma_gmacs']:.2f}x |")
+        if "fma512_gmacs" in bound:
+            print(f"| vfmadd231ps (float32, 16 a zmm instruction, AVX-512) | {bound['fma512_gmacs']:.1f} G "
+                  f"| {bound['fma512_gmacs'] / bound['fma_gmacs']:.2f}x |")
 
     print("\n## Bundled model (s4music/assets/default-model), CPU (fused: best of three runs)\n")
-    print("| what | batch | samples/s | RTF | vs plain step, batch 1 |")
-    print("|---|---|---|---|---|")
+    # the arithmetic bound of a step: its linear layers' multiply-adds per sample at the FMA peak
+    flop_per_sample = bound["gflop"] * 1e9 / (audio_s * SAMPLE_RATE)
+    bound_rate = bound["peak_gflops"] * 1e9 / flop_per_sample if "peak_gflops" in bound else None
+    print("| what | batch | samples/s | RTF | vs plain step, batch 1 | of the FMA-peak bound |")
+    print("|---|---|---|---|---|---|")
     small = _child("gen", batch=1, steps=gen_steps * 4, path="plain", which="bundled")
-    print(f"| plain step | 1 | {small['samples_per_s']:.0f} | {small['samples_per_s'] / SAMPLE_RATE:.3f} | 1.0x |")
+    print(f"| plain step | 1 | {small['samples_per_s']:.0f} | {small['samples_per_s'] / SAMPLE_RATE:.3f} | 1.0x | |")
     for batch in (1, 8):
         r = _child("gen", batch=batch, steps=gen_steps * 80, path="fused", which="bundled", half=True)
+        share = f"{r['samples_per_s'] / bound_rate:.0%}" if bound_rate else ""
         print(f"| fused step, fp16 weights | {batch} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / SAMPLE_RATE:.2f} "
-              f"| {r['samples_per_s'] / small['samples_per_s']:.0f}x |")
-    r = _child("prefill", seconds_of_audio=audio_s, which="bundled")
-    print(f"| read a {audio_s:g} s prompt (`prefill`, best of three) | 1 | {audio_s * SAMPLE_RATE / r['seconds']:.0f} | "
-          f"{r['seconds']:.2f} s | {audio_s * SAMPLE_RATE / small['samples_per_s'] / r['seconds']:.0f}x faster than "
-          "stepping |")
+              f"| {r['samples_per_s'] / small['samples_per_s']:.0f}x | {share} |")
+    if bound_rate:
+        print(f"\nThe FMA-peak bound: {flop_per_sample / 1e6:.2f} MFLOP of linear layers a sample at "
+              f"{bound['peak_gflops']:.0f} GFLOP/s is {bound_rate:.0f} samples/s (RTF {bound_rate / SAMPLE_RATE:.1f}), "
+              "all variations together; at batch 1 a step is bound by reading its weights, not by arithmetic.")
 
 
 if __name__ == "__main__":

@@ -324,3 +324,22 @@ def test_continue_real_recordings_in_common_formats(trained_model, short_recordi
         meta = json.loads(result.sidecar.read_text())
         assert meta["seed"] == 3 and meta["rtf"] > 0 and meta["guidance"]["source_channels"] == 2
         assert "resampled" in " ".join(meta["guidance"]["conversions"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64-v2"])  # AVX2 + FMA + F16C; then SSE4.2 only
+def test_the_narrower_cpus_fused_step_matches_the_model_too(fused, arch):
+    # every machine runs the widest code its CPU takes; build the narrower paths here as well, so a
+    # wide CI machine still covers the code an AVX2-only (or older) CPU runs
+    from s4music.model.fast import SOURCE, build_extension
+
+    if arch != "x86-64-v2" and "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU cannot run AVX2 code")
+    ext = build_extension(SOURCE, arch=arch)
+    torch.manual_seed(0)
+    for name, model in _models():
+        x = torch.randint(0, 256, (2, 300))
+        _, state = model.prefill(x[:, :101])
+        _, _, logits = FusedStep(model, extension=ext).run(x[:, 101], state, torch.rand(2, 198), forced=x[:, 102:])
+        assert (logits - model(x)[:, 101:-1]).abs().max() < 1e-4, (arch, name)
+    assert FusedStep(model, half=True, extension=ext).half == (arch != "x86-64-v2")  # F16C or not

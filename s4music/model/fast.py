@@ -91,11 +91,13 @@ def _extension():
     return module
 
 
-def build_extension(source: Path):
+def build_extension(source: Path, arch: str = "native"):
     """Build (or load the cached build of) a fused step from `source`, cached by its text, the
     flags and this CPU. Raises when it cannot build. `SOURCE` is the toolkit's; the A/B benchmark
-    (benchmarks/ab_fused_step.py) builds an earlier revision beside it."""
-    flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
+    (benchmarks/ab_fused_step.py) builds an earlier revision beside it. `arch` is gcc's -march:
+    "native" (this CPU's widest vectors), or e.g. "x86-64-v3" (AVX2) to run a narrower CPU's
+    code path on a wider one, as the tests do."""
+    flags = ["-O3", f"-march={arch}", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
     tag = hashlib.sha1((source.read_text() + " ".join(flags) + _cpu_flags()).encode()).hexdigest()[:12]
     name, build_dir = f"s4music_fast_step_{tag}", cache_dir() / f"cpu-step-{tag}"
     fresh = not (build_dir / f"{name}.so").exists()
