@@ -287,6 +287,19 @@ def trained_model(music_dataset, tmp_path_factory) -> Path:
     return result.model
 
 
+@pytest.fixture
+def null_sound_env(tmp_path):
+    """An environment for a subprocess whose ALSA default device is a real null device (alsa-lib's
+    `null` plugin: it plays into nothing and records silence), sharing this machine's builds."""
+    pytest.importorskip("sounddevice", reason="sounddevice (PortAudio) is installed by `make install`")
+    from s4music.extensions import cache_dir
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".asoundrc").write_text("pcm.!default { type null }\n")
+    return {**os.environ, "HOME": str(home), "S4MUSIC_CACHE": str(cache_dir().parent.parent)}
+
+
 class LocalHub:
     """A Hugging Face Hub on 127.0.0.1, well enough for huggingface_hub's downloads and file listings.
 

@@ -2,7 +2,6 @@
 
 import io
 import json
-import os
 import shutil
 import signal
 import struct
@@ -17,7 +16,6 @@ import torch
 from conftest import need, synthesized_music
 
 from s4music.audio import encode, load_audio
-from s4music.extensions import cache_dir
 from s4music.generate import StepOptions
 from s4music.jam import Jam, JamError, JamOptions, run_jam
 from s4music.model import load_model
@@ -95,19 +93,10 @@ def test_a_wav_stream_at_any_rate_and_channel_count_is_read_as_prompts_are(tmp_p
     assert sum(map(len, wav_stream(io.BytesIO(cut), SR))) > 0  # what was whole is given, then it ends
 
 
-@pytest.fixture
-def sound_env(tmp_path):
-    pytest.importorskip("sounddevice", reason="sounddevice (PortAudio) is installed by `make install`")
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / ".asoundrc").write_text("pcm.!default { type null }\n")
-    return {**os.environ, "HOME": str(home), "S4MUSIC_CACHE": str(cache_dir().parent.parent)}
-
-
 @pytest.mark.slow  # jam in a subprocess
-def test_jam_on_the_sound_device_until_ctrl_c_keeps_the_recording(tiny_model, tmp_path, sound_env):
+def test_jam_on_the_sound_device_until_ctrl_c_keeps_the_recording(tiny_model, tmp_path, null_sound_env):
     run = subprocess.Popen([*S4MUSIC, "jam", "--model", str(tiny_model), "--record", str(tmp_path / "r.wav")],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=sound_env)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=null_sound_env)
     deadline = time.time() + 120
     while not any(p.name.startswith(".r.") for p in tmp_path.iterdir()) and time.time() < deadline:
         time.sleep(0.05)

@@ -1,7 +1,6 @@
 """Continuation you hear as it is made: standard output, the sound device, a closed pipe, Ctrl-C.
 Each runs the command in a process of its own (pipes and signals are the point), so all are slow."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import pytest
 import soundfile as sf
 
 from s4music.audio import load_audio
-from s4music.extensions import cache_dir
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -89,27 +87,17 @@ def test_ctrl_c_during_a_stream_keeps_what_was_sent(tiny_model, synth_prompt, tm
     assert sent[:4] == b"RIFF" and len(sent + rest) >= 200000 and b"Traceback" not in err
 
 
-@pytest.fixture
-def sound_home(tmp_path):
-    """An environment whose ALSA default output is a real null device (alsa-lib's `null` plugin)."""
-    pytest.importorskip("sounddevice", reason="sounddevice (PortAudio) is installed by `make install`")
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / ".asoundrc").write_text("pcm.!default { type null }\n")
-    return {**os.environ, "HOME": str(home), "S4MUSIC_CACHE": str(cache_dir().parent.parent)}
-
-
-def test_play_sounds_on_the_device_while_writing_the_file(tiny_model, synth_prompt, tmp_path, sound_home):
+def test_play_sounds_on_the_device_while_writing_the_file(tiny_model, synth_prompt, tmp_path, null_sound_env):
     out = subprocess.run([*S4MUSIC, "continue", str(synth_prompt), "--model", str(tiny_model), "--seconds", "1",
-                          "-o", str(tmp_path / "p.wav"), "--play"], capture_output=True, text=True, env=sound_home)
+                          "-o", str(tmp_path / "p.wav"), "--play"], capture_output=True, text=True, env=null_sound_env)
     assert out.returncode == 0, out.stderr
     assert sf.info(str(tmp_path / "p.wav")).duration == pytest.approx(4.0)
 
 
-def test_play_without_a_device_is_one_line(tiny_model, synth_prompt, tmp_path, sound_home):
-    (Path(sound_home["HOME"]) / ".asoundrc").write_text("pcm.!default { type hw card 17 }\n")  # no such card
+def test_play_without_a_device_is_one_line(tiny_model, synth_prompt, tmp_path, null_sound_env):
+    (Path(null_sound_env["HOME"]) / ".asoundrc").write_text("pcm.!default { type hw card 17 }\n")  # no such card
     out = subprocess.run([*S4MUSIC, "continue", str(synth_prompt), "--model", str(tiny_model), "--seconds", "1",
-                          "-o", str(tmp_path / "p.wav"), "--play"], capture_output=True, text=True, env=sound_home)
+                          "-o", str(tmp_path / "p.wav"), "--play"], capture_output=True, text=True, env=null_sound_env)
     assert out.returncode == 1 and "no sound output device" in out.stderr, out.stderr
     assert len([ln for ln in out.stderr.splitlines() if "error" in ln]) == 1 and "Traceback" not in out.stderr
     assert not (tmp_path / "p.wav").exists()

@@ -459,6 +459,8 @@ Variations = Annotated[int, typer.Option("-n", "--variations", help="Variations,
                                                                     "(seed, seed+1, ...).")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature (0: greedy). Default: the model's "
                                                  "recommendation, else 1.")]
+TemperatureEnd = Annotated[float, typer.Option(help="A temperature schedule: from --temperature at the seam to "
+                                                    "this at the end. Default: the model's recommendation, else none.")]
 TopK = Annotated[int, typer.Option(help="Keep the k likeliest codes (0: off). Default: the model's recommendation, "
                                         "else off.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the likeliest codes up to this probability "
@@ -487,10 +489,11 @@ JAM = JamOptions
 
 def options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize, format,
                  plot, device, fused, half_weights, strict=G.strict, include_prompt=OUT.include_prompt,
-                 prompt_seconds=P.seconds, prompt_start=None, prompt_end=None) -> GenerateOptions:
+                 prompt_seconds=P.seconds, prompt_start=None, prompt_end=None, temperature_end=None) -> GenerateOptions:
     return GenerateOptions(
         seconds=seconds, variations=variations, seed=seed, rank=rank, retry_degenerate=retry_degenerate, strict=strict,
-        sampling=Sampling(temperature, top_k, top_p), prompt=PromptSelection(prompt_seconds, prompt_start, prompt_end),
+        sampling=Sampling(temperature, top_k, top_p, temperature_end),
+        prompt=PromptSelection(prompt_seconds, prompt_start, prompt_end),
         output=Output(include_prompt, normalize, format, plot), step=StepOptions(device, fused, half_weights))
 
 
@@ -504,6 +507,7 @@ def continue_command(
     prompt_end: float = typer.Option(None, help="Prompt selection end, seconds."),
     variations: Variations = G.variations,
     temperature: Temperature = None,
+    temperature_end: TemperatureEnd = None,
     top_k: TopK = None,
     top_p: TopP = None,
     seed: Seed = None,
@@ -528,7 +532,7 @@ def continue_command(
 
     options = options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize,
                            format, plot, device, fused, half_weights, strict, include_prompt, prompt_seconds,
-                           prompt_start, prompt_end)
+                           prompt_start, prompt_end, temperature_end)
     generation_run(lambda progress: continue_prompt(prompt, out, model, options, on_progress=progress,
                                                     on_guidance=print_guidance, play=play), "continuing", out)
 
@@ -539,6 +543,7 @@ def generate(
     seconds: Seconds = G.seconds,
     variations: Variations = G.variations,
     temperature: Temperature = None,
+    temperature_end: TemperatureEnd = None,
     top_k: TopK = None,
     top_p: TopP = None,
     seed: Seed = None,
@@ -557,7 +562,7 @@ def generate(
     from s4music.generate import improvise
 
     options = options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize,
-                           format, plot, device, fused, half_weights)
+                           format, plot, device, fused, half_weights, temperature_end=temperature_end)
     generation_run(lambda progress: improvise(out, model, options, on_progress=progress, play=play), "generating", out)
 
 

@@ -15,7 +15,6 @@ import logging
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import mido
 
 from s4music.audio import load_audio, write_audio
+from s4music.data.progress import FileCounter, FileProgress
 from s4music.errors import S4MusicError, first_line
 from s4music.files import atomic_path, write_json
 from s4music.system import find_soundfont
@@ -162,7 +162,7 @@ def find_midi(sources: list[str | Path]) -> list[tuple[Path, Path]]:
 
 
 def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderOptions | None = None,
-                on_file: Callable[[Path, str, int, int], None] | None = None) -> RenderReport:
+                on_file: FileProgress | None = None) -> RenderReport:
     """Render every MIDI file under `sources` into `out_dir`, in parallel. `on_file(src, status, done,
     total)` follows every file found: "already" rendered, then "rendered", "skipped" or "failed" as
     each finishes. Failures are collected (and written to failures.jsonl), not raised."""
@@ -179,13 +179,7 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
     report = RenderReport()
     todo = []
     found = find_midi(sources)
-    done = 0
-
-    def progress(src: Path, status: str) -> None:
-        nonlocal done
-        done += 1
-        if on_file:
-            on_file(src, status, done, len(found))
+    progress = FileCounter(on_file, len(found))
 
     for src, rel in found:
         out = out_dir / rel.with_suffix(".wav")

@@ -23,7 +23,8 @@ from pathlib import Path
 from s4music import hub
 from s4music.audio import AUDIO_EXTENSIONS
 from s4music.data.format import DatasetError
-from s4music.data.prepare import FileProgress, PrepareOptions, PrepareReport, find_audio, prepare
+from s4music.data.prepare import PrepareOptions, PrepareReport, find_audio, prepare
+from s4music.data.progress import FileProgress
 from s4music.files import atomic_path, write_json
 
 MAX_UNPACKED_BYTES = 100 * 2**30  # an archive that says it unpacks to more is refused

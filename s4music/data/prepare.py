@@ -24,13 +24,13 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from s4music.audio import AUDIO_EXTENSIONS, SCHEMES, encode, load_audio
+from s4music.data.progress import FileCounter, FileProgress
 from s4music.data.format import FORMAT, SPLITS, DatasetError, committed, read_meta, stratum_key
 from s4music.errors import S4MusicError
 from s4music.files import DirectoryLock, atomic_path, remove_stale_temporaries, write_json
@@ -75,9 +75,6 @@ class PrepareOptions:
     @property
     def window(self) -> int:
         return int(round(self.seconds * self.sample_rate))
-
-
-FileProgress = Callable[[Path, str, int, int], None]  # (file, status, files done, files in all)
 
 
 @dataclass
@@ -202,14 +199,7 @@ def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_
     found = find_audio(sources)
     names = {name for _, _, name in found}
     report.unmatched_pins = sorted(n for n in options.pinned if n not in names)
-    done = 0
-
-    def progress(path: Path, status: str) -> None:
-        nonlocal done
-        done += 1
-        if on_file:
-            on_file(path, status, done, len(found))
-
+    progress = FileCounter(on_file, len(found))
     for path, folder, name in found:
         try:
             stat = path.stat()

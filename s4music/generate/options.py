@@ -37,8 +37,9 @@ class Sampling:
     temperature: float | None = None  # 0: greedy
     top_k: int | None = None  # keep the k likeliest codes; 0: off
     top_p: float | None = None  # keep the likeliest codes up to this probability; 1: off
+    temperature_end: float | None = None  # a schedule: from `temperature` at the seam to this at the end
 
-    NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "temperature_end": None}
 
     def resolved(self, summary: dict) -> Sampling:
         """Unset values from the checkpoint's recommendation, then the neutral ones."""
@@ -46,10 +47,18 @@ class Sampling:
         return Sampling(**{k: v if (v := getattr(self, k)) is not None else recommended.get(k, neutral)
                            for k, neutral in self.NEUTRAL.items()})
 
+    def at(self, progress: float) -> Sampling:
+        """The rule at `progress` (0 at the seam, 1 at the end) of a take: the scheduled temperature."""
+        if self.temperature_end is None:
+            return self
+        t = self.temperature + (self.temperature_end - self.temperature) * progress
+        return dataclasses.replace(self, temperature=t, temperature_end=None)
+
     def problems(self) -> list[str]:
-        t, k, p = self.temperature, self.top_k, self.top_p
+        t, k, p, e = self.temperature, self.top_k, self.top_p, self.temperature_end
         return [f"{name} {value:g}: {rule}" for name, value, bad, rule in (
             ("--temperature", t, t is not None and not t >= 0, "must be 0 (greedy) or more"),
+            ("--temperature-end", e, e is not None and not e >= 0, "must be 0 or more"),
             ("--top-k", k, k is not None and k < 0, "must be 0 (off) or more"),
             ("--top-p", p, p is not None and not 0 < p <= 1, "must be in (0, 1]; 1 is off"),
         ) if bad]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from s4music.audio import decode
 from s4music.dsp import HighPass, Limiter, dbfs, loudness_lufs
@@ -170,6 +171,7 @@ class Generation:
         self._after_prompt = PostProcess(self.net, self.level)  # batch 1, fed the prompt by __iter__
         self._codes: list[list[torch.Tensor]] = [[] for _ in self.seeds]
         self._logprob = torch.zeros(len(self.seeds), dtype=torch.float64)
+        self._block_logprobs: list[torch.Tensor] = []  # (V,) sums of each FIRST_CHUNK samples, in order
         self._prompt_chunk: torch.Tensor | None = None
         self.limiter_reduction_db = 0.0
 
@@ -203,10 +205,13 @@ class Generation:
         done = 0
         while done < self.samples:
             n = min(self.samples - done, FIRST_CHUNK if done == 0 else CHUNK)
+            sampler.sampling = self.sampling.at(done / self.samples)  # a temperature schedule moves per chunk
             codes, logprobs = sampler.take(n)
             for i in range(len(self.seeds)):
                 self._codes[i].append(codes[i].to(torch.uint8))
             self._logprob += logprobs.double().sum(dim=1)
+            sums = F.pad(logprobs.double(), (0, -n % FIRST_CHUNK)).view(len(self.seeds), -1, FIRST_CHUNK).sum(-1)
+            self._block_logprobs += list(sums.T)
             done += n
             out = post(codes)
             if self.timings.first_chunk_s is None:
@@ -230,6 +235,15 @@ class Generation:
             bits = float(-self._logprob[i] / self.samples / math.log(2))
             out.append(Take(seed, bits, degeneracy(raw, sr), float(raw[-sr:].mean())))
         return out
+
+    def sampled(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Variation i as sampled: its codes (L,) uint8, and its bits/sample over each run of
+        FIRST_CHUNK samples (the last run may be shorter), after the stream has been read."""
+        codes = torch.cat(self._codes[i])
+        sums = torch.stack([b[i] for b in self._block_logprobs])
+        sizes = torch.full((len(sums),), float(FIRST_CHUNK), dtype=torch.float64)
+        sizes[-1] = len(codes) - FIRST_CHUNK * (len(sums) - 1)
+        return codes, -sums / sizes / math.log(2)
 
     def retake(self, seed: int) -> Generation:
         """One more variation from the same prompt and settings, with another seed (a retry)."""

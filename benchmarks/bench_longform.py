@@ -1,0 +1,185 @@
+"""Long-form quality: do 30 s continuations stay within the music the model was tested on?
+
+Prompts are the first 5 s of held-out chorales of the bundled model's own split
+(examples/default_model_splits.json), rendered from the music21 corpus on the General MIDI piano as
+its training data was, and examples/prompt.wav. Each is continued for 30 s with several seeds, and
+each continuation is cut into 3 s windows on a 3 s grid from the seam; per window: spectral
+flatness (1024-point frames, as the model card measures it), loudness, and the model's own bits per
+sample on what it sampled. The headline figure is the share of the windows from 5 s to 30 s after
+the seam (6-9 s, ..., 27-30 s: eight a take) whose flatness lies inside the test windows' 5th-95th
+percentile band, which `eval --record` stored in the checkpoint.
+
+Sampling rules are compared on the validation pieces (where a rule is chosen) and the test pieces
+(where it is judged). The figures go to RESULTS.md with a picture.
+
+    python benchmarks/bench_longform.py                 # all rules, val and test prompts
+    python benchmarks/bench_longform.py --quick         # two prompts, two seeds, 12 s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+from common import parse_args, run_child
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("S4MUSIC_CACHE", Path.home() / ".cache" / "s4music")) / "longform-prompts"
+SR = 16000
+WINDOW_S, FROM_S = 3.0, 5.0
+# name -> (temperature at the seam, temperature at the end, top_p)
+RULES = {
+    "t0.8 (recommended)": (0.8, 0.8, 1.0),
+    "t0.7": (0.7, 0.7, 1.0),
+    "t0.9": (0.9, 0.9, 1.0),
+    "t0.8 -> 0.6 over the take": (0.8, 0.6, 1.0),
+    "t0.8, top-p 0.98": (0.8, 0.8, 0.98),
+}
+
+
+def render_prompts(split: str, n: int) -> list[str]:
+    """The first 5 s of the first n pieces of a split, rendered once into the cache."""
+    from music21 import corpus
+
+    from s4music.audio import load_audio
+    from s4music.data.midi import RenderOptions, render_midi
+    from s4music.files import atomic_path
+
+    names = json.loads((ROOT / "examples" / "default_model_splits.json").read_text())[split][:n]
+    out = []
+    for name in names:
+        prompt = CACHE / split / Path(name).with_suffix(".prompt.wav").name
+        if not prompt.exists():
+            stem = Path(name).stem
+            midi = CACHE / "midi" / f"{stem}.mid"
+            midi.parent.mkdir(parents=True, exist_ok=True)
+            if not midi.exists():
+                corpus.parse(f"bach/{stem}").write("midi", fp=str(midi))
+            render_midi([midi], CACHE / "audio", RenderOptions(instruments=["piano"], max_seconds=120.0))
+            audio = load_audio(CACHE / "audio" / f"{stem}.wav", SR).samples[: int(5 * SR)]
+            import soundfile as sf
+
+            with atomic_path(prompt) as tmp:
+                sf.write(str(tmp), audio.numpy(), SR, format="WAV", subtype="PCM_16")
+        out.append(str(prompt))
+    return out
+
+
+def continue_windows(prompt: str, rule: str, seeds: int, seconds: float) -> dict:
+    """Per take, per 3 s window: flatness, loudness (LUFS), the model's bits/sample."""
+    from s4music.audio import decode, spectral_flatness
+    from s4music.dsp import loudness_lufs
+    from s4music.generate import GenerateOptions, Output, Sampling, stream_continuation
+    from s4music.generate.stream import FIRST_CHUNK
+    from s4music.model import load_model
+
+    start_t, end_t, top_p = RULES[rule]
+    net = load_model("default")
+    options = GenerateOptions(seconds=seconds, variations=seeds, seed=0,
+                              sampling=Sampling(start_t, 0, top_p, end_t if end_t != start_t else None),
+                              output=Output(include_prompt=False, normalize="none"))
+    generation = stream_continuation(prompt, net, options)
+    for _ in generation:
+        pass
+    per_window = int(WINDOW_S * SR) // FIRST_CHUNK
+    takes = []
+    for i in range(seeds):
+        codes, bits = generation.sampled(i)
+        wave = decode(codes, net.audio.quantization)
+        windows = []
+        for k in range(int(seconds // WINDOW_S)):
+            piece = wave[int(k * WINDOW_S * SR): int((k + 1) * WINDOW_S * SR)]
+            windows.append({"start_s": k * WINDOW_S, "flatness": spectral_flatness(piece),
+                            "lufs": loudness_lufs(piece, SR),
+                            "bits": float(bits[k * per_window:(k + 1) * per_window].mean())})
+        takes.append({"seed": i, "bits": float(bits.mean()), "windows": windows})
+    return {"takes": takes, "band": net.summary["eval"]["flatness"]}
+
+
+def in_band(result: dict) -> tuple[int, int]:
+    band = result["band"]
+    hits = total = 0
+    for take in result["takes"]:
+        for w in take["windows"]:
+            if w["start_s"] >= FROM_S:
+                total += 1
+                hits += band["p5"] <= w["flatness"] <= band["p95"]
+    return hits, total
+
+
+def main() -> None:
+    args = parse_args({"windows": continue_windows})
+    if args is None:
+        return
+    quick = args.quick
+    seconds, seeds = (12.0, 3) if quick else (30.0, 3)
+    val = render_prompts("val", 2 if quick else 3)
+    test = render_prompts("test", 2 if quick else 4)
+    example = str(ROOT / "examples" / "prompt.wav")
+    rules = list(RULES)[:2] if quick else list(RULES)
+    print(f"## Long-form continuations, bundled model ({seconds:g} s, {seeds} seeds a prompt)\n")
+    print("Share of 3 s windows from 5 s to 30 s after the seam whose spectral flatness lies inside the test "
+          "windows' 5th-95th percentile band, and the model's own bits/sample on what it sampled.\n")
+    print("| sampling rule | validation prompts: in band | bits/sample | test prompts + example: in band | "
+          "bits/sample |")
+    print("|---|---|---|---|---|")
+    curves: dict[str, list[float]] = {}
+    band = None
+    rows: dict[str, list[str]] = {}
+    for rule in rules:
+        for name in (rule, f"{rule}, the median-likelihood take of {seeds}") if rule == rules[0] else (rule,):
+            rows[name] = [name]
+        for prompts in (val, [*test, example]):
+            tallies = {name: [0, 0, []] for name in rows if name.startswith(rule)}
+            for prompt in prompts:
+                r = run_child(__file__, "windows", prompt=prompt, rule=rule, seeds=seeds, seconds=seconds)
+                if "error" in r:
+                    raise SystemExit(f"{rule} on {prompt}: {r['error']}")
+                band = r["band"]
+                for name, tally in tallies.items():
+                    takes = r["takes"]
+                    if "median-likelihood" in name:  # the paper's practice: drop the least and most likely
+                        takes = [sorted(takes, key=lambda t: t["bits"])[len(takes) // 2]]
+                    h, t = in_band({"takes": takes, "band": band})
+                    tally[0], tally[1] = tally[0] + h, tally[1] + t
+                    tally[2] += [take["bits"] for take in takes]
+                if prompts is not val:
+                    for take in r["takes"]:
+                        for k, w in enumerate(take["windows"]):
+                            curves.setdefault(rule, []).append((k, w["flatness"]))
+            for name, (hits, total, bits) in tallies.items():
+                rows[name] += [f"{hits}/{total} = {hits / max(total, 1):.0%}", f"{statistics.mean(bits):.3f}"]
+    for row in rows.values():
+        print("| " + " | ".join(row) + " |")
+    if band:
+        print(f"\nTest windows' flatness (recorded by `eval --record`): 5th percentile {band['p5']:.4f}, median "
+              f"{band['median']:.4f}, 95th {band['p95']:.4f}, max {band['max']:.4f}.")
+        picture(curves, band, seconds)
+
+
+def picture(curves: dict, band: dict, seconds: float) -> None:
+    """Median flatness per window over the test prompts' takes, per rule, against the band."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4), dpi=110)
+    ax = fig.subplots()
+    n = int(seconds // WINDOW_S)
+    ax.axhspan(band["p5"], band["p95"], color="#9c9", alpha=0.4, label="test windows, 5th-95th percentile")
+    ax.axhline(band["max"], color="#696", linewidth=0.8, linestyle="--", label="test windows, max")
+    for rule, points in curves.items():
+        med = [statistics.median([f for k, f in points if k == i]) for i in range(n)]
+        ax.plot([WINDOW_S * (i + 0.5) for i in range(n)], med, "o-", markersize=3, label=rule)
+    ax.axvline(FROM_S, color="#999", linewidth=0.8)
+    ax.set_xlabel("seconds after the seam (3 s windows)")
+    ax.set_ylabel("spectral flatness (median over takes)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(__file__).with_name("longform.png")
+    fig.savefig(out, format="png")
+    print(f"\n![flatness per window after the seam]({out.name})")
+
+
+if __name__ == "__main__":
+    main()
