@@ -15,17 +15,11 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from s4music.errors import S4MusicError
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class AtomicFile:
@@ -35,15 +29,24 @@ class AtomicFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".tmp{self.path.suffix}",
-                                   dir=self.path.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; finished files get the usual mode
-        self.tmp = Path(tmp)
+        while True:  # a fresh name; mode 0666 less the umask, as any new file (mkstemp would make 0600)
+            tmp = self.path.parent / f".{self.path.stem}.{secrets.token_hex(4)}.tmp{self.path.suffix}"
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                break
+            except FileExistsError:
+                continue
+        self.tmp = tmp
 
     def commit(self, path: str | Path | None = None) -> Path:
-        """Rename the finished file to `path` (default: the one it was made for)."""
+        """Rename the finished file to `path` (default: the one it was made for), its data on disk
+        first, so that after a power cut the name holds the old file or the whole new one."""
         dest = Path(path) if path is not None else self.path
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(self.tmp, dest)
         return dest
 
@@ -85,7 +88,7 @@ class DirectoryLock:
     def __enter__(self) -> DirectoryLock:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise S4MusicError(f"{self.directory}: cannot write here ({e.strerror or e})") from None
         try:

@@ -14,6 +14,7 @@ discards it.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import shutil
 import struct
@@ -180,16 +181,14 @@ class DeviceSink:
     the producer never waits on the device. `underruns` counts the times the device ran dry."""
 
     def __init__(self, sample_rate: int, channels: int = 1, device: int | str | None = None):
-        try:
-            import sounddevice as sd
-        except OSError as e:
-            raise SinkError(f"--play needs PortAudio (Debian: libportaudio2; run `make install`): {first_line(e)}") from None
+        sd = _sounddevice()
         try:
             self.stream = sd.OutputStream(samplerate=sample_rate, channels=channels, dtype="float32", device=device)
             self.stream.start()
         except Exception as e:  # PortAudioError, ValueError: no such device
             raise SinkError(f"no sound output device to play on ({first_line(e)})") from None
         self.channels = channels
+        self.closed = False
         self.underruns = 0
         self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
@@ -212,15 +211,46 @@ class DeviceSink:
         """Wait until everything written has been played."""
         self.queue.put(None)
         self.thread.join()
+        self.closed = True
         self.stream.stop()
         self.stream.close()
         if self.error is not None:
             raise SinkError(f"the sound device stopped ({first_line(self.error)})")
 
+    @staticmethod
+    def check(device: int | str | None = None) -> None:
+        """Fail now, with the one-line reason, if there is no output device to play on."""
+        try:
+            _sounddevice().query_devices(device, "output")
+        except SinkError:
+            raise
+        except Exception as e:  # PortAudioError, ValueError: no such device
+            raise SinkError(f"no sound output device to play on ({first_line(e)})") from None
+
     def abort(self) -> None:
+        """Stop at once: drop what is queued, stop the device (which ends a write in progress), and
+        close it only once the player thread has let go of it. Nothing to do once closed."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
         self.queue.put(None)
-        self.stream.abort()
-        self.stream.close()
+        try:
+            self.stream.abort()
+        finally:
+            self.thread.join(timeout=2.0)
+            if not self.thread.is_alive():  # a write that never returns keeps the stream; never free it under it
+                self.stream.close()
+
+
+def _sounddevice():
+    try:
+        import sounddevice as sd
+    except OSError as e:
+        raise SinkError(f"--play needs PortAudio (Debian: libportaudio2; run `make install`): {first_line(e)}") from None
+    return sd
 
 
 class RecordingSink:
@@ -235,16 +265,31 @@ class RecordingSink:
             raise SinkError(f"{self.path}: a recording is .wav or .flac")
         try:
             self.file = AtomicFile(self.path)
+        except OSError as e:
+            raise SinkError(f"{self.path}: cannot write here ({e.strerror or e})") from None
+        try:
             self.writer = sf.SoundFile(str(self.file.tmp), "w", sample_rate, channels, format=kind[0], subtype=kind[1])
         except (OSError, sf.LibsndfileError) as e:
+            self.file.abort()
             raise SinkError(f"{self.path}: cannot write here ({first_line(e)})") from None
 
     def write(self, frames: np.ndarray) -> None:
         self.writer.write(np.asarray(frames, dtype=np.float32))
 
     def close(self) -> Path:
-        self.writer.close()
-        return self.file.commit()
+        """Finish the recording and rename it into place."""
+        try:
+            self.writer.close()
+            return self.file.commit()
+        except (OSError, sf.LibsndfileError) as e:
+            self.file.abort()
+            raise SinkError(f"{self.path}: cannot write ({first_line(e)})") from None
+
+    def abort(self) -> None:
+        """Throw the recording away (nothing was recorded): an existing file stays as it was."""
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        self.file.abort()
 
 
 def open_sink(path: str | Path, sample_rate: int, frames: int, channels: int = 1, format: str | None = None):

@@ -100,4 +100,6 @@ def test_play_without_a_device_is_one_line(tiny_model, synth_prompt, tmp_path, n
                           "-o", str(tmp_path / "p.wav"), "--play"], capture_output=True, text=True, env=null_sound_env)
     assert out.returncode == 1 and "no sound output device" in out.stderr, out.stderr
     assert len([ln for ln in out.stderr.splitlines() if "error" in ln]) == 1 and "Traceback" not in out.stderr
+    assert "verdict" not in out.stderr  # found before the prompt is read
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".p.")]  # no temporaries left
     assert not (tmp_path / "p.wav").exists()

@@ -110,10 +110,10 @@ def _generation(net: SaShiMi, options: GenerateOptions, read: ReadPrompt | None,
     return generation
 
 
-def check_prompt(prompt: str | Path, model: str | Path | None = None,
+def check_prompt(prompt: str | Path, model: str | Path | SaShiMi | None = None,
                  selection: PromptSelection | None = None, device: str = "auto") -> PromptReport:
     """Guidance alone: how well `prompt` suits the model, without generating."""
-    net, _ = open_model(model, device)
+    net = model if isinstance(model, SaShiMi) else open_model(model, device)[0]
     return read_prompt(net, prompt, selection or PromptSelection()).report
 
 
@@ -124,8 +124,8 @@ def continue_prompt(prompt: str | Path, out: str | Path, model: str | Path | Non
     output), and play it as it is made with `play`. See the module docstring."""
     options = options or GenerateOptions()
     _check_outputs(out, options, play)
-    model_id = str(resolve_model(model))
-    generation = stream_continuation(prompt, model, options, on_progress)
+    model_id = str(resolve_model(model))  # once: a named model is looked up (and downloaded) here only
+    generation = stream_continuation(prompt, model_id, options, on_progress)
     if on_guidance is not None:
         on_guidance(generation.guidance)
     return write_generation(generation, out, model_id, source=str(prompt), play=play)
@@ -137,13 +137,16 @@ def improvise(out: str | Path, model: str | Path | None = None, options: Generat
     options = options or GenerateOptions()
     _check_outputs(out, options, play)
     model_id = str(resolve_model(model))
-    return write_generation(stream_improvisation(model, options, on_progress), out, model_id, source=None, play=play)
+    return write_generation(stream_improvisation(model_id, options, on_progress), out, model_id, source=None, play=play)
 
 
 def _check_outputs(out: str | Path, options: GenerateOptions, play: bool) -> None:
-    """Every output problem before any work: the format, the directory, and what a stream can carry."""
+    """Every output problem before any work: the format, the directory, the sound device with
+    `play`, and what a stream can carry."""
     options.check()
     output_format(out, options.output.format)
+    if play:
+        DeviceSink.check()
     if str(out) == STDOUT:
         if options.variations > 1:
             raise GenerationError("-o -: standard output carries one take; use -n 1, or write files")
@@ -173,12 +176,14 @@ def write_generation(generation: Generation, out: str | Path, model_id: str, sou
     sr, frames = generation.sample_rate, generation.frames
     fmt = output_format(out, options.output.format)
     variations = len(generation.seeds)
-    sinks = [StdoutSink(sr, frames, format=fmt)] if stdout else \
-        [FileSink(Path(out), sr, frames, format=fmt) for _ in range(variations)]
-    device = DeviceSink(sr) if play else None
     # the device starts a second before the seam, so the continuation is heard in its context
     play_from = max(0, generation.prompt_frames - sr)
+    sinks: list = []
+    device = None
     try:
+        device = DeviceSink(sr) if play else None  # first: a missing device leaves no temporary files
+        for _ in range(1 if stdout else variations):
+            sinks.append(StdoutSink(sr, frames, format=fmt) if stdout else FileSink(Path(out), sr, frames, format=fmt))
         try:
             for chunk in generation:
                 for i, sink in enumerate(sinks):
@@ -278,7 +283,8 @@ def plot_continuation(audio: Path, boundary: int, png: Path) -> Path:
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     ax1.plot(t, x, linewidth=0.4, color="#345")
     ax1.set_ylabel("amplitude")
-    ax2.specgram(x, NFFT=512, Fs=sample_rate, noverlap=384, cmap="magma")
+    with np.errstate(divide="ignore"):  # digital silence is -inf dB: drawn as the floor (a context variable)
+        ax2.specgram(x, NFFT=512, Fs=sample_rate, noverlap=384, cmap="magma")
     ax2.set_ylabel("Hz")
     ax2.set_xlabel("seconds")
     seam = boundary / sample_rate
