@@ -16,6 +16,7 @@ and then the player's return.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import secrets
@@ -66,6 +67,8 @@ class JamOptions:
             ("--max-answer", self.max_answer, not 0 < self.max_answer <= 600, "must be more than 0 and at most 600"),
             ("--quiet-db", self.quiet_db, not 3 <= self.quiet_db <= 80, "must be 3 to 80 dB"),
         ) if bad] + self.sampling.problems()
+        if self.step.device != "cpu":  # live blocks are too short for a GPU to win; the state lives on the CPU
+            problems.append(f"step device {self.step.device}: a jam runs on the CPU")
         if problems:
             raise JamError("; ".join(problems))
 
@@ -179,10 +182,12 @@ class Jam:
         elif self.level_db is None and rms_db > MUSIC_FLOOR_DBFS:
             self.level_db, quiet = rms_db, False
         out = np.zeros(n, dtype=np.float32)
-        if self.answer is not None:
-            out = self._answer_block(n, ended="player returned" if not quiet else None)
-        else:
+        if self.answer is None:
             self._listen(block, quiet)
+        else:
+            out = self._answer_block(n, ended=None if quiet else "player returned")
+            if not quiet:  # the answer has ended; the state hears the block the player came back with
+                self._listen(block, quiet)
         self.clock += n
         return out
 
@@ -280,43 +285,83 @@ def run_jam(source: Iterator[np.ndarray], model: str | Path | SaShiMi | None = N
     ends. `record` writes the jam as two channels (the input as heard, the model's answers); `log`
     one JSON line per answer. Both are kept, closed and valid, however the jam stops."""
     options = options or JamOptions()
-    options.check()
     net = model if isinstance(model, SaShiMi) else load_model(model, device="cpu")
     sr = net.audio.sample_rate
     if sample_rate is not None and sample_rate != sr:
         raise JamError(f"the source gives {sample_rate} Hz, the model takes {sr} Hz")
-    recording = RecordingSink(record, sr, 2) if record else None
-    log_file = AtomicFile(log) if log else None
-    log_stream = open(log_file.tmp, "w") if log_file else None
+    with contextlib.ExitStack() as stack:
+        if hasattr(source, "close"):  # a live input's stream closes however the jam ends
+            stack.callback(source.close)
+        def event(e: JamEvent) -> None:
+            if e.turn is not None and turns is not None:
+                turns.output.write(e.turn)
+            if on_event is not None:
+                on_event(e)
 
-    def event(e: JamEvent) -> None:
-        if e.turn is not None and log_stream is not None:
-            log_stream.write(json.dumps(e.turn.to_dict()) + "\n")
-            log_stream.flush()
-        if on_event is not None:
-            on_event(e)
-
-    device = None
-    try:
-        jam = Jam(net, options, event)
+        jam = Jam(net, options, event)  # before any file: bad options leave nothing behind
+        recording = _Kept(RecordingSink(record, sr, 2)) if record else None
+        if recording is not None:
+            stack.push(recording)
+        turns = _Kept(TurnLog(log)) if log else None
+        if turns is not None:
+            stack.push(turns)
         device = DeviceSink(sr) if play else None
+        if device is not None:
+            stack.callback(device.abort)  # does nothing once it has closed
         for block in source:
             answer = jam.feed(block)
             if recording is not None:
-                recording.write(np.stack([block, answer], axis=1))
+                recording.output.write(np.stack([block, answer], axis=1))
+                recording.started = True
+            if turns is not None:
+                turns.started = True
             if device is not None:
                 device.write(answer)
         jam.finish()
         if device is not None:
             device.close()  # what is queued plays to its end
-            device = None
-    finally:
-        if recording is not None:
-            recording.close()
-        if log_stream is not None:
-            log_stream.close()
-            log_file.commit()
-        if device is not None:
-            device.abort()
-    return JamResult(jam.turns, jam.clock / sr, jam.seed, jam.stepper.name, recording.path if recording else None,
+    return JamResult(jam.turns, jam.clock / sr, jam.seed, jam.stepper.name, Path(record) if record else None,
                      Path(log) if log else None)
+
+
+class TurnLog:
+    """One JSON line per answer, in a file that appears on close() (kept, like the recording, however
+    the jam stops) or not at all on abort()."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.file = AtomicFile(self.path)
+            self.stream = open(self.file.tmp, "w")
+        except OSError as e:
+            if hasattr(self, "file"):
+                self.file.abort()
+            raise JamError(f"{self.path}: cannot write here ({e.strerror or e})") from None
+
+    def write(self, turn: Turn) -> None:
+        self.stream.write(json.dumps(turn.to_dict()) + "\n")
+        self.stream.flush()
+
+    def close(self) -> Path:
+        self.stream.close()
+        return self.file.commit()
+
+    def abort(self) -> None:
+        self.stream.close()
+        self.file.abort()
+
+
+class _Kept:
+    """An output of the jam as a context exit: kept (closed) once the jam has begun, however it stops;
+    thrown away if it stopped before the first block (a missing device or input file), so an earlier
+    file of that name is not replaced by an empty one."""
+
+    def __init__(self, output: RecordingSink | TurnLog):
+        self.output, self.started = output, False
+
+    def __exit__(self, *exc) -> bool:
+        if self.started:
+            self.output.close()
+        else:
+            self.output.abort()
+        return False

@@ -114,12 +114,15 @@ def device_input(sample_rate: int, device: int | str | None = None) -> Iterator[
     def callback(indata, frames, timing, status):
         blocks.put(indata.copy())
 
+    stream = None
     try:
         rate = int(sd.query_devices(device, "input")["default_samplerate"])
         stream = sd.InputStream(samplerate=rate, channels=1, dtype="float32", device=device,
                                 blocksize=int(rate * BLOCK_SECONDS), callback=callback)
         stream.start()
     except Exception as e:  # PortAudioError, ValueError: no such device
+        if stream is not None:
+            stream.close()
         raise SourceError(f"no sound input device to listen to ({first_line(e)})") from None
     resample = Resampler(rate, sample_rate)
     try:

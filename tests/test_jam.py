@@ -75,6 +75,31 @@ def test_the_state_follows_the_input_as_one_prefill_would(tiny_model):
         assert (got - ref).abs().max() < 1e-4 * max(1.0, float(ref.abs().max()))
 
 
+def test_the_state_hears_the_block_the_player_returns_with(tiny_model):
+    jam = Jam(load_model(tiny_model), JamOptions(seed=1, wait=0.1, step=StepOptions(device="cpu")))
+    music = synthesized_music(seconds=1.0)[:, 0]
+    for block in blocks_of(np.concatenate([music, np.zeros(SR // 2, np.float32)])):
+        jam.feed(block)
+    assert jam.answer is not None
+    heard = jam.answer.state.t  # the input, then the answer so far
+    jam.feed(music[:320])  # the player is back
+    assert jam.answer is None and jam.turns[0].ended == "player returned"
+    # the answer's last block, then the player's: both reach the state (or wait in pending)
+    assert jam.state.t + sum(map(len, jam.pending)) == heard + 320 + 320
+    assert jam.armed  # so the next pause is answered
+
+
+def test_a_jam_that_cannot_start_replaces_no_earlier_recording(tiny_model, tmp_path):
+    (tmp_path / "jam.wav").write_bytes(b"last night's jam")
+    (tmp_path / "turns.jsonl").write_text("{}\n")
+    with pytest.raises(SourceError, match="not a WAV stream"):
+        run_jam(wav_stream(io.BytesIO(b"not a wav stream at all"), SR), tiny_model, record=tmp_path / "jam.wav",
+                log=tmp_path / "turns.jsonl", play=False)
+    assert (tmp_path / "jam.wav").read_bytes() == b"last night's jam"
+    assert (tmp_path / "turns.jsonl").read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jam.wav", "turns.jsonl"]  # no temporaries
+
+
 def test_bad_jam_options_are_named(tiny_model):
     with pytest.raises(JamError, match="--wait 0: must be more than 0"):
         run_jam(iter([]), tiny_model, JamOptions(wait=0), play=False)

@@ -10,6 +10,7 @@ draw of the whole take), so a seed fixes the codes whatever the chunking.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -40,12 +41,14 @@ class Stepper:
 
     def __init__(self, net: SaShiMi, options: StepOptions):
         self.fast: FusedStep | GraphedStep | None = None
+        to_cpu = net.device.type == "cuda" and (
+            options.device == "cpu" or (options.device == "auto" and options.fused and fused_available()))
+        if to_cpu:  # a copy: the caller's model stays where it is
+            log.info("generating on the CPU (--device cuda: on the GPU)")
+            net = copy.deepcopy(net).cpu()
         if not options.fused:
             self.name = f"plain-{net.device.type}"
         else:
-            if net.device.type == "cuda" and options.device == "auto" and fused_available():
-                log.info("prompt read on the GPU; generating on the fused CPU step (--device cuda: on the GPU)")
-                net = net.cpu()
             if net.device.type == "cuda":
                 self.fast, self.name = GraphedStep(net), "graphed-cuda"
             elif fused_available():
