@@ -450,7 +450,7 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         accelerator.wait_for_everyone()
         checkpoint = resumable_checkpoint(out) if resume else None
         if resume and checkpoint is None:
-            raise TrainingError(f"{out}: no checkpoint to resume from")
+            raise TrainingError(f"{out}: every checkpoint is damaged (see the warnings above); nothing to resume from")
         if resume:
             check_resume_config(config, out)
         if not resume and checkpoints(out):
@@ -503,7 +503,10 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
                 state["scaler"] = scaler.state_dict()
             path = out / "checkpoints" / f"step-{step:07d}"
             save_model(model, path, summary=summary(val_bits), extra=lambda d: write_state(d, state))
-            for old in sorted((out / "checkpoints").glob("step-*"))[: -config.keep_last]:
+            # the newest keep_last up to this step stay; any later one is a damaged checkpoint the
+            # resume skipped (and warned of), which must not displace the one just saved
+            kept = [p for p in sorted((out / "checkpoints").glob("step-*")) if p.name <= path.name]
+            for old in kept[: -config.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
 
         per_rank = config.batch_size // world

@@ -14,7 +14,7 @@ import torch
 from conftest import DATA, synthesized_music
 
 from s4music.data.format import DatasetError
-from s4music.data.named import natural_key, official_split, unpack
+from s4music.data.named import ArchiveDamaged, natural_key, official_split, unpack
 from s4music.model import load_checkpoint
 
 S4MUSIC = [sys.executable, "-m", "s4music.cli"]
@@ -162,6 +162,23 @@ def test_archives_cannot_write_outside_or_explode(tmp_path):
         unpack(tmp_path / "bomb.zip", tmp_path / "out")
     (tmp_path / "x.zip").write_bytes(_zip({"music/a.wav": wav.getvalue(), "notes.txt": b"hello"}))
     assert unpack(tmp_path / "x.zip", tmp_path / "out") == [tmp_path / "out" / "music" / "a.wav"]
+
+
+def test_a_damaged_archive_is_told_apart_from_a_destination_that_cannot_be_written(tmp_path):
+    # only a damaged download is forgotten (fetched again); a full disk or a bad destination keeps it
+    wav = io.BytesIO()
+    sf.write(wav, synthesized_music(1.0)[:, 0], 16000, format="WAV")
+    good = _zip({"a.wav": wav.getvalue()})
+    (tmp_path / "x.zip").write_bytes(good)
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(DatasetError, match="cannot write the unpacked audio") as refused:
+        unpack(tmp_path / "x.zip", tmp_path / "a-file" / "out")
+    assert not isinstance(refused.value, ArchiveDamaged)
+    data = 30 + len("a.wav") + 100  # past the local header, inside the deflated member
+    (tmp_path / "bad.zip").write_bytes(good[:data] + bytes([good[data] ^ 0xFF]) + good[data + 1:])
+    with pytest.raises(ArchiveDamaged, match="member 'a.wav' is damaged"):
+        unpack(tmp_path / "bad.zip", tmp_path / "out")
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing half-written stays
 
 
 def test_fetch_dataset_prepares_real_recordings_with_the_official_split(local_hub, recordings, tmp_path):

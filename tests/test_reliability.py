@@ -22,6 +22,7 @@ from s4music.data.format import verify_dataset
 from s4music.data.prepare import PrepareOptions, prepare
 from s4music.errors import S4MusicError
 from s4music.model import CheckpointError, load_model
+from s4music.model.checkpoint import verify_checkpoint
 from s4music.train import TrainConfig, train
 
 S4MUSIC = [sys.executable, "-m", "s4music.cli"]
@@ -148,6 +149,18 @@ def test_resume_skips_a_torn_checkpoint_for_the_newest_that_verifies(synth_datas
     assert any("skipping step-0000003" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
     log = (out / "log.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in log[1:]] == ["1", "2", "3", "4"]  # step 3 trained again from step 2
+
+
+def test_pruning_never_keeps_a_skipped_damaged_checkpoint_over_the_one_just_saved(synth_dataset, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(data=[str(synth_dataset)], out=str(out), model=TINY, seq_len=1024, batch_size=2, steps=4,
+                      save_every=2, keep_last=2, eval_every=4, eval_windows=1))
+    newest = out / "checkpoints" / "step-0000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    # resumed from step 2, saving every step, keeping one: step 3 is the one to keep
+    train(TrainConfig.load(out=str(out), resume=True, steps=3, save_every=1, keep_last=1), resume=True)
+    verify_checkpoint(out / "checkpoints" / "step-0000003")
+    assert not (out / "checkpoints" / "step-0000002").exists()
 
 
 def test_a_flipped_bit_in_a_checkpoint_is_detected_and_named(tiny_model, tmp_path):

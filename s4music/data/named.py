@@ -17,6 +17,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,13 +63,18 @@ def official_split(names: list[str]) -> dict[str, str]:
     return {name: "train" if i < val_from else "val" if i < test_from else "test" for i, name in enumerate(ordered)}
 
 
+class ArchiveDamaged(DatasetError):
+    """The download itself is bad (not a zip, a member fails its CRC): fetching it again may help."""
+
+
 def unpack(archive: Path, dest: Path) -> list[Path]:
     """Extract a zip's audio files under `dest`, refusing the whole archive if a member would escape
-    it (absolute paths, '..', links) or it unpacks to implausibly much (a zip bomb)."""
+    it (absolute paths, '..', links) or it unpacks to implausibly much (a zip bomb). A damaged
+    archive raises ArchiveDamaged; a destination that cannot be written (a full disk) DatasetError."""
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as e:
-        raise DatasetError(f"{archive.name}: not a zip archive ({e})") from None
+        raise ArchiveDamaged(f"{archive.name}: not a zip archive ({e})") from None
     with zf:
         members, total = [], 0
         for info in zf.infolist():
@@ -89,15 +95,24 @@ def unpack(archive: Path, dest: Path) -> list[Path]:
             raise DatasetError(f"{archive.name}: unpacks to {total / 2**30:.0f} GiB, more than the "
                                f"{MAX_UNPACKED_BYTES / 2**30:.0f} GiB allowed")
         written = []
-        for info in members:  # zipfile stops each member at its stated size and checks its CRC
+        for info in members:
             target = dest / info.filename
             try:
                 with zf.open(info) as src, atomic_path(target) as tmp, open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-            except (zipfile.BadZipFile, OSError) as e:
-                raise DatasetError(f"{archive.name}: member {info.filename!r} is damaged ({e})") from None
+                    while block := _read_member(src, archive, info):
+                        out.write(block)
+            except OSError as e:
+                raise DatasetError(f"{target.parent}: cannot write the unpacked audio ({e.strerror or e})") from None
             written.append(target)
         return written
+
+
+def _read_member(src, archive: Path, info: zipfile.ZipInfo) -> bytes:
+    """The next MiB of a member; zipfile stops it at its stated size and checks its CRC at the end."""
+    try:
+        return src.read(1 << 20)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise ArchiveDamaged(f"{archive.name}: member {info.filename!r} is damaged ({e})") from None
 
 
 @dataclass
@@ -141,8 +156,8 @@ def _unpacked(archive: Path) -> Path:
         with tempfile.TemporaryDirectory(prefix=".unpack-", dir=audio.parent) as tmp:
             try:
                 unpack(archive, Path(tmp) / "audio")
-            except DatasetError:
-                hub.forget(archive)  # nothing broken stays cached
+            except ArchiveDamaged:
+                hub.forget(archive)  # a broken download does not stay cached (a full disk keeps a good one)
                 raise
             (Path(tmp) / "audio" / ".complete").touch()
             shutil.rmtree(audio, ignore_errors=True)
