@@ -5,7 +5,7 @@
 Builds go through torch.utils.cpp_extension into a cache directory (`S4MUSIC_CACHE`, default
 ~/.cache/s4music), keyed by torch's version and CUDA build, and are reused while the sources and
 flags are unchanged. Whatever a build needs from the process (CUDA_HOME, the GPU architecture,
-quieter torch logging) is set for the build only and restored afterwards.
+quieter torch logging) is set for the build only, one build at a time, and restored afterwards.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import logging
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
 
 # Architecture to compile CUDA code for when no GPU is visible (a compile check): Hopper (H100/H200).
 DEFAULT_CUDA_ARCH = "9.0"
+_ONE_BUILD = threading.Lock()  # builds change the environment for their duration, so they take turns
 
 
 def find_cuda_home() -> Path | None:
@@ -103,7 +105,7 @@ def load_extension(name: str, sources: list[Path], cflags: list[str] | None = No
         ldflags = [*(ldflags or []), f"-L{cuda_home / 'lib'}", f"-L{cuda_home / 'lib64'}"]
     build_dir = build_dir or cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    with _build_environment(cuda_home) as cpp_extension:
+    with _ONE_BUILD, _build_environment(cuda_home) as cpp_extension:
         return cpp_extension.load(
             name=name, sources=[str(s) for s in sources], extra_cflags=cflags or [],
             extra_cuda_cflags=["-O3"] if cuda else None, extra_ldflags=ldflags or [],

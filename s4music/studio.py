@@ -49,6 +49,7 @@ class Studio:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_prompt_minutes = max_prompt_minutes
         self._nets: dict[str, SaShiMi] = {}
+        self._short_enough: set[tuple[str, int, int]] = set()  # prompts checked: (path, size, mtime)
         self._lock = threading.Lock()
 
     def net(self, spec: str | None) -> tuple[SaShiMi, str]:
@@ -69,17 +70,23 @@ class Studio:
             raise S4MusicError(report.failed[0][1])
         return str(report.fetched[0].audio)
 
-    def check_length(self, prompt: str) -> None:
-        audio, full = load_prompt(prompt, 16000, PromptSelection(seconds=self.max_prompt_minutes * 60))
+    def check_length(self, prompt: str, sample_rate: int) -> None:
+        """Refuse a prompt longer than max_prompt_minutes (decoded once per file)."""
+        info = Path(prompt).stat()
+        key = (str(prompt), info.st_size, info.st_mtime_ns)
+        if key in self._short_enough:
+            return
+        _, full = load_prompt(prompt, sample_rate, PromptSelection(seconds=self.max_prompt_minutes * 60))
         if full is not None:
             raise S4MusicError(f"{Path(prompt).name}: {full / 60:.1f} min long; the page takes prompts of up to "
                                f"{self.max_prompt_minutes:g} min (trim it, or use `s4music continue`)")
+        self._short_enough.add(key)
 
     def guidance(self, prompt: str, model: str | None, selection: PromptSelection) -> str:
         """The verdict of `check`, its reasons, the model's bits against its test figure, and advice."""
-        self.check_length(prompt)
-        net, path = self.net(model)
-        report = check_prompt(prompt, path, selection, device="cpu")
+        net, _ = self.net(model)
+        self.check_length(prompt, net.audio.sample_rate)
+        report = check_prompt(prompt, net, selection)
         lines = [f"### verdict: {report.verdict}",
                  f"{report.seconds:.1f} s of prompt; " + ("; ".join(report.conversions) or "no conversion needed")]
         lines += [f"- {reason}" for reason in report.reasons]
@@ -93,6 +100,8 @@ class Studio:
             on_chunk, on_progress) -> dict:
         """Continue `prompt` (or improvise with None) into files under out_dir: the takes best first."""
         net, path = self.net(model)
+        if prompt is not None:
+            self.check_length(prompt, net.audio.sample_rate)
         run_dir = Path(tempfile.mkdtemp(prefix="take-", dir=self.out_dir))
         out = run_dir / "take.wav"
         if prompt is not None:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -87,6 +88,8 @@ def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Sh
         for name in ("httpx", "httpx2"):
             logging.getLogger(name).setLevel(logging.WARNING)
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # it sets its own level when it is imported
+        # torch's note on a foreign .pt's pickle protocol says nothing the user can act on
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
     if not sys.stderr.isatty():  # a log file or a pipe gets our lines, not the Hub client's progress bars
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -418,7 +421,7 @@ def print_guidance(report, continuing: bool = True) -> None:
         console.print("  continuing anyway (--strict refuses such a prompt)", highlight=False)
 
 
-def generation_run(run, what: str, out: str) -> None:
+def generation_run(run, what: str) -> None:
     """Run a generation with a progress bar (ETA and live RTF), then list the outputs. A reader of
     standard output that goes away ends the run quietly."""
     from s4music.generate import OutputClosed
@@ -534,7 +537,7 @@ def continue_command(
                            format, plot, device, fused, half_weights, strict, include_prompt, prompt_seconds,
                            prompt_start, prompt_end, temperature_end)
     generation_run(lambda progress: continue_prompt(prompt, out, model, options, on_progress=progress,
-                                                    on_guidance=print_guidance, play=play), "continuing", out)
+                                                    on_guidance=print_guidance, play=play), "continuing")
 
 
 @command(inference=True)
@@ -563,7 +566,7 @@ def generate(
 
     options = options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize,
                            format, plot, device, fused, half_weights, temperature_end=temperature_end)
-    generation_run(lambda progress: improvise(out, model, options, on_progress=progress, play=play), "generating", out)
+    generation_run(lambda progress: improvise(out, model, options, on_progress=progress, play=play), "generating")
 
 
 @command(inference=True)

@@ -1,6 +1,6 @@
 """Stages 4 and 5: post-processing and the stream of audio that every sink consumes.
 
-    generation = Generation(net, stepper, options, prompt=read)     # or prompt=None: from rest
+    generation = Generation(net, stepper, options, sampling, seeds, prompt=read)   # prompt=None: from rest
     for chunk in generation:                                        # Chunk(start, samples (V, n) float32)
         ...                                                         # the prompt first, then the continuation
     takes = generation.takes()                                      # bits, degeneracy, seeds

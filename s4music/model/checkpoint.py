@@ -18,7 +18,6 @@ import pickle
 import re
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -293,9 +292,7 @@ def import_official(path: str | Path) -> SaShiMi:
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():  # torch's warnings about pickle protocols are not the user's business
-            warnings.simplefilter("ignore")
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except pickle.UnpicklingError as e:  # what weights_only refuses: the file would run code to load

@@ -158,12 +158,13 @@ class FusedStep:
         with torch.no_grad():
             downs = [_weight(p.linear) for p in model.down_pools]
             ups = [_weight(u.pool.linear) for u in model.up_blocks]
+            dec_w, dec_b = _weight(model.decoder)
             self.impl = ext.FastSaShiMi(
                 embedding=model.encoder.weight.detach().float().contiguous(), pools=list(model.config.pool),
                 down_w=[w for w, _ in downs], down_b=[b for _, b in downs],
                 up_w=[w for w, _ in ups], up_b=[b for _, b in ups],
                 ln_w=model.norm.weight.detach().float().contiguous(), ln_b=model.norm.bias.detach().float().contiguous(),
-                ln_eps=model.norm.eps, dec_w=_weight(model.decoder)[0], dec_b=_weight(model.decoder)[1], half=half)
+                ln_eps=model.norm.eps, dec_w=dec_w, dec_b=dec_b, half=half)
             for tier, layers in enumerate([model.center, *[u.layers for u in model.up_blocks]]):
                 for res in layers:
                     kind, tensors = _layer_tensors(ext, res.layer)
