@@ -29,13 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("S4MUSIC_CACHE", Path.home() / ".cache" / "s4music")) / "longform-prompts"
 SR = 16000
 WINDOW_S, FROM_S = 3.0, 5.0
-# name -> (temperature at the seam, temperature at the end, top_p)
+# name -> the Sampling it stands for
 RULES = {
-    "t0.8 (recommended)": (0.8, 0.8, 1.0),
-    "t0.7": (0.7, 0.7, 1.0),
-    "t0.9": (0.9, 0.9, 1.0),
-    "t0.8 -> 0.6 over the take": (0.8, 0.6, 1.0),
-    "t0.8, top-p 0.98": (0.8, 0.8, 0.98),
+    "t0.8 (recommended)": dict(temperature=0.8),
+    "t0.7": dict(temperature=0.7),
+    "t0.9": dict(temperature=0.9),
+    "t0.8 -> 0.6 over the take": dict(temperature=0.8, temperature_end=0.6),
+    "t0.8, top-p 0.98": dict(temperature=0.8, top_p=0.98),
+    "t0.8, re-anchored on the last 4 s every 2 s": dict(temperature=0.8, context_seconds=4.0),
 }
 
 
@@ -75,10 +76,9 @@ def continue_windows(prompt: str, rule: str, seeds: int, seconds: float) -> dict
     from s4music.generate.stream import FIRST_CHUNK
     from s4music.model import load_model
 
-    start_t, end_t, top_p = RULES[rule]
     net = load_model("default")
     options = GenerateOptions(seconds=seconds, variations=seeds, seed=0,
-                              sampling=Sampling(start_t, 0, top_p, end_t if end_t != start_t else None),
+                              sampling=Sampling(**{**Sampling.NEUTRAL, **RULES[rule]}),
                               output=Output(include_prompt=False, normalize="none"))
     generation = stream_continuation(prompt, net, options)
     for _ in generation:

@@ -98,6 +98,39 @@ def test_fused_and_plain_samplers_give_the_same_codes(fused):
             assert torch.allclose(la, lb, atol=1e-4)
 
 
+
+@pytest.mark.parametrize("fused_step", [False, True])
+def test_reanchoring_reads_the_last_window_alone(fused_step):
+    """With context_seconds W, after every W/2 samples the state is the one a fresh read of the last
+    W seconds gives; before that, and with it off or nothing heard, sampling is untouched."""
+    need(not fused_step or fused_available(), "a C++ compiler for the fused CPU step")
+    torch.manual_seed(0)
+    model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, pool=[4], s4=S4Config(d_state=16))))
+    model.audio.sample_rate = 1000  # a window of 0.1 s is 100 codes: re-anchored every 50
+    heard = torch.randint(0, 256, (130,))
+    _, state = model.prefill(model.shift_right(heard[None]))
+    stepper = Stepper(model, StepOptions(fused=fused_step, half_weights=False))
+    anchored = Sampling(1.0, 0, 1.0, None, 0.1)
+    sampler = stepper.sampler(state, heard[-1:], [3, 4], anchored, heard)
+    parts = [sampler.take(n) for n in (20, 45, 55)]  # crosses the points at 50 and 100 mid-chunk
+    codes = torch.cat([c for c, _ in parts], dim=1)
+    assert sampler.anchors == 2
+    plain = lambda: stepper.sampler(state, heard[-1:], [3, 4], Sampling(1.0, 0, 1.0))  # noqa: E731
+    assert torch.equal(plain().take(50)[0], codes[:, :50])  # up to the first point, nothing changes
+    assert not torch.equal(plain().take(120)[0], codes)
+    unheard = stepper.sampler(state, heard[-1:], [3, 4], anchored)  # nothing heard: re-anchoring is off
+    assert torch.equal(unheard.take(120)[0], plain().take(120)[0]) and unheard.anchors == 0
+    # the reference: at 50 and at 100 samples, a fresh read of each variation's last 100 codes
+    history = torch.cat([heard.expand(2, -1), codes], dim=1)
+    for point in (50, 100):
+        windows = history[:, : len(heard) + point][:, -100:]
+        reference = plain()
+        _, reference.state = model.prefill(model.shift_right(windows))  # the same batch: the same round-off
+        reference.code = windows[:, -1]
+        for g in reference.generators:
+            torch.rand(point, generator=g)  # the uniforms already used
+        assert torch.equal(reference.take(20)[0], codes[:, point:point + 20]), point
+
 def test_sampling_rules():
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
     pick = lambda u, **kw: sample_codes(logits, torch.tensor([u]), **kw)[0].item()  # noqa: E731

@@ -464,6 +464,9 @@ Temperature = Annotated[float, typer.Option(help="Sampling temperature (0: greed
                                                  "recommendation, else 1.")]
 TemperatureEnd = Annotated[float, typer.Option(help="A temperature schedule: from --temperature at the seam to "
                                                     "this at the end. Default: the model's recommendation, else none.")]
+ContextSeconds = Annotated[float, typer.Option(help="Re-anchoring: every N/2 seconds, read the state afresh from "
+                                                   "the last N seconds alone (0: off). Default: the model's "
+                                                   "recommendation, else off.")]
 TopK = Annotated[int, typer.Option(help="Keep the k likeliest codes (0: off). Default: the model's recommendation, "
                                         "else off.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the likeliest codes up to this probability "
@@ -492,10 +495,11 @@ JAM = JamOptions
 
 def options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize, format,
                  plot, device, fused, half_weights, strict=G.strict, include_prompt=OUT.include_prompt,
-                 prompt_seconds=P.seconds, prompt_start=None, prompt_end=None, temperature_end=None) -> GenerateOptions:
+                 prompt_seconds=P.seconds, prompt_start=None, prompt_end=None, temperature_end=None,
+                 context_seconds=None) -> GenerateOptions:
     return GenerateOptions(
         seconds=seconds, variations=variations, seed=seed, rank=rank, retry_degenerate=retry_degenerate, strict=strict,
-        sampling=Sampling(temperature, top_k, top_p, temperature_end),
+        sampling=Sampling(temperature, top_k, top_p, temperature_end, context_seconds),
         prompt=PromptSelection(prompt_seconds, prompt_start, prompt_end),
         output=Output(include_prompt, normalize, format, plot), step=StepOptions(device, fused, half_weights))
 
@@ -513,6 +517,7 @@ def continue_command(
     temperature_end: TemperatureEnd = None,
     top_k: TopK = None,
     top_p: TopP = None,
+    context_seconds: ContextSeconds = None,
     seed: Seed = None,
     rank: Rank = G.rank,
     include_prompt: bool = typer.Option(OUT.include_prompt, "--prompt/--no-prompt", help="Start the output with the prompt."),
@@ -535,7 +540,7 @@ def continue_command(
 
     options = options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize,
                            format, plot, device, fused, half_weights, strict, include_prompt, prompt_seconds,
-                           prompt_start, prompt_end, temperature_end)
+                           prompt_start, prompt_end, temperature_end, context_seconds)
     generation_run(lambda progress: continue_prompt(prompt, out, model, options, on_progress=progress,
                                                     on_guidance=print_guidance, play=play), "continuing")
 
@@ -549,6 +554,7 @@ def generate(
     temperature_end: TemperatureEnd = None,
     top_k: TopK = None,
     top_p: TopP = None,
+    context_seconds: ContextSeconds = None,
     seed: Seed = None,
     rank: Rank = G.rank,
     normalize: Normalize = OUT.normalize,
@@ -565,7 +571,8 @@ def generate(
     from s4music.generate import improvise
 
     options = options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize,
-                           format, plot, device, fused, half_weights, temperature_end=temperature_end)
+                           format, plot, device, fused, half_weights, temperature_end=temperature_end,
+                           context_seconds=context_seconds)
     generation_run(lambda progress: improvise(out, model, options, on_progress=progress, play=play), "generating")
 
 

@@ -38,8 +38,11 @@ class Sampling:
     top_k: int | None = None  # keep the k likeliest codes; 0: off
     top_p: float | None = None  # keep the likeliest codes up to this probability; 1: off
     temperature_end: float | None = None  # a schedule: from `temperature` at the seam to this at the end
+    # Re-anchoring: every context_seconds / 2 of a take, the state is read afresh from the last
+    # context_seconds of audio alone, so the model never hears more than it was trained on. 0: off.
+    context_seconds: float | None = None
 
-    NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "temperature_end": None}
+    NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "temperature_end": None, "context_seconds": 0.0}
 
     def resolved(self, summary: dict) -> Sampling:
         """Unset values from the checkpoint's recommendation, then the neutral ones."""
@@ -55,12 +58,13 @@ class Sampling:
         return dataclasses.replace(self, temperature=t, temperature_end=None)
 
     def problems(self) -> list[str]:
-        t, k, p, e = self.temperature, self.top_k, self.top_p, self.temperature_end
+        t, k, p, e, c = self.temperature, self.top_k, self.top_p, self.temperature_end, self.context_seconds
         return [f"{name} {value:g}: {rule}" for name, value, bad, rule in (
             ("--temperature", t, t is not None and not t >= 0, "must be 0 (greedy) or more"),
             ("--temperature-end", e, e is not None and not e >= 0, "must be 0 or more"),
             ("--top-k", k, k is not None and k < 0, "must be 0 (off) or more"),
             ("--top-p", p, p is not None and not 0 < p <= 1, "must be in (0, 1]; 1 is off"),
+            ("--context-seconds", c, c is not None and not (c == 0 or 0.5 <= c <= 600), "must be 0 (off) or 0.5 to 600"),
         ) if bad]
 
 

@@ -58,25 +58,60 @@ class Stepper:
                 self.name = "plain-cpu"
         self.net = net
 
-    def sampler(self, state: SaShiMiState, first: torch.Tensor, seeds: list[int], sampling: Sampling) -> Sampler:
-        """Variations, one per seed, that all start from `state` (batch 1, left as it is) and input `first`."""
-        return Sampler(self, state, first, seeds, sampling)
+    def sampler(self, state: SaShiMiState, first: torch.Tensor, seeds: list[int], sampling: Sampling,
+                heard: torch.Tensor | None = None) -> Sampler:
+        """Variations, one per seed, that all start from `state` (batch 1, left as it is) and input `first`.
+        `heard`: the codes (L,) the state was read from, ending with `first` (empty from rest); with
+        it, sampling.context_seconds re-anchors the state (without it, re-anchoring is off)."""
+        return Sampler(self, state, first, seeds, sampling, heard)
 
 
 class Sampler:
-    """len(seeds) variations stepped together from copies of one state."""
+    """len(seeds) variations stepped together from copies of one state.
+
+    Re-anchoring (sampling.context_seconds = W, and `heard` given): every W/2 samples from the seam,
+    each variation's state is read afresh, in one parallel pass, from its last W seconds alone
+    (prompt and sampled codes), as a training window of that length would be read. The points are
+    counted from the seam, so a seed still fixes the codes whatever the chunking."""
 
     def __init__(self, stepper: Stepper, state: SaShiMiState, first: torch.Tensor, seeds: list[int],
-                 sampling: Sampling):
+                 sampling: Sampling, heard: torch.Tensor | None = None):
         self.stepper, self.sampling, self.seeds = stepper, sampling, list(seeds)
         self.state = state.repeat(len(seeds))
         self.code = first.reshape(-1)[:1].repeat(len(seeds)).to(stepper.net.device)
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        window = int(round((sampling.context_seconds or 0) * stepper.net.audio.sample_rate))
+        self.window = window if heard is not None and window >= 2 else 0
+        if self.window:
+            self.heard = heard.reshape(1, -1)[:, -self.window:].long().repeat(len(seeds), 1)
+        self.since_anchor = 0
+        self.anchors = 0  # re-anchorings so far
 
     @torch.no_grad()
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next n codes of every variation, (V, n) int64, and their log-probabilities (V, n)."""
         uniforms = torch.stack([torch.rand(n, generator=g) for g in self.generators])
+        if not self.window:
+            return self._steps(uniforms)
+        every, parts, i = self.window // 2, [], 0
+        while i < n:
+            m = min(n - i, every - self.since_anchor)
+            parts.append(self._steps(uniforms[:, i:i + m]))
+            self.heard = torch.cat([self.heard, parts[-1][0]], dim=1)[:, -self.window:]
+            i, self.since_anchor = i + m, self.since_anchor + m
+            if self.since_anchor == every:
+                self._reanchor()
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+    def _reanchor(self) -> None:
+        """The state after the last `window` codes alone; the next input (the last code) is unchanged."""
+        net = self.stepper.net
+        _, self.state = net.prefill(net.shift_right(self.heard.to(net.device)), logits=False)
+        self.since_anchor = 0
+        self.anchors += 1
+
+    def _steps(self, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = uniforms.shape[1]
         s = self.sampling
         fast = self.stepper.fast
         if fast is not None:

@@ -187,10 +187,11 @@ class Generation:
     def guidance(self) -> PromptReport | None:
         return self.prompt.report if self.prompt else None
 
-    def _start(self) -> tuple[torch.Tensor, object]:
+    def _start(self) -> tuple[torch.Tensor, object, torch.Tensor]:
+        """The first input, the state before it, and the codes that state was read from."""
         if self.prompt is not None:
-            return self.prompt.codes[-1:], self.prompt.state
-        return torch.tensor([self.net.config.n_codes // 2]), self.net.initial_state(1)
+            return self.prompt.codes[-1:], self.prompt.state, self.prompt.codes
+        return torch.tensor([self.net.config.n_codes // 2]), self.net.initial_state(1), torch.zeros(0, dtype=torch.long)
 
     def __iter__(self) -> Iterator[Chunk]:
         if self.prompt is not None and self._prompt_chunk is None:
@@ -199,8 +200,8 @@ class Generation:
         if self._prompt_chunk is not None and self._prompt_chunk.shape[1]:
             yield Chunk(0, self._prompt_chunk.expand(len(self.seeds), -1))
         position = self._prompt_chunk.shape[1] if self._prompt_chunk is not None else 0
-        first, state = self._start()
-        sampler = self.stepper.sampler(state, first, self.seeds, self.sampling)
+        first, state, heard = self._start()
+        sampler = self.stepper.sampler(state, first, self.seeds, self.sampling, heard)
         started = time.perf_counter()
         done = 0
         while done < self.samples:

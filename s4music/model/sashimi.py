@@ -251,13 +251,14 @@ class SaShiMi(nn.Module):
         return self._run(x, return_state=False)[0]
 
     @torch.no_grad()
-    def prefill(self, x: torch.Tensor, state: SaShiMiState | None = None) -> tuple[torch.Tensor, SaShiMiState]:
+    def prefill(self, x: torch.Tensor, state: SaShiMiState | None = None,
+                logits: bool = True) -> tuple[torch.Tensor | None, SaShiMiState]:
         """Read inputs x (B, L) in one parallel pass, from rest or from `state` (which is left as it
-        is): logits (B, L, 256) and the state after them. prefill(x[:, :k]) then prefill(x[:, k:],
-        state) is prefill(x), for any k."""
-        return self._run(x, return_state=True, start=state)
+        is): logits (B, L, 256), None with logits=False, and the state after them.
+        prefill(x[:, :k]) then prefill(x[:, k:], state) is prefill(x), for any k."""
+        return self._run(x, return_state=True, start=state, logits=logits)
 
-    def _run(self, x: torch.Tensor, return_state: bool, start: SaShiMiState | None = None):
+    def _run(self, x: torch.Tensor, return_state: bool, start: SaShiMiState | None = None, logits: bool = True):
         t0 = start.t if start is not None else 0
         state = SaShiMiState(t=t0 + x.shape[1])
         s4_in = iter(start.s4) if start is not None else None
@@ -297,8 +298,7 @@ class SaShiMi(nn.Module):
             state.up.append(pending)
             h = h + skip
             h = blocks(up.layers, h) + h
-        logits = self.decoder(self.norm(h))
-        return logits, (state if return_state else None)
+        return self.decoder(self.norm(h)) if logits else None, (state if return_state else None)
 
     # ------------------------------------------------------------------ recurrent
     def initial_state(self, batch: int = 1) -> SaShiMiState:
