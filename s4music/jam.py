@@ -22,7 +22,7 @@ import math
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +110,8 @@ class Jam:
         self.scheme = net.audio.quantization
         self.stepper = Stepper(net, self.options.step)
         self.net = self.stepper.net
-        self.sampling = self.options.sampling.resolved(net.summary)
+        # a jam's state follows the live input as it comes, so it is never re-anchored
+        self.sampling = replace(self.options.sampling.resolved(net.summary), context_seconds=0.0)
         self.seed = self.options.seed if self.options.seed is not None else secrets.randbelow(2**31)
         self.align = SCAN_CHUNK * net.config.total_pool  # a prefill from a state this aligned takes no slow head
         self.state = self.net.initial_state(1)

@@ -2,6 +2,7 @@
 that advises, and the checks of every option."""
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from s4music.guidance import FAR, TYPICAL, UNUSUAL, degeneracy, describe_signal,
 from s4music.model import S4Config, SaShiMi, SaShiMiConfig, import_official, load_model, save_model
 from s4music.model.fast import FusedStep, fused_available, sample_codes
 from s4music.model.reparam import untie
-from s4music.model.sashimi import WeightNormLinear
+from s4music.model.sashimi import SaShiMiState, WeightNormLinear
 from s4music.sinks import pcm16
 
 S4MUSIC = [sys.executable, "-m", "s4music.cli"]
@@ -98,11 +99,15 @@ def test_fused_and_plain_samplers_give_the_same_codes(fused):
             assert torch.allclose(la, lb, atol=1e-4)
 
 
+def _same_state(a, b) -> bool:
+    pairs = list(zip(a.s4 + a.down + a.up, b.s4 + b.down + b.up, strict=True))
+    return a.t == b.t and all(torch.allclose(x.cpu(), y.cpu(), atol=1e-5) for x, y in pairs)
+
 
 @pytest.mark.parametrize("fused_step", [False, True])
 def test_reanchoring_reads_the_last_window_alone(fused_step):
-    """With context_seconds W, after every W/2 samples the state is the one a fresh read of the last
-    W seconds gives; before that, and with it off or nothing heard, sampling is untouched."""
+    """With context_seconds W, after every W/2 samples each variation's state is the one a fresh read
+    of its last W seconds gives; before that, and with it off or nothing heard, sampling is untouched."""
     need(not fused_step or fused_available(), "a C++ compiler for the fused CPU step")
     torch.manual_seed(0)
     model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, pool=[4], s4=S4Config(d_state=16))))
@@ -112,24 +117,70 @@ def test_reanchoring_reads_the_last_window_alone(fused_step):
     stepper = Stepper(model, StepOptions(fused=fused_step, half_weights=False))
     anchored = Sampling(1.0, 0, 1.0, None, 0.1)
     sampler = stepper.sampler(state, heard[-1:], [3, 4], anchored, heard)
-    parts = [sampler.take(n) for n in (20, 45, 55)]  # crosses the points at 50 and 100 mid-chunk
+    first = sampler.take(50)  # ends on the first point: the state there is a fresh read of the last 100
+    history = torch.cat([heard.expand(2, -1), first[0]], dim=1)
+    fresh = [model.prefill(model.shift_right(row[-100:][None]))[1] for row in history]
+    assert sampler.anchors == 1 and _same_state(sampler.state, SaShiMiState.join(fresh, torch.device("cpu")))
+    parts = [first, *(sampler.take(n) for n in (15, 55, 30))]  # the point at 100 falls mid-chunk
     codes = torch.cat([c for c, _ in parts], dim=1)
-    assert sampler.anchors == 2
+    assert sampler.anchors == 3
+    again = stepper.sampler(state, heard[-1:], [3, 4], anchored, heard)
+    assert torch.equal(again.take(150)[0], codes)  # the chunking changes nothing
+    alone = stepper.sampler(state, heard[-1:], [4], anchored, heard)  # nor the number of variations
+    assert torch.equal(alone.take(150)[0][0], codes[1])
     plain = lambda: stepper.sampler(state, heard[-1:], [3, 4], Sampling(1.0, 0, 1.0))  # noqa: E731
     assert torch.equal(plain().take(50)[0], codes[:, :50])  # up to the first point, nothing changes
-    assert not torch.equal(plain().take(120)[0], codes)
+    assert not torch.equal(plain().take(150)[0], codes)
     unheard = stepper.sampler(state, heard[-1:], [3, 4], anchored)  # nothing heard: re-anchoring is off
-    assert torch.equal(unheard.take(120)[0], plain().take(120)[0]) and unheard.anchors == 0
-    # the reference: at 50 and at 100 samples, a fresh read of each variation's last 100 codes
+    assert torch.equal(unheard.take(150)[0], plain().take(150)[0]) and unheard.anchors == 0
+    # at every point, each variation goes on as a sampler started from a fresh read of its window
     history = torch.cat([heard.expand(2, -1), codes], dim=1)
     for point in (50, 100):
         windows = history[:, : len(heard) + point][:, -100:]
-        reference = plain()
-        _, reference.state = model.prefill(model.shift_right(windows))  # the same batch: the same round-off
-        reference.code = windows[:, -1]
-        for g in reference.generators:
-            torch.rand(point, generator=g)  # the uniforms already used
-        assert torch.equal(reference.take(20)[0], codes[:, point:point + 20]), point
+        for i, seed in enumerate((3, 4)):
+            _, fresh = model.prefill(model.shift_right(windows[i][None]))
+            reference = stepper.sampler(fresh, windows[i, -1:], [seed], Sampling(1.0, 0, 1.0))
+            torch.rand(point, generator=reference.generators[0])  # the uniforms already used
+            assert torch.equal(reference.take(50)[0][0], codes[i, point:point + 50]), (point, seed)
+
+
+def test_reanchoring_from_rest_waits_for_a_full_window():
+    """From nothing, a point where all that was sampled still fits in the window is skipped."""
+    torch.manual_seed(0)
+    model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, pool=[4], s4=S4Config(d_state=16))))
+    model.audio.sample_rate = 1000
+    stepper = Stepper(model, StepOptions(fused=False))
+    start = torch.tensor([model.config.n_codes // 2])
+    sampler = stepper.sampler(model.initial_state(1), start, [1], Sampling(1.0, 0, 1.0, None, 0.1),
+                              torch.zeros(0, dtype=torch.long))
+    assert sampler.take(0)[0].shape == (1, 0)
+    codes = sampler.take(100)[0]
+    assert sampler.anchors == 0  # at 50 and 100 samples, all of it fits in the window of 100
+    plain = stepper.sampler(model.initial_state(1), start, [1], Sampling(1.0, 0, 1.0))
+    assert torch.equal(plain.take(100)[0], codes)
+    sampler.take(50)
+    assert sampler.anchors == 1
+
+
+def test_a_continuation_is_reanchored_on_its_prompt(tiny_model, synth_prompt):
+    """The stream hands the sampler the prompt's codes: its take is the sampler's from the prompt."""
+    from s4music.generate.prompt import read_prompt
+
+    net = load_model(tiny_model)
+    sampling = Sampling(0.9, 0, 1.0, None, 0.5)
+    options = GenerateOptions(seconds=0.6, seed=5, sampling=sampling, prompt=PromptSelection(seconds=1.0),
+                              output=Output(include_prompt=False, normalize="none"))
+    generation = stream_continuation(synth_prompt, net, options)
+    for _ in generation:
+        pass
+    codes, _ = generation.sampled(0)
+    read = read_prompt(net, synth_prompt, options.prompt)
+    stepper = Stepper(net, StepOptions())
+    expected = stepper.sampler(read.state, read.codes[-1:], [5], sampling, read.codes).take(len(codes))[0][0]
+    assert torch.equal(codes.long(), expected)
+    unanchored = stepper.sampler(read.state, read.codes[-1:], [5], dataclasses.replace(sampling, context_seconds=0))
+    assert not torch.equal(codes.long(), unanchored.take(len(codes))[0][0])
+
 
 def test_sampling_rules():
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
@@ -181,6 +232,7 @@ def test_rank_orders_the_takes_of_an_unranked_run(tiny_model, tmp_path):
     (GenerateOptions(sampling=Sampling(temperature=-1)), "--temperature -1: must be 0 (greedy) or more"),
     (GenerateOptions(sampling=Sampling(top_k=-2)), "--top-k -2: must be 0 (off) or more"),
     (GenerateOptions(sampling=Sampling(top_p=0)), "--top-p 0: must be in (0, 1]"),
+    (GenerateOptions(sampling=Sampling(context_seconds=0.2)), "--context-seconds 0.2: must be 0 (off) or 0.5 to 60"),
     (GenerateOptions(prompt=PromptSelection(seconds=0)), "--prompt-seconds 0: must be positive"),
     (GenerateOptions(prompt=PromptSelection(start=5, end=2)), "--prompt-end 2: must be after --prompt-start (5)"),
     (GenerateOptions(output=Output(normalize="loud")), "--normalize loud: use one of loudness, peak, none"),

@@ -465,8 +465,9 @@ Temperature = Annotated[float, typer.Option(help="Sampling temperature (0: greed
 TemperatureEnd = Annotated[float, typer.Option(help="A temperature schedule: from --temperature at the seam to "
                                                     "this at the end. Default: the model's recommendation, else none.")]
 ContextSeconds = Annotated[float, typer.Option(help="Re-anchoring: every N/2 seconds, read the state afresh from "
-                                                   "the last N seconds alone (0: off). Default: the model's "
-                                                   "recommendation, else off.")]
+                                                   "the last N seconds alone (0: off; each read costs what an "
+                                                   "N-second prompt does). Default: the model's recommendation, "
+                                                   "else off.")]
 TopK = Annotated[int, typer.Option(help="Keep the k likeliest codes (0: off). Default: the model's recommendation, "
                                         "else off.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the likeliest codes up to this probability "

@@ -32,14 +32,14 @@ class PromptRefused(GenerationError):
 @dataclass
 class Sampling:
     """How a code is drawn from the model's distribution. None takes the checkpoint's recommendation
-    (its summary's "sampling"), else the neutral value: temperature 1, top-k and top-p off."""
+    (its summary's "sampling"), else the neutral value: temperature 1, top-k, top-p and re-anchoring off."""
 
     temperature: float | None = None  # 0: greedy
     top_k: int | None = None  # keep the k likeliest codes; 0: off
     top_p: float | None = None  # keep the likeliest codes up to this probability; 1: off
     temperature_end: float | None = None  # a schedule: from `temperature` at the seam to this at the end
     # Re-anchoring: every context_seconds / 2 of a take, the state is read afresh from the last
-    # context_seconds of audio alone, so the model never hears more than it was trained on. 0: off.
+    # context_seconds of audio alone, so the model hears between 1 and 1.5 times that. 0: off.
     context_seconds: float | None = None
 
     NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "temperature_end": None, "context_seconds": 0.0}
@@ -64,7 +64,7 @@ class Sampling:
             ("--temperature-end", e, e is not None and not e >= 0, "must be 0 or more"),
             ("--top-k", k, k is not None and k < 0, "must be 0 (off) or more"),
             ("--top-p", p, p is not None and not 0 < p <= 1, "must be in (0, 1]; 1 is off"),
-            ("--context-seconds", c, c is not None and not (c == 0 or 0.5 <= c <= 600), "must be 0 (off) or 0.5 to 600"),
+            ("--context-seconds", c, c is not None and not (c == 0 or 0.5 <= c <= 60), "must be 0 (off) or 0.5 to 60"),
         ) if bad]
 
 

@@ -41,6 +41,7 @@ class Stepper:
 
     def __init__(self, net: SaShiMi, options: StepOptions):
         self.fast: FusedStep | GraphedStep | None = None
+        self.reader = net  # reads windows in parallel (re-anchoring): on the GPU where there is one
         to_cpu = net.device.type == "cuda" and (
             options.device == "cpu" or (options.device == "auto" and options.fused and fused_available()))
         if to_cpu:  # a copy: the caller's model stays where it is
@@ -70,9 +71,14 @@ class Sampler:
     """len(seeds) variations stepped together from copies of one state.
 
     Re-anchoring (sampling.context_seconds = W, and `heard` given): every W/2 samples from the seam,
-    each variation's state is read afresh, in one parallel pass, from its last W seconds alone
-    (prompt and sampled codes), as a training window of that length would be read. The points are
-    counted from the seam, so a seed still fixes the codes whatever the chunking."""
+    each variation's state is read afresh, in one parallel pass of its own, from its last W seconds
+    alone (prompt and sampled codes), as a training window of that length is read; so the model
+    hears between W and 1.5 W seconds. Points where all it has heard fits in W are skipped (the
+    read would give the state it has). The points count from the seam and each variation is read
+    alone, so a seed fixes its codes whatever the chunking and the number of variations. Each read
+    costs about as long as reading a prompt of W seconds, and log-probabilities are then those
+    given the window.
+    """
 
     def __init__(self, stepper: Stepper, state: SaShiMiState, first: torch.Tensor, seeds: list[int],
                  sampling: Sampling, heard: torch.Tensor | None = None):
@@ -83,7 +89,8 @@ class Sampler:
         window = int(round((sampling.context_seconds or 0) * stepper.net.audio.sample_rate))
         self.window = window if heard is not None and window >= 2 else 0
         if self.window:
-            self.heard = heard.reshape(1, -1)[:, -self.window:].long().repeat(len(seeds), 1)
+            self.heard = heard.reshape(1, -1)[:, -self.window:].long().repeat(len(seeds), 1)  # (V, <= window)
+            self.heard_total = heard.numel()  # codes the state has heard, all told
         self.since_anchor = 0
         self.anchors = 0  # re-anchorings so far
 
@@ -91,23 +98,27 @@ class Sampler:
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next n codes of every variation, (V, n) int64, and their log-probabilities (V, n)."""
         uniforms = torch.stack([torch.rand(n, generator=g) for g in self.generators])
-        if not self.window:
+        if not self.window or n == 0:
             return self._steps(uniforms)
         every, parts, i = self.window // 2, [], 0
         while i < n:
             m = min(n - i, every - self.since_anchor)
             parts.append(self._steps(uniforms[:, i:i + m]))
             self.heard = torch.cat([self.heard, parts[-1][0]], dim=1)[:, -self.window:]
-            i, self.since_anchor = i + m, self.since_anchor + m
+            i, self.since_anchor, self.heard_total = i + m, self.since_anchor + m, self.heard_total + m
             if self.since_anchor == every:
-                self._reanchor()
+                self.since_anchor = 0
+                if self.heard_total > self.window:
+                    self._reanchor()
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
     def _reanchor(self) -> None:
-        """The state after the last `window` codes alone; the next input (the last code) is unchanged."""
-        net = self.stepper.net
-        _, self.state = net.prefill(net.shift_right(self.heard.to(net.device)), logits=False)
-        self.since_anchor = 0
+        """Each variation's state after its last `window` codes alone; its next input (the last code)
+        is unchanged."""
+        reader = self.stepper.reader
+        states = [reader.prefill(reader.shift_right(row[None].to(reader.device)), logits=False)[1]
+                  for row in self.heard]
+        self.state = SaShiMiState.join(states, self.stepper.net.device)
         self.anchors += 1
 
     def _steps(self, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

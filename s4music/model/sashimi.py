@@ -189,6 +189,13 @@ class SaShiMiState:
         rep = lambda ts: [x.repeat_interleave(n, dim=0) for x in ts]  # noqa: E731
         return SaShiMiState(self.t, rep(self.s4), rep(self.down), rep(self.up))
 
+    @staticmethod
+    def join(states: list[SaShiMiState], device: torch.device) -> SaShiMiState:
+        """States after the same number of samples, one batch: [(B_i, ...)] -> (sum B_i, ...) on `device`."""
+        cat = lambda group: [torch.cat(xs).to(device) for xs in zip(*group, strict=True)]  # noqa: E731
+        return SaShiMiState(states[0].t, cat([s.s4 for s in states]), cat([s.down for s in states]),
+                            cat([s.up for s in states]))
+
 
 class SaShiMi(nn.Module):
     def __init__(self, config: SaShiMiConfig | None = None):
