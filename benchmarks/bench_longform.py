@@ -156,7 +156,23 @@ def main() -> None:
     if band:
         print(f"\nTest windows' flatness (recorded by `eval --record`): 5th percentile {band['p5']:.4f}, median "
               f"{band['median']:.4f}, 95th {band['p95']:.4f}, max {band['max']:.4f}.")
+        window_table(curves, seconds)
         picture(curves, band, seconds)
+
+
+def medians(points: list[tuple[int, float]], seconds: float) -> list[float]:
+    """Per window (index k), the median flatness over the takes."""
+    return [statistics.median([f for k, f in points if k == i]) for i in range(int(seconds // WINDOW_S))]
+
+
+def window_table(curves: dict, seconds: float) -> None:
+    """The picture's figures: median flatness per window over the test prompts' takes."""
+    n = int(seconds // WINDOW_S)
+    print("\nMedian flatness per 3 s window after the seam, test prompts and the example:\n")
+    print("| sampling rule | " + " | ".join(f"{WINDOW_S * i:g}-{WINDOW_S * (i + 1):g} s" for i in range(n)) + " |")
+    print("|---|" + "---|" * n)
+    for rule, points in curves.items():
+        print(f"| {rule} | " + " | ".join(f"{m:.4f}" for m in medians(points, seconds)) + " |")
 
 
 def picture(curves: dict, band: dict, seconds: float) -> None:
@@ -169,8 +185,7 @@ def picture(curves: dict, band: dict, seconds: float) -> None:
     ax.axhspan(band["p5"], band["p95"], color="#9c9", alpha=0.4, label="test windows, 5th-95th percentile")
     ax.axhline(band["max"], color="#696", linewidth=0.8, linestyle="--", label="test windows, max")
     for rule, points in curves.items():
-        med = [statistics.median([f for k, f in points if k == i]) for i in range(n)]
-        ax.plot([WINDOW_S * (i + 0.5) for i in range(n)], med, "o-", markersize=3, label=rule)
+        ax.plot([WINDOW_S * (i + 0.5) for i in range(n)], medians(points, seconds), "o-", markersize=3, label=rule)
     ax.axvline(FROM_S, color="#999", linewidth=0.8)
     ax.set_xlabel("seconds after the seam (3 s windows)")
     ax.set_ylabel("spectral flatness (median over takes)")

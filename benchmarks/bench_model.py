@@ -98,7 +98,7 @@ def prefill(seconds_of_audio: float, which: str = "default", path: str = "scan",
         keep_freed_memory()
 
     if path == "fft":  # the training path's kernels and FFT convolution instead of the scan (logits only)
-        def fft(self, u):
+        def fft(self, u, state=None):  # from rest only, as here
             with torch.enable_grad():
                 k = self.conv_kernel(u.shape[1]).detach()
             return fft_convolution(u, k), self.initial_state(u.shape[0])
