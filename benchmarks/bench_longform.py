@@ -36,6 +36,7 @@ RULES = {
     "t0.9": dict(temperature=0.9),
     "t0.8 -> 0.6 over the take": dict(temperature=0.8, temperature_end=0.6),
     "t0.8, top-p 0.98": dict(temperature=0.8, top_p=0.98),
+    "t0.8, top-k 32": dict(temperature=0.8, top_k=32),
     "t0.8, re-anchored on the last 4 s every 2 s": dict(temperature=0.8, context_seconds=4.0),
 }
 

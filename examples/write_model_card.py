@@ -148,9 +148,9 @@ split, and the example prompt) for 30 s with three seeds each, and measures each
 spectral flatness against the test windows' band above; its figures are in
 `benchmarks/RESULTS.md`. The first 3 s after the seam lie in the band; by 6-9 s the median take
 is above it, and from about 10 s on it sits near the hissiest test window. No sampling rule tried
-(temperature 0.7, 0.8 or 0.9, a temperature falling from 0.8 to 0.6, top-p 0.98, re-anchoring the
-state on the last 4 s) keeps more than a small share of the windows from 5 s on in the band, on
-validation or test prompts, so the recommended sampling is unchanged.
+(temperature 0.7, 0.8 or 0.9, a temperature falling from 0.8 to 0.6, top-p 0.98, top-k 32,
+re-anchoring the state on the last 4 s) keeps more than a small share of the windows from 5 s on
+in the band, on validation or test prompts, so the recommended sampling is unchanged.
 
 ![median flatness per 3 s window after the seam, per sampling rule](../../../benchmarks/longform.png)
 
