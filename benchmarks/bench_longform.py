@@ -19,14 +19,15 @@ Sampling rules are compared on the validation pieces (where a rule is chosen) an
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 
 from common import parse_args, run_child
 
+from s4music.extensions import cache_home
+
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("S4MUSIC_CACHE", Path.home() / ".cache" / "s4music")) / "longform-prompts"
+CACHE = cache_home() / "longform-prompts"
 SR = 16000
 WINDOW_S, FROM_S = 3.0, 5.0
 # name -> the Sampling it stands for

@@ -24,3 +24,11 @@ def first_line(message: str | bytes | BaseException, fallback: str = "", last: b
     if not lines:
         return fallback
     return lines[-1] if last else lines[0]
+
+
+def did_you_mean(word: str, names: list[str]) -> str:
+    """"; did you mean a or b?" for the names closest to a mistyped one, else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(word, names, n=2)
+    return f"; did you mean {' or '.join(close)}?" if close else ""

@@ -44,9 +44,14 @@ def find_cuda_home() -> Path | None:
     return default if (default / "bin" / "nvcc").exists() else None
 
 
+def cache_home() -> Path:
+    """The toolkit's cache: S4MUSIC_CACHE, by default ~/.cache/s4music (builds, converted models, fixtures)."""
+    return Path(os.environ.get("S4MUSIC_CACHE", Path.home() / ".cache" / "s4music"))
+
+
 def cache_dir() -> Path:
     """Where builds are kept: one directory per torch version and CUDA build."""
-    base = Path(os.environ.get("S4MUSIC_CACHE", Path.home() / ".cache" / "s4music"))
+    base = cache_home()
     tag = f"torch{torch.__version__.split('+')[0]}-cu{(torch.version.cuda or 'none').replace('.', '')}"
     path = base / "extensions" / tag
     path.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from s4music.extensions import cache_home
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -185,7 +187,7 @@ def http_server(tmp_path):
     server.server_close()
 
 
-FIXTURE_CACHE = Path(os.environ.get("S4MUSIC_CACHE", Path.home() / ".cache" / "s4music")) / "test-fixtures"
+FIXTURE_CACHE = cache_home() / "test-fixtures"
 
 
 def _music21_midi(name: str, dest: Path) -> Path:
@@ -292,12 +294,10 @@ def null_sound_env(tmp_path):
     """An environment for a subprocess whose ALSA default device is a real null device (alsa-lib's
     `null` plugin: it plays into nothing and records silence), sharing this machine's builds."""
     pytest.importorskip("sounddevice", reason="sounddevice (PortAudio) is installed by `make install`")
-    from s4music.extensions import cache_dir
-
     home = tmp_path / "home"
     home.mkdir()
     (home / ".asoundrc").write_text("pcm.!default { type null }\n")
-    return {**os.environ, "HOME": str(home), "S4MUSIC_CACHE": str(cache_dir().parent.parent)}
+    return {**os.environ, "HOME": str(home), "S4MUSIC_CACHE": str(cache_home())}
 
 
 class LocalHub:

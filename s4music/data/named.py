@@ -26,6 +26,7 @@ from s4music.audio import AUDIO_EXTENSIONS
 from s4music.data.format import DatasetError
 from s4music.data.prepare import PrepareOptions, PrepareReport, find_audio, prepare
 from s4music.data.progress import FileProgress
+from s4music.errors import did_you_mean
 from s4music.files import atomic_path, write_json
 
 MAX_UNPACKED_BYTES = 100 * 2**30  # an archive that says it unpacks to more is refused
@@ -128,11 +129,7 @@ def fetch_dataset(name: str, out: str | Path, on_file: FileProgress | None = Non
     """Download the dataset `name`, unpack it (once, into the cache beside the download), and prepare
     it at `out` with the official split and windows."""
     if name not in NAMED:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(NAMED), n=2)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise DatasetError(f"{name}: not a dataset name{hint} (names: {', '.join(NAMED)})")
+        raise DatasetError(f"{name}: not a dataset name{did_you_mean(name, list(NAMED))} (names: {', '.join(NAMED)})")
     named = NAMED[name]
     archives = [f for f in hub.list_files(named.repo, named.revision, repo_type="dataset") if f.lower().endswith(".zip")]
     if not archives:

@@ -13,9 +13,7 @@ commit it came from; later runs load the conversion (with HF_HUB_OFFLINE=1, with
 
 from __future__ import annotations
 
-import difflib
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,8 @@ from pathlib import Path
 import torch
 
 from s4music import hub
+from s4music.errors import did_you_mean
+from s4music.extensions import cache_home
 from s4music.model.checkpoint import CheckpointError, import_official, load_checkpoint, save_model
 from s4music.model.sashimi import SaShiMi
 
@@ -59,7 +59,7 @@ NAMED = {m.name: m for m in (
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("S4MUSIC_CACHE", Path.home() / ".cache" / "s4music")) / "models"
+    return cache_home() / "models"
 
 
 def _commit_of(path: Path) -> str:
@@ -97,8 +97,7 @@ def resolve_model(spec: str | Path | None) -> Path:
         return _converted(NAMED[str(spec)])
     path = Path(spec)
     if not path.exists():
-        close = difflib.get_close_matches(str(spec), [DEFAULT_NAME, *NAMED], n=2)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        hint = did_you_mean(str(spec), [DEFAULT_NAME, *NAMED])
         raise CheckpointError(f"{spec}: no such file or directory, and not a model name{hint} "
                               f"(names: {', '.join([DEFAULT_NAME, *NAMED])}; `s4music models` lists them)")
     return path
