@@ -28,6 +28,7 @@ from s4music.audio import decode, spectral_flatness
 from s4music.data.dataset import PreparedDataset
 from s4music.data.format import stratum_key
 from s4music.errors import S4MusicError
+from s4music.model.fast import reader
 from s4music.model.registry import load_model
 from s4music.model.sashimi import SaShiMi
 
@@ -92,8 +93,9 @@ def bigram_bits(table: np.ndarray, windows: np.ndarray) -> np.ndarray:
 def window_bits(model: SaShiMi, codes: torch.Tensor, context: int) -> torch.Tensor:
     """Summed model bits of each window: codes (B, W) -> (B,), segments of `context` read from rest."""
     total = torch.zeros(codes.shape[0], dtype=torch.float64)
+    read = reader(model)
     for start in range(0, codes.shape[1], context):
-        total += model.bits(codes[:, start : start + context].to(model.device)).double().sum(dim=1).cpu()
+        total += read.bits(codes[:, start : start + context].to(model.device)).double().sum(dim=1).cpu()
     return total
 
 

@@ -35,10 +35,10 @@ from s4music.files import AtomicFile
 from s4music.generate.options import Sampling, StepOptions
 from s4music.generate.sampler import Sampler, Stepper
 from s4music.guidance import describe_signal, judge
-from s4music.model.fast import FusedStep
+from s4music.model.fast import FusedStep, reader
 from s4music.model.registry import load_model
 from s4music.model.s4 import SCAN_CHUNK
-from s4music.model.sashimi import SaShiMi, code_bits
+from s4music.model.sashimi import SaShiMi
 from s4music.sinks import DeviceSink, RecordingSink
 
 MUSIC_FLOOR_DBFS = -60.0  # the first block above this starts the jam's sense of the playing level
@@ -163,8 +163,8 @@ class Jam:
             bits = -logprobs[0].double() / math.log(2)
         else:
             x = torch.cat([self.code, codes[:-1]]).unsqueeze(0)
-            logits, self.state = self.net.prefill(x, self.state)
-            bits = code_bits(logits, codes.unsqueeze(0))[0].double()
+            bits, self.state = reader(self.net).prefill_bits(x, codes.unsqueeze(0), self.state)
+            bits = bits[0].double()
         self.code = codes[-1:]
         self.heard_bits.append((len(codes), float(bits.sum())))
         while sum(n for n, _ in self.heard_bits) - self.heard_bits[0][0] > RECENT_S * self.sr:

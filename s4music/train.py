@@ -44,6 +44,7 @@ from s4music.files import DirectoryLock, atomic_path, remove_stale_temporaries, 
 from s4music.options import split_assignment
 from s4music.model.checkpoint import CheckpointError, save_model, verify_checkpoint
 from s4music.model.config import AudioFormat, SaShiMiConfig, read_yaml
+from s4music.model.fast import reader
 from s4music.model.registry import load_model
 from s4music.model.reparam import untie
 from s4music.model.sashimi import SaShiMi, code_bits
@@ -336,7 +337,8 @@ def mean_bits(model: SaShiMi, codes: torch.Tensor, batch: int = 4) -> float:
     """Mean bits per sample of `codes` (V, L) under `model`, in eval mode."""
     was_training = model.training
     model.eval()
-    total = sum(model.bits(codes[i : i + batch].to(model.device)).sum().item() for i in range(0, len(codes), batch))
+    read = reader(model)
+    total = sum(read.bits(codes[i : i + batch].to(model.device)).sum().item() for i in range(0, len(codes), batch))
     model.train(was_training)
     return total / codes.numel()
 

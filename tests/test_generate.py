@@ -3,9 +3,11 @@ that advises, and the checks of every option."""
 
 import copy
 import dataclasses
+import gc
 import json
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from s4music.generate.sampler import Stepper
 from s4music.audio import Audio
 from s4music.guidance import FAR, TYPICAL, UNUSUAL, degeneracy, describe_signal, judge
 from s4music.model import S4Config, SaShiMi, SaShiMiConfig, import_official, load_model, save_model
-from s4music.model.fast import FusedStep, fused_available, sample_codes
+from s4music.model.fast import FusedReader, FusedStep, fused_available, instruction_sets, plain_steps, reader, sample_codes
 from s4music.model.reparam import untie
 from s4music.model.sashimi import SaShiMiState, WeightNormLinear
 from s4music.sinks import pcm16
@@ -39,23 +41,69 @@ def _models():
         model = perturbed(SaShiMi(cfg))
         yield mode, model
         yield f"{mode}-reparam", perturbed(untie(model, groups=4, untie_pb=True, dt_per_state=True)[0])
-    # widths 12, 24, 48: the kernel packs channels in vectors of 8, so the first tier ends in a padded one
+    # widths 12, 24, 48: the kernel packs channels in vectors of 8 or 16, so the first tier ends in a padded one
     yield "dplr-width-12", perturbed(SaShiMi(SaShiMiConfig(d_model=12, n_layers=2, pool=[2, 2], s4=S4Config(d_state=8))))
 
 
 def test_fused_step_matches_the_model(fused):
+    # every instruction set this machine runs (the narrower ones too, which narrower CPUs run)
+    assert instruction_sets()[-1] == "plain"
     torch.manual_seed(0)
     for name, model in _models():
         for batch in (3, 1):  # with fewer rows than threads, a team of threads shares each row
             x = torch.randint(0, 256, (batch, 333))
             full = model(x)
-            _, state = model.prefill(x[:, :101])  # not a multiple of the pooling
-            fused = FusedStep(model)
-            # two calls: the state goes back to Python and returns in between
-            _, _, first = fused.run(x[:, 101], state, torch.rand(batch, 100), forced=x[:, 102:202])
-            _, _, second = fused.run(x[:, 201], state, torch.rand(batch, 131), forced=x[:, 202:])
-            logits = torch.cat([first, second], dim=1)
-            assert (logits - full[:, 101:-1]).abs().max() < 1e-4, (name, batch)
+            _, start = model.prefill(x[:, :101])  # not a multiple of the pooling
+            for isa in instruction_sets():
+                fused, state = FusedStep(model, isa=isa), copy.deepcopy(start)
+                assert fused.isa == isa
+                # two calls: the state goes back to Python and returns in between
+                _, _, first = fused.run(x[:, 101], state, torch.rand(batch, 100), forced=x[:, 102:202])
+                _, _, second = fused.run(x[:, 201], state, torch.rand(batch, 131), forced=x[:, 202:])
+                logits = torch.cat([first, second], dim=1)
+                assert (logits - full[:, 101:-1]).abs().max() < 1e-4, (name, batch, isa)
+
+
+def test_fused_read_matches_the_model(fused):
+    """FusedReader's prefill, prefill_bits and bits are the model's, on every instruction set, from
+    rest and from a state, over prompts that take several of its blocks at every tier."""
+    torch.manual_seed(0)
+    for name, model in _models():
+        codes = torch.randint(0, 256, (2, 4500))
+        x = model.shift_right(codes)
+        logits, state = model.prefill(x)
+        bits = model.bits(codes)
+        for isa in instruction_sets():
+            reader = FusedReader(model, isa=isa)
+            got, got_state = reader.prefill(x)
+            assert (got - logits).abs().max() < 1e-4 and _same_state(got_state, state, 1e-4), (name, isa)
+            # from a state, at a split that is no multiple of the pools or of the kernel's blocks
+            _, first = reader.prefill(x[:, :1301])
+            kept = copy.deepcopy(first)
+            got, got_state = reader.prefill(x[:, 1301:], first)
+            assert (got - logits[:, 1301:]).abs().max() < 1e-4 and _same_state(got_state, state, 1e-4), (name, isa)
+            assert _same_state(first, kept, 0.0)  # the state given is left as it was
+            assert (reader.bits(codes) - bits).abs().max() < 1e-3, (name, isa)
+            scored, scored_state = reader.prefill_bits(x, codes)
+            assert (scored - bits).abs().max() < 1e-3 and _same_state(scored_state, state, 1e-4), (name, isa)
+    short = x[:, :5]  # too short to reach the deeper tiers
+    assert (FusedReader(model).prefill(short)[0] - model.prefill(short)[0]).abs().max() < 1e-4
+
+
+def test_the_reader_follows_the_weights_and_lets_the_model_go(fused):
+    model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=1, pool=[4], s4=S4Config(mode="diag", d_state=8))))
+    codes = torch.randint(0, 256, (1, 600))
+    assert isinstance(reader(model), FusedReader) and reader(model).impl is reader(model).impl  # kept
+    before = reader(model).bits(codes)
+    with torch.no_grad():
+        model.decoder.bias[:128].add_(1.0)  # an update in place, as an optimizer step makes
+    assert (reader(model).bits(codes) - model.bits(codes)).abs().max() < 1e-3
+    assert (reader(model).bits(codes) - before).abs().max() > 1e-3
+    assert reader(model.train()) is model  # dropout: the model's own pass
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
 
 
 def _half_weights(model: SaShiMi) -> SaShiMi:
@@ -83,6 +131,19 @@ def test_fused_step_with_half_weights_matches_the_rounded_model(fused):
     assert (logits - model(x)[:, 100:-1]).abs().max() > 1e-4  # the weights really were rounded
 
 
+def test_every_instruction_set_samples_the_plain_steps_codes(fused):
+    torch.manual_seed(0)
+    model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, pool=[4], s4=S4Config(d_state=16))))
+    _, state = model.prefill(torch.randint(0, 256, (2, 50)))
+    first, uniforms = torch.tensor([77, 3]), torch.rand(2, 400)
+    codes, logprobs = torch.empty(2, 400, dtype=torch.long), torch.empty(2, 400)
+    plain_steps(model, first, copy.deepcopy(state), uniforms, codes, logprobs, 0.9, 30)
+    for isa in instruction_sets():
+        got, got_logprobs = FusedStep(model, isa=isa).run(first, copy.deepcopy(state), uniforms, 0.9, 30)
+        assert torch.equal(got, codes), isa
+        assert torch.allclose(got_logprobs, logprobs, atol=1e-4), isa
+
+
 def test_fused_and_plain_samplers_give_the_same_codes(fused):
     torch.manual_seed(0)
     model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, pool=[4], s4=S4Config(d_state=16))))
@@ -99,9 +160,9 @@ def test_fused_and_plain_samplers_give_the_same_codes(fused):
             assert torch.allclose(la, lb, atol=1e-4)
 
 
-def _same_state(a, b) -> bool:
+def _same_state(a, b, atol: float = 1e-5) -> bool:
     pairs = list(zip(a.s4 + a.down + a.up, b.s4 + b.down + b.up, strict=True))
-    return a.t == b.t and all(torch.allclose(x.cpu(), y.cpu(), atol=1e-5) for x, y in pairs)
+    return a.t == b.t and all(torch.allclose(x.cpu(), y.cpu(), atol=atol, rtol=atol) for x, y in pairs)
 
 
 @pytest.mark.parametrize("fused_step", [False, True])

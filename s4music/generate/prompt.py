@@ -19,7 +19,8 @@ from s4music.audio import Audio, encode, load_audio
 from s4music.data.fetch import FetchOptions, fetch
 from s4music.generate.options import GenerationError, PromptSelection
 from s4music.guidance import PromptReport, describe_signal, judge
-from s4music.model.sashimi import SaShiMi, SaShiMiState, code_bits
+from s4music.model.fast import reader
+from s4music.model.sashimi import SaShiMi, SaShiMiState
 
 
 @dataclass
@@ -57,8 +58,9 @@ def read_prompt(net: SaShiMi, prompt: str | Path, selection: PromptSelection) ->
     audio, full = load_prompt(prompt, net.audio.sample_rate, selection)
     codes = encode(audio.samples, net.audio.quantization).long()
     started = time.perf_counter()
-    logits, state = net.prefill(net.shift_right(codes.unsqueeze(0).to(net.device)))
+    targets = codes.unsqueeze(0).to(net.device)
+    bits, state = reader(net).prefill_bits(net.shift_right(targets), targets)
     seconds = time.perf_counter() - started
-    bits = code_bits(logits, codes.unsqueeze(0).to(net.device)).mean().item()
+    bits = bits.mean().item()
     report = judge(describe_signal(audio, str(prompt), full), bits, net.summary)
     return ReadPrompt(audio, codes, state, report, seconds)

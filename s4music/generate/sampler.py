@@ -16,7 +16,7 @@ import logging
 import torch
 
 from s4music.generate.options import GenerationError, Sampling, StepOptions
-from s4music.model.fast import FusedStep, GraphedStep, fused_available, plain_steps
+from s4music.model.fast import FusedStep, GraphedStep, fused_available, plain_steps, reader
 from s4music.model.sashimi import SaShiMi, SaShiMiState
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class Stepper:
 
     def __init__(self, net: SaShiMi, options: StepOptions):
         self.fast: FusedStep | GraphedStep | None = None
-        self.reader = net  # reads windows in parallel (re-anchoring): on the GPU where there is one
+        self.reader = reader(net)  # reads windows in parallel (re-anchoring): on the GPU where there is one
         to_cpu = net.device.type == "cuda" and (
             options.device == "cpu" or (options.device == "auto" and options.fused and fused_available()))
         if to_cpu:  # a copy: the caller's model stays where it is

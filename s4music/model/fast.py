@@ -20,6 +20,7 @@ import hashlib
 import logging
 import math
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -142,35 +143,50 @@ def _layer_tensors(ext, layer: nn.Module) -> tuple[object, dict[str, torch.Tenso
     return ext.LayerKind.DPLR, {**tensors, **{k: params[k] for k in ("p", "g", "q", "kappa", "cg")}}
 
 
+def _fast_model(model: SaShiMi, half: bool, extension, isa: str | None):
+    """The model's weights, in step form, in a C++ FastSaShiMi (a copy: build it after the weights are final)."""
+    ext = extension or _extension()
+    if ext is None:
+        raise RuntimeError("the fused CPU step could not be built")
+    with torch.no_grad():
+        downs = [_weight(p.linear) for p in model.down_pools]
+        ups = [_weight(u.pool.linear) for u in model.up_blocks]
+        dec_w, dec_b = _weight(model.decoder)
+        impl = ext.FastSaShiMi(
+            embedding=model.encoder.weight.detach().float().contiguous(), pools=list(model.config.pool),
+            down_w=[w for w, _ in downs], down_b=[b for _, b in downs],
+            up_w=[w for w, _ in ups], up_b=[b for _, b in ups],
+            ln_w=model.norm.weight.detach().float().contiguous(), ln_b=model.norm.bias.detach().float().contiguous(),
+            ln_eps=model.norm.eps, dec_w=dec_w, dec_b=dec_b, half=half,
+            **({"isa": isa} if isa else {}))  # (the A/B benchmark's builds from before `isa` take none)
+        for tier, layers in enumerate(model.tiers()):
+            for res in layers:
+                kind, tensors = _layer_tensors(ext, res.layer)
+                impl.add_layer(tier=tier, kind=kind, norm_m=float(res.norm.m), norm_s=float(res.norm.s), tensors=tensors)
+    return impl
+
+
+def instruction_sets(extension=None) -> list[str]:
+    """The vector instruction sets the fused kernels can run with here, widest first (the first is
+    the default): "avx512", "avx2", "plain", as far as this build and CPU have them."""
+    ext = extension or _extension()
+    return list(ext.instruction_sets()) if ext is not None else []
+
+
 class FusedStep:
     """The model in step form for the C++ kernel. Build it after the weights are final (it copies them).
 
     half: hold the linear layers' weights in IEEE half precision (computing in float32), which halves
     the memory a step reads; at batch 1 a step is bound by that. The S4 recurrences stay in float32.
     Without F16C conversions (no AVX2) the weights stay float32; `half` says what is in effect.
+    isa: the vector instruction set to run with (see `instruction_sets`); None for the widest.
     """
 
-    def __init__(self, model: SaShiMi, half: bool = False, extension=None):
+    def __init__(self, model: SaShiMi, half: bool = False, extension=None, isa: str | None = None):
         """extension: a module from `build_extension`, to run another build of the kernel (A/B)."""
-        ext = extension or _extension()
-        if ext is None:
-            raise RuntimeError("the fused CPU step could not be built")
-        with torch.no_grad():
-            downs = [_weight(p.linear) for p in model.down_pools]
-            ups = [_weight(u.pool.linear) for u in model.up_blocks]
-            dec_w, dec_b = _weight(model.decoder)
-            self.impl = ext.FastSaShiMi(
-                embedding=model.encoder.weight.detach().float().contiguous(), pools=list(model.config.pool),
-                down_w=[w for w, _ in downs], down_b=[b for _, b in downs],
-                up_w=[w for w, _ in ups], up_b=[b for _, b in ups],
-                ln_w=model.norm.weight.detach().float().contiguous(), ln_b=model.norm.bias.detach().float().contiguous(),
-                ln_eps=model.norm.eps, dec_w=dec_w, dec_b=dec_b, half=half)
-            for tier, layers in enumerate([model.center, *[u.layers for u in model.up_blocks]]):
-                for res in layers:
-                    kind, tensors = _layer_tensors(ext, res.layer)
-                    self.impl.add_layer(tier=tier, kind=kind, norm_m=float(res.norm.m), norm_s=float(res.norm.s),
-                                        tensors=tensors)
+        self.impl = _fast_model(model, half, extension, isa)
         self.half = self.impl.half_weights()
+        self.isa = self.impl.instruction_set()
 
     def run(self, codes: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor, temperature: float = 1.0,
             top_k: int = 0, top_p: float = 1.0, forced: torch.Tensor | None = None):
@@ -186,6 +202,72 @@ class FusedStep:
                             torch.empty(0, dtype=torch.long) if forced is None else forced.long().contiguous())
         state.t += uniforms.shape[1]
         return tuple(out)
+
+
+class FusedReader:
+    """`SaShiMi.prefill`, `prefill_bits` and `bits` with every tier's residual layers in the C++ kernel: time in
+    blocks that stay in cache, the S4 recurrence along each block, the linear layers as register
+    tiles (fast_step.cpp, "Read"). The pooling, skips, final norm and decoder are the model's own
+    code. Weights in float32; a copy, so build it after the weights are final (`reader` does).
+    """
+
+    def __init__(self, model: SaShiMi, extension=None, isa: str | None = None, *, impl=None):
+        """impl: the kernel's copy of these weights, made earlier (`reader` keeps one per model)."""
+        if model.device.type != "cpu":
+            raise RuntimeError("the fused reader runs on the CPU")
+        self.model = model
+        self.impl = impl or _fast_model(model, False, extension, isa)
+        self.isa = self.impl.instruction_set()
+        self.device = model.device
+        self.shift_right = model.shift_right
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor, state: SaShiMiState | None = None,
+                logits: bool = True) -> tuple[torch.Tensor | None, SaShiMiState]:
+        """As SaShiMi.prefill: inputs x (B, L) from rest or `state` (left as it is) -> logits and the state after."""
+        return self.model.prefill(x, state, logits, parts=self)
+
+    @torch.no_grad()
+    def prefill_bits(self, x: torch.Tensor, targets: torch.Tensor,
+                     state: SaShiMiState | None = None) -> tuple[torch.Tensor, SaShiMiState]:
+        """As SaShiMi.prefill_bits: inputs x (B, L) and the codes they predict -> bits (B, L) and the state after x."""
+        return self.model.prefill_bits(x, targets, state, parts=self)
+
+    @torch.no_grad()
+    def bits(self, codes: torch.Tensor) -> torch.Tensor:
+        """As SaShiMi.bits: each code's negative log-likelihood in bits, (B, L) -> (B, L)."""
+        return self.prefill_bits(self.model.shift_right(codes), codes)[0]
+
+    def tier(self, tier: int, h: torch.Tensor, skip: torch.Tensor | None, given: list[torch.Tensor | None]):
+        """FastParts.tier, in C++ (in place on h where it can)."""
+        blocks = [res.layer for res in self.model.tiers()[tier] if res.is_s4]
+        states = [block.kernel.initial_state(h.shape[0]) if s is None else s.to(torch.complex64).clone()
+                  for block, s in zip(blocks, given, strict=True)]
+        h = h.float().contiguous()
+        skip = torch.empty(0) if skip is None else skip.float().contiguous()
+        self.impl.read(tier, h, skip, states)
+        return h, states
+
+    def head_bits(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """FastParts.head_bits, in C++."""
+        return self.impl.head_bits(h.float().contiguous(), targets.long().contiguous())
+
+
+# model -> (its weights' versions, the kernel's copy of them); the copy holds no reference to the model
+_kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def reader(model: SaShiMi) -> SaShiMi | FusedReader:
+    """What reads prompts for `model` fastest here, with the same `prefill`, `prefill_bits` and
+    `bits`: a FusedReader for a model on the CPU in eval mode where the kernel builds, else the
+    model itself. Kept while the weights are unchanged, and made afresh when they change."""
+    if model.device.type != "cpu" or model.training or not fused_available():
+        return model
+    key = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    kept = _kept.get(model)
+    if kept is None or kept[0] != key:
+        kept = _kept[model] = (key, _fast_model(model, False, None, None))
+    return FusedReader(model, impl=kept[1])
 
 
 class GraphedStep:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -165,6 +166,10 @@ class UpBlock(nn.Module):
         self.layers = nn.ModuleList(layers)
 
 
+# Samples of time the decoder scores at once (`SaShiMi.bits`, `prefill_bits`): its logits stay in cache.
+BITS_STRETCH = 4096
+
+
 def code_bits(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Cross-entropy in bits: logits (B, L, 256) and target codes (B, L) -> (B, L)."""
     return F.cross_entropy(logits.float().transpose(1, 2), codes, reduction="none") / math.log(2)
@@ -195,6 +200,20 @@ class SaShiMiState:
         cat = lambda group: [torch.cat(xs).to(device) for xs in zip(*group, strict=True)]  # noqa: E731
         return SaShiMiState(states[0].t, cat([s.s4 for s in states]), cat([s.down for s in states]),
                             cat([s.up for s in states]))
+
+
+class FastParts(Protocol):
+    """The heavy parts of a parallel pass, done some other way (fast.FusedReader does them in C++);
+    the pooling and skips stay in SaShiMi._run."""
+
+    def tier(self, tier: int, h: torch.Tensor, skip: torch.Tensor | None,
+             given: list[torch.Tensor | None]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A tier's residual layers (see SaShiMi.tiers) with the residual around them: x + layers(x)
+        with x = h + skip (h alone without a skip), h and skip (B, L, H), given the S4 layers' states
+        before x (None each: from rest) -> that, and their states after x. May overwrite h."""
+
+    def head_bits(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The final norm and decoder on h (B, L, H), scored: the bits of targets (B, L) -> (B, L)."""
 
 
 class SaShiMi(nn.Module):
@@ -251,35 +270,59 @@ class SaShiMi(nn.Module):
         """Negative log-likelihood of each code given those before it, in bits: (B, L) -> (B, L).
 
         Every position is scored, the first one from the start code alone, as in the paper."""
-        return code_bits(self(self.shift_right(codes)), codes)
+        return self._run(self.shift_right(codes), return_state=False, targets=codes)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L) int64 input codes, already shifted right (x[:, 0] = 128) -> logits (B, L, 256)."""
         return self._run(x, return_state=False)[0]
 
     @torch.no_grad()
-    def prefill(self, x: torch.Tensor, state: SaShiMiState | None = None,
-                logits: bool = True) -> tuple[torch.Tensor | None, SaShiMiState]:
+    def prefill(self, x: torch.Tensor, state: SaShiMiState | None = None, logits: bool = True,
+                parts: FastParts | None = None) -> tuple[torch.Tensor | None, SaShiMiState]:
         """Read inputs x (B, L) in one parallel pass, from rest or from `state` (which is left as it
         is): logits (B, L, 256), None with logits=False, and the state after them.
-        prefill(x[:, :k]) then prefill(x[:, k:], state) is prefill(x), for any k."""
-        return self._run(x, return_state=True, start=state, logits=logits)
+        prefill(x[:, :k]) then prefill(x[:, k:], state) is prefill(x), for any k.
 
-    def _run(self, x: torch.Tensor, return_state: bool, start: SaShiMiState | None = None, logits: bool = True):
+        parts: the tiers and the scored head done another way (fast.FusedReader passes itself)."""
+        return self._run(x, return_state=True, start=state, logits=logits, parts=parts)
+
+    @torch.no_grad()
+    def prefill_bits(self, x: torch.Tensor, targets: torch.Tensor, state: SaShiMiState | None = None,
+                     parts: FastParts | None = None) -> tuple[torch.Tensor, SaShiMiState]:
+        """prefill, scored: inputs x (B, L) and the codes they predict, targets (B, L) -> the bits of
+        each target (B, L) and the state after x. The decoder takes the sequence a stretch at a time,
+        so no (B, L, 256) logits are held."""
+        return self._run(x, return_state=True, start=state, parts=parts, targets=targets)
+
+    def tiers(self) -> list[nn.ModuleList]:
+        """The residual layers of each tier in the order the model runs them: the centre, then the
+        up blocks from the deepest (tier numbers for `FastParts.tier`)."""
+        return [self.center, *[up.layers for up in self.up_blocks]]
+
+    def _run(self, x: torch.Tensor, return_state: bool, start: SaShiMiState | None = None, logits: bool = True,
+             parts: FastParts | None = None, targets: torch.Tensor | None = None):
         t0 = start.t if start is not None else 0
         state = SaShiMiState(t=t0 + x.shape[1])
         s4_in = iter(start.s4) if start is not None else None
 
-        def blocks(layers, h):
+        def run_tier(tier: int, h, skip=None):
+            """x + the tier's layers on x, with x = h + skip (the block's own residual around its layers)."""
+            layers = self.tiers()[tier]
+            given = [next(s4_in) if s4_in is not None else None for layer in layers if layer.is_s4]
+            if parts is not None:
+                h, states = parts.tier(tier, h, skip, given)
+                state.s4.extend(states)
+                return h
+            x = h if skip is None else h + skip
+            h, given = x, iter(given)
             for layer in layers:
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                     h = checkpoint(lambda t, layer=layer: layer(t)[0], h, use_reentrant=False)
                     continue
-                given = next(s4_in) if s4_in is not None and layer.is_s4 else None
-                h, s = layer(h, return_state=return_state, state=given)
+                h, s = layer(h, return_state=return_state, state=next(given) if layer.is_s4 else None)
                 if s is not None:
                     state.s4.append(s)
-            return h
+            return h + x
 
         h = self.encoder(x)
         skips, slots = [h], []  # slots[i]: tier i's position within its current pooled step, at t0
@@ -296,16 +339,23 @@ class SaShiMi(nn.Module):
             h = pool(h)
             skips.append(h)
             period *= pool.pool
-        h = blocks(self.center, h) + skips.pop()
+        skips.pop()  # the centre's input: its residual adds it
+        h = run_tier(0, h)
         for j, up in enumerate(self.up_blocks):
             skip = skips.pop()
             tier = len(self.up_blocks) - 1 - j
             first = start.up[j] if start is not None else None
             h, pending = up.pool(h, skip.shape[1], first=first, offset=slots[tier])
             state.up.append(pending)
-            h = h + skip
-            h = blocks(up.layers, h) + h
-        return self.decoder(self.norm(h)) if logits else None, (state if return_state else None)
+            h = run_tier(j + 1, h, skip)
+        if targets is not None and parts is not None:
+            out = parts.head_bits(h, targets)
+        elif targets is not None:
+            out = torch.cat([code_bits(self.decoder(self.norm(h[:, i : i + BITS_STRETCH])), targets[:, i : i + BITS_STRETCH])
+                             for i in range(0, h.shape[1], BITS_STRETCH)], dim=1)
+        else:
+            out = self.decoder(self.norm(h)) if logits else None
+        return out, (state if return_state else None)
 
     # ------------------------------------------------------------------ recurrent
     def initial_state(self, batch: int = 1) -> SaShiMiState:
