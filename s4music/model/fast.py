@@ -186,7 +186,7 @@ class FusedStep:
         """extension: a module from `build_extension`, to run another build of the kernel (A/B)."""
         self.impl = _fast_model(model, half, extension, isa)
         self.half = self.impl.half_weights()
-        self.isa = self.impl.instruction_set()
+        self.isa = self.impl.instruction_set() if hasattr(self.impl, "instruction_set") else "native"  # (older A/B builds)
 
     def run(self, codes: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor, temperature: float = 1.0,
             top_k: int = 0, top_p: float = 1.0, forced: torch.Tensor | None = None):

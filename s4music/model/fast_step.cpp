@@ -447,6 +447,33 @@ inline float exp_inline(float x) {
   return p * scale;
 }
 
+// e^x in double, within a few units in the last place, inline so that loops of it vectorize (the
+// sampler's probabilities, which must agree with the Python path's double ones): as exp_inline,
+// clamped to [-708, 709] and the Taylor series to r^13.
+#pragma omp declare simd notinbranch
+inline double exp_double_inline(double x) {
+  x = std::min(std::max(x, -708.0), 709.0);
+  const double n = std::nearbyint(x * 1.4426950408889634);
+  const double r = std::fma(n, -1.9082149292705877e-10, std::fma(n, -0.6931471803691238, x));
+  double p = std::fma(1.0 / 6227020800, r, 1.0 / 479001600);  // 1/13!, 1/12!
+  p = std::fma(p, r, 1.0 / 39916800);
+  p = std::fma(p, r, 1.0 / 3628800);
+  p = std::fma(p, r, 1.0 / 362880);
+  p = std::fma(p, r, 1.0 / 40320);
+  p = std::fma(p, r, 1.0 / 5040);
+  p = std::fma(p, r, 1.0 / 720);
+  p = std::fma(p, r, 1.0 / 120);
+  p = std::fma(p, r, 1.0 / 24);
+  p = std::fma(p, r, 1.0 / 6);
+  p = std::fma(p, r, 0.5);
+  p = std::fma(p, r, 1.0);
+  p = std::fma(p, r, 1.0);
+  const int64_t bits = (int64_t)(n + 1023.0) << 52;  // 2^n
+  double scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
 // h[r][c] += z[r][c] * sigmoid(z[r][H + c]): the GLU of an S4 layer's output linear, and its residual.
 inline void glu_add(const float* z, float* h, int rows, int H) {
   for (int r = 0; r < rows; ++r) {
@@ -524,17 +551,31 @@ void norm_rows(const float* x, size_t xs, float* y, size_t ys, int rows, int H, 
 // What a residual layer holds; Python names them through the module's LayerKind.
 enum Kind { S4_DIAG, S4_DPLR, FEEDFORWARD };
 
+// How an S4 layer's recurrence runs (see Layer.packed):
+//   FOLDED  S4D with its state held as s = x / b and c as c b: then s' = a s + u takes the input
+//           without a multiply, and y = Re((c b) s); 6 operations a state index and step, not 8.
+//           Every S4D layer whose b has no zero (a mode no input reaches) runs so.
+//   DIAG    S4D as it is: x' = a x + b u, y = Re(c x').
+//   DPLR    a row's state is w and alpha is g's coefficient, x = w - g alpha (see
+//           S4Kernel.step_params). One pass over the state per step: the next step's P^H x is
+//           alpha itself, and y follows from sums over w, so x is never formed.
+enum Form { FOLDED, DIAG, DPLR };
+constexpr int fields(Form f) { return f == FOLDED ? 2 : f == DIAG ? 3 : 5; }
+
 struct Layer {
   int kind = 0, H = 0, N2 = 0;
+  Form form = DIAG;
   int lanes = 8, Hv = 0;  // channels in Hv vectors of `lanes`, the last one zero-padded
   float norm_m = 0.f, norm_s = 1.f;
   // S4 step parameters (see S4Kernel.step_params), packed (Hv, N2, fields, 2, lanes): for each
-  // vector of channels and each state index, the real then imaginary lanes of a, b, c [, q, p].
-  // One stream through memory per layer, in the order the recurrence reads it.
+  // vector of channels and each state index, the real then imaginary lanes of a, c b (FOLDED);
+  // a, b, c (DIAG); a, b, c, q, p (DPLR). One stream through memory per layer, in the order the
+  // recurrence reads it.
   Floats packed;
   Floats kappa, cg;     // DPLR, (Hv * lanes), zero-padded
   Floats D;             // (Hv * lanes), zero-padded
   torch::Tensor p, g;   // DPLR, complex (H, N2): only to convert the state on the way in and out
+  torch::Tensor b;      // FOLDED, complex (H, N2): likewise
   Linear out;       // S4 output linear (2H, H), GLU after
   Linear fc1, fc2;  // feed-forward
   int state_index = -1;
@@ -558,14 +599,17 @@ struct Layer {
   }
 
   // A state in torch's layout, complex (rows, H, N2), as packed lanes (rows, Hv, N2, 2, lanes) and
-  // alpha (rows, Hv lanes). A DPLR state goes in as w = x + g alpha with alpha = 2 Re(sum conj(p) x),
-  // and comes back (unpack) as x = w - g alpha; in double, so the round trip costs no precision.
+  // alpha (rows, Hv lanes), and back (unpack). FOLDED: s = x / b. DPLR: w = x + g alpha with
+  // alpha = 2 Re(sum conj(p) x), and back x = w - g alpha. In double, so the round trip costs no
+  // precision.
   void pack(const torch::Tensor& state, Floats& lanes_out, Floats& alpha_out) const {
     auto x = state.to(torch::kComplexDouble);
     auto alpha = torch::zeros({state.size(0), H}, torch::kDouble);
-    if (kind == S4_DPLR) {
+    if (form == DPLR) {
       alpha = 2 * torch::real((torch::conj(p) * x).sum(-1));
       x = x + g * alpha.unsqueeze(-1);
+    } else if (form == FOLDED) {
+      x = x / b;
     }
     auto packed_state = to_lanes(x);
     lanes_out.assign(packed_state.data_ptr<float>(), packed_state.data_ptr<float>() + packed_state.numel());
@@ -575,45 +619,48 @@ struct Layer {
   void unpack(Floats& lanes_in, Floats& alpha_in, torch::Tensor state) const {
     const int64_t rows = state.size(0);
     auto x = from_lanes(lanes_in.data(), rows).to(torch::kComplexDouble);
-    if (kind == S4_DPLR) {
+    if (form == DPLR) {
       auto alpha = torch::from_blob(alpha_in.data(), {rows, lanes * Hv}).slice(1, 0, H);
       x = x - g * alpha.to(torch::kDouble).unsqueeze(-1);
+    } else if (form == FOLDED) {
+      x = x * b;
     }
     state.copy_(x);
   }
 };
 
-// One S4 recurrence step on vector v of channels for R rows: inputs u, outputs y = Re(c x') (half
-// the layer's 2 Re), states in place. Pointers are row 0's, at the vector's first channel; the
-// strides step to the next row.
-//   diag: a row's state is x.
-//   dplr: a row's state is w and alpha is g's coefficient, x = w - g alpha (see
-//         S4Kernel.step_params). One pass over the state per step: the next step's P^H x is
-//         alpha itself, and y follows from sums over w, so x is never formed.
-// The state index is the inner loop, so the sums stay in registers and each packed slice of
-// parameters is read once for the R rows.
-template <class V, int R, bool Dplr>
+// One S4 recurrence step on vector v of channels for R rows: inputs u, outputs y = Re(c x) (half
+// the layer's 2 Re), states in place (see Form). Pointers are row 0's, at the vector's first
+// channel; the strides step to the next row. The state index is the inner loop, so the sums stay
+// in registers and each packed slice of parameters is read once for the R rows.
+template <class V, int R, Form form>
 void s4_vector(const Layer& L, int v, const float* u, size_t us, float* y, size_t ys, float* state, size_t ss,
                float* alpha, size_t as) {
   using reg = typename V::reg;
-  constexpr int W = V::lanes, F = Dplr ? 5 : 3;
+  constexpr int W = V::lanes, F = fields(form);
   const int N2 = L.N2, valid = std::min(W, L.H - v * W);
   reg uu[R], al[R], sum_y[R], sum_p[R];
   for (int r = 0; r < R; ++r) {
     uu[r] = load_part<V>(u + r * us, valid);
-    al[r] = Dplr ? V::load(alpha + r * as) : V::zero();
+    al[r] = form == DPLR ? V::load(alpha + r * as) : V::zero();
     sum_y[r] = sum_p[r] = V::zero();
   }
   const float* prm = L.packed.data() + (size_t)v * N2 * F * 2 * W;
   for (int n = 0; n < N2; ++n, prm += F * 2 * W) {
-    const reg ar = V::load(prm), ai = V::load(prm + W), br = V::load(prm + 2 * W), bi = V::load(prm + 3 * W);
-    const reg cr = V::load(prm + 4 * W), ci = V::load(prm + 5 * W);
+    const reg ar = V::load(prm), ai = V::load(prm + W);
+    const reg cr = V::load(prm + (F == 2 ? 2 : 4) * W), ci = V::load(prm + (F == 2 ? 3 : 5) * W);
     for (int r = 0; r < R; ++r) {
       float* x = state + r * ss + (size_t)n * 2 * W;
       const reg xr = V::load(x), xi = V::load(x + W);
-      reg re = V::fmadd(br, uu[r], V::fnmadd(ai, xi, V::mul(ar, xr)));
-      reg im = V::fmadd(bi, uu[r], V::fmadd(ai, xr, V::mul(ar, xi)));
-      if constexpr (Dplr) {
+      reg re, im;
+      if constexpr (form == FOLDED) {
+        re = V::fnmadd(ai, xi, V::fmadd(ar, xr, uu[r]));
+        im = V::fmadd(ai, xr, V::mul(ar, xi));
+      } else {
+        re = V::fmadd(V::load(prm + 2 * W), uu[r], V::fnmadd(ai, xi, V::mul(ar, xr)));
+        im = V::fmadd(V::load(prm + 3 * W), uu[r], V::fmadd(ai, xr, V::mul(ar, xi)));
+      }
+      if constexpr (form == DPLR) {
         re = V::fnmadd(V::load(prm + 6 * W), al[r], re);
         im = V::fnmadd(V::load(prm + 7 * W), al[r], im);
         sum_p[r] = V::fmadd(V::load(prm + 8 * W), re, V::fmadd(V::load(prm + 9 * W), im, sum_p[r]));
@@ -624,7 +671,7 @@ void s4_vector(const Layer& L, int v, const float* u, size_t us, float* y, size_
     }
   }
   for (int r = 0; r < R; ++r) {
-    if constexpr (Dplr) {
+    if constexpr (form == DPLR) {
       al[r] = V::mul(V::mul(V::set1(2.f), V::load(L.kappa.data() + v * W)), sum_p[r]);
       V::store(alpha + r * as, al[r]);
       sum_y[r] = V::fnmadd(al[r], V::load(L.cg.data() + v * W), sum_y[r]);
@@ -635,103 +682,76 @@ void s4_vector(const Layer& L, int v, const float* u, size_t us, float* y, size_
 
 // The recurrence over channels [c0, c1) (c0 a multiple of the lanes) of `rows` rows of width H,
 // two rows at a time (with more, the sums no longer fit in registers).
-template <class V, bool Dplr>
-void s4_rows(const Layer& L, const float* u, float* y, float* state, float* alpha, int rows, int c0, int c1) {
+template <class V, Form form>
+void s4_rows_as(const Layer& L, const float* u, float* y, float* state, float* alpha, int rows, int c0, int c1) {
   constexpr int W = V::lanes;
   const size_t H = L.H, ss = L.state_size(), as = (size_t)L.Hv * W;
   for (int v = c0 / W; v < (c1 + W - 1) / W; ++v) {
     const size_t st = (size_t)v * L.N2 * 2 * W;
     int r = 0;
     for (; r + 2 <= rows; r += 2)
-      s4_vector<V, 2, Dplr>(L, v, u + r * H + v * W, H, y + r * H + v * W, H, state + r * ss + st, ss,
+      s4_vector<V, 2, form>(L, v, u + r * H + v * W, H, y + r * H + v * W, H, state + r * ss + st, ss,
                             alpha + r * as + v * W, as);
     if (r < rows)
-      s4_vector<V, 1, Dplr>(L, v, u + r * H + v * W, H, y + r * H + v * W, H, state + r * ss + st, ss,
+      s4_vector<V, 1, form>(L, v, u + r * H + v * W, H, y + r * H + v * W, H, state + r * ss + st, ss,
                             alpha + r * as + v * W, as);
   }
 }
 
-// An S4D recurrence along T steps of time for vector v of one row: u (T rows of stride us, at the
-// vector's first channel, zero-padded past the layer's width) -> y (T, lanes) = Re(c x), the state
-// (N2, 2, lanes) in place. Time is the inner loop and G state indices go along together, so their
-// states and parameters stay in registers and G independent chains hide the multiply-add latency.
-// Along the block the state is held as s = x / b and c as c b: then s' = a s + u takes the input
-// without a multiply, and y = Re((c b) s): 6 operations a state index and step instead of 8. A
-// group where some channel has b = 0 (a mode no input reaches) keeps x as it is.
-template <class V, int G>
+template <class V>
+void s4_rows(const Layer& L, const float* u, float* y, float* state, float* alpha, int rows, int c0, int c1) {
+  if (L.form == FOLDED) s4_rows_as<V, FOLDED>(L, u, y, state, alpha, rows, c0, c1);
+  else if (L.form == DIAG) s4_rows_as<V, DIAG>(L, u, y, state, alpha, rows, c0, c1);
+  else s4_rows_as<V, DPLR>(L, u, y, state, alpha, rows, c0, c1);
+}
+
+// An S4D recurrence (FOLDED or DIAG) along T steps of time for vector v of one row: u (T rows of
+// stride us, at the vector's first channel, zero-padded past the layer's width) -> y (T, lanes) =
+// Re(c x), the state (N2, 2, lanes) in place. Time is the inner loop and G state indices go along
+// together, so their states and parameters stay in registers and G independent chains hide the
+// multiply-add latency.
+template <class V, Form form, int G>
 void s4d_along(const Layer& L, int v, const float* u, size_t us, float* y, int T, float* state) {
   using reg = typename V::reg;
-  constexpr int W = V::lanes;
-  const int N2 = L.N2, valid = std::min(W, L.H - v * W);
-  const float* params = L.packed.data() + (size_t)v * N2 * 3 * 2 * W;
+  constexpr int W = V::lanes, F = fields(form);
+  const int N2 = L.N2;
+  const float* params = L.packed.data() + (size_t)v * N2 * F * 2 * W;
   int n0 = 0;
   auto run = [&](auto group) {
     constexpr int g = decltype(group)::value;
-    bool fold = true;  // padding lanes (past `valid`) have b = 0 but also u = 0 and stay 0 either way
-    for (int k = 0; k < g; ++k)
-      for (int l = 0; l < valid; ++l) {
-        const float* prm = params + (size_t)(n0 + k) * 6 * W;
-        fold = fold && prm[2 * W + l] * prm[2 * W + l] + prm[3 * W + l] * prm[3 * W + l] > 1e-30f;
-      }
     reg xr[g], xi[g], ar[g], ai[g], br[g], bi[g], cr[g], ci[g];
     for (int k = 0; k < g; ++k) {
-      const float* prm = params + (size_t)(n0 + k) * 6 * W;
-      float* x = state + (size_t)(n0 + k) * 2 * W;
-      ar[k] = V::load(prm), ai[k] = V::load(prm + W), br[k] = V::load(prm + 2 * W), bi[k] = V::load(prm + 3 * W);
-      cr[k] = V::load(prm + 4 * W), ci[k] = V::load(prm + 5 * W);
-      xr[k] = V::load(x), xi[k] = V::load(x + W);
-      if (fold) {  // s = x conj(b) / |b|^2 and c b, lane by lane (a padding lane: b taken as 1)
-        float sr[W], si[W], pr[W], pi[W];
-        for (int l = 0; l < W; ++l) {
-          const float b_r = l < valid ? prm[2 * W + l] : 1.f, b_i = l < valid ? prm[3 * W + l] : 0.f;
-          const float n2 = b_r * b_r + b_i * b_i, c_r = prm[4 * W + l], c_i = prm[5 * W + l];
-          sr[l] = (x[l] * b_r + x[W + l] * b_i) / n2;
-          si[l] = (x[W + l] * b_r - x[l] * b_i) / n2;
-          pr[l] = c_r * b_r - c_i * b_i;
-          pi[l] = c_r * b_i + c_i * b_r;
-        }
-        xr[k] = V::load(sr), xi[k] = V::load(si), cr[k] = V::load(pr), ci[k] = V::load(pi);
+      const float* prm = params + (size_t)(n0 + k) * F * 2 * W;
+      const float* x = state + (size_t)(n0 + k) * 2 * W;
+      ar[k] = V::load(prm), ai[k] = V::load(prm + W), xr[k] = V::load(x), xi[k] = V::load(x + W);
+      if constexpr (form == FOLDED) {
+        cr[k] = V::load(prm + 2 * W), ci[k] = V::load(prm + 3 * W);
+      } else {
+        br[k] = V::load(prm + 2 * W), bi[k] = V::load(prm + 3 * W), cr[k] = V::load(prm + 4 * W),
+        ci[k] = V::load(prm + 5 * W);
       }
     }
-    if (fold) {
-      for (int t = 0; t < T; ++t) {
-        const reg ut = V::load(u + t * us);
-        reg acc = n0 == 0 ? V::zero() : V::load(y + (size_t)t * W);
-        for (int k = 0; k < g; ++k) {
-          const reg re = V::fnmadd(ai[k], xi[k], V::fmadd(ar[k], xr[k], ut));
-          const reg im = V::fmadd(ai[k], xr[k], V::mul(ar[k], xi[k]));
-          xr[k] = re;
-          xi[k] = im;
-          acc = V::fmadd(cr[k], re, V::fnmadd(ci[k], im, acc));
+    for (int t = 0; t < T; ++t) {
+      const reg ut = V::load(u + t * us);
+      reg acc = n0 == 0 ? V::zero() : V::load(y + (size_t)t * W);
+      for (int k = 0; k < g; ++k) {
+        reg re, im;
+        if constexpr (form == FOLDED) {
+          re = V::fnmadd(ai[k], xi[k], V::fmadd(ar[k], xr[k], ut));
+          im = V::fmadd(ai[k], xr[k], V::mul(ar[k], xi[k]));
+        } else {
+          re = V::fnmadd(ai[k], xi[k], V::fmadd(ar[k], xr[k], V::mul(br[k], ut)));
+          im = V::fmadd(ai[k], xr[k], V::fmadd(ar[k], xi[k], V::mul(bi[k], ut)));
         }
-        V::store(y + (size_t)t * W, acc);
+        xr[k] = re;
+        xi[k] = im;
+        acc = V::fmadd(cr[k], re, V::fnmadd(ci[k], im, acc));
       }
-    } else {
-      for (int t = 0; t < T; ++t) {
-        const reg ut = V::load(u + t * us);
-        reg acc = n0 == 0 ? V::zero() : V::load(y + (size_t)t * W);
-        for (int k = 0; k < g; ++k) {
-          const reg re = V::fnmadd(ai[k], xi[k], V::fmadd(ar[k], xr[k], V::mul(br[k], ut)));
-          const reg im = V::fmadd(ai[k], xr[k], V::fmadd(ar[k], xi[k], V::mul(bi[k], ut)));
-          xr[k] = re;
-          xi[k] = im;
-          acc = V::fmadd(cr[k], re, V::fnmadd(ci[k], im, acc));
-        }
-        V::store(y + (size_t)t * W, acc);
-      }
+      V::store(y + (size_t)t * W, acc);
     }
     for (int k = 0; k < g; ++k) {
-      float* x = state + (size_t)(n0 + k) * 2 * W;
-      V::store(x, xr[k]);
-      V::store(x + W, xi[k]);
-      if (fold) {  // back to x = b s
-        const float* prm = params + (size_t)(n0 + k) * 6 * W;
-        for (int l = 0; l < W; ++l) {
-          const float sr = x[l], si = x[W + l], b_r = prm[2 * W + l], b_i = prm[3 * W + l];
-          x[l] = l < valid ? sr * b_r - si * b_i : 0.f;
-          x[W + l] = l < valid ? sr * b_i + si * b_r : 0.f;
-        }
-      }
+      V::store(state + (size_t)(n0 + k) * 2 * W, xr[k]);
+      V::store(state + (size_t)(n0 + k) * 2 * W + W, xi[k]);
     }
     n0 += g;
   };
@@ -814,8 +834,7 @@ void layer_step(const Layer& L, Rows& R, Private& P, const Team& team) {
   auto [c0, c1] = team.share(H, V::lanes);
   float* state = R.s4[L.state_index].data();
   float* alpha = R.alpha[L.state_index].data();
-  if (L.kind == S4_DPLR) s4_rows<V, true>(L, normed, hidden, state, alpha, rows, c0, c1);
-  else s4_rows<V, false>(L, normed, hidden, state, alpha, rows, c0, c1);
+  s4_rows<V>(L, normed, hidden, state, alpha, rows, c0, c1);
   for (int r = 0; r < rows; ++r) {
     const float* u = normed + (size_t)r * H;
     float* y = hidden + (size_t)r * H;
@@ -885,10 +904,12 @@ void read_s4(const Layer& L, float* h, int rows, int r0, int r1, const float* sc
     float* along = S.along.data();
     float* st = state + (size_t)v * L.N2 * 2 * W;
     const float* u = normed + v * W;
-    if (L.kind == S4_DIAG) {
-      s4d_along<V, 4>(L, v, u, Hp, along, rows, st);
+    if (L.form == FOLDED) {
+      s4d_along<V, FOLDED, 4>(L, v, u, Hp, along, rows, st);
+    } else if (L.form == DIAG) {
+      s4d_along<V, DIAG, 4>(L, v, u, Hp, along, rows, st);
     } else {
-      for (int t = 0; t < rows; ++t) s4_vector<V, 1, true>(L, v, u + t * Hp, 0, along + t * W, 0, st, 0, alpha + v * W, 0);
+      for (int t = 0; t < rows; ++t) s4_vector<V, 1, DPLR>(L, v, u + t * Hp, 0, along + t * W, 0, st, 0, alpha + v * W, 0);
     }
     const float* D = L.D.data() + v * W;
     for (int t = 0; t < rows; ++t) {
@@ -910,14 +931,23 @@ void read_s4(const Layer& L, float* h, int rows, int r0, int r1, const float* sc
 }
 
 // ---------------------------------------------------------------- the step's sampling
+inline float max_of(const float* x, int n) {
+  float mx = x[0];
+#pragma omp simd reduction(max : mx)
+  for (int i = 0; i < n; ++i) mx = std::max(mx, x[i]);
+  return mx;
+}
+
 // The log-partition at temperature 1 (a code's log-probability is logit - log_z); leaves
 // exp(logit - max) in P.prob for sample().
 float log_partition(const float* logits, int n, Private& P) {
-  const float mx = *std::max_element(logits, logits + n);
+  const float mx = max_of(logits, n);
+  double* prob = P.prob.data();
   double z = 0;
+#pragma omp simd reduction(+ : z)
   for (int i = 0; i < n; ++i) {
-    P.prob[i] = std::exp((double)(logits[i] - mx));
-    z += P.prob[i];
+    prob[i] = exp_double_inline((double)(logits[i] - mx));
+    z += prob[i];
   }
   return mx + (float)std::log(z);
 }
@@ -926,13 +956,16 @@ float log_partition(const float* logits, int n, Private& P) {
 // Call right after log_partition(logits, ...), whose P.prob it starts from.
 int sample(const float* logits, int n, float u, float temperature, int top_k, float top_p, Private& P) {
   std::vector<double>& prob = P.prob;
-  const float mx = *std::max_element(logits, logits + n);
   int code;
   if (temperature <= 0.f) {
     code = (int)(std::max_element(logits, logits + n) - logits);
   } else {
-    if (temperature != 1.f)
-      for (int i = 0; i < n; ++i) prob[i] = std::exp((double)(logits[i] - mx) / temperature);
+    if (temperature != 1.f) {
+      const float mx = max_of(logits, n);
+      double* pr = prob.data();
+#pragma omp simd
+      for (int i = 0; i < n; ++i) pr[i] = exp_double_inline((double)(logits[i] - mx) / temperature);
+    }
     if ((top_k > 0 && top_k < n) || top_p < 1.f) {
       // likeliest first, ties by index (as a stable sort); only the first top_k need ordering
       std::vector<int>& order = P.order;
@@ -1069,9 +1102,16 @@ class FastSaShiMi {
       L.H = a.size(0);
       L.N2 = a.size(1);
       L.Hv = (L.H + L.lanes - 1) / L.lanes;
-      std::vector<torch::Tensor> fields{a, get("b"), get("c")};
-      if (kind == S4_DPLR) fields.insert(fields.end(), {get("q"), get("p")});
-      L.packed = floats(L.to_lanes(torch::stack(fields)).permute({1, 2, 0, 3, 4}));  // (F, Hv, ...) -> (Hv, N2, F, ...)
+      const auto b = get("b").to(torch::kComplexDouble);
+      L.form = kind == S4_DPLR ? DPLR : (b.abs() > 1e-15).all().item<bool>() ? FOLDED : DIAG;
+      const auto c = get("c").to(torch::kComplexDouble), a64 = a.to(torch::kComplexDouble);
+      std::vector<torch::Tensor> stacked{a64, b, c};
+      if (L.form == FOLDED) {
+        L.b = b;
+        stacked = {a64, c * b};
+      }
+      if (L.form == DPLR) stacked.insert(stacked.end(), {get("q").to(torch::kComplexDouble), get("p").to(torch::kComplexDouble)});
+      L.packed = floats(L.to_lanes(torch::stack(stacked)).permute({1, 2, 0, 3, 4}));  // (F, Hv, ...) -> (Hv, N2, F, ...)
       L.D = floats(L.padded(get("D")));
       L.out = Linear(get("out_w"), get("out_b"), M.half);
       if (kind == S4_DPLR) {
