@@ -84,30 +84,38 @@ def _matrix_power(a: torch.Tensor, n: int) -> torch.Tensor:
 
 @dataclass
 class Recurrence:
-    """Discrete matrices for stepping one S4 layer, and for folding a sequence into its state.
+    """Discrete matrices for stepping one S4 layer.
 
     dA_top (H, N/2, N) complex64: the rows of dA that update the kept half of the state.
     dB     (H, N/2) complex64.
     dC     (H, N/2) complex64: the raw C (C-tilde undone), so y = 2 Re(dC . x).
-    scan_columns (H, SCAN_CHUNK, N) float32: row j is (dA^j dB) over the half state, as
-                [real | imag]: what an input j samples before a chunk's end adds to the state.
-    scan_taps   (H, SCAN_CHUNK) float32: the kernel's first taps K[j] = 2 Re(dC dA^j dB).
-    scan_taps_f (H, SCAN_CHUNK + 1) complex64: their FFT at 2 SCAN_CHUNK points.
-    scan_rows   (H, N, SCAN_CHUNK) float32: column i is (dC dA^(i+1)) over the half state, as
-                [real; -imag], so that 2 Re(x . column) is a real product with [x.real | x.imag].
-    scan_power  (H, N, N) complex128: dA^SCAN_CHUNK, full rows.
-    dA_log      (H, N/2) complex64: the log of dA's diagonal (S4D; None for DPLR), so dA^k = exp(k dA_log).
+    dA_log (H, N/2) complex64: the log of dA's diagonal (S4D; None for DPLR), so dA^k = exp(k dA_log).
     """
 
     dA_top: torch.Tensor
     dB: torch.Tensor
     dC: torch.Tensor
-    scan_columns: torch.Tensor
-    scan_taps: torch.Tensor
-    scan_taps_f: torch.Tensor
-    scan_rows: torch.Tensor
-    scan_power: torch.Tensor
     dA_log: torch.Tensor | None
+
+
+@dataclass
+class ScanMatrices:
+    """What `scan` folds a sequence into the state with, a chunk of SCAN_CHUNK samples at a time.
+
+    columns (H, SCAN_CHUNK, N) float32: row j is (dA^j dB) over the half state, as [real | imag]:
+            what an input j samples before a chunk's end adds to the state.
+    taps    (H, SCAN_CHUNK) float32: the kernel's first taps K[j] = 2 Re(dC dA^j dB).
+    taps_f  (H, SCAN_CHUNK + 1) complex64: their FFT at 2 SCAN_CHUNK points.
+    rows    (H, N, SCAN_CHUNK) float32: column i is (dC dA^(i+1)) over the half state, as
+            [real; -imag], so that 2 Re(x . column) is a real product with [x.real | x.imag].
+    power   (H, N, N) complex128: dA^SCAN_CHUNK, full rows.
+    """
+
+    columns: torch.Tensor
+    taps: torch.Tensor
+    taps_f: torch.Tensor
+    rows: torch.Tensor
+    power: torch.Tensor
 
 
 class S4Kernel(nn.Module):
@@ -136,6 +144,7 @@ class S4Kernel(nn.Module):
             self.P = nn.Parameter(torch.view_as_real(p.repeat(1, s, 1)).contiguous())
             self.register_buffer("l_kernel", torch.tensor(0))
         self._cache: tuple[tuple, Recurrence] | None = None
+        self._scan_cache: tuple[tuple, ScanMatrices] | None = None
 
     # ---------------------------------------------------------------- parameters
     def dt(self) -> torch.Tensor:
@@ -195,7 +204,7 @@ class S4Kernel(nn.Module):
             current = current * 2 if current else length
         self.C.copy_(torch.view_as_real(c[..., : self.N2].to(torch.complex64)).unsqueeze(0))
         self.l_kernel.fill_(current)
-        self._cache = None
+        self._cache = self._scan_cache = None
 
     # ---------------------------------------------------------------- convolution mode
     def conv_kernel(self, length: int) -> torch.Tensor:
@@ -227,19 +236,43 @@ class S4Kernel(nn.Module):
     def _param_key(self) -> tuple:
         return tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
 
+    def _discrete_raw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dA (H, N, N), dB (H, N) and the raw C (H, N) over the full state, complex128."""
+        d_a, d_b = self.discrete()
+        c = _conj_pairs(torch.view_as_complex(self.C)[0].to(torch.complex128))
+        if self.config.mode == "dplr" and int(self.l_kernel) > 0:
+            # C holds C-tilde = C (I - dA^L): solve for the raw C.
+            eye = torch.eye(d_a.shape[-1], dtype=d_a.dtype, device=d_a.device)
+            lhs = (eye - _matrix_power(d_a, int(self.l_kernel))).transpose(-1, -2)
+            c = torch.linalg.solve(lhs, c.unsqueeze(-1)).squeeze(-1)
+        return d_a, d_b, c
+
     def recurrence(self) -> Recurrence:
         """Discrete matrices for stepping, cached until a parameter changes."""
         key = self._param_key()
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         with torch.no_grad():
-            d_a, d_b = self.discrete()
-            c = _conj_pairs(torch.view_as_complex(self.C)[0].to(torch.complex128))
-            if self.config.mode == "dplr" and int(self.l_kernel) > 0:
-                # C holds C-tilde = C (I - dA^L): solve for the raw C.
-                eye = torch.eye(d_a.shape[-1], dtype=d_a.dtype, device=d_a.device)
-                lhs = (eye - _matrix_power(d_a, int(self.l_kernel))).transpose(-1, -2)
-                c = torch.linalg.solve(lhs, c.unsqueeze(-1)).squeeze(-1)
+            d_a, d_b, c = self._discrete_raw()
+            n2 = self.N2
+            rec = Recurrence(
+                dA_top=d_a[:, :n2].to(torch.complex64),
+                dB=d_b[:, :n2].to(torch.complex64),
+                dC=c[:, :n2].to(torch.complex64),
+                dA_log=torch.log(torch.diagonal(d_a, dim1=-2, dim2=-1)[:, :n2]).to(torch.complex64)
+                if self.config.mode == "diag" else None,
+            )
+        self._cache = (key, rec)
+        return rec
+
+    def scan_matrices(self) -> ScanMatrices:
+        """The matrices `scan` folds chunks with, cached until a parameter changes. Building them
+        takes dense products by doubling, seconds for a whole model; the fused kernels need none."""
+        key = self._param_key()
+        if self._scan_cache is not None and self._scan_cache[0] == key:
+            return self._scan_cache[1]
+        with torch.no_grad():
+            d_a, d_b, c = self._discrete_raw()
             columns, rows, power = d_b.unsqueeze(-1), c.unsqueeze(-2) @ d_a, d_a
             while columns.shape[-1] < SCAN_CHUNK:  # doubling: power is dA^(columns so far)
                 columns = torch.cat([columns, power @ columns], dim=-1)
@@ -248,20 +281,15 @@ class S4Kernel(nn.Module):
             n2 = self.N2
             half = columns[:, :n2]  # (H, N/2, c) complex128
             taps = 2 * torch.einsum("hn,hnc->hc", c[:, :n2], half).real.float()
-            rec = Recurrence(
-                dA_top=d_a[:, :n2].to(torch.complex64),
-                dB=d_b[:, :n2].to(torch.complex64),
-                dC=c[:, :n2].to(torch.complex64),
-                scan_columns=torch.cat([half.real, half.imag], dim=1).transpose(1, 2).float().contiguous(),
-                scan_taps=taps,
-                scan_taps_f=torch.fft.rfft(taps, n=2 * SCAN_CHUNK),
-                scan_rows=torch.cat([rows[..., :n2].real, -rows[..., :n2].imag], -1).transpose(1, 2).float(),
-                scan_power=power,
-                dA_log=torch.log(torch.diagonal(d_a, dim1=-2, dim2=-1)[:, :n2]).to(torch.complex64)
-                if self.config.mode == "diag" else None,
+            scan = ScanMatrices(
+                columns=torch.cat([half.real, half.imag], dim=1).transpose(1, 2).float().contiguous(),
+                taps=taps,
+                taps_f=torch.fft.rfft(taps, n=2 * SCAN_CHUNK),
+                rows=torch.cat([rows[..., :n2].real, -rows[..., :n2].imag], -1).transpose(1, 2).float(),
+                power=power,
             )
-        self._cache = (key, rec)
-        return rec
+        self._scan_cache = (key, scan)
+        return scan
 
     @torch.no_grad()
     def step_params(self) -> dict[str, torch.Tensor]:
@@ -339,22 +367,22 @@ class S4Kernel(nn.Module):
 
     def _chunks(self, chunks: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """chunks (H, B, L), L a multiple of c, from `state` (B, H, N/2) or rest -> y (H, B, L), state."""
-        rec = self.recurrence()
+        rec = self.scan_matrices()
         c = SCAN_CHUNK
         h, batch, length = chunks.shape
         n_chunks = length // c
         chunks = chunks.view(h, batch * n_chunks, c)
 
         if n_chunks * batch <= FFT_CHUNKS:  # a few chunks: the (H, c, c) Toeplitz would cost more to build than to use
-            y = torch.fft.irfft(torch.fft.rfft(chunks, n=2 * c) * rec.scan_taps_f.unsqueeze(1), n=2 * c)[..., :c].contiguous()
+            y = torch.fft.irfft(torch.fft.rfft(chunks, n=2 * c) * rec.taps_f.unsqueeze(1), n=2 * c)[..., :c].contiguous()
         else:
-            toeplitz = F.pad(rec.scan_taps, (c - 1, 0)).unfold(-1, c, 1).flip(1)  # (H, c, c): [s, i] = K[i - s]
+            toeplitz = F.pad(rec.taps, (c - 1, 0)).unfold(-1, c, 1).flip(1)  # (H, c, c): [s, i] = K[i - s]
             y = torch.bmm(chunks, toeplitz)  # (H, B * chunks, c)
         # chunk position i reaches the chunk's end through dA^(c-1-i) dB: reversed, through the columns
-        contrib = torch.bmm(chunks.flip(-1), rec.scan_columns)  # (H, B * chunks, N)
+        contrib = torch.bmm(chunks.flip(-1), rec.columns)  # (H, B * chunks, N)
         contrib = contrib.view(h, batch, n_chunks, 2, self.N2).permute(2, 0, 1, 4, 3)
         contrib = _conj_pairs(torch.view_as_complex(contrib.contiguous()))  # (chunks, H, B, N)
-        power = rec.scan_power.to(torch.complex64)
+        power = rec.power.to(torch.complex64)
         if self.config.mode == "diag":  # dA^c is diagonal: the carry is elementwise
             diagonal = torch.diagonal(power, dim1=-2, dim2=-1).unsqueeze(1)  # (H, 1, N)
             carry = lambda x, j: torch.addcmul(contrib[j], x, diagonal)  # noqa: E731
@@ -367,12 +395,11 @@ class S4Kernel(nn.Module):
             before[j] = x
             x = carry(x, j)
         before = torch.view_as_real(before[..., : self.N2].permute(1, 2, 0, 3)).transpose(-1, -2)
-        y.baddbmm_(before.reshape(h, batch * n_chunks, -1), rec.scan_rows, alpha=2)
+        y.baddbmm_(before.reshape(h, batch * n_chunks, -1), rec.rows, alpha=2)
         return y.view(h, batch, length), x[..., : self.N2].transpose(0, 1).contiguous()
 
     def _head(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fewer than c samples u (B, r, H) from `state` (B, H, N/2) -> y (B, r, H), the state after."""
-        rec = self.recurrence()
         r = u.shape[1]
         if self.config.mode != "diag":
             ys = []
@@ -380,15 +407,16 @@ class S4Kernel(nn.Module):
                 y, state = self.step(u[:, t], state)
                 ys.append(y)
             return torch.stack(ys, dim=1), state
+        rec, step = self.scan_matrices(), self.recurrence()
         # from the inputs: the kernel's first r taps; from the state: y_i = 2 Re(C dA^(i+1) x), the scan's rows
-        toeplitz = F.pad(rec.scan_taps[:, :r], (r - 1, 0)).unfold(-1, r, 1).flip(1)  # (H, r, r)
+        toeplitz = F.pad(rec.taps[:, :r], (r - 1, 0)).unfold(-1, r, 1).flip(1)  # (H, r, r)
         u_h = u.permute(2, 0, 1)  # (H, B, r): channels as the batch of matrix products
         y = torch.bmm(u_h, toeplitz)
         x_ri = torch.cat([state.real, state.imag], dim=-1).transpose(0, 1)  # (H, B, N)
-        y = torch.baddbmm(y, x_ri, rec.scan_rows[..., :r], alpha=2).permute(1, 2, 0)
+        y = torch.baddbmm(y, x_ri, rec.rows[..., :r], alpha=2).permute(1, 2, 0)
         # input i reaches the end through dA^(r-1-i) dB: reversed in time, through the columns
-        ri = torch.bmm(u_h.flip(-1), rec.scan_columns[:, :r]).transpose(0, 1)  # (B, H, N) as [real | imag]
-        decay = torch.exp(r * rec.dA_log)  # dA^r, elementwise for S4D
+        ri = torch.bmm(u_h.flip(-1), rec.columns[:, :r]).transpose(0, 1)  # (B, H, N) as [real | imag]
+        decay = torch.exp(r * step.dA_log)  # dA^r, elementwise for S4D
         state = decay * state + torch.complex(ri[..., : self.N2], ri[..., self.N2:])
         return y, state
 
