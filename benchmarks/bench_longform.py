@@ -18,11 +18,10 @@ Sampling rules are compared on the validation pieces (where a rule is chosen) an
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
-from common import parse_args, run_child
+from common import parse_args, rendered_pieces, run_child
 
 from s4music.extensions import cache_home
 
@@ -44,28 +43,19 @@ RULES = {
 
 def render_prompts(split: str, n: int) -> list[str]:
     """The first 5 s of the first n pieces of a split, rendered once into the cache."""
-    from music21 import corpus
+    import soundfile as sf
 
     from s4music.audio import load_audio
-    from s4music.data.midi import RenderOptions, render_midi
     from s4music.files import atomic_path
 
-    names = json.loads((ROOT / "examples" / "default_model_splits.json").read_text())[split][:n]
     out = []
-    for name in names:
-        prompt = CACHE / split / Path(name).with_suffix(".prompt.wav").name
+    for piece in rendered_pieces(split, n):
+        prompt = CACHE / split / piece.with_suffix(".prompt.wav").name
         if not prompt.exists():
-            stem = Path(name).stem
-            midi = CACHE / "midi" / f"{stem}.mid"
-            midi.parent.mkdir(parents=True, exist_ok=True)
-            if not midi.exists():
-                corpus.parse(f"bach/{stem}").write("midi", fp=str(midi))
-            render_midi([midi], CACHE / "audio", RenderOptions(instruments=["piano"], max_seconds=120.0))
-            audio = load_audio(CACHE / "audio" / f"{stem}.wav", SR).samples[: int(5 * SR)]
-            import soundfile as sf
-
+            prompt.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(prompt) as tmp:
-                sf.write(str(tmp), audio.numpy(), SR, format="WAV", subtype="PCM_16")
+                sf.write(str(tmp), load_audio(piece, SR).samples[: int(5 * SR)].numpy(), SR, format="WAV",
+                         subtype="PCM_16")
         out.append(str(prompt))
     return out
 

@@ -9,6 +9,9 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_child(script: str, kind: str, env: dict | None = None, **kw) -> dict:
@@ -35,3 +38,28 @@ def parse_args(functions: dict[str, Callable[..., dict]], sections: list[str] | 
         print(json.dumps(functions[spec.pop("kind")](**spec)))
         return None
     return args
+
+
+def rendered_pieces(split: str, n: int) -> list[Path]:
+    """The first n pieces of a split of the bundled model's data (examples/default_model_splits.json),
+    rendered from the music21 corpus on the General MIDI piano as its training data was: WAV files,
+    rendered once into the cache."""
+    from music21 import corpus
+
+    from s4music.data.midi import RenderOptions, render_midi
+    from s4music.extensions import cache_home
+
+    cache = cache_home() / "bundled-split"
+    names = json.loads((ROOT / "examples" / "default_model_splits.json").read_text())[split][:n]
+    out = []
+    for name in names:
+        stem = Path(name).stem
+        audio = cache / "audio" / f"{stem}.wav"
+        if not audio.exists():
+            midi = cache / "midi" / f"{stem}.mid"
+            midi.parent.mkdir(parents=True, exist_ok=True)
+            if not midi.exists():
+                corpus.parse(f"bach/{stem}").write("midi", fp=str(midi))
+            render_midi([midi], cache / "audio", RenderOptions(instruments=["piano"], max_seconds=120.0))
+        out.append(audio)
+    return out

@@ -163,7 +163,7 @@ class Jam:
             bits = -logprobs[0].double() / math.log(2)
         else:
             x = torch.cat([self.code, codes[:-1]]).unsqueeze(0)
-            bits, self.state = reader(self.net).prefill_bits(x, codes.unsqueeze(0), self.state)
+            bits, self.state = reader(self.net, bf16=True).prefill_bits(x, codes.unsqueeze(0), self.state)
             bits = bits[0].double()
         self.code = codes[-1:]
         self.heard_bits.append((len(codes), float(bits.sum())))

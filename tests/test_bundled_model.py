@@ -17,7 +17,7 @@ from s4music.audio import encode, load_audio, spectral_flatness
 from s4music.generate import GenerateOptions, check_prompt, continue_prompt
 from s4music.guidance import NOISE_FLATNESS, TYPICAL
 from s4music.model import DEFAULT_MODEL, load_model
-from s4music.model.fast import FusedStep, fused_available
+from s4music.model.fast import FusedReader, FusedStep, fused_available
 
 ROOT = Path(__file__).parent.parent
 PROMPT = ROOT / "examples" / "prompt.wav"
@@ -73,6 +73,24 @@ def test_half_weights_keep_the_bundled_models_likelihood():
         bits[half] = -logprobs.double().mean().item() / math.log(2)
     assert abs(bits[True] - bits[False]) < 1e-3
     assert 0 < (logits[True] - logits[False]).abs().max() < 0.2
+
+
+def test_the_bf16_read_keeps_the_bundled_models_likelihood():
+    """Prompts are read with the residual layers' linear maps in bf16 where the CPU has AVX512-BF16;
+    that moves the example prompt's bits/sample by under 1e-3 (the test split's figure is in
+    benchmarks/RESULTS.md). Elsewhere, and on a narrower instruction set, the read stays float32."""
+    need(fused_available(), "a C++ compiler for the fused CPU step")
+    model = load_model(DEFAULT_MODEL)
+    codes = encode(load_audio(PROMPT, model.audio.sample_rate).samples, model.audio.quantization)[None].long()
+    bf16 = FusedReader(model, bf16=True)
+    wide = bf16.isa == "avx512" and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    assert bf16.precision == ("bf16" if wide else "float32")
+    assert FusedReader(model, bf16=True, isa="plain").precision == "float32"
+    float32 = FusedReader(model).bits(codes).mean().item()
+    assert abs(float32 - model.bits(codes).mean().item()) < 1e-5
+    difference = bf16.bits(codes).mean().item() - float32
+    assert abs(difference) < 1e-3
+    assert (difference != 0) == wide  # the bf16 read really ran where it could, and only there
 
 
 @pytest.mark.slow

@@ -180,7 +180,8 @@ def test_reanchoring_reads_the_last_window_alone(fused_step):
     sampler = stepper.sampler(state, heard[-1:], [3, 4], anchored, heard)
     first = sampler.take(50)  # ends on the first point: the state there is a fresh read of the last 100
     history = torch.cat([heard.expand(2, -1), first[0]], dim=1)
-    fresh = [model.prefill(model.shift_right(row[-100:][None]))[1] for row in history]
+    read = stepper.reader  # the model itself for the plain step, the C++ reader for the fused one
+    fresh = [read.prefill(model.shift_right(row[-100:][None]))[1] for row in history]
     assert sampler.anchors == 1 and _same_state(sampler.state, SaShiMiState.join(fresh, torch.device("cpu")))
     parts = [first, *(sampler.take(n) for n in (15, 55, 30))]  # the point at 100 falls mid-chunk
     codes = torch.cat([c for c, _ in parts], dim=1)
@@ -199,7 +200,7 @@ def test_reanchoring_reads_the_last_window_alone(fused_step):
     for point in (50, 100):
         windows = history[:, : len(heard) + point][:, -100:]
         for i, seed in enumerate((3, 4)):
-            _, fresh = model.prefill(model.shift_right(windows[i][None]))
+            _, fresh = read.prefill(model.shift_right(windows[i][None]))
             reference = stepper.sampler(fresh, windows[i, -1:], [seed], Sampling(1.0, 0, 1.0))
             torch.rand(point, generator=reference.generators[0])  # the uniforms already used
             assert torch.equal(reference.take(50)[0][0], codes[i, point:point + 50]), (point, seed)

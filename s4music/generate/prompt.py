@@ -53,13 +53,14 @@ def load_prompt(prompt: str | Path, sample_rate: int, selection: PromptSelection
 
 
 @torch.no_grad()
-def read_prompt(net: SaShiMi, prompt: str | Path, selection: PromptSelection) -> ReadPrompt:
-    """Load `prompt`, read it with `net` in one parallel pass, and judge it."""
+def read_prompt(net: SaShiMi, prompt: str | Path, selection: PromptSelection, fused: bool = True) -> ReadPrompt:
+    """Load `prompt`, read it with `net` in one parallel pass, and judge it. fused: by the C++ reader
+    where it runs (`fast.reader`, in bf16 where the CPU has it); else by the model's own pass."""
     audio, full = load_prompt(prompt, net.audio.sample_rate, selection)
     codes = encode(audio.samples, net.audio.quantization).long()
     started = time.perf_counter()
     targets = codes.unsqueeze(0).to(net.device)
-    bits, state = reader(net).prefill_bits(net.shift_right(targets), targets)
+    bits, state = (reader(net, bf16=True) if fused else net).prefill_bits(net.shift_right(targets), targets)
     seconds = time.perf_counter() - started
     bits = bits.mean().item()
     report = judge(describe_signal(audio, str(prompt), full), bits, net.summary)

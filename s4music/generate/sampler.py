@@ -41,7 +41,8 @@ class Stepper:
 
     def __init__(self, net: SaShiMi, options: StepOptions):
         self.fast: FusedStep | GraphedStep | None = None
-        self.reader = reader(net)  # reads windows in parallel (re-anchoring): on the GPU where there is one
+        # reads windows in parallel (re-anchoring): on the GPU where there is one; fused: the C++ reader
+        self.reader = reader(net, bf16=True) if options.fused else net
         to_cpu = net.device.type == "cuda" and (
             options.device == "cpu" or (options.device == "auto" and options.fused and fused_available()))
         if to_cpu:  # a copy: the caller's model stays where it is

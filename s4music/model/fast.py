@@ -143,7 +143,7 @@ def _layer_tensors(ext, layer: nn.Module) -> tuple[object, dict[str, torch.Tenso
     return ext.LayerKind.DPLR, {**tensors, **{k: params[k] for k in ("p", "g", "q", "kappa", "cg")}}
 
 
-def _fast_model(model: SaShiMi, half: bool, extension, isa: str | None):
+def _fast_model(model: SaShiMi, half: bool, extension, isa: str | None, bf16: bool = False):
     """The model's weights, in step form, in a C++ FastSaShiMi (a copy: build it after the weights are final)."""
     ext = extension or _extension()
     if ext is None:
@@ -158,7 +158,7 @@ def _fast_model(model: SaShiMi, half: bool, extension, isa: str | None):
             up_w=[w for w, _ in ups], up_b=[b for _, b in ups],
             ln_w=model.norm.weight.detach().float().contiguous(), ln_b=model.norm.bias.detach().float().contiguous(),
             ln_eps=model.norm.eps, dec_w=dec_w, dec_b=dec_b, half=half,
-            **({"isa": isa} if isa else {}))  # (the A/B benchmark's builds from before `isa` take none)
+            **({"isa": isa} if isa else {}), **({"bf16": True} if bf16 else {}))  # (older A/B builds take neither)
         for tier, layers in enumerate(model.tiers()):
             for res in layers:
                 kind, tensors = _layer_tensors(ext, res.layer)
@@ -205,19 +205,27 @@ class FusedStep:
 
 
 class FusedReader:
-    """`SaShiMi.prefill`, `prefill_bits` and `bits` with every tier's residual layers in the C++ kernel: time in
-    blocks that stay in cache, the S4 recurrence along each block, the linear layers as register
-    tiles (fast_step.cpp, "Read"). The pooling, skips, final norm and decoder are the model's own
-    code. Weights in float32; a copy, so build it after the weights are final (`reader` does).
+    """`SaShiMi.prefill`, `prefill_bits` and `bits` with every tier's residual layers, and the scored
+    decoder, in the C++ kernel: time in blocks that stay in cache, the S4 recurrence along each
+    block, the linear layers as register tiles (fast_step.cpp, "Read"). The pooling and skips are
+    the model's own code. A copy of the weights, so build it after they are final (`reader` does).
+
+    bf16: the residual layers' linear maps take their inputs and weights in bfloat16 (float32 sums)
+    where the CPU has AVX512-BF16, twice the multiply-adds an instruction; elsewhere, and for the
+    S4 recurrences, pools and decoder always, float32. `precision` says what is in effect. It moves
+    the bundled model's bits/sample by under 1e-3 (+4.7e-4 on examples/prompt.wav, +4.5e-4 on its
+    test split: benchmarks/RESULTS.md), so prompts are read so (generate, jam); scoring (eval,
+    validation) stays float32.
     """
 
-    def __init__(self, model: SaShiMi, extension=None, isa: str | None = None, *, impl=None):
+    def __init__(self, model: SaShiMi, extension=None, isa: str | None = None, bf16: bool = False, *, impl=None):
         """impl: the kernel's copy of these weights, made earlier (`reader` keeps one per model)."""
         if model.device.type != "cpu":
             raise RuntimeError("the fused reader runs on the CPU")
         self.model = model
-        self.impl = impl or _fast_model(model, False, extension, isa)
+        self.impl = impl or _fast_model(model, False, extension, isa, bf16)
         self.isa = self.impl.instruction_set()
+        self.precision = self.impl.read_precision()
         self.device = model.device
         self.shift_right = model.shift_right
 
@@ -253,21 +261,22 @@ class FusedReader:
         return self.impl.head_bits(h.float().contiguous(), targets.long().contiguous())
 
 
-# model -> (its weights' versions, the kernel's copy of them); the copy holds no reference to the model
+# model -> {bf16: (its weights' versions, the kernel's copy of them)}; the copies hold no reference to the model
 _kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def reader(model: SaShiMi) -> SaShiMi | FusedReader:
+def reader(model: SaShiMi, bf16: bool = False) -> SaShiMi | FusedReader:
     """What reads prompts for `model` fastest here, with the same `prefill`, `prefill_bits` and
-    `bits`: a FusedReader for a model on the CPU in eval mode where the kernel builds, else the
-    model itself. Kept while the weights are unchanged, and made afresh when they change."""
+    `bits`: a FusedReader (see its `bf16`) for a model on the CPU in eval mode where the kernel
+    builds, else the model itself. Kept while the weights are unchanged, and made afresh when they
+    change."""
     if model.device.type != "cpu" or model.training or not fused_available():
         return model
     key = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
-    kept = _kept.get(model)
-    if kept is None or kept[0] != key:
-        kept = _kept[model] = (key, _fast_model(model, False, None, None))
-    return FusedReader(model, impl=kept[1])
+    kept = _kept.setdefault(model, {})
+    if bf16 not in kept or kept[bf16][0] != key:
+        kept[bf16] = (key, _fast_model(model, False, None, None, bf16))
+    return FusedReader(model, impl=kept[bf16][1])
 
 
 class GraphedStep:

@@ -55,6 +55,9 @@
 #if defined(S4MUSIC_AVX2) && defined(__AVX512F__)
 #define S4MUSIC_AVX512 1
 #endif
+#if defined(S4MUSIC_AVX512) && defined(__AVX512BF16__)
+#define S4MUSIC_BF16 1  // the read's linear layers in bfloat16 (vdpbf16ps), where asked for
+#endif
 
 namespace {
 
@@ -227,7 +230,7 @@ struct Team {
       return;
     }
     for (int spins = 0; generation->load(std::memory_order_acquire) == gen; ++spins)
-      if (spins > 20000) std::this_thread::yield();
+      if (spins > 4000) std::this_thread::yield();
   }
   bool lead() const { return member == 0; }
 };
@@ -242,10 +245,14 @@ struct Linear {
   // weights in panels (see kPanel), in float32 or, with `half`, IEEE half precision; bias (out)
   Floats wt, b;
   std::vector<uint16_t> wt16;
+  // with `pairs`, also in bfloat16 for vdpbf16ps: panels of kPanel outputs, each over pairs of
+  // inputs, a 32-bit lane an output's weights for inputs 2k (low half) and 2k + 1: (out / kPanel,
+  // in / 2, kPanel), zero-padded
+  std::vector<uint32_t> wpairs;
   int in = 0, out = 0;
   bool half = false;
   Linear() = default;
-  Linear(const torch::Tensor& w, const torch::Tensor& bias, bool half_weights = false)
+  Linear(const torch::Tensor& w, const torch::Tensor& bias, bool half_weights = false, bool pairs = false)
       : in(w.size(1)), out(w.size(0)) {
     const int panels = (out + kPanel - 1) / kPanel;
     auto t = at::constant_pad_nd(w, {0, 0, 0, panels * kPanel - out}).view({panels, kPanel, in}).transpose(1, 2)
@@ -259,6 +266,13 @@ struct Linear {
       wt16.assign(raw, raw + h.numel());
     } else {
       wt.assign(t.data_ptr<float>(), t.data_ptr<float>() + t.numel());
+    }
+    if (pairs && out % kPanel == 0) {
+      const int n_pairs = (in + 1) / 2;
+      auto p = at::constant_pad_nd(w, {0, 2 * n_pairs - in}).to(torch::kBFloat16).view({panels, kPanel, n_pairs, 2})
+                   .permute({0, 2, 1, 3}).contiguous();
+      const uint32_t* raw = reinterpret_cast<const uint32_t*>(p.data_ptr<at::BFloat16>());
+      wpairs.assign(raw, raw + p.numel() / 2);
     }
     auto bc = bias.contiguous();
     b.assign(bc.data_ptr<float>(), bc.data_ptr<float>() + bc.numel());
@@ -413,6 +427,79 @@ inline float erf_inline(float x) {
   q = std::fma(q, z, 0.50434339f);
   q = std::fma(q, z, 1.f);
   return x * p / q;
+}
+
+// ---------------------------------------------------------------- bfloat16 products (the read)
+// x rows (n of width `in`, stride xs) as bfloat16 pairs (n, (in + 1) / 2), rounded to nearest even:
+// the activations' side of vdpbf16ps.
+inline void to_bf16_pairs(const float* x, size_t xs, int rows, int in, uint32_t* pairs) {
+  const int n_pairs = (in + 1) / 2;
+  for (int r = 0; r < rows; ++r) {
+    const float* xr = x + r * xs;
+    uint32_t* pr = pairs + (size_t)r * n_pairs;
+#pragma omp simd
+    for (int k = 0; k < n_pairs; ++k) {
+      uint32_t lo, hi = 0;
+      std::memcpy(&lo, xr + 2 * k, 4);
+      if (2 * k + 1 < in) std::memcpy(&hi, xr + 2 * k + 1, 4);
+      lo = (lo + 0x7fff + ((lo >> 16) & 1)) >> 16;
+      hi = (hi + 0x7fff + ((hi >> 16) & 1)) >> 16;
+      pr[k] = lo | hi << 16;
+    }
+  }
+}
+
+#ifdef S4MUSIC_BF16
+// R rows by NV panels of outputs from o0 (a multiple of kPanel): each vdpbf16ps adds two inputs'
+// products into 16 float sums.
+template <int R, int NV>
+void tile_bf16(const Linear& L, const uint32_t* x, float* y, size_t ys, int o0, bool bias) {
+  const int n_pairs = (L.in + 1) / 2;
+  __m512 acc[R][NV];
+  for (int v = 0; v < NV; ++v) {
+    const __m512 start = bias ? _mm512_loadu_ps(L.b.data() + o0 + kPanel * v) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[r][v] = start;
+  }
+  const uint32_t* first[NV];
+  for (int v = 0; v < NV; ++v) first[v] = L.wpairs.data() + (size_t)(o0 / kPanel + v) * n_pairs * kPanel;
+  for (int k = 0; k < n_pairs; ++k) {
+    __m512bh wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = (__m512bh)_mm512_loadu_si512(first[v] + (size_t)k * kPanel);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)x[(size_t)r * n_pairs + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], wv[v], xb);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + r * ys + o0 + kPanel * v, acc[r][v]);
+}
+
+// y[r] = W x[r] (+ b) for rows of bfloat16 pairs (see to_bf16_pairs), every output: tiles of RB rows.
+template <int RB>
+void product_bf16(const Linear& L, const uint32_t* x, float* y, size_t ys, int rows, bool bias) {
+  const size_t n_pairs = (L.in + 1) / 2;
+  int r = 0;
+  for (; r + RB <= rows; r += RB) {
+    int o = 0;
+    for (; o + 4 * kPanel <= L.out; o += 4 * kPanel) tile_bf16<RB, 4>(L, x + r * n_pairs, y + r * ys, ys, o, bias);
+    for (; o < L.out; o += kPanel) tile_bf16<RB, 1>(L, x + r * n_pairs, y + r * ys, ys, o, bias);
+  }
+  if constexpr (RB > 1)
+    if (r < rows) product_bf16<RB / 2 ? RB / 2 : 1>(L, x + r * n_pairs, y + r * ys, ys, rows - r, bias);
+}
+#endif
+
+// y[r] = W x[r] + b for rows of x (stride xs) into y (stride ys), as the read computes it: in
+// bfloat16 where the layer holds pairs (with `scratch` for the rounded rows), else float32 tiles.
+template <class V>
+void read_product(const Linear& L, const float* x, size_t xs, float* y, size_t ys, int rows, uint32_t* scratch) {
+#ifdef S4MUSIC_BF16
+  if (!L.wpairs.empty()) {
+    to_bf16_pairs(x, xs, rows, L.in, scratch);
+    return product_bf16<6>(L, scratch, y, ys, rows, true);
+  }
+#endif
+  product<V, 6>(L, x, xs, y, ys, rows, 0, L.out, 0, L.in, true);
 }
 
 // gelu (the exact, erf form that torch uses) in place on columns [c0, c1) of `rows` rows of stride w.
@@ -771,6 +858,7 @@ struct Model {
   Linear decoder;
   int n_s4 = 0, widest = 0;
   bool half = false;  // linear weights in half precision
+  bool bf16 = false;  // the read's residual layers' linear maps in bfloat16 (see read_product)
   std::string isa;    // the vector type the kernels run with (one of instruction_sets())
   int lanes = 8;      // its width: the S4 layers' channels are packed by it
 };
@@ -867,15 +955,15 @@ constexpr int kReadRows = 24;
 
 // One residual layer's feed-forward on rows of width H of a block, in place: every member its own rows.
 template <class V>
-void read_feedforward(const Layer& L, float* h, int rows, float* normed, float* hidden, float* out) {
+void read_feedforward(const Layer& L, float* h, int rows, float* normed, float* hidden, float* out, uint32_t* pairs) {
   const int H = L.H, F = L.fc1.out;
   for (int r = 0; r < rows; r += kReadRows) {
     const int n = std::min(kReadRows, rows - r);
     float* hr = h + (size_t)r * H;
     norm_rows(hr, H, normed, H, n, H, L.norm_m, L.norm_s);
-    product<V, 6>(L.fc1, normed, H, hidden, F, n, 0, F, 0, H, true);
+    read_product<V>(L.fc1, normed, H, hidden, F, n, pairs);
     gelu(hidden, n, F, 0, F);
-    product<V, 6>(L.fc2, hidden, F, out, H, n, 0, H, 0, F, true);
+    read_product<V>(L.fc2, hidden, F, out, H, n, pairs);
 #pragma omp simd
     for (int k = 0; k < n * H; ++k) hr[k] += out[k];
   }
@@ -885,6 +973,7 @@ struct ReadScratch {
   Floats normed;  // (block, Hv lanes): an S4 layer's norm of the whole block, zero-padded channels
   Floats along;   // (block, lanes): one vector of channels' recurrence outputs
   Floats rows, hidden, out;  // (kReadRows, widest inner layer): a member's rows in a linear layer
+  std::vector<uint32_t> pairs;  // (kReadRows, widest inner layer / 2): the same in bfloat16 pairs
 };
 
 // An S4 layer on a block of `rows` rows of h (width H) of one batch row, whose norms (`scale`,
@@ -925,7 +1014,7 @@ void read_s4(const Layer& L, float* h, int rows, int r0, int r1, const float* sc
   float* out = S.out.data();
   for (int r = r0; r < r1; r += kReadRows) {
     const int n = std::min(kReadRows, r1 - r);
-    product<V, 6>(L.out, gated + r * Hp, Hp, out, 2 * H, n, 0, 2 * H, 0, H, true);
+    read_product<V>(L.out, gated + r * Hp, Hp, out, 2 * H, n, S.pairs.data());
     glu_add(out, h + (size_t)r * H, n, H);
   }
 }
@@ -1046,7 +1135,7 @@ class FastSaShiMi {
   FastSaShiMi(torch::Tensor embedding, std::vector<int64_t> pools, std::vector<torch::Tensor> down_w,
               std::vector<torch::Tensor> down_b, std::vector<torch::Tensor> up_w, std::vector<torch::Tensor> up_b,
               torch::Tensor ln_w, torch::Tensor ln_b, double ln_eps, torch::Tensor dec_w, torch::Tensor dec_b,
-              bool half, std::string isa) {
+              bool half, std::string isa, bool bf16) {
     const auto available = instruction_sets();
     if (isa.empty()) isa = available.front();
     TORCH_CHECK(std::find(available.begin(), available.end(), isa) != available.end(), "instruction set '", isa,
@@ -1054,6 +1143,9 @@ class FastSaShiMi {
     M.isa = isa;
     M.lanes = with_vectors(isa, [](auto v) { return decltype(v)::lanes; });
     M.half = half;
+#ifdef S4MUSIC_BF16
+    M.bf16 = bf16 && isa == Avx512::name && __builtin_cpu_supports("avx512bf16");
+#endif
     M.embedding = embedding.contiguous();
     M.n_codes = embedding.size(0);
     M.H0 = embedding.size(1);
@@ -1072,6 +1164,8 @@ class FastSaShiMi {
 
   // Whether the linear weights are held in half precision (asked for, and the CPU converts it).
   bool half_weights() const { return M.decoder.half; }
+  // What the read's linear layers compute in: "bf16" (asked for, and the CPU has AVX512-BF16) or "float32".
+  std::string read_precision() const { return M.bf16 ? "bf16" : "float32"; }
   std::string instruction_set() const { return M.isa; }
 
   // tier: 0 centre, 1.. up blocks deepest first. Tensors by name: a feed-forward layer's fc1_w, fc1_b,
@@ -1093,8 +1187,8 @@ class FastSaShiMi {
       return it->second;
     };
     if (kind == FEEDFORWARD) {
-      L.fc1 = Linear(get("fc1_w"), get("fc1_b"), M.half);
-      L.fc2 = Linear(get("fc2_w"), get("fc2_b"), M.half);
+      L.fc1 = Linear(get("fc1_w"), get("fc1_b"), M.half, M.bf16);
+      L.fc2 = Linear(get("fc2_w"), get("fc2_b"), M.half, M.bf16);
       L.H = L.fc1.in;
       M.widest = std::max(M.widest, L.fc1.out);
     } else {
@@ -1113,7 +1207,7 @@ class FastSaShiMi {
       if (L.form == DPLR) stacked.insert(stacked.end(), {get("q").to(torch::kComplexDouble), get("p").to(torch::kComplexDouble)});
       L.packed = floats(L.to_lanes(torch::stack(stacked)).permute({1, 2, 0, 3, 4}));  // (F, Hv, ...) -> (Hv, N2, F, ...)
       L.D = floats(L.padded(get("D")));
-      L.out = Linear(get("out_w"), get("out_b"), M.half);
+      L.out = Linear(get("out_w"), get("out_b"), M.half, M.bf16);
       if (kind == S4_DPLR) {
         L.p = get("p").to(torch::kComplexDouble);
         L.g = get("g").to(torch::kComplexDouble);
@@ -1273,6 +1367,7 @@ class FastSaShiMi {
         S.normed.assign((size_t)kReadBlock * Hp, 0.f);
         S.along.resize((size_t)kReadBlock * V::lanes);
         for (auto* v : {&S.rows, &S.hidden, &S.out}) v->resize((size_t)kReadRows * widest);
+        S.pairs.resize((size_t)kReadRows * (widest + 1) / 2 + kReadRows);
         for (int b = 0; b < B; ++b)
           for (int t0 = 0; t0 < L; t0 += kReadBlock) {
             const int rows = std::min(kReadBlock, L - t0);
@@ -1289,7 +1384,7 @@ class FastSaShiMi {
             for (const Layer& layer : layers) {
               if (layer.kind == FEEDFORWARD) {
                 read_feedforward<V>(layer, block + (size_t)r0 * H, r1 - r0, S.rows.data(), S.hidden.data(),
-                                    S.out.data());
+                                    S.out.data(), S.pairs.data());
                 continue;
               }
               row_norms(block + (size_t)r0 * H, H, r1 - r0, H, layer.norm_m, layer.norm_s, scale.data() + r0,
@@ -1480,15 +1575,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<FastSaShiMi>(m, "FastSaShiMi")
       .def(pybind11::init<torch::Tensor, std::vector<int64_t>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                           std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, double,
-                          torch::Tensor, torch::Tensor, bool, std::string>(),
+                          torch::Tensor, torch::Tensor, bool, std::string, bool>(),
            pybind11::arg("embedding"), pybind11::arg("pools"), pybind11::arg("down_w"), pybind11::arg("down_b"),
            pybind11::arg("up_w"), pybind11::arg("up_b"), pybind11::arg("ln_w"), pybind11::arg("ln_b"),
            pybind11::arg("ln_eps"), pybind11::arg("dec_w"), pybind11::arg("dec_b"), pybind11::arg("half"),
-           pybind11::arg("isa") = "")
+           pybind11::arg("isa") = "", pybind11::arg("bf16") = false)
       .def("add_layer", &FastSaShiMi::add_layer, pybind11::arg("tier"), pybind11::arg("kind"), pybind11::arg("norm_m"),
            pybind11::arg("norm_s"), pybind11::arg("tensors"))
       .def("half_weights", &FastSaShiMi::half_weights)
       .def("instruction_set", &FastSaShiMi::instruction_set)
+      .def("read_precision", &FastSaShiMi::read_precision)
       .def("run", &FastSaShiMi::run, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("read", &FastSaShiMi::read, pybind11::arg("tier"), pybind11::arg("h"), pybind11::arg("skip"),
            pybind11::arg("states"),
