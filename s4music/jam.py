@@ -33,9 +33,9 @@ from s4music.dsp import HighPass, dbfs
 from s4music.errors import S4MusicError
 from s4music.files import AtomicFile
 from s4music.generate.options import Sampling, StepOptions
-from s4music.generate.sampler import Sampler, Stepper
+from s4music.generate.sampler import Sampler, Stepper, prompt_reader
 from s4music.guidance import describe_signal, judge
-from s4music.model.fast import FusedStep, reader
+from s4music.model.fast import FusedStep
 from s4music.model.registry import load_model
 from s4music.model.s4 import SCAN_CHUNK
 from s4music.model.sashimi import SaShiMi
@@ -163,7 +163,7 @@ class Jam:
             bits = -logprobs[0].double() / math.log(2)
         else:
             x = torch.cat([self.code, codes[:-1]]).unsqueeze(0)
-            bits, self.state = reader(self.net, bf16=True).prefill_bits(x, codes.unsqueeze(0), self.state)
+            bits, self.state = prompt_reader(self.net, self.options.step).prefill_bits(x, codes.unsqueeze(0), self.state)
             bits = bits[0].double()
         self.code = codes[-1:]
         self.heard_bits.append((len(codes), float(bits.sum())))

@@ -265,13 +265,18 @@ def test_seed_fixes_the_output_bit_for_bit(tiny_model, tmp_path):
     assert [t.seed for t in a.takes] == [11, 12] and [t.path.name for t in a.takes] == ["a-1.wav", "a-2.wav"]
 
 
-def test_full_weights_give_the_plain_steps_codes(fused, tiny_model, tmp_path):
-    runs = {name: improvise(tmp_path / f"{name}.wav", tiny_model, GenerateOptions(
-        seconds=0.1, seed=5, output=Output(normalize="none"), step=StepOptions(**step)))
-        for name, step in (("half", {}), ("full", {"half_weights": False}), ("plain", {"fused": False}))}
-    assert {k: json.loads(r.sidecar.read_text())["step"] for k, r in runs.items()} == {
-        "half": "fused-cpu-fp16", "full": "fused-cpu", "plain": "plain-cpu"}
-    assert runs["full"].takes[0].path.read_bytes() == runs["plain"].takes[0].path.read_bytes()
+def test_full_weights_give_the_plain_steps_codes(fused, tiny_model, synth_prompt, tmp_path):
+    def run(prompt, name: str, **step):
+        options = GenerateOptions(seconds=0.1, seed=5, output=Output(normalize="none"), step=StepOptions(**step))
+        out = tmp_path / f"{name}.wav"
+        return improvise(out, tiny_model, options) if prompt is None else continue_prompt(prompt, out, tiny_model, options)
+
+    for prompt in (None, synth_prompt):  # from nothing, and after a prompt (read in float32 too)
+        runs = {name: run(prompt, name, **step)
+                for name, step in (("half", {}), ("full", {"half_weights": False}), ("plain", {"fused": False}))}
+        assert {k: json.loads(r.sidecar.read_text())["step"] for k, r in runs.items()} == {
+            "half": "fused-cpu-fp16", "full": "fused-cpu", "plain": "plain-cpu"}
+        assert runs["full"].takes[0].path.read_bytes() == runs["plain"].takes[0].path.read_bytes(), prompt
 
 
 def test_rank_orders_the_takes_of_an_unranked_run(tiny_model, tmp_path):

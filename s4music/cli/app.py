@@ -486,8 +486,9 @@ Plot = Annotated[bool, typer.Option("--plot", help="Also write OUT.png: waveform
 Fused = Annotated[bool, typer.Option("--fused/--no-fused", help="Use the fused C++ CPU step when available "
                                                                 "(--no-fused: the plain PyTorch step).")]
 HalfWeights = Annotated[bool, typer.Option("--half-weights/--full-weights", help="Fused step: hold the linear "
-                                           "weights in half precision, which reads half the memory per sample "
-                                           "(faster; --full-weights gives the plain step's codes).")]
+                                           "weights in half precision, which reads half the memory per sample, and "
+                                           "read the prompt in bf16 where the CPU has it (faster; --full-weights "
+                                           "gives the plain step's codes).")]
 Play = Annotated[bool, typer.Option("--play", help="Play on the default sound device as it is made, from the last "
                                                    "second of the prompt.")]
 G, P, OUT, D = GenerateOptions, PromptSelection, Output, StepOptions  # their defaults

@@ -84,7 +84,7 @@ def stream_continuation(prompt: str | Path, model: str | Path | SaShiMi | None =
     options.check()
     started = time.perf_counter()
     net = model if isinstance(model, SaShiMi) else open_model(model, options.step.device)[0]
-    read = read_prompt(net, prompt, options.prompt, fused=options.step.fused)
+    read = read_prompt(net, prompt, options.prompt, options.step)
     if read.report.far and options.strict:
         raise PromptRefused(f"{prompt}: {read.report.verdict}: {'; '.join(read.report.reasons)} (--strict)")
     return _generation(net, options, read, on_progress, started)

@@ -114,7 +114,7 @@ class StepOptions:
 
     device: str = "auto"
     fused: bool = True  # the fused C++ step on a CPU where it builds, CUDA graphs on a GPU
-    half_weights: bool = True  # fused CPU step: linear weights in half precision (faster; other codes)
+    half_weights: bool = True  # fused CPU step in half precision: fp16 weights, bf16 prompt reads where the CPU has it
 
     DEVICES = ("auto", "cpu", "cuda")
 

@@ -17,9 +17,9 @@ import torch
 
 from s4music.audio import Audio, encode, load_audio
 from s4music.data.fetch import FetchOptions, fetch
-from s4music.generate.options import GenerationError, PromptSelection
+from s4music.generate.options import GenerationError, PromptSelection, StepOptions
+from s4music.generate.sampler import prompt_reader
 from s4music.guidance import PromptReport, describe_signal, judge
-from s4music.model.fast import reader
 from s4music.model.sashimi import SaShiMi, SaShiMiState
 
 
@@ -53,14 +53,14 @@ def load_prompt(prompt: str | Path, sample_rate: int, selection: PromptSelection
 
 
 @torch.no_grad()
-def read_prompt(net: SaShiMi, prompt: str | Path, selection: PromptSelection, fused: bool = True) -> ReadPrompt:
-    """Load `prompt`, read it with `net` in one parallel pass, and judge it. fused: by the C++ reader
-    where it runs (`fast.reader`, in bf16 where the CPU has it); else by the model's own pass."""
+def read_prompt(net: SaShiMi, prompt: str | Path, selection: PromptSelection,
+                step: StepOptions | None = None) -> ReadPrompt:
+    """Load `prompt`, read it with `net` in one parallel pass (see `prompt_reader`), and judge it."""
     audio, full = load_prompt(prompt, net.audio.sample_rate, selection)
     codes = encode(audio.samples, net.audio.quantization).long()
     started = time.perf_counter()
     targets = codes.unsqueeze(0).to(net.device)
-    bits, state = (reader(net, bf16=True) if fused else net).prefill_bits(net.shift_right(targets), targets)
+    bits, state = prompt_reader(net, step or StepOptions()).prefill_bits(net.shift_right(targets), targets)
     seconds = time.perf_counter() - started
     bits = bits.mean().item()
     report = judge(describe_signal(audio, str(prompt), full), bits, net.summary)

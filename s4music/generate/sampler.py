@@ -16,7 +16,7 @@ import logging
 import torch
 
 from s4music.generate.options import GenerationError, Sampling, StepOptions
-from s4music.model.fast import FusedStep, GraphedStep, fused_available, plain_steps, reader
+from s4music.model.fast import FusedReader, FusedStep, GraphedStep, fused_available, plain_steps, reader
 from s4music.model.sashimi import SaShiMi, SaShiMiState
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def prompt_reader(net: SaShiMi, options: StepOptions) -> SaShiMi | FusedReader:
+    """What reads prompts and windows for `net` in one parallel pass: the model's own pass for the
+    plain step; else the fused C++ reader where it runs, in bf16 where the CPU has it unless full
+    weights are asked for (which then read and sample as the plain path does)."""
+    return reader(net, bf16=options.half_weights) if options.fused else net
+
+
 class Stepper:
     """The model on the device that generates, and its fast step.
 
@@ -41,8 +48,7 @@ class Stepper:
 
     def __init__(self, net: SaShiMi, options: StepOptions):
         self.fast: FusedStep | GraphedStep | None = None
-        # reads windows in parallel (re-anchoring): on the GPU where there is one; fused: the C++ reader
-        self.reader = reader(net, bf16=True) if options.fused else net
+        self.reader = prompt_reader(net, options)  # re-anchoring's reads: on the GPU where there is one
         to_cpu = net.device.type == "cuda" and (
             options.device == "cpu" or (options.device == "auto" and options.fused and fused_available()))
         if to_cpu:  # a copy: the caller's model stays where it is

@@ -153,10 +153,10 @@ def _fast_model(model: SaShiMi, half: bool, extension, isa: str | None, bf16: bo
         ups = [_weight(u.pool.linear) for u in model.up_blocks]
         dec_w, dec_b = _weight(model.decoder)
         impl = ext.FastSaShiMi(
-            embedding=model.encoder.weight.detach().float().contiguous(), pools=list(model.config.pool),
+            embedding=model.encoder.weight.detach().float().clone(), pools=list(model.config.pool),
             down_w=[w for w, _ in downs], down_b=[b for _, b in downs],
             up_w=[w for w, _ in ups], up_b=[b for _, b in ups],
-            ln_w=model.norm.weight.detach().float().contiguous(), ln_b=model.norm.bias.detach().float().contiguous(),
+            ln_w=model.norm.weight.detach().float().clone(), ln_b=model.norm.bias.detach().float().clone(),
             ln_eps=model.norm.eps, dec_w=dec_w, dec_b=dec_b, half=half,
             **({"isa": isa} if isa else {}), **({"bf16": True} if bf16 else {}))  # (older A/B builds take neither)
         for tier, layers in enumerate(model.tiers()):

@@ -536,9 +536,11 @@ inline float exp_inline(float x) {
 
 // e^x in double, within a few units in the last place, inline so that loops of it vectorize (the
 // sampler's probabilities, which must agree with the Python path's double ones): as exp_inline,
-// clamped to [-708, 709] and the Taylor series to r^13.
+// with the Taylor series to r^13; 0 below -708, as double's own exp gives near there (a code the
+// Python path gives probability 0 must not be drawn), and clamped at 709.
 #pragma omp declare simd notinbranch
 inline double exp_double_inline(double x) {
+  const bool vanishes = x < -708.0;
   x = std::min(std::max(x, -708.0), 709.0);
   const double n = std::nearbyint(x * 1.4426950408889634);
   const double r = std::fma(n, -1.9082149292705877e-10, std::fma(n, -0.6931471803691238, x));
@@ -558,7 +560,7 @@ inline double exp_double_inline(double x) {
   const int64_t bits = (int64_t)(n + 1023.0) << 52;  // 2^n
   double scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return vanishes ? 0.0 : p * scale;
 }
 
 // h[r][c] += z[r][c] * sigmoid(z[r][H + c]): the GLU of an S4 layer's output linear, and its residual.
@@ -1121,6 +1123,15 @@ int max_threads() {
 #endif
 }
 
+// The threads of the current parallel region (OpenMP may start fewer than were asked for).
+int team_threads() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 int thread_number() {
 #ifdef _OPENMP
   return omp_get_thread_num();
@@ -1165,7 +1176,12 @@ class FastSaShiMi {
   // Whether the linear weights are held in half precision (asked for, and the CPU converts it).
   bool half_weights() const { return M.decoder.half; }
   // What the read's linear layers compute in: "bf16" (asked for, and the CPU has AVX512-BF16) or "float32".
-  std::string read_precision() const { return M.bf16 ? "bf16" : "float32"; }
+  std::string read_precision() const {
+    for (const auto& tier : M.tiers)
+      for (const Layer& L : tier)
+        if (!L.out.wpairs.empty() || !L.fc1.wpairs.empty()) return "bf16";
+    return "float32";  // not asked for, no AVX512-BF16, or no layer a whole number of panels wide
+  }
   std::string instruction_set() const { return M.isa; }
 
   // tier: 0 centre, 1.. up blocks deepest first. Tensors by name: a feed-forward layer's fc1_w, fc1_b,
@@ -1264,8 +1280,12 @@ class FastSaShiMi {
       {
         const DenormalsAsZero flush;
         const int tid = thread_number();
-        Rows& R = groups[tid / team];
-        run_group<V>(R, Team{tid % team, team, &R.arrived, &R.generation}, job);
+        if (team_threads() == n_groups * team) {
+          Rows& R = groups[tid / team];
+          run_group<V>(R, Team{tid % team, team, &R.arrived, &R.generation}, job);
+        } else if (tid == 0) {  // OpenMP started fewer threads than asked: one does every group
+          for (Rows& R : groups) run_group<V>(R, Team{0, 1, &R.arrived, &R.generation}, job);
+        }
       }
     });
     for (Rows& R : groups) store_state(R, s4_states, down_states, up_states);
@@ -1289,12 +1309,15 @@ class FastSaShiMi {
     const int64_t* code = targets.data_ptr<int64_t>();
     float* out = bits.data_ptr<float>();
     const int64_t stretches = (rows + kReadRows - 1) / kReadRows;
+    const int threads = std::max(1, max_threads());
+    std::vector<Floats> normed_of(threads, Floats((size_t)kReadRows * H0)),
+        logits_of(threads, Floats((size_t)kReadRows * V_codes));
     with_vectors(M.isa, [&](auto vectors) {
       using V = decltype(vectors);
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
       {
         const DenormalsAsZero flush;
-        Floats normed((size_t)kReadRows * H0), logits((size_t)kReadRows * V_codes);
+        Floats &normed = normed_of[thread_number()], &logits = logits_of[thread_number()];
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < stretches; ++k) {
           const int64_t r0 = k * kReadRows;
@@ -1349,25 +1372,33 @@ class FastSaShiMi {
     TORCH_CHECK(states.size() == s4.size(), "read: tier ", tier, " has ", s4.size(), " S4 layers, got ", states.size(),
                 " states");
     std::vector<Floats> packed(s4.size()), alpha(s4.size());
-    for (size_t k = 0; k < s4.size(); ++k) s4[k]->pack(states[k], packed[k], alpha[k]);
+    for (size_t k = 0; k < s4.size(); ++k) {
+      TORCH_CHECK(states[k].dim() == 3 && states[k].size(0) == B && states[k].size(1) == H &&
+                      states[k].size(2) == s4[k]->N2,
+                  "read: state ", k, " of tier ", tier, " must be (", B, ", ", H, ", ", s4[k]->N2, ")");
+      s4[k]->pack(states[k], packed[k], alpha[k]);
+    }
     const int Hv = (H + M.lanes - 1) / M.lanes;
     const size_t Hp = (size_t)Hv * M.lanes;
     Floats gated((size_t)kReadBlock * Hp), scale(kReadBlock), shift(kReadBlock), x((size_t)kReadBlock * H);
     const float* skip_p = with_skip ? skip.data_ptr<float>() : nullptr;
     std::atomic<int> arrived{0}, generation{0};
-    const int team_size = std::max(1, max_threads());
+    const int threads = std::max(1, max_threads());
+    std::vector<ReadScratch> scratch(threads);  // allocated here: an exception must not leave a parallel region
+    for (ReadScratch& S : scratch) {
+      S.normed.assign((size_t)kReadBlock * Hp, 0.f);
+      S.along.resize((size_t)kReadBlock * M.lanes);
+      for (auto* v : {&S.rows, &S.hidden, &S.out}) v->resize((size_t)kReadRows * widest);
+      S.pairs.resize((size_t)kReadRows * ((widest + 1) / 2));
+    }
     float* hp = h.data_ptr<float>();
     with_vectors(M.isa, [&](auto vectors) {
       using V = decltype(vectors);
-#pragma omp parallel num_threads(team_size)
+#pragma omp parallel num_threads(threads)
       {
         const DenormalsAsZero flush;
-        const Team team{thread_number(), team_size, &arrived, &generation};
-        ReadScratch S;
-        S.normed.assign((size_t)kReadBlock * Hp, 0.f);
-        S.along.resize((size_t)kReadBlock * V::lanes);
-        for (auto* v : {&S.rows, &S.hidden, &S.out}) v->resize((size_t)kReadRows * widest);
-        S.pairs.resize((size_t)kReadRows * (widest + 1) / 2 + kReadRows);
+        const Team team{thread_number(), team_threads(), &arrived, &generation};  // as many as OpenMP started
+        ReadScratch& S = scratch[team.member];
         for (int b = 0; b < B; ++b)
           for (int t0 = 0; t0 < L; t0 += kReadBlock) {
             const int rows = std::min(kReadBlock, L - t0);

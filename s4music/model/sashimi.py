@@ -352,7 +352,7 @@ class SaShiMi(nn.Module):
             out = parts.head_bits(h, targets)
         elif targets is not None:
             out = torch.cat([code_bits(self.decoder(self.norm(h[:, i : i + BITS_STRETCH])), targets[:, i : i + BITS_STRETCH])
-                             for i in range(0, h.shape[1], BITS_STRETCH)], dim=1)
+                             for i in range(0, max(h.shape[1], 1), BITS_STRETCH)], dim=1)
         else:
             out = self.decoder(self.norm(h)) if logits else None
         return out, (state if return_state else None)
