@@ -511,56 +511,47 @@ inline void gelu(float* x, int rows, size_t w, int c0, int c1) {
   }
 }
 
-// e^x for any float x, within 2 units in the last place, inline so that loops of it vectorize:
-// clamped to +-87 (past which it overflows or goes denormal), then 2^n e^r with n = round(x / ln 2)
-// and r = x - n ln 2 (ln 2 in two parts), e^r by its Taylor series to r^7. (libmvec's expf leaves
-// its vector code for a path 7 times slower past +-88, where trained models' gates go; and gcc
-// moves a clamp written around expf out of its argument.)
-#pragma omp declare simd notinbranch
-inline float exp_inline(float x) {
-  x = std::min(std::max(x, -87.f), 87.f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = std::fma(n, -1.42860677e-06f, std::fma(n, -0.693145752f, x));
-  float p = std::fma(1.f / 5040, r, 1.f / 720);
-  p = std::fma(p, r, 1.f / 120);
-  p = std::fma(p, r, 1.f / 24);
-  p = std::fma(p, r, 1.f / 6);
-  p = std::fma(p, r, 0.5f);
-  p = std::fma(p, r, 1.f);
-  p = std::fma(p, r, 1.f);
-  const int32_t bits = (int32_t)(n + 127.f) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+// e^x inline, so that loops of it vectorize: 0 below `lo` (as the library exp gives there; a code
+// the Python path gives probability 0 must not be drawn), clamped at `hi`, then 2^n e^r with
+// n = round(x / ln 2) and r = x - n ln 2 (ln 2 in two parts), e^r by its Taylor series. (libmvec's
+// expf leaves its vector code for a path 7 times slower past +-88, where trained models' gates go;
+// and gcc moves a clamp written around expf out of its argument.) float: within 2 units in the last
+// place, series to r^7; double (the sampler's probabilities, which must agree with the Python
+// path's double ones): within a few units, series to r^13.
+template <typename T> struct ExpForm;
+template <> struct ExpForm<float> {
+  using Bits = int32_t;
+  static constexpr float lo = -87.f, hi = 87.f, ln2_hi = 0.693145752f, ln2_lo = 1.42860677e-06f;
+  static constexpr int terms = 7, bias = 127, mantissa = 23;
+};
+template <> struct ExpForm<double> {
+  using Bits = int64_t;
+  static constexpr double lo = -708.0, hi = 709.0, ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10;
+  static constexpr int terms = 13, bias = 1023, mantissa = 52;
+};
+
+constexpr double factorial(int k) { return k <= 1 ? 1.0 : k * factorial(k - 1); }
+
+// sum over k in [K, N] of r^(k - K) / k!, by Horner's rule, unrolled at compile time.
+template <typename T, int K, int N>
+inline T taylor_tail(T r) {
+  if constexpr (K == N) return T(1 / factorial(N));
+  else return std::fma(taylor_tail<T, K + 1, N>(r), r, T(1 / factorial(K)));
 }
 
-// e^x in double, within a few units in the last place, inline so that loops of it vectorize (the
-// sampler's probabilities, which must agree with the Python path's double ones): as exp_inline,
-// with the Taylor series to r^13; 0 below -708, as double's own exp gives near there (a code the
-// Python path gives probability 0 must not be drawn), and clamped at 709.
 #pragma omp declare simd notinbranch
-inline double exp_double_inline(double x) {
-  const bool vanishes = x < -708.0;
-  x = std::min(std::max(x, -708.0), 709.0);
-  const double n = std::nearbyint(x * 1.4426950408889634);
-  const double r = std::fma(n, -1.9082149292705877e-10, std::fma(n, -0.6931471803691238, x));
-  double p = std::fma(1.0 / 6227020800, r, 1.0 / 479001600);  // 1/13!, 1/12!
-  p = std::fma(p, r, 1.0 / 39916800);
-  p = std::fma(p, r, 1.0 / 3628800);
-  p = std::fma(p, r, 1.0 / 362880);
-  p = std::fma(p, r, 1.0 / 40320);
-  p = std::fma(p, r, 1.0 / 5040);
-  p = std::fma(p, r, 1.0 / 720);
-  p = std::fma(p, r, 1.0 / 120);
-  p = std::fma(p, r, 1.0 / 24);
-  p = std::fma(p, r, 1.0 / 6);
-  p = std::fma(p, r, 0.5);
-  p = std::fma(p, r, 1.0);
-  p = std::fma(p, r, 1.0);
-  const int64_t bits = (int64_t)(n + 1023.0) << 52;  // 2^n
-  double scale;
+template <typename T>
+inline T exp_inline(T x) {
+  using F = ExpForm<T>;
+  const bool vanishes = x < F::lo;
+  x = std::min(std::max(x, F::lo), F::hi);
+  const T n = std::nearbyint(x * T(1.4426950408889634));
+  const T r = std::fma(n, -F::ln2_lo, std::fma(n, -F::ln2_hi, x));
+  const T p = taylor_tail<T, 0, F::terms>(r);  // e^r
+  const typename F::Bits bits = (typename F::Bits)(n + T(F::bias)) << F::mantissa;  // 2^n
+  T scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return vanishes ? 0.0 : p * scale;
+  return vanishes ? T(0) : p * scale;
 }
 
 // h[r][c] += z[r][c] * sigmoid(z[r][H + c]): the GLU of an S4 layer's output linear, and its residual.
@@ -1037,7 +1028,7 @@ float log_partition(const float* logits, int n, Private& P) {
   double z = 0;
 #pragma omp simd reduction(+ : z)
   for (int i = 0; i < n; ++i) {
-    prob[i] = exp_double_inline((double)(logits[i] - mx));
+    prob[i] = exp_inline((double)(logits[i] - mx));
     z += prob[i];
   }
   return mx + (float)std::log(z);
@@ -1055,7 +1046,7 @@ int sample(const float* logits, int n, float u, float temperature, int top_k, fl
       const float mx = max_of(logits, n);
       double* pr = prob.data();
 #pragma omp simd
-      for (int i = 0; i < n; ++i) pr[i] = exp_double_inline((double)(logits[i] - mx) / temperature);
+      for (int i = 0; i < n; ++i) pr[i] = exp_inline((double)(logits[i] - mx) / temperature);
     }
     if ((top_k > 0 && top_k < n) || top_p < 1.f) {
       // likeliest first, ties by index (as a stable sort); only the first top_k need ordering
