@@ -21,7 +21,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from common import parse_args, rendered_pieces, run_child
+from common import kind_slug, parse_args, rendered_pieces, run_child
 
 from s4music.extensions import cache_home
 
@@ -183,7 +183,7 @@ def picture(curves: dict, band: dict, seconds: float) -> None:
     ax.set_ylabel("spectral flatness (median over takes)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(__file__).with_name("longform.png")
+    out = Path(__file__).with_name(f"longform-{kind_slug()}.png")  # one a machine kind, as its section
     fig.savefig(out, format="png")
     print(f"\n![flatness per window after the seam]({out.name})")
 

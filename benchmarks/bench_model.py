@@ -18,8 +18,7 @@ import resource
 import time
 from pathlib import Path
 
-from common import parse_args, run_child
-from run import cpu
+from common import cpu, parse_args, run_child
 
 SAMPLE_RATE = 16000
 

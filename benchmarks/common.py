@@ -6,12 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+FEATURES = [("avx2", "AVX2"), ("fma", "FMA"), ("f16c", "F16C"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+            ("avx512_vnni", "AVX512-VNNI"), ("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8")]
 
 
 def run_child(script: str, kind: str, env: dict | None = None, **kw) -> dict:
@@ -63,3 +67,30 @@ def rendered_pieces(split: str, n: int) -> list[Path]:
             render_midi([midi], cache / "audio", RenderOptions(instruments=["piano"], max_seconds=120.0))
         out.append(audio)
     return out
+
+
+def cpu() -> tuple[str, list[str]]:
+    """The CPU's model name and the vector and matrix features the toolkit cares about."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return name, [label for flag, label in FEATURES if flag in flags]
+
+
+def kind() -> str:
+    """The machine kind a section is kept for: the CPU model and whether it has AVX-512 and AMX."""
+    name, features = cpu()
+    vendor = "AMD EPYC" if "EPYC" in name else "Intel Xeon" if "Xeon" in name else name
+    widest = [f for f in ("AVX-512", "AMX-BF16") if f in features] or ["AVX2" if "AVX2" in features else "no AVX2"]
+    return f"{vendor}, {' + '.join(widest)}"
+
+
+def kind_slug() -> str:
+    """kind() as a file name's part: "amd-epyc-avx-512"."""
+    return re.sub(r"[^a-z0-9]+", "-", kind().lower()).strip("-")

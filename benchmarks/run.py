@@ -8,7 +8,6 @@ AVX2-only EPYC and an AVX-512/AMX Xeon stand side by side, each with its bounds 
 from __future__ import annotations
 
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -16,25 +15,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import cpu, kind
 
 HERE = Path(__file__).parent
-FEATURES = [("avx2", "AVX2"), ("fma", "FMA"), ("f16c", "F16C"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
-            ("avx512_vnni", "AVX512-VNNI"), ("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8")]
 GPU_START, GPU_END = "<!-- gpu -->", "<!-- /gpu -->"
-
-
-def cpu() -> tuple[str, list[str]]:
-    """The CPU's model name and the vector and matrix features the toolkit cares about."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return name, [label for flag, label in FEATURES if flag in flags]
 
 
 def machine() -> str:
@@ -42,14 +26,6 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (f"{name} ({', '.join(features) or 'no AVX2'}), {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, GPU: {gpu}")
-
-
-def kind() -> str:
-    """The machine kind a section is kept for: the CPU model and whether it has AVX-512 and AMX."""
-    name, features = cpu()
-    vendor = "AMD EPYC" if "EPYC" in name else "Intel Xeon" if "Xeon" in name else name
-    widest = [f for f in ("AVX-512", "AMX-BF16") if f in features] or ["AVX2" if "AVX2" in features else "no AVX2"]
-    return f"{vendor}, {' + '.join(widest)}"
 
 
 def sections(text: str) -> dict[str, str]:

@@ -152,7 +152,7 @@ is above it, and from about 10 s on it sits near the hissiest test window. No sa
 re-anchoring the state on the last 4 s) keeps more than a small share of the windows from 5 s on
 in the band, on validation or test prompts, so the recommended sampling is unchanged.
 
-![median flatness per 3 s window after the seam, per sampling rule](../../../benchmarks/longform.png)
+![median flatness per 3 s window after the seam, per sampling rule](../../../benchmarks/longform-intel-xeon-avx-512-amx-bf16.png)
 
 ## Known limits
 - Continuations have the piano's timbre, its attacks and decays, and chords in the prompt's
