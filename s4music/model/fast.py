@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from s4music.errors import first_line
 from s4music.extensions import cache_dir, load_extension
+from s4music.model.s4 import weights_version
 from s4music.model.sashimi import FeedForward, SaShiMi, SaShiMiState, WeightNormLinear
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ def reader(model: SaShiMi, bf16: bool = False) -> SaShiMi | FusedReader:
     change."""
     if model.device.type != "cpu" or model.training or not fused_available():
         return model
-    key = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    key = weights_version(model)
     kept = _kept.setdefault(model, {})
     if bf16 not in kept or kept[bf16][0] != key:
         kept[bf16] = (key, _fast_model(model, False, None, None, bf16))

@@ -82,6 +82,12 @@ def _matrix_power(a: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+def weights_version(module: nn.Module) -> tuple:
+    """What changes when any parameter or buffer of `module` is replaced or written in place: the
+    key that what is computed from the weights is kept under."""
+    return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+
+
 @dataclass
 class Recurrence:
     """Discrete matrices for stepping one S4 layer.
@@ -143,8 +149,7 @@ class S4Kernel(nn.Module):
         if cfg.mode == "dplr":
             self.P = nn.Parameter(torch.view_as_real(p.repeat(1, s, 1)).contiguous())
             self.register_buffer("l_kernel", torch.tensor(0))
-        self._cache: tuple[tuple, Recurrence] | None = None
-        self._scan_cache: tuple[tuple, ScanMatrices] | None = None
+        self._cached: dict[str, tuple[tuple, object]] = {}  # name -> (weights_version, value): see _kept
 
     # ---------------------------------------------------------------- parameters
     def dt(self) -> torch.Tensor:
@@ -204,7 +209,7 @@ class S4Kernel(nn.Module):
             current = current * 2 if current else length
         self.C.copy_(torch.view_as_real(c[..., : self.N2].to(torch.complex64)).unsqueeze(0))
         self.l_kernel.fill_(current)
-        self._cache = self._scan_cache = None
+        self._cached.clear()
 
     # ---------------------------------------------------------------- convolution mode
     def conv_kernel(self, length: int) -> torch.Tensor:
@@ -233,8 +238,14 @@ class S4Kernel(nn.Module):
         return torch.fft.irfft(k_f, n=n_fft)[..., :length]
 
     # ---------------------------------------------------------------- recurrent mode
-    def _param_key(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+    def _kept(self, name: str, build):
+        """build()'s value, kept under `name` until a parameter or buffer changes."""
+        version = weights_version(self)
+        kept = self._cached.get(name)
+        if kept is None or kept[0] != version:
+            with torch.no_grad():
+                kept = self._cached[name] = (version, build())
+        return kept[1]
 
     def _discrete_raw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dA (H, N, N), dB (H, N) and the raw C (H, N) over the full state, complex128."""
@@ -249,47 +260,41 @@ class S4Kernel(nn.Module):
 
     def recurrence(self) -> Recurrence:
         """Discrete matrices for stepping, cached until a parameter changes."""
-        key = self._param_key()
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        with torch.no_grad():
-            d_a, d_b, c = self._discrete_raw()
-            n2 = self.N2
-            rec = Recurrence(
-                dA_top=d_a[:, :n2].to(torch.complex64),
-                dB=d_b[:, :n2].to(torch.complex64),
-                dC=c[:, :n2].to(torch.complex64),
-                dA_log=torch.log(torch.diagonal(d_a, dim1=-2, dim2=-1)[:, :n2]).to(torch.complex64)
-                if self.config.mode == "diag" else None,
-            )
-        self._cache = (key, rec)
-        return rec
+        return self._kept("recurrence", self._build_recurrence)
+
+    def _build_recurrence(self) -> Recurrence:
+        d_a, d_b, c = self._discrete_raw()
+        n2 = self.N2
+        return Recurrence(
+            dA_top=d_a[:, :n2].to(torch.complex64),
+            dB=d_b[:, :n2].to(torch.complex64),
+            dC=c[:, :n2].to(torch.complex64),
+            dA_log=torch.log(torch.diagonal(d_a, dim1=-2, dim2=-1)[:, :n2]).to(torch.complex64)
+            if self.config.mode == "diag" else None,
+        )
 
     def scan_matrices(self) -> ScanMatrices:
         """The matrices `scan` folds chunks with, cached until a parameter changes. Building them
         takes dense products by doubling, seconds for a whole model; the fused kernels need none."""
-        key = self._param_key()
-        if self._scan_cache is not None and self._scan_cache[0] == key:
-            return self._scan_cache[1]
-        with torch.no_grad():
-            d_a, d_b, c = self._discrete_raw()
-            columns, rows, power = d_b.unsqueeze(-1), c.unsqueeze(-2) @ d_a, d_a
-            while columns.shape[-1] < SCAN_CHUNK:  # doubling: power is dA^(columns so far)
-                columns = torch.cat([columns, power @ columns], dim=-1)
-                rows = torch.cat([rows, rows @ power], dim=-2)
-                power = power @ power
-            n2 = self.N2
-            half = columns[:, :n2]  # (H, N/2, c) complex128
-            taps = 2 * torch.einsum("hn,hnc->hc", c[:, :n2], half).real.float()
-            scan = ScanMatrices(
-                columns=torch.cat([half.real, half.imag], dim=1).transpose(1, 2).float().contiguous(),
-                taps=taps,
-                taps_f=torch.fft.rfft(taps, n=2 * SCAN_CHUNK),
-                rows=torch.cat([rows[..., :n2].real, -rows[..., :n2].imag], -1).transpose(1, 2).float(),
-                power=power,
-            )
-        self._scan_cache = (key, scan)
-        return scan
+        return self._kept("scan", self._build_scan_matrices)
+
+    def _build_scan_matrices(self) -> ScanMatrices:
+        d_a, d_b, c = self._discrete_raw()
+        columns, rows, power = d_b.unsqueeze(-1), c.unsqueeze(-2) @ d_a, d_a
+        while columns.shape[-1] < SCAN_CHUNK:  # doubling: power is dA^(columns so far)
+            columns = torch.cat([columns, power @ columns], dim=-1)
+            rows = torch.cat([rows, rows @ power], dim=-2)
+            power = power @ power
+        n2 = self.N2
+        half = columns[:, :n2]  # (H, N/2, c) complex128
+        taps = 2 * torch.einsum("hn,hnc->hc", c[:, :n2], half).real.float()
+        return ScanMatrices(
+            columns=torch.cat([half.real, half.imag], dim=1).transpose(1, 2).float().contiguous(),
+            taps=taps,
+            taps_f=torch.fft.rfft(taps, n=2 * SCAN_CHUNK),
+            rows=torch.cat([rows[..., :n2].real, -rows[..., :n2].imag], -1).transpose(1, 2).float(),
+            power=power,
+        )
 
     @torch.no_grad()
     def step_params(self) -> dict[str, torch.Tensor]:
