@@ -90,6 +90,20 @@ def test_fused_read_matches_the_model(fused):
     assert (FusedReader(model).prefill(short)[0] - model.prefill(short)[0]).abs().max() < 1e-4
 
 
+def test_the_fused_read_refuses_another_models_state(fused):
+    """A state of another shape (here a model with twice the state size) is refused with the shape
+    the reader needs, before any of it is read, and the state given is left as it was."""
+    config = SaShiMiConfig(d_model=16, n_layers=1, pool=[4], s4=S4Config(mode="diag", d_state=8))
+    model = SaShiMi(config).eval()
+    other = SaShiMi(SaShiMiConfig(d_model=16, n_layers=1, pool=[4], s4=S4Config(mode="diag", d_state=16))).eval()
+    x = torch.randint(0, 256, (2, 100))
+    _, foreign = other.prefill(x)
+    kept = copy.deepcopy(foreign)
+    with pytest.raises(RuntimeError, match=r"read: state 0 of tier 0 must be \(2, 32, 4\)"):
+        FusedReader(model).prefill(x, foreign)
+    assert _same_state(foreign, kept, 0.0)
+
+
 def test_the_reader_follows_the_weights_and_lets_the_model_go(fused):
     model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=1, pool=[4], s4=S4Config(mode="diag", d_state=8))))
     codes = torch.randint(0, 256, (1, 600))
