@@ -6,9 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := ffmpeg fluidsynth timgm6mb-soundfont libportaudio2
-# Real recordings (Ogg Vorbis, 44.1 kHz stereo) that the tests use as fixtures, and the browser the
-# studio's page is tested in (driven by Playwright, which uses it rather than downloading its own).
-TEST_APT_PACKAGES := drascula-music chromium
+# Real recordings (Ogg Vorbis, 44.1 kHz stereo) that the tests use as fixtures, the browser the
+# studio's page is tested in (driven by Playwright, which uses it rather than downloading its own),
+# and a second General MIDI soundfont for the tests of soundfonts by name.
+TEST_APT_PACKAGES := drascula-music chromium fluid-soundfont-gm
 PYTEST_ARGS ?=
 
 .PHONY: install system-deps test test-fast test-sweep demo studio bench lint clean

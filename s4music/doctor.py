@@ -36,8 +36,14 @@ def run_checks() -> list[Check]:
     for prog in ("ffmpeg", "fluidsynth"):
         version = system.program_version(prog)
         checks.append(Check(prog, version is not None, version or "not installed (run `make install`)"))
-    sf2 = system.find_soundfont()
-    checks.append(Check("soundfont", sf2 is not None, str(sf2) if sf2 else "no General MIDI .sf2 found"))
+    fonts = system.installed_soundfonts()
+    if fonts:
+        listed = "; ".join(f"{name} {path}" + (" (default)" if i == 0 else "") for i, (name, path) in enumerate(fonts.items()))
+        checks.append(Check("soundfonts", True, listed))
+    else:
+        sf2 = system.find_soundfont()
+        checks.append(Check("soundfonts", sf2 is not None, str(sf2) if sf2 else
+                            "no General MIDI soundfont found (apt-get install " + system.SOUNDFONTS["fluidr3"][0] + ")"))
     js_ok, js_detail = system.js_runtime_report()
     checks.append(Check("js runtime (YouTube)", js_ok, js_detail, required=False))
     return checks

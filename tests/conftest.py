@@ -269,7 +269,7 @@ def music_dataset() -> Path:
             dest = root / "midi" / folder / f"{p.stem}.mid"
             if not dest.exists():
                 corpus.parse(str(p)).write("midi", fp=str(dest))
-    render_midi([root / "midi"], root / "audio", RenderOptions(max_seconds=30.0))
+    render_midi([root / "midi"], root / "audio", RenderOptions(max_seconds=30.0, soundfont="timgm6mb"))
     prepare([root / "audio"], dataset, PrepareOptions(seconds=1.024, val_fraction=0.25, test_fraction=0.25))
     return dataset
 

@@ -91,3 +91,77 @@ def test_filtered_file_is_valid_midi(midi_corpus, tmp_path):
     midi, _, _ = filter_midi(midi_corpus["piano"], None, True, 5)
     midi.save(str(tmp_path / "x.mid"))
     assert mido.MidiFile(str(tmp_path / "x.mid")).length == pytest.approx(5, abs=0.01)
+
+
+# ------------------------------------------------------------------ soundfonts by name, variations, time limit
+
+
+def test_soundfonts_by_name_and_an_unknown_name_lists_the_installed_ones(midi_corpus, tmp_path):
+    from s4music.system import SOUNDFONTS, SoundfontError, installed_soundfonts
+
+    installed = installed_soundfonts()
+    need({"timgm6mb", "fluidr3"} <= set(installed), "the timgm6mb and fluidr3 soundfonts (make test installs them)")
+    assert find_soundfont("timgm6mb") == installed["timgm6mb"] and find_soundfont("FluidR3") == installed["fluidr3"]
+    assert find_soundfont() == next(iter(installed.values()))  # the best installed, in SOUNDFONTS' order
+    assert list(installed) == [n for n in SOUNDFONTS if n in installed]
+    with pytest.raises(SoundfontError) as e:
+        find_soundfont("kazoo")
+    assert str(e.value).count("\n") == 0 and "timgm6mb" in str(e.value) and "fluidr3" in str(e.value)
+    with pytest.raises(RenderError, match="kazoo: no such soundfont file or name; installed names: .*timgm6mb"):
+        render_midi([midi_corpus["chorale"]], tmp_path / "out", RenderOptions(soundfont="kazoo"))
+    bits = {}
+    for name in ("timgm6mb", "fluidr3"):
+        report = render_midi([midi_corpus["chorale"]], tmp_path / name, RenderOptions(soundfont=name, max_seconds=5))
+        bits[name] = sf.read(str(report.rendered[0][1]))[0]
+    assert bits["timgm6mb"].shape != bits["fluidr3"].shape or (bits["timgm6mb"] != bits["fluidr3"]).any()
+
+
+def test_variations_are_seeded_recorded_and_within_their_ranges(midi_corpus, tmp_path):
+    from s4music.data.midi import PIANO_PROGRAMS, PIANO_RANGE, Variation, draw_variation
+
+    src = tmp_path / "midi"
+    src.mkdir()
+    for key in ("chorale", "piano"):
+        shutil.copy(midi_corpus[key], src / f"{key}.mid")
+    opts = dict(max_seconds=8, program="piano", vary=True, soundfont="timgm6mb,fluidr3")
+    first = render_midi([src], tmp_path / "a", RenderOptions(seed=7, **opts))
+    render_midi([src], tmp_path / "b", RenderOptions(seed=7, **opts))
+    render_midi([src], tmp_path / "c", RenderOptions(seed=8, **opts))
+    assert len(first.rendered) == 2
+    for name in ("chorale", "piano"):
+        a, b, c = ((tmp_path / d / f"{name}.wav").read_bytes() for d in "abc")
+        assert a == b and a != c  # the same seed gives the same bytes; another seed, another take
+        side = json.loads((tmp_path / "a" / f"{name}.json").read_text())
+        v = Variation(**side["variation"])
+        assert 0.92 <= v.tempo <= 1.08 and abs(v.transpose) <= 3 and v.program in PIANO_PROGRAMS
+        assert v.timing_ms > 0 and v.velocity_gamma != 1 and v.reverb and side["soundfont"].endswith((".sf2", ".sf3"))
+    # the transposition keeps every note on the keyboard: a piece spanning it all cannot move
+    assert draw_variation(3, PIANO_RANGE, "piano").transpose == 0
+    assert {draw_variation(s, (60, 72), None).transpose for s in range(40)} == set(range(-3, 4))
+    # the tempo and the transposition are applied to the notes
+    v = draw_variation(5, (40, 80), None)
+    plain, _, _ = filter_midi(src / "chorale.mid", None, True, 8)
+    varied, _, _ = filter_midi(src / "chorale.mid", None, True, 8, v)
+    assert varied.length == pytest.approx(8 / v.tempo + 0.1, abs=0.05)
+    assert min(m.note for _, m in _notes_of(varied)) == min(m.note for _, m in _notes_of(plain)) + v.transpose
+
+
+def _notes_of(midi):
+    return [(m.channel, m) for m in midi.tracks[0] if m.type == "note_on" and m.velocity > 0]
+
+
+def test_a_file_that_hangs_fluidsynth_is_stopped_and_the_rest_finish(midi_corpus, tmp_path):
+    src = tmp_path / "midi"
+    src.mkdir()
+    shutil.copy(midi_corpus["chorale"], src / "good.mid")
+    hours = mido.MidiFile(str(midi_corpus["chorale"]))  # a note three hours on: minutes of FluidSynth work
+    hours.tracks[-1].insert(len(hours.tracks[-1]) - 1, mido.Message(
+        "note_on", note=60, velocity=80, time=int(3 * 3600 * 2 * hours.ticks_per_beat)))
+    hours.save(str(src / "hangs.mid"))
+    report = render_midi([src], tmp_path / "out", RenderOptions(max_seconds=None, timeout=3, soundfont="timgm6mb"))
+    assert [s.name for s, _, _ in report.rendered] == ["good.mid"]
+    ((bad, reason),) = report.failed
+    assert bad.name == "hangs.mid" and reason == f"{bad}: FluidSynth took longer than 3 s; stopped"
+    listed = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert [x["reason"] for x in listed] == [reason]
+    assert not list((tmp_path / "out").glob(".render-*"))  # its temporary folder is gone

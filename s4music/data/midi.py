@@ -3,20 +3,29 @@
 Each MIDI file is read with mido and flattened into one track of absolute times, keeping only the
 chosen instruments (General MIDI programs or families; drums are channel 10) and stopping at
 `max_seconds`, since some files hold a stray event half an hour after the music. FluidSynth renders
-it with a General MIDI soundfont; leading and trailing silence is trimmed and the result is written
-as mono WAV at the toolkit's rate. Output paths mirror the sources, so a re-run skips what is done.
-A file that cannot be read is reported and never stops the batch.
+it with a General MIDI soundfont (a file, or an installed one by name: musescore, fluidr3,
+timgm6mb); leading and trailing silence is trimmed and the result is written as mono WAV at the
+toolkit's rate. Output paths mirror the sources, so a re-run skips what is done. A file that cannot
+be read, or that FluidSynth fails or hangs on (a time limit per file), is reported and never stops
+the batch.
+
+With `vary`, each file is played as a player might, by a seeded `Variation` drawn from the seed and
+the file's path under its source: tempo, a velocity curve, humanized onsets, a transposition the
+piano's range allows, one of several piano programs (with `program="piano"`), reverb and chorus.
+The same seed gives the same bytes, and each output's sidecar (`name.json`) records the choices.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import random
 import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mido
@@ -25,7 +34,7 @@ from s4music.audio import load_audio, write_audio
 from s4music.data.progress import FileCounter, FileProgress
 from s4music.errors import S4MusicError, first_line
 from s4music.files import atomic_path, write_json
-from s4music.system import find_soundfont
+from s4music.system import SoundfontError, find_soundfont
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +44,8 @@ GM_FAMILIES = [
     "reed", "pipe", "synth-lead", "synth-pad", "synth-effects", "ethnic", "percussive", "sound-effects",
 ]
 TICKS_PER_SECOND = 960  # 480 ticks per beat at a fixed 120 bpm
+PIANO_PROGRAMS = (0, 1, 2)  # acoustic grand, bright acoustic, electric grand
+PIANO_RANGE = (21, 108)  # A0 to C8: a transposition must keep every note on the keyboard
 MIDI_EXTENSIONS = {".mid", ".midi", ".kar"}
 
 
@@ -46,12 +57,68 @@ class RenderError(S4MusicError):
 class RenderOptions:
     instruments: list[str] | None = None  # family names, program numbers 0-127, or "drums"; None: all
     drums: bool = True
-    soundfont: Path | None = None
+    soundfont: str | Path | None = None  # a file or installed name (system.SOUNDFONTS), or several "a,b"; None: the best
     sample_rate: int = 16000
     max_seconds: float | None = 600.0
     workers: int = 2
     gain: float = 0.5
     silence_db: float = -60.0  # trim threshold, relative to the rendered file's peak
+    program: str | int | None = None  # play every melodic part on this GM program; "piano": one of PIANO_PROGRAMS
+    vary: bool = False  # a seeded Variation per file (see the module docstring)
+    seed: int = 0
+    timeout: float = 300.0  # seconds FluidSynth may take for one file
+
+
+@dataclass
+class Variation:
+    """How one file is played: drawn from a seed, applied while the MIDI is flattened, and recorded
+    in the output's sidecar."""
+
+    seed: int
+    tempo: float = 1.0  # playback speed (1.05: 5% faster)
+    transpose: int = 0  # semitones
+    velocity_gamma: float = 1.0  # velocity curve v -> 127 (v / 127) ** gamma
+    velocity_scale: float = 1.0
+    timing_ms: float = 0.0  # standard deviation of each onset's shift (its note-off follows it)
+    program: int | None = None  # every melodic part on this program (None: the file's own)
+    reverb: dict = field(default_factory=dict)  # FluidSynth synth.reverb.* settings
+    chorus: dict = field(default_factory=dict)  # FluidSynth synth.chorus.* settings
+
+    def settings(self) -> list[str]:
+        """FluidSynth `-o` settings for the reverb and chorus."""
+        out = []
+        for group, values in (("reverb", self.reverb), ("chorus", self.chorus)):
+            out += [f"synth.{group}.active={1 if values else 0}"]
+            out += [f"synth.{group}.{k}={v}" for k, v in values.items()]
+        return out
+
+
+def file_seed(seed: int, rel: Path | str) -> int:
+    """A seed for one file from the run's seed and its path under its source (order-free)."""
+    digest = hashlib.sha256(f"{seed}:{Path(rel).as_posix()}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def draw_variation(seed: int, pitches: tuple[int, int] | None, program: str | int | None) -> Variation:
+    """A player's take: tempo within 8%, a velocity curve, onsets humanized by 5-20 ms, a
+    transposition within 3 semitones that keeps `pitches` (lowest, highest) on the piano, one of
+    PIANO_PROGRAMS for "piano", and a room's reverb and a light chorus."""
+    rng = random.Random(seed)
+    tempo = round(rng.uniform(0.92, 1.08), 4)
+    gamma = round(rng.uniform(0.7, 1.4), 3)
+    scale = round(rng.uniform(0.8, 1.1), 3)
+    timing = round(rng.uniform(5.0, 20.0), 2)
+    shifts = [t for t in range(-3, 4) if pitches is None
+              or (pitches[0] + t >= PIANO_RANGE[0] and pitches[1] + t <= PIANO_RANGE[1])]
+    transpose = rng.choice(shifts) if shifts else 0
+    chosen = rng.choice(PIANO_PROGRAMS) if program == "piano" else program
+    reverb = {"room-size": round(rng.uniform(0.1, 0.8), 3), "damp": round(rng.uniform(0.1, 0.6), 3),
+              "width": round(rng.uniform(0.5, 1.0), 3), "level": round(rng.uniform(0.1, 0.6), 3)}
+    chorus = ({"nr": rng.choice((2, 3, 4)), "level": round(rng.uniform(0.3, 1.2), 3),
+               "speed": round(rng.uniform(0.2, 0.6), 3), "depth": round(rng.uniform(2.0, 8.0), 3)}
+              if rng.random() < 0.5 else {})
+    return Variation(seed=seed, tempo=tempo, transpose=transpose, velocity_gamma=gamma, velocity_scale=scale,
+                     timing_ms=timing, program=None if chosen is None else int(chosen), reverb=reverb, chorus=chorus)
 
 
 @dataclass
@@ -82,18 +149,15 @@ def parse_instruments(specs: list[str] | None) -> tuple[set[int] | None, bool]:
     return programs, drums
 
 
-def filter_midi(src: Path, programs: set[int] | None, keep_drums: bool,
-                max_seconds: float | None) -> tuple[mido.MidiFile, int, float]:
-    """One-track MIDI of the chosen instruments up to max_seconds; (file, notes kept, seconds read)."""
+def _read_events(src: Path, programs: set[int] | None, keep_drums: bool,
+                 max_seconds: float | None) -> tuple[list[tuple[float, mido.Message]], int, float]:
+    """The chosen instruments' messages at absolute seconds, up to max_seconds; (events, notes, seconds)."""
     try:
         midi = mido.MidiFile(str(src))
-        messages = iter(midi)  # all tracks merged, times in seconds
-        out = mido.MidiFile(type=0, ticks_per_beat=480)
-        track = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=500_000, time=0)])
-        out.tracks.append(track)
+        events = []
         program = [0] * 16
-        now, last_tick, kept = 0.0, 0, 0
-        for msg in messages:
+        now, kept = 0.0, 0
+        for msg in midi:  # all tracks merged, times in seconds
             now += msg.time
             if max_seconds is not None and now > max_seconds:
                 now = max_seconds
@@ -110,31 +174,106 @@ def filter_midi(src: Path, programs: set[int] | None, keep_drums: bool,
                 if not keep:
                     continue
                 kept += msg.type == "note_on" and msg.velocity > 0
-            tick = round(now * TICKS_PER_SECOND)
-            track.append(msg.copy(time=tick - last_tick))
-            last_tick = tick
+            events.append((now, msg))
     except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as e:
         reason = first_line(e, "truncated file" if isinstance(e, EOFError) else "")
         raise RenderError(f"{src}: not a readable MIDI file ({reason})") from None
-    end_tick = round(now * TICKS_PER_SECOND)
+    return events, kept, now
+
+
+def _pitch_range(events: list[tuple[float, mido.Message]]) -> tuple[int, int] | None:
+    notes = [m.note for _, m in events if m.type == "note_on" and m.channel != DRUM_CHANNEL]
+    return (min(notes), max(notes)) if notes else None
+
+
+def _vary(events: list[tuple[float, mido.Message]], end: float, v: Variation) -> tuple[list, float]:
+    """The events as `v` plays them: rescaled in time, transposed, velocities curved, onsets jittered."""
+    rng = random.Random(v.seed ^ 0x5EED)
+    shift: dict[tuple[int, int], float] = {}  # a sounding note's onset shift, which its note-off shares
+    out = []
+    for t, msg in events:
+        t = t / v.tempo
+        melodic = msg.channel != DRUM_CHANNEL if hasattr(msg, "channel") else False
+        if msg.type in ("note_on", "note_off"):
+            note = min(127, max(0, msg.note + v.transpose)) if melodic else msg.note
+            key = (msg.channel, note)
+            if msg.type == "note_on" and msg.velocity > 0:
+                shift[key] = rng.gauss(0.0, v.timing_ms / 1000)
+                velocity = round(127 * v.velocity_scale * (msg.velocity / 127) ** v.velocity_gamma)
+                msg = msg.copy(note=note, velocity=min(127, max(1, velocity)))
+            else:
+                msg = msg.copy(note=note)
+            t = max(0.0, t + shift.get(key, 0.0))
+        elif msg.type == "program_change" and melodic and v.program is not None:
+            msg = msg.copy(program=v.program)
+        out.append((t, msg))
+    if v.program is not None:  # parts that never change program play it too
+        out = [(0.0, mido.Message("program_change", channel=c, program=v.program))
+               for c in range(16) if c != DRUM_CHANNEL] + out
+    out.sort(key=lambda e: e[0])  # stable: simultaneous events keep their order
+    return out, end / v.tempo + 0.1
+
+
+def _to_midi(events: list[tuple[float, mido.Message]], end: float) -> mido.MidiFile:
+    """One-track MIDI of events at absolute seconds, all notes off at `end`."""
+    out = mido.MidiFile(type=0, ticks_per_beat=480)
+    track = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=500_000, time=0)])
+    out.tracks.append(track)
+    last_tick = 0
+    for t, msg in events:
+        tick = round(t * TICKS_PER_SECOND)
+        track.append(msg.copy(time=tick - last_tick))
+        last_tick = tick
+    end_tick = max(last_tick, round(end * TICKS_PER_SECOND))
     for channel in range(16):  # all notes off, so a cut-off file ends cleanly
         track.append(mido.Message("control_change", channel=channel, control=123, value=0,
                                   time=end_tick - last_tick if channel == 0 else 0))
-    return out, kept, now
+    return out
 
 
-def render_file(src: Path, out: Path, options: RenderOptions, soundfont: Path,
-                programs: set[int] | None, keep_drums: bool) -> float | None:
-    """Render one file to `out` (mono WAV); returns its seconds, or None if nothing is left to play."""
-    midi, notes, _ = filter_midi(src, programs, keep_drums, options.max_seconds)
+def filter_midi(src: Path, programs: set[int] | None, keep_drums: bool, max_seconds: float | None,
+                variation: Variation | None = None) -> tuple[mido.MidiFile, int, float]:
+    """One-track MIDI of the chosen instruments up to max_seconds, played as `variation` says;
+    (file, notes kept, seconds read)."""
+    events, kept, now = _read_events(src, programs, keep_drums, max_seconds)
+    end = now
+    if variation is not None:
+        events, end = _vary(events, now, variation)
+    return _to_midi(events, end), kept, now
+
+
+def render_file(src: Path, out: Path, options: RenderOptions, soundfonts: list[Path], programs: set[int] | None,
+                keep_drums: bool, rel: Path | None = None) -> float | None:
+    """Render one file to `out` (mono WAV, with a JSON sidecar when varied); returns its seconds, or
+    None if nothing is left to play. `rel`, its path under its source, seeds its variation, which
+    also picks one of `soundfonts` (the first, without variation)."""
+    events, notes, end = _read_events(src, programs, keep_drums, options.max_seconds)
     if notes == 0:
         return None
+    variation = None
+    if options.vary:
+        variation = draw_variation(file_seed(options.seed, rel or src.name), _pitch_range(events), options.program)
+    elif options.program is not None:
+        variation = Variation(seed=0, program=PIANO_PROGRAMS[0] if options.program == "piano" else int(options.program))
+    soundfont = soundfonts[0]
+    if variation is not None:
+        events, end = _vary(events, end, variation)
+        if options.vary:
+            soundfont = soundfonts[variation.seed % len(soundfonts)]
+    midi = _to_midi(events, end)
     with tempfile.TemporaryDirectory(prefix=".render-", dir=out.parent) as tmp:
         mid_path, wav_path = Path(tmp) / "in.mid", Path(tmp) / "out.wav"
         midi.save(str(mid_path))
+        settings = [arg for item in (variation.settings() if options.vary else []) for arg in ("-o", item)]
+        # Dynamic sample loading reads only the samples the file plays: the same bytes, and a
+        # compressed soundfont (MuseScore's sf3) loads in a third of the time.
         cmd = ["fluidsynth", "-ni", "-q", "-g", str(options.gain), "-r", str(options.sample_rate),
+               "-o", "synth.dynamic-sample-loading=1", *settings,
                "-T", "wav", "-F", str(wav_path), str(soundfont), str(mid_path)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=options.timeout)
+        except subprocess.TimeoutExpired:
+            raise RenderError(f"{src}: FluidSynth took longer than {options.timeout:g} s; stopped") from None
         if proc.returncode != 0 or not wav_path.exists():
             reason = first_line(proc.stderr, f"exit {proc.returncode}", last=True)
             raise RenderError(f"{src}: FluidSynth failed ({reason})")
@@ -145,6 +284,9 @@ def render_file(src: Path, out: Path, options: RenderOptions, soundfont: Path,
         return None
     loud = (samples.abs() > peak * 10 ** (options.silence_db / 20)).nonzero()
     samples = samples[loud[0, 0] : loud[-1, 0] + 1]
+    if variation is not None:
+        write_json(out.with_suffix(".json"), {"source": str(src), "soundfont": soundfont.name,
+                                              "variation": asdict(variation)})
     write_audio(out, samples, options.sample_rate)
     return samples.numel() / options.sample_rate
 
@@ -170,9 +312,16 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
     programs, named_drums = parse_instruments(options.instruments)  # a bad name fails before anything else
     if shutil.which("fluidsynth") is None:
         raise RenderError("fluidsynth is not installed (run `make install`)")
-    soundfont = Path(options.soundfont) if options.soundfont else find_soundfont()
-    if soundfont is None or not soundfont.is_file():
-        raise RenderError(f"{soundfont or 'soundfont'}: no General MIDI soundfont found; pass --soundfont")
+    if options.program not in (None, "piano") and not (str(options.program).isdigit() and 0 <= int(options.program) <= 127):
+        raise RenderError(f"program {options.program!r}: use a General MIDI program 0-127 or 'piano'")
+    try:
+        names = [n.strip() for n in str(options.soundfont).split(",")] if options.soundfont else [None]
+        soundfonts = [find_soundfont(n) for n in names]
+    except SoundfontError as e:
+        raise RenderError(str(e)) from None
+    if None in soundfonts:
+        raise RenderError("no General MIDI soundfont found; pass --soundfont or install one "
+                          "(apt-get install fluid-soundfont-gm)")
     keep_drums = options.drums and (programs is None or named_drums)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,12 +340,12 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
             progress(src, "failed")
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
-            todo.append((src, out))
+            todo.append((src, out, rel))
 
     def one(job):
-        src, out = job
+        src, out, rel = job
         try:
-            seconds = render_file(src, out, options, soundfont, programs, keep_drums)
+            seconds = render_file(src, out, options, soundfonts, programs, keep_drums, rel)
         except S4MusicError as e:
             return src, out, None, str(e)
         return src, out, seconds, None
@@ -214,7 +363,8 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
         with atomic_path(out_dir / "failures.jsonl") as tmp:
             tmp.write_text("".join(json.dumps({"source": str(s), "reason": r}) + "\n" for s, r in report.failed))
     write_json(out_dir / "render.json", {
-        "soundfont": str(soundfont), "instruments": options.instruments, "drums": options.drums,
+        "soundfont": [str(f) for f in soundfonts], "instruments": options.instruments, "drums": options.drums,
         "sample_rate": options.sample_rate, "max_seconds": options.max_seconds,
+        "program": options.program, "vary": options.vary, "seed": options.seed,
     })
     return report
