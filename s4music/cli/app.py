@@ -197,8 +197,17 @@ def render_midi_command(
                                          help="Keep only this GM family (piano, strings, ...), program 0-127, "
                                               "or 'drums'. Repeatable. Default: everything."),
     drums: bool = typer.Option(RenderOptions.drums, "--drums/--no-drums", help="Keep channel 10 (drums)."),
-    soundfont: Path = typer.Option(None, help="General MIDI .sf2 (default: found in Debian's paths)."),
+    soundfont: str = typer.Option(None, help="A .sf2/.sf3 file, or an installed soundfont by name: musescore, "
+                                             "fluidr3, timgm6mb (`s4music doctor` lists them); several, comma-separated, "
+                                             "for --vary to draw one per file. Default: the best installed."),
+    program: str = typer.Option(None, help="Play every melodic part on this GM program 0-127, or 'piano' "
+                                           "(one of several piano programs, drawn per file with --vary)."),
+    vary: bool = typer.Option(RenderOptions.vary, "--vary/--no-vary",
+                              help="Play each file as a player might, drawn from --seed and its path: tempo +-8%, "
+                                   "velocity curve, humanized onsets, transposition, reverb, chorus (in NAME.json)."),
+    seed: int = typer.Option(RenderOptions.seed, help="Seed of the variations."),
     max_seconds: float = typer.Option(RenderOptions.max_seconds, help="Render at most this many seconds of each file."),
+    timeout: float = typer.Option(RenderOptions.timeout, help="Seconds FluidSynth may take for one file."),
     sample_rate: int = typer.Option(RenderOptions.sample_rate, help="Output sample rate."),
     workers: int = typer.Option(RenderOptions.workers, help="Files rendered in parallel."),
 ):
@@ -206,7 +215,8 @@ def render_midi_command(
     from s4music.data.midi import render_midi
 
     options = RenderOptions(instruments=instrument or None, drums=drums, soundfont=soundfont,
-                            sample_rate=sample_rate, max_seconds=max_seconds, workers=workers)
+                            sample_rate=sample_rate, max_seconds=max_seconds, workers=workers, program=program,
+                            vary=vary, seed=seed, timeout=timeout)
     with progress_bar() as bar:
         task = bar.add_task("rendering", total=None)
         report = render_midi(sources, out, options,
@@ -274,6 +284,38 @@ def prepare(
                     "files in the dataset", any_failure_fails=False)
 
 
+@command(name="pack")
+def pack_command(
+    dataset: Path = typer.Argument(..., help="A prepared dataset (built by `s4music prepare`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the parts and their index, pack.json."),
+    part_mb: float = typer.Option(30.0, help="Largest part, in MiB (a GPU machine's transfer limit, say)."),
+    seed: int = typer.Option(0, help="Seed of the order sources are dealt to parts in."),
+    max_parts: int = typer.Option(None, help="Write only the first N parts (each a random sample of the dataset)."),
+):
+    """Pack a dataset as parts that travel: each a random sample of it, compressed losslessly."""
+    from s4music.data.pack import pack
+
+    parts = pack(dataset, out, part_mb=part_mb, seed=seed, max_parts=max_parts, on_part=lambda p: console.print(
+        f"{p.path}: {p.bytes / 2**20:.1f} MiB, {p.hours:.2f} h", highlight=False))
+    total = sum(p.bytes for p in parts) / 2**20
+    console.print(f"{len(parts)} parts, {total:.1f} MiB, {sum(p.hours for p in parts):.2f} h; index {out / 'pack.json'}")
+
+
+@command(name="unpack")
+def unpack_command(
+    index: Path = typer.Argument(..., help="A pack.json, or the folder holding it and its parts."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the datasets, one per part."),
+    workers: int = typer.Option(None, help="Parts decompressed at once (default: every core)."),
+    part: list[str] = typer.Option(None, "--part", help="Only this part (part-003, say); repeatable."),
+):
+    """Rebuild the datasets of a pack, checksums first; train on them with --data OUT/part-*."""
+    from s4music.data.pack import unpack
+
+    done = unpack(index, out, workers=workers, only=part or None,
+                  on_part=lambda p: console.print(f"unpacked {p}", highlight=False))
+    console.print(f"{len(done)} datasets under {out}", highlight=False)
+
+
 @command(name="fetch-dataset")
 def fetch_dataset_command(
     name: str = typer.Argument(..., help="youtubemix, beethoven or sc09 (the paper's datasets, on the Hugging Face Hub)."),
@@ -327,6 +369,11 @@ def train(
     lr: float = typer.Option(None, help=default(f"Learning rate (SSM parameters use ssm_lr, {TrainConfig.ssm_lr}).",
                                                 TrainConfig.lr)),
     precision: str = typer.Option(None, help=default("no, bf16, or fp16 (GPU only) autocast.", TrainConfig.precision)),
+    fast: bool = typer.Option(None, "--fast/--plain", help="The fast training step: S4D kernels by a blocked matrix "
+                                                            "product, element-wise chains fused by torch.compile (the "
+                                                            "same function; compiles for a minute first)."),
+    max_minutes: float = typer.Option(None, help="Fit the run into this many minutes: time the first steps, plan "
+                                                 "warm-up and cosine decay over the steps that fit, stop in time."),
     seed: int = typer.Option(None, help=default("Seed of initialization and data order.", TrainConfig.seed)),
     groups: int = typer.Option(None, help="reparam: copies of Lambda per layer (default: one per channel)."),
     untie_pb: bool = typer.Option(None, "--untie-pb", help="reparam: untie P and B as well."),
@@ -344,14 +391,14 @@ def train(
     cfg = TrainConfig.load(
         config, overrides, resume=resume, data=data or None, out=str(out) if out else None, mode=mode, init=init,
         steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, precision=precision,
-        seed=seed, groups=groups, untie_pb=untie_pb, dt_per_state=dt_per_state)
+        fast=fast, max_minutes=max_minutes, seed=seed, groups=groups, untie_pb=untie_pb, dt_per_state=dt_per_state)
     console.print(f"run {cfg.out}: {cfg.mode}, seed {cfg.seed}", highlight=False)
     with progress_bar(info=True) as bar:
         task = bar.add_task("training", total=cfg.steps, info="")
 
         def on_step(s) -> None:
             val = f" val {s.val_bits:.3f}" if s.val_bits is not None else ""
-            bar.update(task, completed=s.step,
+            bar.update(task, completed=s.step, total=s.steps,
                        info=f"{s.bits:.3f} bits{val}  lr {s.lr:.2e}  {s.audio_seconds_per_second:.1f} audio s/s")
             if s.val_bits is not None:
                 bar.console.print(f"step {s.step}: train {s.bits:.4f}, val {s.val_bits:.4f} bits/sample", highlight=False)

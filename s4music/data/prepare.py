@@ -93,8 +93,9 @@ def find_audio(sources: list[str | Path]) -> list[tuple[Path, str, str]]:
     for source in map(Path, sources):
         if source.is_dir():
             for p in sorted(source.rglob("*")):
-                if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS and not p.name.startswith("."):
-                    rel = p.relative_to(source)
+                rel = p.relative_to(source)
+                # hidden files and folders are temporaries (a render or a download in progress)
+                if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS and not any(s.startswith(".") for s in rel.parts):
                     found.append((p, rel.parts[0] if len(rel.parts) > 1 else source.resolve().name, rel.as_posix()))
         else:
             found.append((source, source.resolve().parent.name, source.name))

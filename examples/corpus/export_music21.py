@@ -1,0 +1,114 @@
+"""Export every score of the music21 corpus that plays for at least 20 s to MIDI, twice.
+
+    python examples/corpus/export_music21.py OUT [--composers bach,mozart] [--workers 2]
+
+OUT/piano/COMPOSER/...mid      the score as it is (render-midi --program piano plays it on a piano)
+OUT/ensemble/COMPOSER/...mid   each part on a General MIDI program of a small ensemble: strings for
+                               quartets, a choir or an organ for vocal music, a mixed band otherwise
+
+Paths mirror the corpus (`bach/bwv66.6.mxl` -> `piano/bach/bwv66.6.mid`), so a re-run skips what is
+done and `s4music.data.corpus.work_of` finds each file's work. The scores are public domain;
+music21's corpus is distributed under its own open license.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+MIN_SECONDS = 20.0
+QUARTET = (40, 40, 41, 42)  # violin, violin, viola, cello
+VOCAL = {"bach", "palestrina", "monteverdi", "trecento", "josquin", "ciconia", "luca", "lusitano"}
+VOICES = (52, 53)  # choir aahs, voice oohs
+ORGAN = (19, 20)  # church organ, reed organ
+BAND = (40, 73, 71, 42, 68, 70, 60, 46)  # violin, flute, clarinet, cello, oboe, bassoon, horn, harp
+
+
+def ensemble_programs(rel: str, parts: int) -> list[int]:
+    """A General MIDI program per part, fixed by the score's path."""
+    rng = random.Random(rel)
+    composer = rel.split("/", 1)[0]
+    if parts == 4 and composer in {"beethoven", "mozart", "haydn"}:
+        return list(QUARTET)
+    if composer in VOCAL:
+        return [rng.choice(VOICES if rng.random() < 0.5 else ORGAN)] * parts
+    start = rng.randrange(len(BAND))
+    return [BAND[(start + i) % len(BAND)] for i in range(parts)]
+
+
+def with_programs(src: Path, dest: Path, rel: str) -> None:
+    """A copy of the MIDI file with each track's channel on its part's program."""
+    import mido
+
+    midi = mido.MidiFile(str(src))
+    tracks = [t for t in midi.tracks if any(m.type == "note_on" for m in t)]
+    programs = ensemble_programs(rel, len(tracks))
+    for track, program in zip(tracks, programs, strict=True):
+        channels = sorted({m.channel for m in track if m.type == "note_on"})
+        kept = [m for m in track if m.type != "program_change"]
+        if kept and kept[0].time:  # the program changes go first, at time 0
+            kept[0] = kept[0].copy()
+        track[:] = [mido.Message("program_change", channel=c, program=program, time=0) for c in channels] + kept
+    midi.save(str(dest))
+
+
+def export(job: tuple[str, str, str]) -> tuple[str, str]:
+    """Export one score; (its path under the corpus, "ok", "short", or the reason it failed)."""
+    path, rel, out = job
+    import mido
+    from music21 import corpus
+
+    piano = Path(out) / "piano" / Path(rel).with_suffix(".mid")
+    ensemble = Path(out) / "ensemble" / Path(rel).with_suffix(".mid")
+    if ensemble.exists():
+        return rel, "ok"
+    try:
+        score = corpus.parse(path)
+        piano.parent.mkdir(parents=True, exist_ok=True)
+        tmp = piano.with_suffix(".tmp.mid")
+        score.write("midi", fp=str(tmp))
+        if mido.MidiFile(str(tmp)).length < MIN_SECONDS:
+            tmp.unlink()
+            return rel, "short"
+        tmp.replace(piano)
+        ensemble.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ensemble.with_suffix(".tmp.mid")
+        with_programs(piano, tmp, rel)
+        tmp.replace(ensemble)
+    except Exception as e:  # a score music21 cannot read or export is reported, not fatal
+        return rel, f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    return rel, "ok"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--composers", default="", help="Comma-separated corpus folders (default: all).")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from music21 import corpus
+
+    wanted = set(filter(None, args.composers.split(",")))
+    jobs = []
+    for p in sorted(corpus.getPaths()):
+        rel = str(p).split("/corpus/", 1)[1]
+        if rel.endswith(".rntxt") or (wanted and rel.split("/", 1)[0] not in wanted):
+            continue  # roman-numeral analyses are not scores
+        jobs.append((str(p), rel, str(args.out)))
+    counts: dict[str, int] = {}
+    with ProcessPoolExecutor(args.workers) as pool:
+        for i, (rel, status) in enumerate(pool.map(export, jobs, chunksize=4), 1):
+            kind = status.split(":")[0]
+            counts[kind] = counts.get(kind, 0) + 1
+            if kind == "failed":
+                logging.warning("%s %s", rel, status)
+            if i % 50 == 0 or i == len(jobs):
+                logging.info("%d/%d scores: %s", i, len(jobs), counts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Write the corpus's split file: whole works to train, val or test (s4music.data.corpus).
+
+    python examples/corpus/make_splits.py AUDIO_DIR -o examples/corpus/splits.json
+
+The bundled model's chorale val and test pieces (examples/default_model_splits.json) keep their
+splits, so the old and new models are compared on the same held-out works. An existing split file
+is kept as it is: new files of works it holds join them, and new works are placed by the rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from s4music.data.corpus import split_by_work, work_of
+from s4music.data.prepare import find_audio
+
+OLD_SPLITS = Path(__file__).resolve().parents[1] / "default_model_splits.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("audio", type=Path)
+    parser.add_argument("-o", "--out", type=Path, required=True)
+    parser.add_argument("--val", type=float, default=0.05)
+    parser.add_argument("--test", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    names = [name for _, _, name in find_audio([args.audio])]
+    pinned = {}
+    old = json.loads(OLD_SPLITS.read_text())
+    for split in ("val", "test"):  # chorale/bwv254.wav was the music21 score bach/bwv254
+        pinned.update({work_of(f"x/bach/{Path(n).name}"): split for n in old[split]})
+    if args.out.exists():
+        for split, listed in json.loads(args.out.read_text()).items():
+            pinned.update({work_of(n): split for n in listed})
+    splits = split_by_work(names, args.val, args.test, args.seed, pinned)
+    args.out.write_text(json.dumps(splits, indent=0) + "\n")
+    works = {s: len({work_of(n) for n in v}) for s, v in splits.items()}
+    print(f"{args.out}: " + ", ".join(f"{s} {len(v)} files of {works[s]} works" for s, v in splits.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The corpus's held-out set by work: every movement and every rendering of a work in one split."""
+
+import pytest
+
+from s4music.data.corpus import split_by_work, work_of
+
+
+def test_work_of_joins_movements_and_renderings():
+    assert work_of("piano/bach/bwv66.6.wav") == work_of("ensemble/bach/bwv66.4.wav") == "bach/bwv66"
+    assert work_of("piano/beethoven/opus18no1/movement3.wav") == "beethoven/opus18no1"
+    assert work_of("ensemble/beethoven/opus18no1/movement1.wav") == "beethoven/opus18no1"
+    assert work_of("piano/palestrina/Kyrie_57_b.wav") == work_of("piano/palestrina/Agnus_I_57.wav") == "palestrina/mass57"
+    assert work_of("piano/monteverdi/madrigal.3.13.wav") != work_of("piano/monteverdi/madrigal.3.14.wav")
+    assert work_of("recordings/hyperrogue/hr3-caves.ogg") == "hyperrogue/hr3-caves"
+
+
+def _corpus() -> list[str]:
+    names = []
+    for rendering in ("piano", "ensemble"):
+        for cantata in range(1, 41):
+            names += [f"{rendering}/bach/bwv{cantata}.{m}.wav" for m in (1, 6)]
+        for mass in range(1, 21):
+            names += [f"{rendering}/palestrina/{part}_{mass:02d}.wav" for part in ("Kyrie", "Gloria", "Credo_b")]
+        names += [f"{rendering}/mozart/k{k}/movement{m}.wav" for k in (80, 155, 156) for m in (1, 2, 3)]
+    return names + [f"recordings/drascula/track{i}.ogg" for i in range(10)]
+
+
+def test_split_by_work_keeps_each_work_whole_and_is_fixed_by_the_seed():
+    names = _corpus()
+    splits = split_by_work(names, val=0.1, test=0.1, seed=0)
+    assert sorted(sum(splits.values(), [])) == sorted(names)
+    where = {}
+    for split, files in splits.items():
+        for name in files:
+            assert where.setdefault(work_of(name), split) == split, f"{work_of(name)} straddles two splits"
+    works = len(where)  # 40 cantatas + 20 masses + 3 quartets + 10 tracks
+    assert works == 73
+    assert [sum(1 for s in where.values() if s == split) for split in ("val", "test")] == [7, 7]
+    assert split_by_work(names, val=0.1, test=0.1, seed=0) == splits
+    assert split_by_work(names, val=0.1, test=0.1, seed=1) != splits
+    # adding files of new works moves no work already placed
+    more = split_by_work([*names, *[f"piano/bach/bwv{c}.1.wav" for c in range(41, 45)]], 0.1, 0.1, seed=0,
+                         pinned={n: s for s, files in splits.items() for n in files})
+    assert all(set(files) <= set(more[s]) for s, files in splits.items())
+
+
+def test_pinned_works_stay_where_the_split_file_put_them():
+    names = _corpus()
+    splits = split_by_work(names, 0.1, 0.1, seed=0, pinned={"bach/bwv3": "test", "piano/palestrina/Gloria_05.wav": "val"})
+    assert {"piano/bach/bwv3.1.wav", "ensemble/bach/bwv3.6.wav"} <= set(splits["test"])
+    assert {"piano/palestrina/Kyrie_05.wav", "ensemble/palestrina/Credo_b_05.wav"} <= set(splits["val"])
+    with pytest.raises(ValueError, match="pinned to both"):
+        split_by_work(names, pinned={"bach/bwv3": "test", "piano/bach/bwv3.1.wav": "val"})
