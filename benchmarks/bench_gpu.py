@@ -3,6 +3,9 @@
 Ratios are against baselines measured in the same run:
   - Cauchy product: the PyTorch chunked path (what runs when the extension is unavailable);
   - training: the same step with the PyTorch Cauchy path (DPLR), and in float32 (bf16 rows);
+  - the fast training step: today's step (the bundled model's architecture, S4D, bf16 autocast),
+    both trained from the same seed on the same windows (S4MUSIC_BENCH_DATA: prepared datasets,
+    comma-separated; random codes without), with the loss after each block of steps;
   - generation: the plain step at batch 1.
 Each configuration runs in a fresh subprocess so its peak GPU memory is its own. Without a GPU
 this prints one line saying so.
@@ -10,10 +13,13 @@ this prints one line saying so.
     python benchmarks/bench_gpu.py            # all
     python benchmarks/bench_gpu.py --quick    # short lengths, for a smoke run
     python benchmarks/bench_gpu.py --only gen # one section
+    S4MUSIC_BENCH_DATA=data/part-000 python benchmarks/bench_gpu.py --only fast   # the fast step vs today's
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 
@@ -98,6 +104,73 @@ def train_step(length: int, batch: int, mode: str, precision: str, steps: int) -
     return {"seconds": statistics.median(times), "peak_gb": _peak_gb()}
 
 
+def train_curve(length: int, batch: int, steps: int, fast: bool, max_seconds: float, profile: int = 0) -> dict:
+    """Train the bundled model's architecture from scratch (seed 0, bf16 autocast) for `steps` steps
+    or `max_seconds`, today's step or the fast one (SaShiMi.fast_training), on the windows of
+    S4MUSIC_BENCH_DATA (random codes without); the loss of every step, the step time and the peak
+    memory. `profile` steps of the plain step are profiled first (torch.profiler's top kernels)."""
+    import torch
+
+    from s4music.data.dataset import PreparedDataset, WindowMixture
+    from s4music.model import SaShiMi, SaShiMiConfig, S4Config
+    from s4music.model.sashimi import code_bits
+
+    torch.manual_seed(0)
+    model = SaShiMi(SaShiMiConfig(s4=S4Config(mode="diag"))).cuda().train()
+    if fast:
+        model.fast_training()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    data = [p for p in os.environ.get("S4MUSIC_BENCH_DATA", "").split(",") if p]
+    mixture = WindowMixture([(PreparedDataset(p), 1.0) for p in data], length, "train", 0) if data else None
+    gen = torch.Generator().manual_seed(0)
+
+    def codes():
+        if mixture is not None:
+            return mixture.sample(batch).cuda(non_blocking=True)
+        return torch.randint(0, 256, (batch, length), generator=gen).cuda()
+
+    def step(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = code_bits(model(model.shift_right(x)), x).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    table = None
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        scratch = SaShiMi(SaShiMiConfig(s4=S4Config(mode="diag"))).cuda().train()
+        x = codes()
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                code_bits(scratch(scratch.shift_right(x)), x).mean().backward()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(profile):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    code_bits(scratch(scratch.shift_right(x)), x).mean().backward()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+        del scratch
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    started = time.perf_counter()
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses.append(step(codes()))
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - started > max_seconds:
+            break
+    return {"losses": [float(v) for v in torch.stack(losses).cpu()], "first_s": times[0],
+            "seconds": statistics.median(times[3:] or times), "peak_gb": _peak_gb(), "profile": table}
+
+
 def prefill(seconds_of_audio: float) -> dict:
     import torch
 
@@ -142,8 +215,10 @@ def _cell(r: dict, key: str, fmt: str) -> str:
 
 
 def main() -> None:
-    sections = {"cauchy": cauchy_table, "train": train_table, "prefill": prefill_line, "gen": generation_table}
-    args = parse_args({"cauchy": cauchy, "train": train_step, "prefill": prefill, "gen": generation}, list(sections))
+    sections = {"cauchy": cauchy_table, "train": train_table, "fast": fast_table, "prefill": prefill_line,
+                "gen": generation_table}
+    args = parse_args({"cauchy": cauchy, "train": train_step, "curve": train_curve, "prefill": prefill,
+                       "gen": generation}, list(sections))
     if args is None:
         return
 
@@ -190,6 +265,44 @@ def train_table(quick: bool) -> None:
         audio = "" if "error" in r else f"{batch * length / SAMPLE_RATE / r['seconds']:.0f}"
         print(f"| {mode} | {path} | {precision} | {_cell(r, 'seconds', '.3f')} | {audio} "
               f"| {_cell(r, 'peak_gb', '.1f')} | {ratio} |")
+    print()
+
+
+def fast_table(quick: bool) -> None:
+    """Today's training step against the fast one: speed, memory, and the loss curve from one seed."""
+    length, batch = (16384, 2) if quick else (65536, 8)
+    steps = int(os.environ.get("S4MUSIC_BENCH_STEPS", 20 if quick else 300))
+    cap = float(os.environ.get("S4MUSIC_BENCH_SECONDS", 150))
+    data = os.environ.get("S4MUSIC_BENCH_DATA") or "random codes"
+    print(f"### The fast training step against today's (bundled architecture, S4D, bf16 autocast; batch {batch} x "
+          f"{length} samples; {steps} steps from seed 0, or {cap:g} s, on {data})\n")
+    today = _child("curve", length=length, batch=batch, steps=steps, fast=False, max_seconds=cap, profile=3)
+    fast = _child("curve", length=length, batch=batch, steps=steps, fast=True, max_seconds=cap)
+    print("| step | s/step (median) | audio s per s | first step s (compiles) | peak GB | vs today |")
+    print("|---|---|---|---|---|---|")
+    for name, r in (("today's", today), ("fast", fast)):
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} | | | | |")
+            continue
+        ratio = "" if "error" in today else f"{today['seconds'] / r['seconds']:.2f}x"
+        print(f"| {name} | {r['seconds']:.4f} | {batch * length / SAMPLE_RATE / r['seconds']:.0f} | {r['first_s']:.1f} "
+              f"| {r['peak_gb']:.1f} | {ratio} |")
+    if "error" not in today and "error" not in fast:
+        n = min(len(today["losses"]), len(fast["losses"]))
+        block = max(1, n // 6)
+        print(f"\nMean training loss (bits/sample) over blocks of {block} steps, the same windows in the same order:\n")
+        print("| steps | today's | fast | difference |")
+        print("|---|---|---|---|")
+        for start in range(0, n - block + 1, block):
+            a = statistics.mean(today["losses"][start : start + block])
+            b = statistics.mean(fast["losses"][start : start + block])
+            print(f"| {start + 1}-{start + block} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
+        if os.environ.get("S4MUSIC_BENCH_JSON"):
+            with open(os.environ["S4MUSIC_BENCH_JSON"], "w") as f:
+                json.dump({"today": today, "fast": fast, "batch": batch, "length": length}, f)
+    if today.get("profile"):
+        print("\nProfile of today's step (3 forward + backward passes, torch.profiler, by CUDA time):\n")
+        print("```\n" + today["profile"] + "\n```")
     print()
 
 

@@ -19,6 +19,8 @@ from common import cpu, kind
 
 HERE = Path(__file__).parent
 GPU_START, GPU_END = "<!-- gpu -->", "<!-- /gpu -->"
+# The GPU leases' training records (examples/gpu_lease.py), written by hand after each lease and kept as they are.
+LEASES_START, LEASES_END = "<!-- leases -->", "<!-- /leases -->"
 
 
 def machine() -> str:
@@ -36,9 +38,9 @@ def sections(text: str) -> dict[str, str]:
     return found
 
 
-def recorded_gpu_section(text: str) -> str | None:
-    start, end = text.find(GPU_START), text.find(GPU_END)
-    return text[start : end + len(GPU_END)] + "\n" if 0 <= start < end else None
+def recorded_gpu_section(text: str, start_mark: str = GPU_START, end_mark: str = GPU_END) -> str | None:
+    start, end = text.find(start_mark), text.find(end_mark)
+    return text[start : end + len(end_mark)] + "\n" if 0 <= start < end else None
 
 
 def main() -> None:
@@ -72,6 +74,9 @@ def main() -> None:
     parts += [kept[k] + "\n" for k in sorted(kept)]
     if gpu_section:
         parts.append(gpu_section)
+    leases = recorded_gpu_section(earlier, LEASES_START, LEASES_END)
+    if leases:
+        parts.append("\n" + leases)
     results.write_text("".join(parts))
 
 

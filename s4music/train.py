@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import socket
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,8 @@ class TrainConfig:
     plateau_patience: int = 3  # evaluations without improvement before the LR halves
     clip: float = 1.0  # gradient norm clip (0: off)
     precision: str = "no"  # no, bf16 or fp16 (GPU only) autocast (the FFTs stay in fp32)
+    fast: bool = False  # the fast training step (SaShiMi.fast_training): blocked S4D kernels, compiled fusion
+    max_minutes: float | None = None  # plan the steps to fit in this many minutes, and stop in time
     gradient_checkpointing: bool = False
     seed: int = 0
 
@@ -111,6 +114,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be at least 1")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise TrainingError("max_minutes must be above 0")
 
     # ------------------------------------------------------------------ YAML
     @classmethod
@@ -122,7 +127,7 @@ class TrainConfig:
         values = {}
         for key, value in data.items():
             # YAML reads 1e-3 as a string; numbers are converted by the field's declared type.
-            kind = {"float": float, "int": int, "int | None": int}.get(fields[key])
+            kind = {"float": float, "int": int, "int | None": int, "float | None": float}.get(fields[key])
             try:
                 values[key] = kind(value) if kind is not None and value is not None else value
             except (TypeError, ValueError):
@@ -172,7 +177,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 
 
 # What may change when a run is resumed; every other key must be the run's own.
-RESUMABLE_CHANGES = ("steps", "eval_every", "eval_windows", "save_every", "keep_last", "log", "max_bad_steps")
+RESUMABLE_CHANGES = ("steps", "eval_every", "eval_windows", "save_every", "keep_last", "log", "max_bad_steps",
+                     "max_minutes", "fast")
 
 
 def check_resume_config(config: TrainConfig, out: Path) -> None:
@@ -198,6 +204,7 @@ class StepInfo:
     lr: float
     audio_seconds_per_second: float
     val_bits: float | None = None
+    eta_seconds: float | None = None  # until the last step, from the recent step rate
 
 
 @dataclass
@@ -412,6 +419,52 @@ def plot_losses(log_path: Path, png: Path) -> None:
         fig.savefig(tmp, format="png")
 
 
+# ---------------------------------------------------------------------------------- time budget
+
+
+class Budget:
+    """Fit a run into `minutes` of wall time. After the first steps (the first compiles and warms
+    up), plan how many steps fit, keeping room for the validations and checkpoints (their median
+    cost, the first one left out once there are others: it compiles too) and for the final save;
+    re-plan as the figures settle, whenever the fit moves by more than 2%, and stop when time is
+    up. `plan` returns the new step count, or None to keep the current one."""
+
+    MEASURE = 5  # steps timed before the first plan
+    RESERVE = 0.05  # of the budget kept for the final validation and save (at least 20 s of a long one)
+
+    def __init__(self, minutes: float, eval_every: int):
+        self.start = time.perf_counter()
+        self.seconds = 60 * minutes
+        self.reserve = max(self.RESERVE * self.seconds, min(20.0, 0.25 * self.seconds))
+        self.eval_every = eval_every
+        self.last: float | None = None
+        self.steps_timed: list[float] = []  # the recent steps' own seconds
+        self.extras: list[float] = []  # seconds of each validation or save
+        self.per_step: float | None = None
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def plan(self, step: int, steps: int, extra_seconds: float) -> int | None:
+        now = time.perf_counter()
+        if self.left() < self.reserve:
+            return step  # out of time, planned or not: stop here
+        if extra_seconds > 0.0:
+            self.extras.append(extra_seconds)
+        if self.last is not None:
+            self.steps_timed = [*self.steps_timed[-49:], now - self.last - extra_seconds]
+        self.last = now
+        if len(self.steps_timed) < self.MEASURE:
+            return None
+        self.per_step = statistics.median(self.steps_timed)
+        extras = self.extras[1:] if len(self.extras) > 1 else self.extras
+        per_extra = statistics.median(extras) if extras else 0.0
+        fit = max(step, step + int((self.left() - self.reserve) / (self.per_step + per_extra / self.eval_every)))
+        if len(self.steps_timed) == self.MEASURE or abs(fit - steps) > 0.02 * steps:
+            return fit
+        return None
+
+
 # ---------------------------------------------------------------------------------- the loop
 
 
@@ -463,6 +516,8 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
             added = model.summary.get("added_parameters", 0)
         model.gradient_checkpointing = config.gradient_checkpointing
         model.to(device)  # before the optimizer, so its restored state lands beside the weights
+        if config.fast:
+            model.fast_training()
         optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=(0.9, 0.999))
         scheduler = make_scheduler(optimizer, config)
         val_codes = validation_windows(mixture, config)
@@ -514,6 +569,8 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         per_rank = config.batch_size // world
         samples_per_step = config.batch_size * config.grad_accum * config.seq_len
         val_bits = None
+        budget = Budget(config.max_minutes, config.eval_every) if config.max_minutes else None
+        extra = 0.0  # seconds the last step spent validating and saving
         ddp_model.train()
         while step < config.steps:
             started = time.perf_counter()
@@ -553,6 +610,16 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
             step += 1
             train_bits = total[0].item() / (world * config.grad_accum)
 
+            stepped = time.perf_counter()
+            if budget is not None:
+                planned = budget.plan(step, config.steps, extra)
+                mine = torch.tensor([-1 if planned is None else planned], device=device)
+                plans = accelerator.gather(mine) if world > 1 else mine
+                planned = int(plans[plans >= 0].min().item()) if (plans >= 0).any() else -1
+                if planned >= 0 and planned != config.steps:  # every rank plans alike (the slowest's figure)
+                    log.info("step %d: %.2f s a step; %d steps fit in %g minutes", step, budget.per_step,
+                             int(planned), config.max_minutes)
+                    config.steps = int(planned)  # the cosine schedule reads config.steps
             val_bits = None
             if val_codes is not None and (step % config.eval_every == 0 or step == config.steps):
                 val_bits = mean_bits(model, val_codes)
@@ -572,8 +639,10 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
                     save_model(model, out / "best", summary=summary(val_bits))
                 if step % config.save_every == 0 or step == config.steps:
                     save(val_bits)
+            extra = time.perf_counter() - stepped
             if on_step is not None and accelerator.is_main_process:
-                on_step(StepInfo(step, config.steps, train_bits, lr, rate, val_bits))
+                per_step = budget.per_step if budget is not None and budget.per_step else time.perf_counter() - started
+                on_step(StepInfo(step, config.steps, train_bits, lr, rate, val_bits, (config.steps - step) * per_step))
             accelerator.wait_for_everyone()
 
         final = out / "model"

@@ -52,3 +52,15 @@ def test_chunk_length_bounds_the_intermediate():
     # 64 channels x 64 states: one chunk of the (H, N, chunk) intermediate stays within budget.
     step = kernels._chunk_len(64, 64, 64001)
     assert 64 * 64 * step <= kernels.CHUNK_ELEMENTS and step < 64001
+
+
+@pytest.mark.parametrize("length", [1, 17, 300, 4096])
+def test_blocked_vandermonde_matches_reference_values_and_gradients(length):
+    v = torch.randn(2, 5, 16, dtype=torch.cdouble, requires_grad=True)
+    x = (-torch.rand(5, 16) * 0.1 - 1j * torch.rand(5, 16)).to(torch.cdouble).requires_grad_()
+    out = kernels.vandermonde(v, x, length, blocked=True)
+    ref = kernels.vandermonde_reference(v, x, length)
+    assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (v, x), g), torch.autograd.grad(ref, (v, x), g), strict=True):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-8)

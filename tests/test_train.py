@@ -277,3 +277,62 @@ def test_missing_dataset_or_checkpoint_is_one_line_and_leaves_no_run(tmp_path, m
     bad = subprocess.run([*S4MUSIC, "eval", str(tmp_path / "none"), "--data", str(music_dataset)],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "no such file or directory" in bad.stderr
+
+
+# ------------------------------------------------------------------ the fast step and the time budget
+
+FAST_TINY = {"d_model": 16, "n_layers": 1, "pool": [4, 4], "s4": {"mode": "diag", "d_state": 16}}
+
+
+@pytest.mark.slow
+def test_the_fast_step_gives_the_plain_steps_loss_and_gradients():
+    """Blocked S4D kernels and compiled element-wise chains: loss within 1e-5 (relative), every
+    gradient within 1e-3 of its largest entry (float32 sums in another order)."""
+    from s4music.model import SaShiMi, SaShiMiConfig
+    from s4music.model.sashimi import code_bits
+
+    torch.manual_seed(0)
+    plain = SaShiMi(SaShiMiConfig.from_dict(FAST_TINY)).train()
+    fast = SaShiMi(SaShiMiConfig.from_dict(FAST_TINY)).train()
+    fast.load_state_dict(plain.state_dict())
+    fast.fast_training()
+    codes = torch.randint(0, 256, (2, 2048))
+    results = []
+    for model in (plain, fast):
+        loss = code_bits(model(model.shift_right(codes)), codes).mean()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert abs(loss_a - loss_b) <= 1e-5 * loss_a
+    for name, g in grads_a.items():
+        assert (g - grads_b[name]).abs().max() <= 1e-3 * g.abs().max() + 1e-8, name
+
+
+@pytest.mark.slow
+def test_a_fast_run_resumes_exactly_as_it_would_have_gone_on(music_dataset, tmp_path):
+    common = dict(model=FAST_TINY, fast=True, schedule="constant", eval_every=2, save_every=2)
+    train(tiny(music_dataset, tmp_path / "whole", steps=4, **common))
+    train(tiny(music_dataset, tmp_path / "split", steps=2, **common))
+    train(TrainConfig.load(out=str(tmp_path / "split"), resume=True, steps=4), resume=True)
+    whole, split = log_rows(tmp_path / "whole"), log_rows(tmp_path / "split")
+    assert [r["step"] for r in split] == ["1", "2", "3", "4"]
+    for a, b in zip(whole, split, strict=True):
+        assert abs(float(a["train_bits"]) - float(b["train_bits"])) < 1e-4, (a, b)
+    for k, v in weights(tmp_path / "whole").items():
+        assert torch.allclose(v, weights(tmp_path / "split")[k], atol=1e-5), k
+
+
+def test_max_minutes_plans_the_schedule_over_the_steps_that_fit(music_dataset, tmp_path, caplog):
+    config = tiny(music_dataset, tmp_path / "run", steps=10**6, max_minutes=0.3, warmup=3, eval_every=25,
+                  save_every=10**6)
+    seen = []
+    with caplog.at_level("INFO", logger="s4music.train"):
+        result = train(config, on_step=seen.append)
+    planned = [r.message for r in caplog.records if "steps fit in 0.3 minutes" in r.message]
+    assert planned, "no plan was logged"
+    assert 6 < result.step < 10**6 and seen[-1].steps == result.step
+    assert seen[-1].eta_seconds == 0
+    # the warm-up, then a cosine that reaches its end at the planned last step
+    lrs = [s.lr for s in seen]
+    assert lrs[0] < lrs[2] and lrs[-1] < 0.05 * max(lrs)
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()

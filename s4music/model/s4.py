@@ -150,6 +150,7 @@ class S4Kernel(nn.Module):
             self.P = nn.Parameter(torch.view_as_real(p.repeat(1, s, 1)).contiguous())
             self.register_buffer("l_kernel", torch.tensor(0))
         self._cached: dict[str, tuple[tuple, object]] = {}  # name -> (weights_version, value): see _kept
+        self.blocked = False  # S4D's training kernel by one blocked matrix product (SaShiMi.fast_training)
 
     # ---------------------------------------------------------------- parameters
     def dt(self) -> torch.Tensor:
@@ -221,7 +222,7 @@ class S4Kernel(nn.Module):
             dt, lam, _, b, c = self.ssm()
             dta = dt * lam
             v = (c * b * torch.expm1(dta) / lam).unsqueeze(0)
-            return 2 * vandermonde(v, dta, length)[0].real
+            return 2 * vandermonde(v, dta, length, blocked=self.blocked)[0].real
 
         self.attune(length)
         dt, lam, p, b, c = self.ssm()
@@ -471,9 +472,11 @@ class S4Block(nn.Module):
         self.kernel = S4Kernel(d_model, config)
         self.D = nn.Parameter(torch.randn(1, d_model))
         self.output_linear = nn.Linear(d_model, 2 * d_model)
+        self.compiled_out = None  # _out compiled by torch.compile (SaShiMi.fast_training)
 
-    def _out(self, y: torch.Tensor) -> torch.Tensor:
-        return F.glu(self.output_linear(F.gelu(y)), dim=-1)
+    def _out(self, y: torch.Tensor, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The D skip, GELU and the GLU output linear after the convolution: (..., H) -> (..., H)."""
+        return F.glu(self.output_linear(F.gelu((y + u * self.D).to(dtype))), dim=-1)
 
     def forward(self, x: torch.Tensor, return_state: bool = False, state: torch.Tensor | None = None):
         """x (B, L, H) -> y (B, L, H), and the recurrent state after x when asked. From `state`
@@ -494,10 +497,9 @@ class S4Block(nn.Module):
             else:  # prompt reading and evaluation: the same function, chunked
                 y, state = self.kernel.scan(u, state)
                 state = state if return_state else None
-            y = y + u * self.D
-        return self._out(y.to(x.dtype)), state
+        return (self.compiled_out or self._out)(y, u, x.dtype), state
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, H) -> y (B, H), new state."""
         y, state = self.kernel.step(x, state)
-        return self._out(y + x * self.D[0]), state
+        return self._out(y, x, x.dtype), state

@@ -260,6 +260,26 @@ class SaShiMi(nn.Module):
     def s4_blocks(self) -> list[S4Block]:
         return [m for m in self.modules() if isinstance(m, S4Block)]
 
+    def fast_training(self, compile: bool = True) -> SaShiMi:
+        """Switch to the fast training step; the same function as the plain one (tests hold the loss
+        and gradients to it). S4D kernels come from one blocked complex matrix product
+        (`kernels.vandermonde_blocked`) instead of an exp per sample; with `compile`, each layer's
+        chain of element-wise work (the pre-norm, the D skip, GELU, the GLU output linear; the whole
+        feed-forward residual) is fused by torch.compile, while the FFT convolution stays as it is.
+        Returns the model."""
+        for block in self.s4_blocks():
+            block.kernel.blocked = True
+            if compile:
+                block.compiled_out = torch.compile(block._out, dynamic=False)
+        if compile:
+            for tier in self.tiers():
+                for layer in tier:
+                    if layer.is_s4:
+                        layer.norm.compile(dynamic=False)
+                    else:
+                        layer.compile(dynamic=False)
+        return self
+
     # ------------------------------------------------------------------ parallel
     def shift_right(self, codes: torch.Tensor) -> torch.Tensor:
         """The official input shift: (B, L) codes -> inputs [mid-code, codes[:-1]], mid-code = 128."""

@@ -1,0 +1,218 @@
+"""Grow the model on a GPU lease: one prepared entry for a fresh GPU machine that has torch and
+nothing of ours (run from the repository root, which travels to it).
+
+    python examples/gpu_lease.py unpack .lease/pack            # parts carried by this call, kept in /tmp
+    python examples/gpu_lease.py run --out $OUT --minutes 8     # (compare,) train, write the weights
+    python examples/gpu_lease.py join LEASE_FILES models/wip    # here, afterwards: the checkpoint again
+
+A lease carries at most 64 MiB a call, the working tree included, so the corpus travels as packed
+parts (`s4music pack`), one or two a call; `unpack` decompresses what a call carried into the data
+folder, which stays while the machine is warm. `run` then:
+  1. unpacks the parts given with --pack, if any (with none at all, it stops: train on data);
+  2. compares today's training step with the fast one (benchmarks/bench_gpu.py --only fast), but
+     only if benchmarks/RESULTS.md records no such comparison for this GPU model;
+  3. fine-tunes the best model so far (models/wip if it exists, else the bundled model) for the
+     minutes left: a warm restart with a fresh optimizer, a short warm-up and a cosine decay planned
+     by `--max-minutes`, the fast step, bf16 autocast;
+  4. writes the best weights (by validation bits/sample) to OUT in files of at most 16 MiB, with the
+     run's log and its figures (lease.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATA = Path(os.environ.get("S4MUSIC_LEASE_DATA", "/tmp/s4music-lease/data"))
+WIP = ROOT / "models" / "wip"
+BUNDLED = ROOT / "s4music" / "assets" / "default-model"
+SHARD_BYTES = 15 * 2**20  # under the 16 MiB a returned file may hold
+MARKER = "<!-- fast-train: {gpu} -->"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def unpack_parts(pack: Path) -> list[Path]:
+    """The parts this call carried (those present beside the index), into the data folder."""
+    from s4music.data.pack import unpack
+
+    started = time.perf_counter()
+    done = unpack(pack, DATA, only=sorted(p.stem for p in pack.glob("part-*.s4pack")))
+    log(f"unpacked {len(done)} parts from {pack} in {time.perf_counter() - started:.1f} s: {[p.name for p in done]}")
+    return done
+
+
+def datasets() -> list[Path]:
+    return sorted(p for p in DATA.glob("part-*") if (p / "dataset.json").exists())
+
+
+def compare(gpu: str, out: Path, data: list[Path], seconds: float) -> None:
+    """The part-1 comparison, once per GPU model: its table goes to OUT/bench_fast.md."""
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    if results.exists() and MARKER.format(gpu=gpu) in results.read_text():
+        log(f"the fast-step comparison is recorded for {gpu}; skipped")
+        return
+    env = {**os.environ, "S4MUSIC_BENCH_DATA": ",".join(map(str, data[:2])), "S4MUSIC_BENCH_SECONDS": str(seconds),
+           "S4MUSIC_BENCH_JSON": str(out / "bench_fast.json"), "PYTHONPATH": str(ROOT)}
+    log("comparing today's training step with the fast one")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--only", "fast"],
+                          capture_output=True, text=True, env=env)
+    text = MARKER.format(gpu=gpu) + "\n" + proc.stdout + (f"\nstderr:\n{proc.stderr[-3000:]}" if proc.returncode else "")
+    (out / "bench_fast.md").write_text(text)
+    print(proc.stdout[-6000:], flush=True)
+
+
+def write_shards(model_dir: Path, out: Path) -> list[Path]:
+    """The checkpoint's weights as files of at most SHARD_BYTES, beside its config.json."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensors[name]
+        size += nbytes
+    shards.append(current)
+    paths = []
+    for i, shard in enumerate(shards):
+        path = out / f"weights-{i}.safetensors"
+        save_file(shard, str(path))
+        paths.append(path)
+    (out / "config.json").write_text((model_dir / "config.json").read_text())
+    return paths
+
+
+def join(files: Path, dest: Path) -> None:
+    """Rebuild a checkpoint from write_shards' files (here, after the lease)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from s4music.model.checkpoint import save_model
+    from s4music.model.config import AudioFormat, SaShiMiConfig
+    from s4music.model.sashimi import SaShiMi
+
+    meta = json.loads((files / "config.json").read_text())
+    model = SaShiMi(SaShiMiConfig.from_dict(meta["model"]))
+    model.audio = AudioFormat(**meta["audio"])
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(files.glob("weights-*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    model.load_state_dict(tensors)
+    save_model(model, dest, summary=meta.get("summary", {}))
+    print(f"{dest}: {model.num_parameters():,} parameters, from {len(list(files.glob('weights-*.safetensors')))} files")
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    deadline = time.perf_counter() + 60 * args.minutes
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    log(f"{gpu}; torch {torch.__version__}; {os.cpu_count()} cores; {args.minutes:g} minutes")
+    if args.pack:
+        unpack_parts(Path(args.pack))
+    data = datasets()
+    if not data:
+        sys.exit(f"no datasets under {DATA}: carry packed parts and give --pack, or unpack them first")
+    if args.compare_seconds > 0:
+        compare(gpu, out, data, args.compare_seconds)
+
+    from s4music.model.registry import load_model
+    from s4music.train import TrainConfig, train
+
+    init = Path(args.init) if args.init else (WIP if (WIP / "config.json").exists() else BUNDLED)
+    before = load_model(init).summary
+    minutes = (deadline - time.perf_counter()) / 60 - args.margin
+    log(f"training {init} on {len(data)} datasets for {minutes:.1f} minutes")
+    run_dir = Path(args.run_dir)
+    config = TrainConfig(
+        data=[str(p) for p in data], out=str(run_dir), mode="finetune", init=str(init), seq_len=args.seq_len,
+        batch_size=args.batch, steps=10**6, lr=args.lr, ssm_lr=args.lr / 4, warmup=args.warmup, schedule="cosine",
+        clip=1.0, precision="bf16", fast=not args.plain, max_minutes=minutes, seed=args.seed,
+        eval_every=args.eval_every, eval_windows=args.eval_windows, save_every=10**6, keep_last=1,
+        domain=before.get("domain"))
+    last = [0.0]
+
+    def on_step(s) -> None:
+        if time.perf_counter() - last[0] > 20 or s.val_bits is not None:
+            last[0] = time.perf_counter()
+            val = f", val {s.val_bits:.4f}" if s.val_bits is not None else ""
+            log(f"step {s.step}/{s.steps}: {s.bits:.4f} bits{val}; {s.audio_seconds_per_second:.0f} audio s/s; "
+                f"{(s.eta_seconds or 0) / 60:.1f} min left")
+
+    started = time.perf_counter()
+    try:
+        result = train(config, on_step=on_step)
+    except Exception as e:  # the fast step failed to build here: the rest of the lease trains the plain one
+        if not config.fast or (run_dir / "log.csv").exists() and len((run_dir / "log.csv").read_text().splitlines()) > 1:
+            raise
+        log(f"the fast step failed ({type(e).__name__}: {str(e)[:300]}); training the plain step instead")
+        config.fast, config.out = False, str(run_dir.with_name(run_dir.name + "-plain"))
+        config.max_minutes = (deadline - time.perf_counter()) / 60 - args.margin
+        run_dir = Path(config.out)
+        result = train(config, on_step=on_step)
+    seconds = time.perf_counter() - started
+    best = result.best or result.model
+    write_shards(best, out)
+    for name in ("log.csv",):  # at most 8 files come back: weights (2), config, log, figures, comparison (2), output
+        if (run_dir / name).exists():
+            (out / name).write_text((run_dir / name).read_text())
+    hours = result.step * args.batch * args.seq_len / 16000 / 3600
+    shown = str(init.relative_to(ROOT)) if init.is_relative_to(ROOT) else str(init)
+    figures = {"gpu": gpu, "torch": torch.__version__, "init": shown,
+               "steps": result.step, "batch": args.batch, "seq_len": args.seq_len, "hours_seen": round(hours, 2),
+               "train_seconds": round(seconds, 1), "best_val_bits": load_model(best).summary.get("val_bits"),
+               "datasets": [p.name for p in data], "fast": config.fast}
+    (out / "lease.json").write_text(json.dumps(figures, indent=2) + "\n")
+    log(f"done: {json.dumps(figures)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("unpack", help="decompress carried parts into the data folder")
+    p.add_argument("pack", type=Path)
+    p = sub.add_parser("run", help="compare (once per GPU model), train, write the weights")
+    p.add_argument("--out", required=True)
+    p.add_argument("--minutes", type=float, required=True, help="wall time for all of it")
+    p.add_argument("--pack", help="parts carried by this call, unpacked first")
+    p.add_argument("--init", help="checkpoint to continue (default: models/wip, else the bundled model)")
+    p.add_argument("--run-dir", default="/tmp/s4music-lease/run")
+    p.add_argument("--compare-seconds", type=float, default=45.0, help="cap on each leg of the comparison (0: none)")
+    p.add_argument("--margin", type=float, default=0.6, help="minutes kept for writing the results")
+    p.add_argument("--seq-len", type=int, default=65536, help="the comparison's, so its compiled kernels are reused")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-windows", type=int, default=4)
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--plain", action="store_true", help="today's training step instead of the fast one")
+    p = sub.add_parser("join", help="rebuild the checkpoint from the files a lease returned")
+    p.add_argument("files", type=Path)
+    p.add_argument("dest", type=Path)
+    args = parser.parse_args()
+    if args.verb == "unpack":
+        unpack_parts(args.pack)
+    elif args.verb == "join":
+        join(args.files, args.dest)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
