@@ -158,7 +158,7 @@ class Resampler:
         times = []
         while True:  # output k sits at input time k * rate_in / rate_out (+ width, the lag)
             t = self.next_out * self.rate_in / self.rate_out
-            if t > end - self.width:
+            if t >= end - self.width:  # its window's last input, floor(t) + width, must be in the buffer
                 break
             times.append(t)
             self.next_out += 1

@@ -39,6 +39,9 @@ def _read(stream: BinaryIO, n: int) -> bytes:
     return data
 
 
+MIN_RATE, MAX_RATE, MAX_CHANNELS = 1000, 384000, 32  # what a live WAV stream's header may say
+
+
 def _wav_format(stream: BinaryIO, name: str) -> tuple[int, int, np.dtype, float]:
     """Parse a RIFF/WAVE header up to its data chunk: (rate, channels, sample dtype, full scale)."""
     head = _read(stream, 12)
@@ -62,7 +65,11 @@ def _wav_format(stream: BinaryIO, name: str) -> tuple[int, int, np.dtype, float]
         tag = struct.unpack("<H", fmt[24:26])[0]
     kinds = {(1, 16): (np.dtype("<i2"), 32768.0), (1, 32): (np.dtype("<i4"), 2.0**31), (1, 8): (np.dtype("u1"), 128.0),
              (3, 32): (np.dtype("<f4"), 1.0), (3, 64): (np.dtype("<f8"), 1.0)}
-    if (tag, bits) not in kinds or channels < 1 or rate < 1:
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise SourceError(f"{name}: the WAV header's sample rate is {rate} Hz; a stream's must be {MIN_RATE}-{MAX_RATE} Hz")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise SourceError(f"{name}: the WAV header gives {channels} channels; a stream may have 1-{MAX_CHANNELS}")
+    if (tag, bits) not in kinds:
         raise SourceError(f"{name}: WAV format {tag} with {bits}-bit samples is not supported "
                           "(use 8/16/32-bit PCM or 32/64-bit float)")
     dtype, scale = kinds[(tag, bits)]

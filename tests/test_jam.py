@@ -199,3 +199,30 @@ def test_the_wav_header_parser_takes_extensible_and_float_streams():
     header = b"RIFF" + struct.pack("<I", 0) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, SR, SR * 3, 3, 24)
     with pytest.raises(SourceError, match="24-bit samples is not supported"):
         list(wav_stream(io.BytesIO(header + b"data" + struct.pack("<I", 0)), SR))
+
+
+def test_a_wav_stream_at_a_low_rate_is_resampled_as_a_file_is(tmp_path):
+    for rate in (8000, 4000, 11025):
+        x = synthesized_music(seconds=1.0, rate=rate, channels=1)[:, 0]
+        got = np.concatenate(list(wav_stream(io.BytesIO(wav_bytes(x, rate)), SR)))
+        (tmp_path / f"{rate}.wav").write_bytes(wav_bytes(x, rate))
+        want = load_audio(tmp_path / f"{rate}.wav", SR).samples.numpy()
+        assert abs(len(got) - len(want)) < 128, rate
+        n = min(len(got), len(want)) - 64
+        assert np.abs(got[64:n] - want[64:n]).max() < 0.05, rate
+
+
+@pytest.mark.parametrize(("rate", "channels", "message"), [
+    (0, 1, "sample rate is 0 Hz; a stream's must be 1000-384000 Hz"),
+    (4294967295, 1, "sample rate is 4294967295 Hz"),
+    (100_000_000, 2, "sample rate is 100000000 Hz"),
+    (SR, 0, "gives 0 channels; a stream may have 1-32"),
+    (SR, 65535, "gives 65535 channels"),
+])
+def test_a_wav_header_out_of_range_is_refused_by_its_field(rate, channels, message):
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, 0, min(2 * max(channels, 1), 65535), 16)
+    header = b"RIFF" + struct.pack("<I", 0) + b"WAVEfmt " + struct.pack("<I", 16) + fmt
+    with pytest.raises(SourceError) as e:
+        list(wav_stream(io.BytesIO(header + b"data" + struct.pack("<I", 0) + bytes(4000)), SR))
+    assert str(e.value) == f"standard input: the WAV header's {message}" or message in str(e.value)
+    assert "\n" not in str(e.value)
