@@ -163,3 +163,10 @@ def test_damaged_checkpoints_are_clear_errors(tmp_path):
         load_model(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="no such file"):
         load_model(tmp_path / "missing")
+
+
+def test_the_model_config_knows_the_quantizations_the_audio_path_has():
+    from s4music import audio
+    from s4music.model.config import AudioFormat
+
+    assert AudioFormat.QUANTIZATIONS == audio.SCHEMES  # two lists (the model must not import soundfile)

@@ -121,12 +121,17 @@ def test_an_output_on_a_read_only_file_system_is_one_line_before_any_work(read_o
     ("d_model", 1_000_000_000, "d_model=1000000000: must be a whole number from 1 to 16384"),
     ("n_layers", -1, "n_layers=-1: must be a whole number from 1 to 256"),
     ("pool", [4, 0], "pool=[4, 0]: must be a list of at most 8 factors from 1 to 64"),
+    ("audio.sample_rate", "x", "audio.sample_rate='x': must be a whole number of Hz from 1000 to 384000"),
+    ("audio.sample_rate", 0, "audio.sample_rate=0: must be a whole number of Hz from 1000 to 384000"),
+    ("audio.quantization", "bogus", "audio.quantization='bogus': must be one of mulaw-official, mulaw, linear"),
+    ("audio.bits", "eight", "audio.bits='eight': must be 8 (the codes are bytes)"),
 ])
 def test_a_config_json_out_of_range_names_the_file_and_the_field(tiny_model, tmp_path, field, value, message, cli):
     broken = tmp_path / "model"
     shutil.copytree(tiny_model, broken)
     meta = json.loads((broken / "config.json").read_text())
-    meta["model"][field] = value
+    group, _, key = field.rpartition(".")
+    meta[group or "model"][key] = value
     (broken / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError) as caught:
         load_model(broken)

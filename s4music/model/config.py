@@ -156,6 +156,17 @@ class AudioFormat:
     quantization: str = "mulaw-official"
     bits: int = 8
 
+    QUANTIZATIONS = ("mulaw-official", "mulaw", "linear")
+
+    def __post_init__(self) -> None:
+        rate = self.sample_rate
+        if isinstance(rate, bool) or not isinstance(rate, int) or not 1000 <= rate <= 384000:
+            raise ValueError(f"audio.sample_rate={rate!r}: must be a whole number of Hz from 1000 to 384000")
+        if self.quantization not in self.QUANTIZATIONS:
+            raise ValueError(f"audio.quantization={self.quantization!r}: must be one of {', '.join(self.QUANTIZATIONS)}")
+        if isinstance(self.bits, bool) or self.bits != 8 or not isinstance(self.bits, int):
+            raise ValueError(f"audio.bits={self.bits!r}: must be 8 (the codes are bytes)")
+
     def mismatch(self, sample_rate: int, quantization: str) -> str | None:
         """Why codes at `sample_rate` in `quantization` are not what this model reads; None if they are."""
         if (self.sample_rate, self.quantization) == (sample_rate, quantization):
