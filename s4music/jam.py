@@ -45,6 +45,8 @@ MUSIC_FLOOR_DBFS = -60.0  # the first block above this starts the jam's sense of
 LEVEL_RELEASE_DB_PER_S = 3.0  # how fast the playing level follows a softer passage down
 PEAK_RELEASE_DB_PER_S = 1.0  # how fast the encoding scale follows the input down
 RECENT_S = 3.0  # the live verdict judges this much of the latest playing
+LEVEL_S = 2.0  # an answer matches the loudness of this much of the latest playing
+MAX_LEVEL_GAIN = 10.0  # an answer is raised or lowered by at most 20 dB to match
 
 
 class JamError(S4MusicError):
@@ -57,6 +59,7 @@ class JamOptions:
     max_answer: float = 10.0  # the longest answer, seconds
     quiet_db: float = 20.0  # quiet: this far below the recent playing level
     guidance_after: float = 3.0  # seconds of playing before the first live verdict
+    match_level: bool = True  # answer at the loudness (RMS) of the player's last LEVEL_S seconds
     seed: int | None = None  # answer k uses seed + k; None: a fresh random seed
     sampling: Sampling = field(default_factory=Sampling)
     step: StepOptions = field(default_factory=lambda: StepOptions(device="cpu"))
@@ -119,6 +122,8 @@ class Jam:
         self.clock = 0  # input samples seen
         self.pending: list[torch.Tensor] = []  # input codes the state has not taken yet
         self.peak = 1e-3  # the encoding scale: the input's recent peak
+        self.target_rms = 0.0  # the answer's loudness: the player's last LEVEL_S seconds before the pause
+        self.tail: deque[np.ndarray] = deque()  # the last LEVEL_S seconds of input, quiet moments included
         self.level_db: float | None = None  # the recent playing level
         self.quiet_since: int | None = None  # clock sample where the current quiet began
         self.armed = False  # the player has played since the last answer
@@ -198,6 +203,12 @@ class Jam:
             self.peak = max(float(np.abs(block).max()), self.peak * 10 ** (-PEAK_RELEASE_DB_PER_S * n / self.sr / 20))
         self.pending.append(encode(torch.from_numpy(block), self.scheme, peak=self.peak).long())
         self._absorb(everything=False, eager=quiet)
+        if quiet and self.quiet_since is None and self.tail:  # a pause begins: the level to answer at
+            recent = np.concatenate(self.tail).astype(np.float64)
+            self.target_rms = float(np.sqrt(np.mean(recent**2)))
+        self.tail.append(block)
+        while len(self.tail) > 1 and sum(map(len, self.tail)) - len(self.tail[0]) >= LEVEL_S * self.sr:
+            self.tail.popleft()
         if not quiet:
             self.armed, self.quiet_since = True, None
             self.played_s += n / self.sr
@@ -217,7 +228,8 @@ class Jam:
         seed = self.seed + index
         self.answer = self.stepper.sampler(self.state, self.code, [seed], self.sampling)
         self.answer_info = {"index": index, "seed": seed, "silence": self.quiet_since, "start": start,
-                            "logprob": 0.0, "samples": 0}
+                            "logprob": 0.0, "samples": 0, "energy": 0.0, "gain": None}
+
         self.armed, self.quiet_since = False, None
         self.on_event(JamEvent("answer", self.answer_info["start"] / self.sr, f"answering (seed {seed})"))
 
@@ -229,10 +241,21 @@ class Jam:
         info["logprob"] += float(logprobs.double().sum())
         info["samples"] += n
         wave = self.highpass(decode(codes, self.scheme) * self.peak)[0].float().numpy()
+        if self.options.match_level and self.target_rms > 0:
+            wave = self._matched(wave, info)
         if ended is not None:
             wave *= np.linspace(1.0, 0.0, n, dtype=np.float32)  # fade out within the block
             self._end_answer(ended, self.clock + n)
         return wave
+
+    def _matched(self, wave: np.ndarray, info: dict) -> np.ndarray:
+        """The answer block at the player's recent loudness: a gain from the answer's RMS so far,
+        moved halfway to the new figure each block (no jumps), clipped to full scale."""
+        info["energy"] += float(np.sum(wave.astype(np.float64) ** 2))
+        rms = math.sqrt(info["energy"] / max(1, info["samples"]))
+        want = min(MAX_LEVEL_GAIN, max(1 / MAX_LEVEL_GAIN, self.target_rms / max(rms, 1e-9)))
+        info["gain"] = want if info["gain"] is None else info["gain"] + 0.5 * (want - info["gain"])
+        return np.clip(wave * info["gain"], -1.0, 1.0)
 
     def _end_answer(self, why: str, end: int) -> None:
         info = self.answer_info

@@ -54,6 +54,25 @@ def test_the_model_answers_in_the_pause_and_stops_when_the_player_returns(tiny_m
     assert not answer[: int(3.5 * SR)].any() and not answer[int(5.04 * SR):].any()
     assert np.sqrt(np.mean(answer[int(3.6 * SR): int(4.9 * SR)] ** 2)) > 1e-3
     assert [e.kind for e in events if e.kind != "verdict"] == ["answer", "turn"]
+    # the answer plays at the loudness of the player's last 2 s, within 3 dB
+    played = 20 * np.log10(np.sqrt(np.mean(music[-2 * SR:] ** 2)))
+    answered = 20 * np.log10(np.sqrt(np.mean(answer[int(3.6 * SR): int(4.9 * SR)] ** 2)))
+    assert abs(answered - played) < 3, (answered, played)
+
+
+
+def test_an_answer_follows_the_players_recent_loudness_not_the_loudest_moment(tiny_model, tmp_path):
+    music = synthesized_music(seconds=3.0)[:, 0] * np.repeat([1.0, 0.3, 0.3], SR).astype(np.float32)
+    x = np.concatenate([music, np.zeros(2 * SR, np.float32)])
+    played = 20 * np.log10(np.sqrt(np.mean(music[-2 * SR:] ** 2)))
+    level = {}
+    for match in (True, False):
+        run_jam(blocks_of(x), tiny_model, JamOptions(seed=5, wait=0.5, match_level=match), record=tmp_path / "r.wav",
+                play=False)
+        answer = sf.read(str(tmp_path / "r.wav"))[0][int(3.6 * SR): int(4.9 * SR), 1]
+        level[match] = 20 * np.log10(np.sqrt(np.mean(answer**2)))
+    assert abs(level[True] - played) < 3, (level, played)
+    assert abs(level[False] - played) > 3, (level, played)  # the model's own level, scaled by the loud start
 
 
 def test_the_state_follows_the_input_as_one_prefill_would(tiny_model):

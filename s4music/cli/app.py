@@ -664,6 +664,8 @@ def jam(
     wait: float = typer.Option(JAM.wait, help="Seconds of quiet before the model answers."),
     max_answer: float = typer.Option(JAM.max_answer, help="The longest answer, seconds."),
     quiet_db: float = typer.Option(JAM.quiet_db, help="Quiet: this many dB below the recent playing level."),
+    match_level: bool = typer.Option(JAM.match_level, "--match-level/--model-level",
+                                     help="Answer at the loudness of your last 2 s, or at the model's own level."),
     play: bool = typer.Option(True, "--play/--no-play", help="Play the answers on the default sound output."),
     model: ModelSpec = DEFAULT_NAME,
     seed: Seed = None,
@@ -682,7 +684,7 @@ def jam(
     from s4music.model.registry import load_model
     from s4music.sources import device_input, file_at_pace, wav_stream
 
-    options = JamOptions(wait=wait, max_answer=max_answer, quiet_db=quiet_db, seed=seed,
+    options = JamOptions(wait=wait, max_answer=max_answer, quiet_db=quiet_db, match_level=match_level, seed=seed,
                          sampling=Sampling(temperature, top_k, top_p),
                          step=StepOptions(device="cpu", fused=fused, half_weights=half_weights))
     options.check()
