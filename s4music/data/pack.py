@@ -17,7 +17,6 @@ left. Training reads the unpacked parts as a mixture (`--data OUT/part-000 OUT/p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import lzma
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from s4music.data.format import SPLITS, DatasetError, committed, read_meta
-from s4music.files import atomic_path, write_json
+from s4music.files import atomic_path, sha256_of, write_json
 
 PACK_FORMAT = "s4music-pack"
 INDEX = "pack.json"
@@ -52,14 +51,6 @@ class PackedPart:
     bytes: int
     windows: int
     hours: float
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _rows_by_source(root: Path, meta: dict) -> dict[str, list[dict]]:
@@ -131,7 +122,7 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
         if on_part is not None:
             on_part(part)
     write_json(out / INDEX, {"format": PACK_FORMAT, "dataset": str(root), "seed": seed, "part_mb": part_mb,
-                             "parts": [{"name": p.name, "file": p.path.name, "bytes": p.bytes, "sha256": _sha256(p.path),
+                             "parts": [{"name": p.name, "file": p.path.name, "bytes": p.bytes, "sha256": sha256_of(p.path),
                                         "windows": p.windows, "hours": round(p.hours, 4)} for p in parts]})
     return parts
 
@@ -199,7 +190,7 @@ def unpack(index: str | Path, out: str | Path, workers: int | None = None, only:
         path = index.parent / part["file"]
         if not path.is_file():
             raise PackError(f"{path}: part missing (pack.json lists {len(data['parts'])} parts)")
-        if path.stat().st_size != part["bytes"] or _sha256(path) != part["sha256"]:
+        if path.stat().st_size != part["bytes"] or sha256_of(path) != part["sha256"]:
             raise PackError(f"{path}: checksum mismatch; the part is damaged or from another pack")
         jobs.append((str(path), str(out / part["name"])))
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ the older V3. See `import_official`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -26,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from s4music.files import write_json
+from s4music.files import sha256_of, write_json
 from s4music.errors import S4MusicError, first_line
 from s4music.model.config import AudioFormat, S4Config, SaShiMiConfig
 from s4music.model.sashimi import SaShiMi
@@ -75,7 +74,7 @@ def save_model(model: SaShiMi, directory: str | Path, summary: dict | None = Non
         if extra is not None:
             extra(tmp)
         # sizes and checksums of everything but the config, so a torn or changed file is named on load
-        meta["files"] = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        meta["files"] = {f.name: {"size": f.stat().st_size, "sha256": sha256_of(f)} for f in sorted(tmp.iterdir())}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -93,14 +92,6 @@ def save_model(model: SaShiMi, directory: str | Path, summary: dict | None = Non
     return directory
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_checkpoint(directory: str | Path) -> None:
     """Raise a CheckpointError naming the first file of `directory` whose size or checksum differs
     from what was recorded when it was saved (checkpoints saved before checksums pass as they are)."""
@@ -112,7 +103,7 @@ def verify_checkpoint(directory: str | Path) -> None:
         size = path.stat().st_size
         if size != expected["size"]:
             raise CheckpointError(f"{path}: damaged: {size} bytes, {expected['size']} when it was saved")
-        if _sha256(path) != expected["sha256"]:
+        if sha256_of(path) != expected["sha256"]:
             raise CheckpointError(f"{path}: damaged: its checksum differs from the one recorded when it was saved")
 
 
