@@ -129,20 +129,30 @@ def judge(report: PromptReport, bits: float | None, summary: dict) -> PromptRepo
 
 
 DEGENERACIES = {"silence": "collapsed into silence", "noise": "ran away into noise",
+                "hiss": "turned to hiss, far flatter than any of the model's test audio",
                 "offset": "stuck at a DC offset"}
+# A take is hiss when its flatness is this many times the flattest (hissiest) window of the audio the
+# model was tested on (`eval --record` keeps the band): the bundled model's test windows reach 0.0076,
+# its takes that drift stay near that, and a take that turned to hiss measured 0.095.
+HISS_FACTOR = 4.0
 
 
-def degeneracy(wave: torch.Tensor, sample_rate: int) -> str | None:
-    """'silence', 'noise' or 'offset' when the continuation (as the model made it, before any DC
-    removal) collapses to silence, runs away into noise, or over its second half sits at an offset
-    beyond DC_OFFSET and STUCK_RATIO times its own spread; None when it does none of these."""
+def degeneracy(wave: torch.Tensor, sample_rate: int, band: dict | None = None) -> str | None:
+    """'silence', 'noise', 'hiss' or 'offset' when the continuation (as the model made it, before
+    any DC removal) collapses to silence, runs away into noise (absolute: near white noise), turns
+    flatter than HISS_FACTOR times the hissiest window of the model's own test audio (`band`, the
+    flatness band `eval --record` stores; relative to the model), or over its second half sits at
+    an offset beyond DC_OFFSET and STUCK_RATIO times its own spread; None when it does none of these."""
     tail = wave[wave.numel() // 2 :]
     if tail.numel() == 0:
         return None
     if dbfs(float((tail - tail.mean()).square().mean().sqrt())) < SILENT_DBFS:
         return "silence"  # a constant level is silence too, whatever its offset
-    if spectral_flatness(wave) > NOISE_FLATNESS:
+    flatness = spectral_flatness(wave)
+    if flatness > NOISE_FLATNESS:
         return "noise"
+    if band and band.get("max") and flatness > HISS_FACTOR * band["max"]:
+        return "hiss"
     if abs(float(tail.mean())) > max(DC_OFFSET, STUCK_RATIO * float(tail.std())):
         return "offset"
     return None

@@ -18,7 +18,7 @@ from conftest import DATA, need, perturbed, synthesized_music
 from s4music.generate import (GenerateOptions, GenerationError, Output, PromptRefused, PromptSelection, Sampling,
                               StepOptions, check_prompt, continue_prompt, improvise, stream_continuation)
 from s4music.generate.sampler import Stepper
-from s4music.audio import Audio
+from s4music.audio import Audio, spectral_flatness
 from s4music.guidance import FAR, TYPICAL, UNUSUAL, degeneracy, describe_signal, judge
 from s4music.model import S4Config, SaShiMi, SaShiMiConfig, import_official, load_model, save_model
 from s4music.model.fast import FusedReader, FusedStep, fused_available, instruction_sets, plain_steps, reader, sample_codes
@@ -450,6 +450,13 @@ def test_degeneracy_detection():
     assert degeneracy(music + 0.01, 16000) is None
     wander = 0.5 * music + torch.linspace(0, -0.2, 32000)  # a slow drift under a lively signal: not stuck
     assert degeneracy(wander, 16000) is None
+    # hiss, relative to the model: far flatter than its test audio, though far from white noise
+    band = {"p5": 0.0009, "p95": 0.0041, "max": 0.0076}  # the bundled model's recorded band
+    hiss = music + torch.from_numpy(rng.normal(0, 0.06, 32000)).float()
+    flatness = spectral_flatness(hiss)
+    assert 4 * band["max"] < flatness < 0.35  # between the relative and the absolute thresholds
+    assert degeneracy(hiss, 16000) is None and degeneracy(hiss, 16000, band) == "hiss"
+    assert degeneracy(music, 16000, band) is None
 
 
 @pytest.mark.slow

@@ -230,11 +230,12 @@ class Generation:
     def takes(self) -> list[Take]:
         """Each variation's likelihood and degeneracy, after the stream has been read to its end."""
         sr, scheme = self.sample_rate, self.net.audio.quantization
+        band = (self.net.summary.get("eval") or {}).get("flatness")
         out = []
         for i, seed in enumerate(self.seeds):
             raw = decode(torch.cat(self._codes[i]), scheme)  # as sampled, before the high-pass
             bits = float(-self._logprob[i] / self.samples / math.log(2))
-            out.append(Take(seed, bits, degeneracy(raw, sr), float(raw[-sr:].mean())))
+            out.append(Take(seed, bits, degeneracy(raw, sr, band), float(raw[-sr:].mean())))
         return out
 
     def sampled(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
