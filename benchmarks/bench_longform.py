@@ -14,10 +14,13 @@ Sampling rules are compared on the validation pieces (where a rule is chosen) an
 
     python benchmarks/bench_longform.py                 # all rules, val and test prompts
     python benchmarks/bench_longform.py --quick         # two prompts, two seeds, 12 s
+    S4MUSIC_LONGFORM_MODEL=models/wip S4MUSIC_LONGFORM_RULES=1 python benchmarks/bench_longform.py
+                                                        # another model, its first rule alone
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 
@@ -68,7 +71,7 @@ def continue_windows(prompt: str, rule: str, seeds: int, seconds: float) -> dict
     from s4music.generate.stream import FIRST_CHUNK
     from s4music.model import load_model
 
-    net = load_model("default")
+    net = load_model(os.environ.get("S4MUSIC_LONGFORM_MODEL", "default"))
     options = GenerateOptions(seconds=seconds, variations=seeds, seed=0,
                               sampling=Sampling(**{**Sampling.NEUTRAL, **RULES[rule]}),
                               output=Output(include_prompt=False, normalize="none"))
@@ -111,7 +114,9 @@ def main() -> None:
     test = render_prompts("test", 2 if quick else 4)
     example = str(ROOT / "examples" / "prompt.wav")
     rules = list(RULES)[:2] if quick else list(RULES)
-    print(f"## Long-form continuations, bundled model ({seconds:g} s, {seeds} seeds a prompt)\n")
+    rules = rules[: int(os.environ.get("S4MUSIC_LONGFORM_RULES", len(rules)))]
+    model = os.environ.get("S4MUSIC_LONGFORM_MODEL", "the bundled model")
+    print(f"## Long-form continuations, {model} ({seconds:g} s, {seeds} seeds a prompt)\n")
     print("Share of 3 s windows from 5 s to 30 s after the seam whose spectral flatness lies inside the test "
           "windows' 5th-95th percentile band, and the model's own bits/sample on what it sampled.\n")
     print("| sampling rule | validation prompts: in band | bits/sample | test prompts + example: in band | "

@@ -3,7 +3,7 @@ nothing of ours (run from the repository root, which travels to it).
 
     python examples/gpu_lease.py unpack .lease/pack            # parts carried by this call, kept in /tmp
     python examples/gpu_lease.py run --out $OUT --minutes 8     # (compare,) train, write the weights
-    python examples/gpu_lease.py join LEASE_FILES models/wip    # here, afterwards: the checkpoint again
+    python examples/gpu_lease.py join LEASE_FILES models/wip --half   # here, afterwards: the checkpoint
 
 A lease carries at most 64 MiB a call, the working tree included, so the corpus travels as packed
 parts (`s4music pack`), one or two a call; `unpack` decompresses what a call carried into the data
@@ -95,8 +95,9 @@ def write_shards(model_dir: Path, out: Path) -> list[Path]:
     return paths
 
 
-def join(files: Path, dest: Path) -> None:
-    """Rebuild a checkpoint from write_shards' files (here, after the lease)."""
+def join(files: Path, dest: Path, half: bool = False) -> None:
+    """Rebuild a checkpoint from write_shards' files (here, after the lease); `half` stores it in
+    float16 but for the S4 parameters (save_model), as models/wip is kept in the repository."""
     import torch
     from safetensors.torch import load_file
 
@@ -111,7 +112,7 @@ def join(files: Path, dest: Path) -> None:
     for shard in sorted(files.glob("weights-*.safetensors")):
         tensors.update(load_file(str(shard)))
     model.load_state_dict(tensors)
-    save_model(model, dest, summary=meta.get("summary", {}))
+    save_model(model, dest, summary=meta.get("summary", {}), dtype=torch.float16 if half else None)
     print(f"{dest}: {model.num_parameters():,} parameters, from {len(list(files.glob('weights-*.safetensors')))} files")
 
 
@@ -205,11 +206,12 @@ def main() -> None:
     p = sub.add_parser("join", help="rebuild the checkpoint from the files a lease returned")
     p.add_argument("files", type=Path)
     p.add_argument("dest", type=Path)
+    p.add_argument("--half", action="store_true", help="float16 but for the S4 parameters: half the size")
     args = parser.parse_args()
     if args.verb == "unpack":
         unpack_parts(args.pack)
     elif args.verb == "join":
-        join(args.files, args.dest)
+        join(args.files, args.dest, args.half)
     else:
         run(args)
 
