@@ -16,8 +16,8 @@ def test_help_lists_the_commands_and_the_exit_codes():
     assert result.exit_code == 0
     # the first word of each row of the Commands table, so "check" is not found inside "checkpoint"
     listed = set(re.findall(r"^│ ([a-z][a-z-]*) ", result.output.split("Commands")[1], flags=re.M))
-    assert listed == {"doctor", "convert", "fetch", "render-midi", "prepare", "fetch-dataset", "models", "train",
-                      "eval", "continue", "generate", "check", "jam", "studio"}
+    assert listed == {"doctor", "convert", "fetch", "render-midi", "prepare", "pack", "unpack", "fetch-dataset", "models",
+                      "train", "eval", "continue", "generate", "check", "jam", "studio"}
     text = " ".join(result.output.split())
     assert "2 prompt judged far from the model's music, 130 interrupted" in text
     check = " ".join(runner.invoke(app, ["check", "--help"], terminal_width=120).output.split())
