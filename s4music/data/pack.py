@@ -106,12 +106,17 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
             take.append(src)
             raw += src["windows"] * window
         blob = _encode_part(meta, take, rows, splits)
-        while len(blob) > limit and len(take) > 1:  # a guess too bold: give sources back and retry
-            pending.insert(0, take.pop())
+        while len(blob) > limit and len(take) > 1:
+            # a guess too bold: give back as many sources as this attempt's own ratio says, then retry
+            measured = len(blob) / raw
+            while len(take) > 1 and raw * measured > 0.97 * limit:
+                src = take.pop()
+                pending.insert(0, src)
+                raw -= src["windows"] * window
             blob = _encode_part(meta, take, rows, splits)
         if len(blob) > limit:
             raise PackError(f"{take[0]['name']}: one file compresses to {len(blob) / 2**20:.1f} MiB, over --part-mb")
-        ratio = max(len(blob) / raw, 0.5)
+        ratio = max(len(blob) / raw, 0.5)  # raw counts only the sources kept
         name = f"part-{len(parts):03d}"
         path = out / f"{name}.s4pack"
         with atomic_path(path) as tmp:
