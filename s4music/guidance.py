@@ -19,6 +19,7 @@ import torch
 
 from s4music.audio import Audio, spectral_flatness
 from s4music.dsp import dbfs
+from s4music.measures import liveliness
 
 TYPICAL, UNUSUAL, FAR = "typical", "unusual", "far from what this model knows"
 NOISE_FLATNESS = 0.35  # white noise is ~0.56; music is usually below 0.1
@@ -130,19 +131,27 @@ def judge(report: PromptReport, bits: float | None, summary: dict) -> PromptRepo
 
 DEGENERACIES = {"silence": "collapsed into silence", "noise": "ran away into noise",
                 "hiss": "turned to hiss, far flatter than any of the model's test audio",
-                "offset": "stuck at a DC offset"}
+                "offset": "stuck at a DC offset",
+                "drone": "settled into a drone: no onsets and a steady level over its second half"}
 # A take is hiss when its flatness is this many times the flattest (hissiest) window of the audio the
 # model was tested on (`eval --record` keeps the band): the bundled model's test windows reach 0.0076,
 # its takes that drift stay near that, and a take that turned to hiss measured 0.095.
 HISS_FACTOR = 4.0
+# A take is a drone when over its second half it has fewer onsets than this a second and a steadier
+# level than this (`measures.liveliness`): rendered chorales and the corpus recordings measured 3-8
+# onsets a second in 5 s windows, with level spreads from 1.5 dB up; a held tone has 0 and 0.
+DRONE_ONSETS_PER_S = 0.5
+DRONE_SPREAD_DB = 1.0
+DRONE_MIN_S = 2.0  # judged on a second half at least this long: a take of 4 s or more
 
 
 def degeneracy(wave: torch.Tensor, sample_rate: int, band: dict | None = None) -> str | None:
-    """'silence', 'noise', 'hiss' or 'offset' when the continuation (as the model made it, before
-    any DC removal) collapses to silence, runs away into noise (absolute: near white noise), turns
-    flatter than HISS_FACTOR times the hissiest window of the model's own test audio (`band`, the
-    flatness band `eval --record` stores; relative to the model), or over its second half sits at
-    an offset beyond DC_OFFSET and STUCK_RATIO times its own spread; None when it does none of these."""
+    """'silence', 'noise', 'hiss', 'offset' or 'drone' when the continuation (as the model made it,
+    before any DC removal) collapses to silence, runs away into noise (absolute: near white noise),
+    turns flatter than HISS_FACTOR times the hissiest window of the model's own test audio (`band`,
+    the flatness band `eval --record` stores; relative to the model), over its second half sits at
+    an offset beyond DC_OFFSET and STUCK_RATIO times its own spread, or there settles into a drone
+    (`measures.liveliness`: no onsets, a steady level); None when it does none of these."""
     tail = wave[wave.numel() // 2 :]
     if tail.numel() == 0:
         return None
@@ -155,4 +164,8 @@ def degeneracy(wave: torch.Tensor, sample_rate: int, band: dict | None = None) -
         return "hiss"
     if abs(float(tail.mean())) > max(DC_OFFSET, STUCK_RATIO * float(tail.std())):
         return "offset"
+    if tail.numel() >= DRONE_MIN_S * sample_rate:
+        alive = liveliness(tail, sample_rate)
+        if alive.onsets_per_s < DRONE_ONSETS_PER_S and alive.level_spread_db < DRONE_SPREAD_DB:
+            return "drone"
     return None

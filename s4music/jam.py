@@ -132,6 +132,9 @@ class Jam:
         self.highpass = HighPass(self.sr)
         self.heard: deque[np.ndarray] = deque()  # the last few seconds of playing, and the model's bits on them
         self.heard_bits: deque[tuple[int, float]] = deque()  # (samples, summed bits) of what the state took
+        # the last codes the state took, ending with the next input: what guidance's free row hears
+        self.recent = torch.zeros(0, dtype=torch.long)
+        self.recent_keep = int((self.sampling.guidance_seconds + 1) * self.sr)
         self.played_s = 0.0
         self.verdict: str | None = None
         self.next_verdict_s = self.options.guidance_after
@@ -171,6 +174,8 @@ class Jam:
             bits, self.state = prompt_reader(self.net, self.options.step).prefill_bits(x, codes.unsqueeze(0), self.state)
             bits = bits[0].double()
         self.code = codes[-1:]
+        if self.sampling.guidance != 1:
+            self.recent = torch.cat([self.recent, codes])[-self.recent_keep:]
         self.heard_bits.append((len(codes), float(bits.sum())))
         while sum(n for n, _ in self.heard_bits) - self.heard_bits[0][0] > RECENT_S * self.sr:
             self.heard_bits.popleft()
@@ -226,7 +231,10 @@ class Jam:
         self._absorb(everything=True)
         index = len(self.turns)
         seed = self.seed + index
-        self.answer = self.stepper.sampler(self.state, self.code, [seed], self.sampling)
+        taken = sum(n for n, _ in self.heard_bits)
+        sampling = self.sampling.with_surprise_of(sum(b for _, b in self.heard_bits) / taken if taken
+                                                  else self.net.summary.get("test_bits"))
+        self.answer = self.stepper.sampler(self.state, self.code, [seed], sampling, self.recent)
         self.answer_info = {"index": index, "seed": seed, "silence": self.quiet_since, "start": start,
                             "logprob": 0.0, "samples": 0, "energy": 0.0, "gain": None}
 

@@ -29,7 +29,8 @@ from s4music.data.prepare import PrepareOptions
 from s4music.errors import S4MusicError
 from s4music.evaluate import evaluate
 from s4music.jam import JamOptions
-from s4music.generate import DEGENERACIES, GenerateOptions, Output, PromptSelection, Sampling, StepOptions
+from s4music.generate import (DEGENERACIES, GenerateOptions, GenerationError, Output, PromptSelection, Sampling,
+                              StepOptions)
 from s4music.model.registry import DEFAULT_NAME
 from s4music.train import TrainConfig
 
@@ -519,6 +520,17 @@ TopK = Annotated[int, typer.Option(help="Keep the k likeliest codes (0: off). De
                                         "else off.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the likeliest codes up to this probability "
                                           "(1: off). Default: as top-k.")]
+Typical = Annotated[float, typer.Option(help="Locally typical sampling: keep the codes whose surprise is nearest "
+                                              "the distribution's entropy, up to this probability (1: off).")]
+Guidance = Annotated[float, typer.Option(help="Guidance by the prompt: draw from free + G (prompt - free), the "
+                                               "logits of the model that heard the prompt pushed away from one "
+                                               "that heard only its last --guidance-seconds (1: off; costs a "
+                                               "batch of 2 per variation). Default: the model's recommendation.")]
+GuidanceSeconds = Annotated[float, typer.Option(help="With --guidance: how much of the prompt's end the free row "
+                                                      "hears (0: from rest at the seam).")]
+Surprise = Annotated[str, typer.Option(help="Mirostat: hold the running surprise of the drawn codes near this many "
+                                            "bits/sample, or auto (the prompt's own; from nothing, the model's test "
+                                            "figure). 0: off.")]
 Seed = Annotated[int, typer.Option(help="Seed (default: random; always printed and saved).")]
 Rank = Annotated[bool, typer.Option("--rank", help="Order variations by the model's own likelihood, best first.")]
 Normalize = Annotated[str, typer.Option(help="Output level, one gain fixed before the first sample, then a "
@@ -542,14 +554,22 @@ G, P, OUT, D = GenerateOptions, PromptSelection, Output, StepOptions  # their de
 JAM = JamOptions
 
 
-def options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize, format,
+def surprise_value(text: str | None) -> float | str | None:
+    """--surprise as Sampling takes it: "auto", a number, or None (unset)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise GenerationError(f"--surprise {text}: use auto, or bits/sample from 0 (off) to 8") from None
+
+
+def options_from(seconds, variations, seed, rank, retry_degenerate, sampling: Sampling, normalize, format,
                  plot, device, fused, half_weights, strict=G.strict, include_prompt=OUT.include_prompt,
-                 prompt_seconds=P.seconds, prompt_start=None, prompt_end=None, temperature_end=None,
-                 context_seconds=None) -> GenerateOptions:
+                 prompt_seconds=P.seconds, prompt_start=None, prompt_end=None) -> GenerateOptions:
     return GenerateOptions(
         seconds=seconds, variations=variations, seed=seed, rank=rank, retry_degenerate=retry_degenerate, strict=strict,
-        sampling=Sampling(temperature, top_k, top_p, temperature_end, context_seconds),
-        prompt=PromptSelection(prompt_seconds, prompt_start, prompt_end),
+        sampling=sampling, prompt=PromptSelection(prompt_seconds, prompt_start, prompt_end),
         output=Output(include_prompt, normalize, format, plot), step=StepOptions(device, fused, half_weights))
 
 
@@ -567,6 +587,10 @@ def continue_command(
     top_k: TopK = None,
     top_p: TopP = None,
     context_seconds: ContextSeconds = None,
+    typical: Typical = None,
+    guidance: Guidance = None,
+    guidance_seconds: GuidanceSeconds = None,
+    surprise: Surprise = None,
     seed: Seed = None,
     rank: Rank = G.rank,
     include_prompt: bool = typer.Option(OUT.include_prompt, "--prompt/--no-prompt", help="Start the output with the prompt."),
@@ -587,9 +611,11 @@ def continue_command(
     Stream it as it is made: `s4music continue song.mp3 -o - | ffplay -`, or `--play`."""
     from s4music.generate import continue_prompt
 
-    options = options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize,
-                           format, plot, device, fused, half_weights, strict, include_prompt, prompt_seconds,
-                           prompt_start, prompt_end, temperature_end, context_seconds)
+    sampling = Sampling(temperature, top_k, top_p, temperature_end, context_seconds, typical, guidance,
+                        guidance_seconds, surprise_value(surprise))
+    options = options_from(seconds, variations, seed, rank, retry_degenerate, sampling, normalize, format, plot,
+                           device, fused, half_weights, strict, include_prompt, prompt_seconds, prompt_start,
+                           prompt_end)
     generation_run(lambda progress: continue_prompt(prompt, out, model, options, on_progress=progress,
                                                     on_guidance=print_guidance, play=play), "continuing")
 
@@ -604,6 +630,8 @@ def generate(
     top_k: TopK = None,
     top_p: TopP = None,
     context_seconds: ContextSeconds = None,
+    typical: Typical = None,
+    surprise: Surprise = None,
     seed: Seed = None,
     rank: Rank = G.rank,
     normalize: Normalize = OUT.normalize,
@@ -619,9 +647,10 @@ def generate(
     """Improvise from nothing: sample the model from silence."""
     from s4music.generate import improvise
 
-    options = options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize,
-                           format, plot, device, fused, half_weights, temperature_end=temperature_end,
-                           context_seconds=context_seconds)
+    sampling = Sampling(temperature, top_k, top_p, temperature_end, context_seconds, typical,
+                        surprise=surprise_value(surprise))
+    options = options_from(seconds, variations, seed, rank, retry_degenerate, sampling, normalize, format, plot,
+                           device, fused, half_weights)
     generation_run(lambda progress: improvise(out, model, options, on_progress=progress, play=play), "generating")
 
 
@@ -636,7 +665,7 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ):
     """Tell whether a prompt suits the model before spending minutes on it. Exit 2 if it is far off."""
-    from s4music.generate import GenerationError, check_prompt
+    from s4music.generate import check_prompt
 
     selection = PromptSelection(prompt_seconds, prompt_start, prompt_end)
     if problems := selection.problems():
@@ -672,6 +701,10 @@ def jam(
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
+    typical: Typical = None,
+    guidance: Guidance = None,
+    guidance_seconds: GuidanceSeconds = None,
+    surprise: Surprise = None,
     fused: Fused = D.fused,
     half_weights: HalfWeights = D.half_weights,
 ):
@@ -685,7 +718,8 @@ def jam(
     from s4music.sources import device_input, file_at_pace, wav_stream
 
     options = JamOptions(wait=wait, max_answer=max_answer, quiet_db=quiet_db, match_level=match_level, seed=seed,
-                         sampling=Sampling(temperature, top_k, top_p),
+                         sampling=Sampling(temperature, top_k, top_p, typical=typical, guidance=guidance,
+                                           guidance_seconds=guidance_seconds, surprise=surprise_value(surprise)),
                          step=StepOptions(device="cpu", fused=fused, half_weights=half_weights))
     options.check()
     net = load_model(model, device="cpu")

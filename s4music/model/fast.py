@@ -21,6 +21,7 @@ import logging
 import math
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,46 +37,112 @@ SOURCE = Path(__file__).with_name("fast_step.cpp")
 _built: dict = {}
 
 
-def sample_codes(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Rule:
+    """How logits become a code, the same in every path (sample_codes here, `sample` in fast_step.cpp).
+
+    The probabilities at `temperature` (0: greedy), then, in this order: Mirostat's bound when
+    `surprise` > 0 (codes more surprising than the running bound mu, in bits at temperature 1,
+    dropped; the likeliest kept; after each draw mu -= SURPRISE_RATE (the code's surprise - target),
+    from 2 x target); locally typical (`typical` < 1: the codes whose surprise is nearest the
+    entropy, up to that probability); top-k; top-p. `guidance` != 1: rows come in pairs (the
+    prompt's, then one that did not hear it) and both take the code drawn from
+    free + guidance (prompt - free).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical: float = 1.0
+    guidance: float = 1.0
+    surprise: float = 0.0
+
+    SURPRISE_RATE = 0.1
+
+    @property
+    def pairs(self) -> bool:
+        return self.guidance != 1.0
+
+    def first_mu(self, rows: int) -> torch.Tensor | None:
+        """Mirostat's starting bounds for `rows` rows, float64; None when it is off."""
+        return torch.full((rows,), 2.0 * self.surprise, dtype=torch.float64) if self.surprise > 0 else None
+
+
+def _keep_prefix(prob: torch.Tensor, order: torch.Tensor, mass: float, ranked: int | None = None) -> torch.Tensor:
+    """prob with all but the smallest prefix of `order` (its first `ranked`) reaching `mass` of the total zeroed."""
+    ranked_prob = prob.gather(-1, order)
+    before = ranked_prob.cumsum(-1) - ranked_prob
+    keep = before / prob.sum(-1, keepdim=True) < mass
+    keep[:, 0] = True
+    if ranked is not None:
+        keep[:, ranked:] = False
+    return prob * torch.zeros_like(keep).scatter(-1, order, keep).to(prob.dtype)
+
+
+def sample_codes(logits: torch.Tensor, uniforms: torch.Tensor, rule: Rule = Rule(),
+                 mu: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, V), uniforms (B,) in [0, 1) -> codes (B,) and their log-probability (B,) at temperature 1.
 
-    temperature 0 is greedy. top_k keeps the k likeliest codes, top_p the smallest set of likeliest
-    codes whose probability reaches p; the code is the first whose cumulative kept probability
-    exceeds u times their total.
+    The code is the first whose cumulative kept probability exceeds u times their total (see Rule).
+    mu (B,) float64: Mirostat's bounds, updated in place (given when rule.surprise > 0).
     """
     logits = logits.float()
     logp = torch.log_softmax(logits.double(), dim=-1).float()
-    if temperature <= 0:
+    if rule.temperature <= 0:
         codes = logits.argmax(-1)
     else:
-        prob = torch.exp((logits.double() - logits.double().amax(-1, keepdim=True)) / temperature)
-        if (0 < top_k < prob.shape[-1]) or top_p < 1:
+        shifted = logits.double() - logits.double().amax(-1, keepdim=True)
+        prob = torch.exp(shifted / rule.temperature)
+        if mu is not None:
+            surprise = (torch.log(torch.exp(shifted).sum(-1, keepdim=True)) - shifted) / math.log(2)
+            likeliest = torch.arange(prob.shape[-1], device=logits.device) == logits.argmax(-1, keepdim=True)
+            keep = (surprise <= mu.unsqueeze(-1)) | likeliest
+            prob = prob * keep
+        if rule.typical < 1:
+            total = prob.sum(-1, keepdim=True)
+            nats = torch.log(total) - torch.log(prob)  # inf where prob is 0
+            entropy = torch.where(prob > 0, prob / total * nats, 0).sum(-1, keepdim=True)
+            score = torch.where(prob > 0, (nats - entropy).abs(), math.inf)
+            prob = _keep_prefix(prob, torch.sort(score, dim=-1, stable=True).indices, rule.typical)
+        if (0 < rule.top_k < prob.shape[-1]) or rule.top_p < 1:
             order = torch.sort(prob, dim=-1, descending=True, stable=True).indices
-            ranked = prob.gather(-1, order)
-            before = ranked.cumsum(-1) - ranked
-            keep = before / prob.sum(-1, keepdim=True) < top_p
-            keep[:, 0] = True
-            if top_k > 0:
-                keep[:, top_k:] = False
-            prob = prob * torch.zeros_like(keep).scatter(-1, order, keep).to(prob.dtype)
+            prob = _keep_prefix(prob, order, rule.top_p, rule.top_k if rule.top_k > 0 else None)
         cum = prob.cumsum(-1)
         hit = (cum > uniforms.double().unsqueeze(-1) * prob.sum(-1, keepdim=True)) & (prob > 0)
         last_kept = prob.shape[-1] - 1 - (prob > 0).flip(-1).int().argmax(-1)
         codes = torch.where(hit.any(-1), hit.int().argmax(-1), last_kept)
+        if mu is not None:
+            mu -= Rule.SURPRISE_RATE * (surprise.gather(-1, codes.unsqueeze(-1)).squeeze(-1) - rule.surprise)
     return codes, logp.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
 
 
+def guided_codes(logits: torch.Tensor, uniforms: torch.Tensor, rule: Rule,
+                 mu: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_codes for any rule: with guidance, rows in pairs (prompt, free) -> each pair's code,
+    drawn from free + guidance (prompt - free) with the first row's uniform and mu, given to both
+    rows, and each row's own log-probability."""
+    if not rule.pairs:
+        return sample_codes(logits, uniforms, rule, mu)
+    prompt, free = logits.float()[0::2].double(), logits.float()[1::2].double()
+    mixed = (free + rule.guidance * (prompt - free)).float()
+    half = None if mu is None else mu[0::2].clone()
+    codes, _ = sample_codes(mixed, uniforms[0::2], rule, half)
+    if mu is not None:
+        mu[0::2] = half
+    codes = codes.repeat_interleave(2)
+    return codes, torch.log_softmax(logits.double(), -1).float().gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+
+
 def plain_steps(model: SaShiMi, code: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor, codes: torch.Tensor,
-                logprobs: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0) -> tuple[torch.Tensor, SaShiMiState]:
-    """The plain path: one SaShiMi.step and one `sample_codes` per column of uniforms (B, n), from
+                logprobs: torch.Tensor, rule: Rule = Rule(),
+                mu: torch.Tensor | None = None) -> tuple[torch.Tensor, SaShiMiState]:
+    """The plain path: one SaShiMi.step and one `guided_codes` per column of uniforms (B, n), from
     inputs `code` (B,). Writes codes (B, n) and their log-probabilities (B, n) in place; returns the
-    last code and the state."""
+    last code and the state. mu: Mirostat's bounds (B,), updated in place."""
     uniforms = uniforms.to(model.device)
     for k in range(uniforms.shape[1]):
         logits, state = model.step(code, state)
-        code, lp = sample_codes(logits, uniforms[:, k], temperature, top_k, top_p)
+        code, lp = guided_codes(logits, uniforms[:, k], rule, mu)
         codes[:, k], logprobs[:, k] = code, lp
     return code, state
 
@@ -189,18 +256,24 @@ class FusedStep:
         self.half = self.impl.half_weights()
         self.isa = self.impl.instruction_set() if hasattr(self.impl, "instruction_set") else "native"  # (older A/B builds)
 
-    def run(self, codes: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor, temperature: float = 1.0,
-            top_k: int = 0, top_p: float = 1.0, forced: torch.Tensor | None = None):
+    def run(self, codes: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor, rule: Rule = Rule(),
+            mu: torch.Tensor | None = None, forced: torch.Tensor | None = None):
         """Take uniforms.shape[1] steps from `state` (updated in place), first inputs `codes` (B,).
 
         Returns codes (B, n) and their log-probabilities (B, n); with `forced` (B, n) codes as the
-        inputs instead of samples, also the logits (B, n, V)."""
+        inputs instead of samples, also the logits (B, n, V). mu: Mirostat's bounds (B,) float64,
+        updated in place."""
         # The kernel updates the state tensors in place, so they must be contiguous CPU tensors.
         for group in (state.s4, state.down, state.up):
             group[:] = [x.detach().cpu().contiguous() for x in group]
+        extra = {}  # only what is asked for, so earlier builds (the A/B benchmark) run their rules
+        if rule.typical != 1 or rule.pairs or mu is not None:
+            extra = {"typical": rule.typical, "guidance": rule.guidance, "surprise": rule.surprise,
+                     "mu": torch.empty(0, dtype=torch.float64) if mu is None else mu}
         out = self.impl.run(codes.long().contiguous(), state.t, state.s4, state.down, state.up,
-                            uniforms.float().contiguous(), temperature, top_k, top_p,
-                            torch.empty(0, dtype=torch.long) if forced is None else forced.long().contiguous())
+                            uniforms.float().contiguous(), rule.temperature, rule.top_k, rule.top_p,
+                            torch.empty(0, dtype=torch.long) if forced is None else forced.long().contiguous(),
+                            **extra)
         state.t += uniforms.shape[1]
         return tuple(out)
 
@@ -301,11 +374,12 @@ class GraphedStep:
         self._graphs: dict[tuple, _StepGraph] = {}
 
     @torch.no_grad()
-    def run(self, codes: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor, temperature: float = 1.0,
-            top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, codes: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor, rule: Rule = Rule(),
+            mu: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Take uniforms.shape[1] steps from `state` (updated in place), first inputs `codes` (B,).
 
-        Returns codes (B, n) and their log-probabilities (B, n), on the CPU."""
+        Returns codes (B, n) and their log-probabilities (B, n), on the CPU. mu: Mirostat's bounds
+        (B,) on the model's device, updated in place."""
         device = self.model.device
         batch, n = uniforms.shape
         uniforms = uniforms.to(device)
@@ -315,18 +389,18 @@ class GraphedStep:
         i = 0
         while i < n:
             if state.t % self.period == 0 and n - i >= self.block:
-                key = (batch, temperature, top_k, top_p)
+                key = (batch, rule)
                 if key not in self._graphs:
-                    self._graphs[key] = _StepGraph(self.model, state, batch, self.block, key[1:])
+                    self._graphs[key] = _StepGraph(self.model, state, batch, self.block, rule)
                 graph = self._graphs[key]
-                graph.replay(code, state, uniforms[:, i:i + self.block])
+                graph.replay(code, state, uniforms[:, i:i + self.block], mu)
                 out_codes[:, i:i + self.block], out_logp[:, i:i + self.block] = graph.codes, graph.logp
                 code = graph.codes[:, -1].clone()
                 state.t += self.block
                 i += self.block
             else:
                 code, state = plain_steps(self.model, code, state, uniforms[:, i:i + 1], out_codes[:, i:i + 1],
-                                          out_logp[:, i:i + 1], temperature, top_k, top_p)
+                                          out_logp[:, i:i + 1], rule, mu)
                 i += 1
         return out_codes.cpu(), out_logp.cpu()
 
@@ -334,13 +408,14 @@ class GraphedStep:
 class _StepGraph:
     """One captured block of steps and sampling, with the static tensors it reads and writes."""
 
-    def __init__(self, model: SaShiMi, state: SaShiMiState, batch: int, block: int, sampling: tuple):
-        self.model, self.block, self.sampling = model, block, sampling
+    def __init__(self, model: SaShiMi, state: SaShiMiState, batch: int, block: int, rule: Rule):
+        self.model, self.block, self.rule = model, block, rule
         device = model.device
         self.code = torch.zeros(batch, dtype=torch.long, device=device)
         self.uniforms = torch.zeros(batch, block, device=device)
         self.codes = torch.zeros(batch, block, dtype=torch.long, device=device)
         self.logp = torch.zeros(batch, block, device=device)
+        self.mu = None if (mu := rule.first_mu(batch)) is None else mu.to(device)
         self.state = SaShiMiState(0, *[[x.detach().clone() for x in group] for group in _groups(state)])
         # Capture needs a run first on a side stream (cuBLAS sets up its workspace then).
         side = torch.cuda.Stream(device)
@@ -354,22 +429,28 @@ class _StepGraph:
 
     def _body(self) -> None:
         state = SaShiMiState(0, *[list(group) for group in _groups(self.state)])
-        _, state = plain_steps(self.model, self.code, state, self.uniforms, self.codes, self.logp, *self.sampling)
+        _, state = plain_steps(self.model, self.code, state, self.uniforms, self.codes, self.logp, self.rule,
+                               self.mu)
         for statics, news in zip(_groups(self.state), _groups(state), strict=True):
             for static, new in zip(statics, news, strict=True):
                 if new is not static:  # step returns fresh S4 states and pooled outputs
                     static.copy_(new)
 
-    def replay(self, code: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor) -> None:
-        """Run the block from `state` (its tensors become the static ones, updated in place)."""
+    def replay(self, code: torch.Tensor, state: SaShiMiState, uniforms: torch.Tensor,
+               mu: torch.Tensor | None) -> None:
+        """Run the block from `state` (its tensors become the static ones, updated in place) and mu."""
         self.code.copy_(code)
         self.uniforms.copy_(uniforms)
+        if mu is not None:
+            self.mu.copy_(mu)
         for statics, group in zip(_groups(self.state), _groups(state), strict=True):
             for j, static in enumerate(statics):
                 if group[j] is not static:
                     static.copy_(group[j])
                     group[j] = static
         self.graph.replay()
+        if mu is not None:
+            mu.copy_(self.mu)
 
 
 def _groups(state: SaShiMiState) -> tuple[list, list, list]:
