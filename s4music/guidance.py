@@ -74,8 +74,33 @@ def describe_signal(audio: Audio, source: str, trimmed_from: float | None = None
         dc_offset=float(x.mean()) if x.numel() else 0.0, flatness=spectral_flatness(x))
 
 
-def judge(report: PromptReport, bits: float | None, summary: dict) -> PromptReport:
-    """Set the verdict, reasons and advice from the signal and the model's NLL on the prompt."""
+# What fine-tuning has cost and given, as measured (benchmarks/RESULTS.md, the H200 lease and the CPU
+# training step), for the advice on a prompt the model finds surprising.
+FINETUNE_MEASURED = {
+    "hours": 25.2, "steps": 2768, "window_s": 4.096, "batch": 8, "gpu": "an H200", "gpu_s": 543,
+    "before_bits": 5.556, "after_bits": 3.518,  # held-out piano renders through soundfonts it had not heard
+    "cpu": "2 AMD EPYC cores", "cpu_audio_s_per_s": 0.11,
+}
+
+
+def finetune_advice(model: str | None) -> str:
+    """What fine-tuning on similar music takes: the hours, steps and time measured, and the commands,
+    with the model named."""
+    m, name = FINETUNE_MEASURED, model or "default"
+    cpu_hours = 3600 / m["cpu_audio_s_per_s"] / 3600
+    return (f"to continue music like this well, fine-tune on some of it. Measured: {m['hours']:g} h of new "
+            f"music, {m['steps']:,} steps of {m['batch']} x {m['window_s']:g} s windows, {m['gpu_s'] / 60:.0f} min "
+            f"on {m['gpu']}, took the bundled model from {m['before_bits']:.2f} to {m['after_bits']:.2f} "
+            f"bits/sample on music of that kind it had not heard. Gather an hour or more of similar audio (the "
+            f"measured run had {m['hours']:g} h); on a CPU ({m['cpu']}: {m['cpu_audio_s_per_s']:g} audio s per s) "
+            f"one pass over an hour takes about {cpu_hours:.0f} h, so use a GPU: `s4music prepare YOUR_FILES "
+            f"-o data/mine`, then `s4music train --mode finetune --from {name} --data data/mine --fast "
+            f"--max-minutes 10`")
+
+
+def judge(report: PromptReport, bits: float | None, summary: dict, model: str | None = None) -> PromptReport:
+    """Set the verdict, reasons and advice from the signal and the model's NLL on the prompt.
+    `model`: the model's name or path, as the advice's commands name it."""
     domain = summary.get("domain")
     knows = f"this model was trained on {domain}" if domain else "this model's training data"
     report.bits, report.reference_bits = bits, summary.get("test_bits")
@@ -123,9 +148,7 @@ def judge(report: PromptReport, bits: float | None, summary: dict) -> PromptRepo
                               "(run `s4music eval --record`) to compare with")
     report.verdict = FAR if FAR in levels else UNUSUAL if UNUSUAL in levels else TYPICAL
     if report.verdict != TYPICAL and bits is not None and ref is not None and bits - ref > 0.75:
-        report.advice.append("to continue music like this well, fine-tune on some of it: `s4music prepare "
-                             "YOUR_FILES -o data/mine`, then `s4music train --mode finetune --from MODEL "
-                             "--data data/mine`")
+        report.advice.append(finetune_advice(model))
     return report
 
 

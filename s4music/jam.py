@@ -292,7 +292,7 @@ class Jam:
             return
         audio = Audio(torch.from_numpy(np.concatenate(self.heard)), self.sr, self.sr, 1)
         report = judge(describe_signal(audio, "live input"), sum(b for _, b in self.heard_bits) / taken,
-                       self.net.summary)
+                       self.net.summary, self.net.name)
         if report.verdict != self.verdict:
             self.verdict = report.verdict
             why = report.reasons[-1] if report.reasons else ""

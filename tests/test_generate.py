@@ -501,6 +501,16 @@ def test_guidance_says_what_the_model_knows_and_how_to_get_a_model_that_knows_mo
         advice = " ".join(report.advice)
         assert ("fine-tune" in advice) == (verdict != TYPICAL)
         assert (summary["domain"] in advice) == (verdict != TYPICAL)
+    # what fine-tuning costs, as measured, and the commands with the model named
+    advice = " ".join(judge(describe_signal(audio, "orchestra.wav"), 4.5, summary, "runs/mine/best").advice)
+    assert "--from runs/mine/best" in advice and "MODEL" not in advice
+    for measured in ("25.2 h", "2,768 steps", "H200", "5.56 to 3.52", "0.11 audio s per s", "about 9 h"):
+        assert measured in advice, measured
+
+
+def test_a_loaded_model_knows_its_name_for_the_advice(tiny_model):
+    assert load_model(str(tiny_model)).name == str(tiny_model)
+    assert load_model(None).name == load_model("default").name == "default"
 
 
 def test_degeneracy_detection():
