@@ -16,10 +16,8 @@ log line while it builds) and cached; without a C++ compiler the plain path is u
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from s4music.errors import first_line
-from s4music.extensions import cache_dir, load_extension
+from s4music.extensions import load_extension
 from s4music.model.s4 import weights_version
 from s4music.model.sashimi import FeedForward, SaShiMi, SaShiMiState, WeightNormLinear
 
@@ -162,21 +160,14 @@ def _extension():
 
 def build_extension(source: Path, arch: str = "native"):
     """Build (or load the cached build of) a fused step from `source`, cached by its text, the
-    flags and this CPU. Raises when it cannot build. `SOURCE` is the toolkit's; the A/B benchmark
-    (benchmarks/ab_fused_step.py) builds an earlier revision beside it. `arch` is gcc's -march:
-    "native" (this CPU's widest vectors), or e.g. "x86-64-v3" (AVX2) to run a narrower CPU's
-    code path on a wider one, as the tests do."""
+    flags, this CPU, torch and the compiler (extensions.load_extension). Raises when it cannot
+    build. `SOURCE` is the toolkit's; the A/B benchmark (benchmarks/ab_fused_step.py) builds an
+    earlier revision beside it. `arch` is gcc's -march: "native" (this CPU's widest vectors), or
+    e.g. "x86-64-v3" (AVX2) to run a narrower CPU's code path on a wider one, as the tests do."""
     flags = ["-O3", f"-march={arch}", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
-    tag = hashlib.sha1((source.read_text() + " ".join(flags) + _cpu_flags()).encode()).hexdigest()[:12]
-    name, build_dir = f"s4music_fast_step_{tag}", cache_dir() / f"cpu-step-{tag}"
-    fresh = not (build_dir / f"{name}.so").exists()
-    if fresh:
-        log.info("building the fused CPU step for this CPU (once; about a minute)")
-    started = time.perf_counter()
-    module = load_extension(name, [source], cflags=flags, ldflags=["-fopenmp"], build_dir=build_dir)
-    if fresh:
-        log.info("built the fused CPU step in %.0f s (%s)", time.perf_counter() - started, build_dir)
-    return module
+    return load_extension("s4music_fast_step", [source], cflags=flags, ldflags=["-fopenmp"],
+                          what=f"the fused CPU step for this CPU ({source.name}, -march={arch})",
+                          key_extra=_cpu_flags())
 
 
 def _cpu_flags() -> str:
@@ -191,6 +182,14 @@ def _cpu_flags() -> str:
 
 def fused_available() -> bool:
     return _extension() is not None
+
+
+def fused_report() -> tuple[bool, str]:
+    """Whether the fused CPU step is built here, the instruction sets it runs, and its build's folder."""
+    module = _extension()
+    if module is None:
+        return False, "not built (no C++ compiler, or the build failed: see the log); the plain PyTorch step is used"
+    return True, f"built; runs {', '.join(instruction_sets(module))} (widest first); {Path(module.__file__).parent}"
 
 
 def _weight(linear: nn.Linear | WeightNormLinear) -> tuple[torch.Tensor, torch.Tensor]:
