@@ -117,6 +117,11 @@ def default(text: str, value) -> str:
     return f"{text} [default: {value}]"
 
 
+SHARD_HELP = ("Only shard i of n, 1-based (1/n to n/n): the files at sorted positions i-1, i-1+n, ... "
+              "In a Slurm array (--array=1-N): $SLURM_ARRAY_TASK_ID/N; in a Kubernetes indexed Job, whose "
+              "JOB_COMPLETION_INDEX counts from 0: JOB_COMPLETION_INDEX+1 of N.")
+
+
 ModelSpec = Annotated[str, typer.Option("--model", "-m", help=f"Model: a name ({DEFAULT_NAME}: the bundled model) "
                                                                "or an s4music checkpoint directory or official .pt.")]
 
@@ -210,13 +215,15 @@ def render_midi_command(
     timeout: float = typer.Option(RenderOptions.timeout, help="Seconds FluidSynth may take for one file."),
     sample_rate: int = typer.Option(RenderOptions.sample_rate, help="Output sample rate."),
     workers: int = typer.Option(RenderOptions.workers, help="Files rendered in parallel."),
+    shard: str = typer.Option(None, help=SHARD_HELP + " Shards share --out and need no merge; each lists its "
+                                         "failures in failures.shard-i-of-n.jsonl."),
 ):
     """Render MIDI collections (e.g. the Lakh MIDI layout) to mono WAV with FluidSynth; resumable."""
     from s4music.data.midi import render_midi
 
     options = RenderOptions(instruments=instrument or None, drums=drums, soundfont=soundfont,
                             sample_rate=sample_rate, max_seconds=max_seconds, workers=workers, program=program,
-                            vary=vary, seed=seed, timeout=timeout)
+                            vary=vary, seed=seed, timeout=timeout, shard=shard)
     with progress_bar() as bar:
         task = bar.add_task("rendering", total=None)
         report = render_midi(sources, out, options,
