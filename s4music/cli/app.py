@@ -118,6 +118,11 @@ def default(text: str, value) -> str:
     return f"{text} [default: {value}]"
 
 
+SHARD_HELP = ("Only shard i of n, 1-based (1/n to n/n): the files at sorted positions i-1, i-1+n, ... "
+              "In a Slurm array (--array=1-N): $SLURM_ARRAY_TASK_ID/N; in a Kubernetes indexed Job, whose "
+              "JOB_COMPLETION_INDEX counts from 0: JOB_COMPLETION_INDEX+1 of N.")
+
+
 ModelSpec = Annotated[str, typer.Option("--model", "-m", help=f"Model: a name ({DEFAULT_NAME}: the bundled model) "
                                                                "or an s4music checkpoint directory or official .pt.")]
 
@@ -211,13 +216,15 @@ def render_midi_command(
     timeout: float = typer.Option(RenderOptions.timeout, help="Seconds FluidSynth may take for one file."),
     sample_rate: int = typer.Option(RenderOptions.sample_rate, help="Output sample rate."),
     workers: int = typer.Option(RenderOptions.workers, help="Files rendered in parallel."),
+    shard: str = typer.Option(None, help=SHARD_HELP + " Shards share --out and need no merge; each lists its "
+                                         "failures in failures.shard-i-of-n.jsonl."),
 ):
     """Render MIDI collections (e.g. the Lakh MIDI layout) to mono WAV with FluidSynth; resumable."""
     from s4music.data.midi import render_midi
 
     options = RenderOptions(instruments=instrument or None, drums=drums, soundfont=soundfont,
                             sample_rate=sample_rate, max_seconds=max_seconds, workers=workers, program=program,
-                            vary=vary, seed=seed, timeout=timeout)
+                            vary=vary, seed=seed, timeout=timeout, shard=shard)
     with progress_bar() as bar:
         task = bar.add_task("rendering", total=None)
         report = render_midi(sources, out, options,
@@ -245,13 +252,20 @@ def prepare(
                                            "names relative to the source directory; listed files keep that split."),
     verify: Path = typer.Option(None, "--verify", help="Only check the dataset at this directory: do dataset.json, "
                                                        "the manifest and the split files agree? Exit 1 if not."),
+    shard: str = typer.Option(None, help=SHARD_HELP + " --out is then this shard's own directory; splits are "
+                                         "those of the whole collection. Join the shards with --merge."),
+    merge: bool = typer.Option(False, "--merge", help="SOURCES are the n shard directories of one --shard run: "
+                                                      "join them into --out (new), the dataset one run would have "
+                                                      "built, byte for byte. The shards fix every other setting."),
 ):
     """Build or extend a training dataset: decode, mono, resample, quantize, window, split by source.
 
-    `s4music prepare --verify DIR` checks a dataset instead."""
+    `s4music prepare --verify DIR` checks a dataset instead.
+
+    `--shard i/n` builds one shard of it; `s4music prepare --merge SHARDS... -o DIR` joins them."""
     from s4music.data.format import verify_dataset
+    from s4music.data.prepare import merge_shards, read_pinned_splits
     from s4music.data.prepare import prepare as prepare_dataset
-    from s4music.data.prepare import read_pinned_splits
 
     if verify is not None:
         problems = verify_dataset(verify)
@@ -259,23 +273,30 @@ def prepare(
             console.print(f"[red]damaged:[/] {problem}", highlight=False, soft_wrap=True)
         console.print(f"{verify}: {'whole' if not problems else f'{len(problems)} problem(s)'}", highlight=False)
         raise typer.Exit(1 if problems else 0)
-    if not sources or out is None:
-        fail("give the audio SOURCES and --out DIR (or --verify DIR to check a dataset)")
-
-    options = PrepareOptions(seconds=seconds, sample_rate=sample_rate, quantization=quantization,
-                             val_fraction=val, test_fraction=test, seed=seed, tags=tag or [],
-                             pinned=read_pinned_splits(splits) if splits else {})
-    with progress_bar() as bar:
-        task = bar.add_task("preparing", total=None)
-        report = prepare_dataset(sources, out, options,
-                                 on_file=lambda path, status, done, total: bar.update(task, completed=done, total=total))
+    if merge:
+        if not sources or out is None or shard is not None:
+            fail("--merge takes the shard directories as SOURCES and a new --out DIR (and no --shard)")
+        report = merge_shards(sources, out)
+    else:
+        if not sources or out is None:
+            fail("give the audio SOURCES and --out DIR (or --verify DIR to check a dataset)")
+        options = PrepareOptions(seconds=seconds, sample_rate=sample_rate, quantization=quantization,
+                                 val_fraction=val, test_fraction=test, seed=seed, tags=tag or [],
+                                 pinned=read_pinned_splits(splits) if splits else {}, shard=shard)
+        with progress_bar() as bar:
+            task = bar.add_task("preparing", total=None)
+            report = prepare_dataset(sources, out, options, on_file=lambda path, status, done, total: bar.update(
+                task, completed=done, total=total))
     table = Table(title=f"{out}: hours of audio")
     for column in ("split", "stratum", "hours"):
         table.add_column(column)
     for (split, stratum), hours in report.summary.items():
         table.add_row(split, stratum, f"{hours:.3f}")
     Console().print(table)
-    console.print(f"{len(report.added)} files added, {report.unchanged} already in the dataset")
+    if merge:
+        console.print(f"{len(report.added)} files merged from {len(sources)} shards into {out}", highlight=False)
+    else:
+        console.print(f"{len(report.added)} files added, {report.unchanged} already in the dataset")
     if report.unmatched_pins:
         missed = report.unmatched_pins
         console.print(f"[yellow]warning:[/] {splits}: {len(missed)} listed file(s) not found under the sources "
