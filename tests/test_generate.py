@@ -147,6 +147,32 @@ def test_fused_step_with_half_weights_matches_the_rounded_model(fused):
     assert (logits - model(x)[:, 100:-1]).abs().max() > 1e-4  # the weights really were rounded
 
 
+def test_the_bf16_read_is_taken_only_where_it_measured_faster(fused, tmp_path, monkeypatch, caplog):
+    """reader(bf16=True) measures both reads once per machine and model shape, keeps the figures in
+    the cache, and reads in bf16 only where it was BF16_MIN_GAIN faster; float32 where the CPU has no
+    AVX512-BF16, unmeasured."""
+    from s4music.model import fast
+
+    monkeypatch.setenv("S4MUSIC_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    model = perturbed(SaShiMi(SaShiMiConfig(d_model=64, n_layers=2, pool=[4], s4=S4Config(d_state=16)))).eval()
+    with caplog.at_level("INFO", logger="s4music.model.fast"):
+        first = reader(model, bf16=True)
+        second = reader(model, bf16=True)
+    measured = json.loads((tmp_path / "read-precision.json").read_text()) if (tmp_path / "read-precision.json").exists() else {}
+    if FusedReader(model, bf16=True).precision != "bf16":  # no AVX512-BF16 here: nothing to measure
+        assert first.precision == second.precision == "float32" and measured == {}
+        return
+    (figures,) = measured.values()
+    faster = figures["float32_s"] >= fast.BF16_MIN_GAIN * figures["bf16_s"]
+    assert first.precision == second.precision == ("bf16" if faster else "float32")
+    assert len([r for r in caplog.records if "measured the prompt read" in r.getMessage()]) == 1
+    figures["float32_s"], figures["bf16_s"] = 1.0, 2.0  # as on the Xeon where bf16 was slower
+    (tmp_path / "read-precision.json").write_text(json.dumps({next(iter(measured)): figures}))
+    assert reader(model, bf16=True).precision == "float32"
+    assert reader(model).precision == "float32"  # not asked for
+
+
 def test_every_instruction_set_samples_the_plain_steps_codes(fused):
     torch.manual_seed(0)
     model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, pool=[4], s4=S4Config(d_state=16))))

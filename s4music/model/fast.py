@@ -16,8 +16,11 @@ log line while it builds) and cached; without a C++ compiler the plain path is u
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from s4music.errors import first_line
-from s4music.extensions import load_extension
+from s4music.extensions import cache_home, load_extension
+from s4music.files import write_json
 from s4music.model.s4 import weights_version
 from s4music.model.sashimi import FeedForward, SaShiMi, SaShiMiState, WeightNormLinear
 
@@ -170,14 +174,15 @@ def build_extension(source: Path, arch: str = "native"):
                           key_extra=_cpu_flags())
 
 
-def _cpu_flags() -> str:
+def _cpu_info() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return ""
+        return ""
+
+
+def _cpu_flags() -> str:
+    return next((line for line in _cpu_info().splitlines() if line.startswith("flags")), "")
 
 
 def fused_available() -> bool:
@@ -287,8 +292,8 @@ class FusedReader:
     where the CPU has AVX512-BF16, twice the multiply-adds an instruction; elsewhere, and for the
     S4 recurrences, pools and decoder always, float32. `precision` says what is in effect. It moves
     the bundled model's bits/sample by under 1e-3 (+4.7e-4 on examples/prompt.wav, +4.5e-4 on its
-    test split: benchmarks/RESULTS.md), so prompts are read so (generate, jam); scoring (eval,
-    validation) stays float32.
+    test split: benchmarks/RESULTS.md), so prompts are read so (generate, jam) where it measured
+    faster on the machine (`reader`); scoring (eval, validation) stays float32.
     """
 
     def __init__(self, model: SaShiMi, extension=None, isa: str | None = None, bf16: bool = False, *, impl=None):
@@ -341,15 +346,57 @@ _kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def reader(model: SaShiMi, bf16: bool = False) -> SaShiMi | FusedReader:
     """What reads prompts for `model` fastest here, with the same `prefill`, `prefill_bits` and
     `bits`: a FusedReader (see its `bf16`) for a model on the CPU in eval mode where the kernel
-    builds, else the model itself. Kept while the weights are unchanged, and made afresh when they
-    change."""
+    builds, else the model itself. bf16 is a request: it is taken where the CPU has AVX512-BF16 and
+    the bf16 read measured faster than the float32 one on this machine (`bf16_read_is_faster`).
+    Kept while the weights are unchanged, and made afresh when they change."""
     if model.device.type != "cpu" or model.training or not fused_available():
         return model
     key = weights_version(model)
     kept = _kept.setdefault(model, {})
-    if bf16 not in kept or kept[bf16][0] != key:
-        kept[bf16] = (key, _fast_model(model, False, None, None, bf16))
-    return FusedReader(model, impl=kept[bf16][1])
+    for precision in (False, True) if bf16 else (False,):
+        if precision not in kept or kept[precision][0] != key:
+            kept[precision] = (key, _fast_model(model, False, None, None, precision))
+    if bf16 and kept[True][1].read_precision() == "bf16" and bf16_read_is_faster(model, kept[False][1], kept[True][1]):
+        return FusedReader(model, impl=kept[True][1])
+    return FusedReader(model, impl=kept[False][1])
+
+
+# The bf16 read is taken only when it is faster by this much: it changes the music (by about 5e-4
+# bits/sample), and on a 2-core Xeon with AMX it was 1.3-1.6x slower than float32 while the EPYC it
+# was chosen on ran it faster (issue 35, benchmarks/RESULTS.md).
+BF16_MIN_GAIN = 1.1
+READ_TRIAL_SAMPLES = 16000
+
+
+def bf16_read_is_faster(model: SaShiMi, float32_impl, bf16_impl) -> bool:
+    """Whether reading with `bf16_impl` beats `float32_impl` by BF16_MIN_GAIN for this model here:
+    measured once (the faster of 3 interleaved reads of a second of codes each) and kept in
+    S4MUSIC_CACHE/read-precision.json by CPU, kernel build, thread count and model shape."""
+    module = _extension()
+    cpu = next((line for line in _cpu_info().splitlines() if line.startswith("model name")), "")
+    key = hashlib.sha256(json.dumps([cpu, _cpu_flags(), getattr(module, "__file__", ""), torch.get_num_threads(),
+                                     model.config.to_dict()], sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_home() / "read-precision.json"
+    try:
+        measured = json.loads(path.read_text())
+    except (OSError, ValueError):
+        measured = {}
+    if key not in measured:
+        codes = torch.randint(0, model.config.n_codes, (1, READ_TRIAL_SAMPLES),
+                              generator=torch.Generator().manual_seed(0))
+        best = {"float32": math.inf, "bf16": math.inf}
+        for _ in range(3):
+            for name, impl in (("float32", float32_impl), ("bf16", bf16_impl)):
+                started = time.perf_counter()
+                FusedReader(model, impl=impl).prefill(codes, logits=False)
+                best[name] = min(best[name], time.perf_counter() - started)
+        measured[key] = {"cpu": cpu.split(":", 1)[-1].strip(), "float32_s": best["float32"], "bf16_s": best["bf16"]}
+        log.info("measured the prompt read here once: float32 %.3f s, bf16 %.3f s for %d samples; reading in %s",
+                 best["float32"], best["bf16"], READ_TRIAL_SAMPLES,
+                 "bf16" if best["float32"] >= BF16_MIN_GAIN * best["bf16"] else "float32")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, measured)
+    return measured[key]["float32_s"] >= BF16_MIN_GAIN * measured[key]["bf16_s"]
 
 
 class GraphedStep:
