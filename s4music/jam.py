@@ -33,9 +33,8 @@ from s4music.dsp import HighPass, dbfs
 from s4music.errors import S4MusicError
 from s4music.files import AtomicFile
 from s4music.generate.options import Sampling, StepOptions
-from s4music.generate.sampler import Sampler, Stepper, prompt_reader
+from s4music.generate.sampler import Sampler, Stepper
 from s4music.guidance import describe_signal, judge
-from s4music.model.fast import FusedStep
 from s4music.model.registry import load_model
 from s4music.model.s4 import SCAN_CHUNK
 from s4music.model.sashimi import SaShiMi
@@ -163,16 +162,8 @@ class Jam:
             taken += n
         self.pending = [codes[taken:]] if taken < len(codes) else []
 
-    @torch.no_grad()
     def _take(self, codes: torch.Tensor, forced: bool) -> None:
-        fast = self.stepper.fast
-        if forced and isinstance(fast, FusedStep):
-            _, logprobs, _ = fast.run(self.code, self.state, torch.zeros(1, len(codes)), forced=codes.unsqueeze(0))
-            bits = -logprobs[0].double() / math.log(2)
-        else:
-            x = torch.cat([self.code, codes[:-1]]).unsqueeze(0)
-            bits, self.state = prompt_reader(self.net, self.options.step).prefill_bits(x, codes.unsqueeze(0), self.state)
-            bits = bits[0].double()
+        bits, self.state = self.stepper.follow(self.code, self.state, codes, step_by_step=forced)
         self.code = codes[-1:]
         if self.sampling.guidance != 1:
             self.recent = torch.cat([self.recent, codes])[-self.recent_keep:]

@@ -68,6 +68,20 @@ class Stepper:
                 self.name = "plain-cpu"
         self.net = net
 
+    @torch.no_grad()
+    def follow(self, first: torch.Tensor, state: SaShiMiState, codes: torch.Tensor,
+               step_by_step: bool = False) -> tuple[torch.Tensor, SaShiMiState]:
+        """Feed what was heard into `state` (batch 1): inputs `first` (1,) then codes[:-1] (L,).
+        Returns each code's bits (L,) float64 and the state after (its next input is codes[-1]).
+        step_by_step: teacher forcing through the fused step where there is one (cheap for a few
+        samples, and from any point of the pools); else one parallel pass of the reader."""
+        if step_by_step and isinstance(self.fast, FusedStep):
+            _, logprobs, _ = self.fast.run(first, state, torch.zeros(1, len(codes)), forced=codes.unsqueeze(0))
+            return -logprobs[0].double() / math.log(2), state
+        x = torch.cat([first, codes[:-1]]).unsqueeze(0)
+        bits, state = self.reader.prefill_bits(x, codes.unsqueeze(0), state)
+        return bits[0].double(), state
+
     def sampler(self, state: SaShiMiState, first: torch.Tensor, seeds: list[int], sampling: Sampling,
                 heard: torch.Tensor | None = None) -> Sampler:
         """Variations, one per seed, that all start from `state` (batch 1, left as it is) and input `first`.
