@@ -361,6 +361,20 @@ def test_guidance_draws_from_the_prompts_rows_pushed_away_from_the_free_ones():
         assert got.tolist() == [want] * 4
 
 
+def test_a_guided_continuation_records_its_rule_and_bad_rules_are_named(tiny_model, synth_prompt, tmp_path):
+    sampling = Sampling(guidance=2.0, surprise="auto", typical=0.95)
+    result = continue_prompt(synth_prompt, tmp_path / "g.wav", tiny_model,
+                             GenerateOptions(seconds=0.3, seed=3, sampling=sampling))
+    recorded = json.loads(result.sidecar.read_text())["sampling"]
+    assert recorded["guidance"] == 2.0 and recorded["typical"] == 0.95 and recorded["guidance_seconds"] == 0.25
+    assert recorded["surprise"] == pytest.approx(result.guidance.bits)  # auto: the prompt's own bits
+    for bad, named in ((Sampling(guidance=-1), "--guidance -1"), (Sampling(typical=0), "--typical 0"),
+                       (Sampling(surprise="lots"), "--surprise lots"), (Sampling(guidance=2, context_seconds=4),
+                                                                         "--guidance with --context-seconds")):
+        with pytest.raises(GenerationError, match=named):
+            GenerateOptions(sampling=bad).check()
+
+
 def test_seed_fixes_the_output_bit_for_bit(tiny_model, tmp_path):
     opts = dict(seconds=0.5, variations=2)
     a = improvise(tmp_path / "a.wav", tiny_model, GenerateOptions(seed=11, **opts))
