@@ -28,6 +28,7 @@ from s4music.audio import decode, spectral_flatness
 from s4music.data.dataset import PreparedDataset
 from s4music.data.format import stratum_key
 from s4music.errors import S4MusicError
+from s4music.eval_options import EvalOptions
 from s4music.model.fast import reader
 from s4music.model.registry import load_model
 from s4music.model.sashimi import SaShiMi
@@ -99,11 +100,12 @@ def window_bits(model: SaShiMi, codes: torch.Tensor, context: int) -> torch.Tens
     return total
 
 
-def evaluate(model_path: str | Path, data: str | Path, split: str = "test", context: int | None = None,
-             batch_size: int = 4, bootstrap: int = 1000, seed: int = 0, device: str = "cpu",
-             max_windows: int | None = None, on_progress: Callable[[int, int], None] | None = None) -> EvalReport:
-    """Score `split` of a prepared dataset with a checkpoint. See the module docstring."""
-    model = load_model(model_path, device=device)
+def evaluate(model_path: str | Path, data: str | Path, options: EvalOptions | None = None,
+             on_progress: Callable[[int, int], None] | None = None) -> EvalReport:
+    """Score `options.split` of a prepared dataset with a checkpoint. See the module docstring."""
+    options = options or EvalOptions()
+    split, batch_size, max_windows = options.split, options.batch_size, options.max_windows
+    model = load_model(model_path, device=options.device)
     dataset = PreparedDataset(data)
     why = model.audio.mismatch(dataset.sample_rate, dataset.quantization)
     if why:  # a model scores only codes made the way its training data was
@@ -114,7 +116,7 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", cont
         windows, rows = windows[:max_windows], rows[:max_windows]
     if len(windows) == 0:
         raise EvalError(f"{dataset.root}: the {split} split is empty")
-    context = context or dataset.window
+    context = options.context or dataset.window
     if context < 1:
         raise EvalError(f"context must be positive, not {context}")
 
@@ -147,7 +149,7 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", cont
     for i, row in enumerate(rows):
         sources[row["source"]].append(i)
     per_source = {s: (float(model_sums[idx].sum()), len(idx) * width) for s, idx in sources.items()}
-    interval = bootstrap_interval(list(per_source.values()), bootstrap, seed)
+    interval = bootstrap_interval(list(per_source.values()), options.bootstrap, options.seed)
     flat = [spectral_flatness(decode(torch.from_numpy(np.array(w)), dataset.quantization)) for w in windows]
     quantiles = np.percentile(flat, list(FLATNESS_QUANTILES.values()))
     return EvalReport(model=str(model_path), dataset=str(dataset.root), split=split, context=context,

@@ -29,8 +29,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger(__name__)
 # Architecture to compile CUDA code for when no GPU is visible (a compile check): Hopper (H100/H200).
 DEFAULT_CUDA_ARCH = "9.0"
@@ -75,6 +73,7 @@ def _build_environment(cuda_home: Path | None):
     logger = logging.getLogger("torch.utils.cpp_extension")
     quiet = _Quiet()
     logger.addFilter(quiet)  # before the import: it warns about a missing CUDA runtime as it loads
+    import torch
     from torch.utils import cpp_extension
 
     names = ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST")
@@ -109,6 +108,8 @@ def compiler_version(program: str) -> str:
 
 def build_inputs(sources: list[Path], cflags: list[str], ldflags: list[str], cuda: bool, extra: str) -> dict:
     """Everything that changes a build, by name (a build directory's key, kept in it as build.json)."""
+    import torch  # here, not at the top: `cache_home` serves the command line, which starts without torch
+
     inputs = {
         "sources": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sources},
         "flags": " ".join(cflags + ldflags),
@@ -158,6 +159,8 @@ def load_extension(name: str, sources: list[Path], cflags: list[str] | None = No
 
     cuda: the sources include .cu files; the toolkit is found by `find_cuda_home`. what: the build's
     name in the log lines. key_extra: more that changes the build (see the module docstring)."""
+    import torch
+
     what = what or name
     cflags, ldflags = list(cflags or []), list(ldflags or [])
     cuda_home = None

@@ -53,11 +53,16 @@ def download(repo: str, filename: str, revision: str = "main", repo_type: str = 
 
 
 def cached(repo: str, filename: str, revision: str = "main", repo_type: str = "model") -> Path | None:
-    """The file if it is in the local cache (no network); else None."""
-    from huggingface_hub import try_to_load_from_cache
+    """The file if it is in the local cache (no network); else None. Read from the cache's documented
+    layout (as huggingface_hub's try_to_load_from_cache does), since the client's own lookup imports
+    its HTTP stack, a fifth of a second that `s4music models` would wait on."""
+    from huggingface_hub import constants
 
-    found = try_to_load_from_cache(repo, filename, revision=revision, repo_type=repo_type)
-    return Path(found) if isinstance(found, str) else None
+    root = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo.replace('/', '--')}"
+    ref = root / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    found = root / "snapshots" / commit / filename
+    return found if found.is_file() else None
 
 
 def list_files(repo: str, revision: str = "main", repo_type: str = "model") -> list[str]:

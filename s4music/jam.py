@@ -22,7 +22,7 @@ import math
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,9 @@ import torch
 
 from s4music.audio import Audio, decode, encode
 from s4music.dsp import HighPass, dbfs
-from s4music.errors import S4MusicError
 from s4music.files import AtomicFile
-from s4music.generate.options import Sampling, StepOptions
 from s4music.generate.sampler import Sampler, Stepper
+from s4music.jam_options import JamError, JamOptions
 from s4music.guidance import describe_signal, judge
 from s4music.model.registry import load_model
 from s4music.model.s4 import SCAN_CHUNK
@@ -46,33 +45,6 @@ PEAK_RELEASE_DB_PER_S = 1.0  # how fast the encoding scale follows the input dow
 RECENT_S = 3.0  # the live verdict judges this much of the latest playing
 LEVEL_S = 2.0  # an answer matches the loudness of this much of the latest playing
 MAX_LEVEL_GAIN = 10.0  # an answer is raised or lowered by at most 20 dB to match
-
-
-class JamError(S4MusicError):
-    pass
-
-
-@dataclass
-class JamOptions:
-    wait: float = 1.0  # seconds of quiet before the model answers
-    max_answer: float = 10.0  # the longest answer, seconds
-    quiet_db: float = 20.0  # quiet: this far below the recent playing level
-    guidance_after: float = 3.0  # seconds of playing before the first live verdict
-    match_level: bool = True  # answer at the loudness (RMS) of the player's last LEVEL_S seconds
-    seed: int | None = None  # answer k uses seed + k; None: a fresh random seed
-    sampling: Sampling = field(default_factory=Sampling)
-    step: StepOptions = field(default_factory=lambda: StepOptions(device="cpu"))
-
-    def check(self) -> None:
-        problems = [f"{name} {value:g}: {rule}" for name, value, bad, rule in (
-            ("--wait", self.wait, not 0 < self.wait <= 60, "must be more than 0 and at most 60 seconds"),
-            ("--max-answer", self.max_answer, not 0 < self.max_answer <= 600, "must be more than 0 and at most 600"),
-            ("--quiet-db", self.quiet_db, not 3 <= self.quiet_db <= 80, "must be 3 to 80 dB"),
-        ) if bad] + self.sampling.problems()
-        if self.step.device != "cpu":  # live blocks are too short for a GPU to win; the state lives on the CPU
-            problems.append(f"step device {self.step.device}: a jam runs on the CPU")
-        if problems:
-            raise JamError("; ".join(problems))
 
 
 @dataclass

@@ -277,6 +277,7 @@ def music_dataset() -> Path:
 @pytest.fixture(scope="session")
 def trained_model(music_dataset, tmp_path_factory) -> Path:
     """A tiny model trained briefly on `music_dataset`, with its test NLL recorded for guidance."""
+    from s4music.eval_options import EvalOptions
     from s4music.evaluate import evaluate, record_result
     from s4music.train import TrainConfig, train
 
@@ -285,7 +286,7 @@ def trained_model(music_dataset, tmp_path_factory) -> Path:
                          eval_every=40, save_every=40, eval_windows=2,
                          model={"d_model": 16, "n_layers": 1, "pool": [4], "s4": {"d_state": 16}})
     result = train(config)
-    record_result(result.model, evaluate(result.model, music_dataset, context=4096, max_windows=24))
+    record_result(result.model, evaluate(result.model, music_dataset, EvalOptions(context=4096, max_windows=24)))
     return result.model
 
 

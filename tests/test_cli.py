@@ -1,7 +1,11 @@
 """The `s4music` command line: thin commands, one-line errors, exit codes."""
 
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -22,6 +26,34 @@ def test_help_lists_the_commands_and_the_exit_codes():
     assert "2 prompt judged far from the model's music, 130 interrupted" in text
     check = " ".join(runner.invoke(app, ["check", "--help"], terminal_width=120).output.split())
     assert "Exit codes: 0 done, 1 error, 2 prompt judged far" in check  # every command's help says them
+
+
+STARTUP = """
+import contextlib, io, sys
+import typer
+from s4music.cli.app import app, main
+
+codes = []
+for argv in (["--help"], *([name, "--help"] for name in typer.main.get_command(app).commands), ["models"]):
+    sys.argv = ["s4music", *argv]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit) as stop:
+        main()
+    codes.append(stop.code if stop else 0)
+import s4music.generate, s4music.data.options, s4music.jam_options, s4music.train_config, s4music.eval_options
+print(set(codes), sorted({m.split(".")[0] for m in sys.modules} & {"torch", "gradio", "matplotlib", "scipy"}))
+"""
+
+
+def test_help_and_models_import_no_torch_gradio_matplotlib_or_scipy(tmp_path):
+    # a fresh interpreter, as the console script starts; the time this saves is in benchmarks/bench_cli.py
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "S4MUSIC_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", STARTUP], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["{0}", "[]"], out.stdout
+    from s4music import load_model  # the package's names still come, on first use
+
+    assert load_model().num_parameters() > 0
 
 
 def test_convert_writes_a_loadable_checkpoint_and_fails_cleanly(tmp_path):

@@ -17,7 +17,8 @@ LAYERS = [
     {"s4music.audio", "s4music.dsp", "s4music.measures", "s4music.sinks", "s4music.sources"},
     {"s4music.model", "s4music.data"},
     {"s4music.guidance", "s4music.doctor"},
-    {"s4music.evaluate", "s4music.generate", "s4music.train", "s4music.jam", "s4music.studio_app"},
+    {"s4music.evaluate", "s4music.eval_options", "s4music.generate", "s4music.train", "s4music.train_config",
+     "s4music.jam", "s4music.jam_options", "s4music.studio_app"},
     {"s4music.cli", "s4music.studio"},
 ]
 

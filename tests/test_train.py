@@ -13,6 +13,7 @@ from conftest import DATA, perturbed
 from safetensors.torch import load_file
 
 from s4music.data.prepare import PrepareOptions, prepare
+from s4music.eval_options import EvalOptions
 from s4music.evaluate import EvalError, evaluate
 from s4music.model import import_official, load_model, save_model
 from s4music.model.reparam import untie
@@ -42,7 +43,7 @@ def log_rows(run: Path) -> list[dict]:
 def test_scratch_training_beats_the_unigram_baseline(music_dataset, tmp_path):
     config = tiny(music_dataset, tmp_path / "run", seq_len=4096, steps=80, lr=1e-2, eval_every=40, save_every=40)
     result = train(config)
-    report = evaluate(result.model, music_dataset, split="val", context=4096, max_windows=24)
+    report = evaluate(result.model, music_dataset, EvalOptions(split="val", context=4096, max_windows=24))
     assert report.overall.model_bits < report.overall.unigram_bits - 0.05, report.overall
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
@@ -91,7 +92,7 @@ def test_quantization_mismatch_is_a_clear_error(tmp_path, short_recording):
     with pytest.raises(TrainingError, match="mulaw-official.*linear"):
         train(tiny(linear, tmp_path / "run", mode="finetune", init=str(official), model={}))
     with pytest.raises(EvalError, match="linear"):
-        evaluate(official, linear, split="train")
+        evaluate(official, linear, EvalOptions(split="train"))
 
 
 def test_warm_up_then_cosine_and_plateau_schedules():

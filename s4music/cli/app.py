@@ -8,7 +8,6 @@ what the model knows (`check`, and `continue --strict`); 130 interrupted.
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import logging
 import os
@@ -23,16 +22,16 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from s4music.data.fetch import FetchOptions
-from s4music.data.midi import RenderOptions
-from s4music.data.prepare import PrepareOptions
+# Options only: every command imports what does the work when it runs, so --help, `models` and a
+# mistyped option answer at once, without torch (tests/test_cli.py checks which modules load).
+from s4music.data.options import FetchOptions, PrepareOptions, RenderOptions
 from s4music.errors import S4MusicError
-from s4music.evaluate import evaluate
-from s4music.jam import JamOptions
-from s4music.generate import (DEGENERACIES, GenerateOptions, GenerationError, Output, PromptSelection, Sampling,
-                              StepOptions)
+from s4music.eval_options import EvalOptions
+from s4music.generate.options import (GenerateOptions, GenerationError, Output, PromptSelection, Sampling,
+                                      StepOptions)
+from s4music.jam_options import JamOptions
 from s4music.model.registry import DEFAULT_NAME
-from s4music.train import TrainConfig
+from s4music.train_config import TrainConfig
 
 EXIT_CODES = "Exit codes: 0 done, 1 error, 2 prompt judged far from the model's music, 130 interrupted."
 
@@ -432,30 +431,27 @@ def train(
                   highlight=False)
 
 
-EVAL = {name: p.default for name, p in inspect.signature(evaluate).parameters.items()}  # its defaults
-
-
 @command(name="eval", inference=True)
 def eval_command(
     model: str = typer.Argument(DEFAULT_NAME, help="Model: a name or an s4music checkpoint directory or official .pt."),
     data: Path = typer.Option(..., "--data", "-d", help="Prepared dataset to score."),
-    split: str = typer.Option(EVAL["split"], help="train, val or test."),
+    split: str = typer.Option(EvalOptions.split, help="train, val or test."),
     context: int = typer.Option(None, help="Samples scored from rest at a time (default: the whole window, "
                                            "8.192 s for datasets built with the defaults)."),
-    batch_size: int = typer.Option(EVAL["batch_size"], help="Windows scored together."),
+    batch_size: int = typer.Option(EvalOptions.batch_size, help="Windows scored together."),
     max_windows: int = typer.Option(None, help="Score only the first N windows (quick checks)."),
-    device: str = typer.Option(EVAL["device"], help="cpu or cuda."),
+    device: str = typer.Option(EvalOptions.device, help="cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     record: bool = typer.Option(False, help="Store the result in the checkpoint's summary (prompt guidance uses it)."),
 ):
     """Test NLL in bits per sample, per stratum, with unigram and bigram baselines and a 95% interval."""
-    from s4music.evaluate import record_result
+    from s4music.evaluate import evaluate, record_result
 
+    options = EvalOptions(split=split, context=context, batch_size=batch_size, device=device, max_windows=max_windows)
     with progress_bar() as bar:
         task = bar.add_task("scoring", total=None)
-        report = evaluate(model, data, split=split, context=context, batch_size=batch_size, device=device,
-                          max_windows=max_windows, on_progress=lambda done, total: bar.update(task, completed=done,
-                                                                                              total=total))
+        report = evaluate(model, data, options, on_progress=lambda done, total: bar.update(task, completed=done,
+                                                                                           total=total))
     if record:
         record_result(model, report)
     if as_json:
@@ -493,7 +489,7 @@ def print_guidance(report, continuing: bool = True) -> None:
 def generation_run(run, what: str) -> None:
     """Run a generation with a progress bar (ETA and live RTF), then list the outputs. A reader of
     standard output that goes away ends the run quietly."""
-    from s4music.generate import OutputClosed
+    from s4music.generate import DEGENERACIES, OutputClosed
 
     bar = progress_bar(info=True)
     task = None
@@ -562,7 +558,7 @@ Device = Annotated[str, typer.Option(help="cpu, cuda, or auto: read the prompt o
                                           "generate on the fused CPU step (cuda: generate on the GPU too).")]
 Retry = Annotated[int, typer.Option(help="Resample a variation that collapses to silence, turns to noise or "
                                          "sticks at a DC offset, up to N times (files only).")]
-Plot = Annotated[bool, typer.Option("--plot", help="Also write OUT.png: waveform and spectrogram.")]
+Plot = Annotated[bool, typer.Option("--plot", help="Also write Output.png: waveform and spectrogram.")]
 Fused = Annotated[bool, typer.Option("--fused/--no-fused", help="Use the fused C++ CPU step when available "
                                                                 "(--no-fused: the plain PyTorch step).")]
 HalfWeights = Annotated[bool, typer.Option("--half-weights/--full-weights", help="Fused step: hold the linear "
@@ -571,8 +567,6 @@ HalfWeights = Annotated[bool, typer.Option("--half-weights/--full-weights", help
                                            "gives the plain step's codes).")]
 Play = Annotated[bool, typer.Option("--play", help="Play on the default sound device as it is made, from the last "
                                                    "second of the prompt.")]
-G, P, OUT, D = GenerateOptions, PromptSelection, Output, StepOptions  # their defaults
-JAM = JamOptions
 
 
 def surprise_value(text: str | None) -> float | str | None:
@@ -585,24 +579,16 @@ def surprise_value(text: str | None) -> float | str | None:
         raise GenerationError(f"--surprise {text}: use auto, or bits/sample from 0 (off) to 8") from None
 
 
-def options_from(seconds, variations, seed, rank, retry_degenerate, sampling: Sampling, normalize, format,
-                 plot, device, fused, half_weights, strict=G.strict, include_prompt=OUT.include_prompt,
-                 prompt_seconds=P.seconds, prompt_start=None, prompt_end=None) -> GenerateOptions:
-    return GenerateOptions(
-        seconds=seconds, variations=variations, seed=seed, rank=rank, retry_degenerate=retry_degenerate, strict=strict,
-        sampling=sampling, prompt=PromptSelection(prompt_seconds, prompt_start, prompt_end),
-        output=Output(include_prompt, normalize, format, plot), step=StepOptions(device, fused, half_weights))
-
-
 @command(name="continue", inference=True)
 def continue_command(
     prompt: str = typer.Argument(..., help="Audio file (wav, flac, mp3, ogg, ...) or a URL (fetched with yt-dlp)."),
     out: Out = "continuation.wav",
-    seconds: Seconds = G.seconds,
-    prompt_seconds: float = typer.Option(P.seconds, help="Use the last N seconds of the prompt (of the selection)."),
+    seconds: Seconds = GenerateOptions.seconds,
+    prompt_seconds: float = typer.Option(PromptSelection.seconds,
+                                         help="Use the last N seconds of the prompt (of the selection)."),
     prompt_start: float = typer.Option(None, help="Prompt selection start, seconds."),
     prompt_end: float = typer.Option(None, help="Prompt selection end, seconds."),
-    variations: Variations = G.variations,
+    variations: Variations = GenerateOptions.variations,
     temperature: Temperature = None,
     temperature_end: TemperatureEnd = None,
     top_k: TopK = None,
@@ -613,18 +599,18 @@ def continue_command(
     guidance_seconds: GuidanceSeconds = None,
     surprise: Surprise = None,
     seed: Seed = None,
-    rank: Rank = G.rank,
-    include_prompt: bool = typer.Option(OUT.include_prompt, "--prompt/--no-prompt", help="Start the output with the prompt."),
-    normalize: Normalize = OUT.normalize,
+    rank: Rank = GenerateOptions.rank,
+    include_prompt: bool = typer.Option(Output.include_prompt, "--prompt/--no-prompt", help="Start the output with the prompt."),
+    normalize: Normalize = Output.normalize,
     format: Format = None,
     model: ModelSpec = DEFAULT_NAME,
-    device: Device = D.device,
-    strict: bool = typer.Option(G.strict, "--strict", help="Refuse (exit 2) a prompt judged far from the model's "
+    device: Device = StepOptions.device,
+    strict: bool = typer.Option(GenerateOptions.strict, "--strict", help="Refuse (exit 2) a prompt judged far from the model's "
                                                            "music; by default a warning is printed and it continues."),
-    retry_degenerate: Retry = G.retry_degenerate,
-    plot: Plot = OUT.plot,
-    fused: Fused = D.fused,
-    half_weights: HalfWeights = D.half_weights,
+    retry_degenerate: Retry = GenerateOptions.retry_degenerate,
+    plot: Plot = Output.plot,
+    fused: Fused = StepOptions.fused,
+    half_weights: HalfWeights = StepOptions.half_weights,
     play: Play = False,
 ):
     """Continue a piece of music: PROMPT is read, checked, and carried on for --seconds.
@@ -632,11 +618,14 @@ def continue_command(
     Stream it as it is made: `s4music continue song.mp3 -o - | ffplay -`, or `--play`."""
     from s4music.generate import continue_prompt
 
-    sampling = Sampling(temperature, top_k, top_p, temperature_end, context_seconds, typical, guidance,
-                        guidance_seconds, surprise_value(surprise))
-    options = options_from(seconds, variations, seed, rank, retry_degenerate, sampling, normalize, format, plot,
-                           device, fused, half_weights, strict, include_prompt, prompt_seconds, prompt_start,
-                           prompt_end)
+    options = GenerateOptions(
+        seconds=seconds, variations=variations, seed=seed, rank=rank, retry_degenerate=retry_degenerate, strict=strict,
+        sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, temperature_end=temperature_end,
+                          context_seconds=context_seconds, typical=typical, guidance=guidance,
+                          guidance_seconds=guidance_seconds, surprise=surprise_value(surprise)),
+        prompt=PromptSelection(seconds=prompt_seconds, start=prompt_start, end=prompt_end),
+        output=Output(include_prompt=include_prompt, normalize=normalize, format=format, plot=plot),
+        step=StepOptions(device=device, fused=fused, half_weights=half_weights))
     generation_run(lambda progress: continue_prompt(prompt, out, model, options, on_progress=progress,
                                                     on_guidance=print_guidance, play=play), "continuing")
 
@@ -644,8 +633,8 @@ def continue_command(
 @command(inference=True)
 def generate(
     out: Out = "improvisation.wav",
-    seconds: Seconds = G.seconds,
-    variations: Variations = G.variations,
+    seconds: Seconds = GenerateOptions.seconds,
+    variations: Variations = GenerateOptions.variations,
     temperature: Temperature = None,
     temperature_end: TemperatureEnd = None,
     top_k: TopK = None,
@@ -654,24 +643,26 @@ def generate(
     typical: Typical = None,
     surprise: Surprise = None,
     seed: Seed = None,
-    rank: Rank = G.rank,
-    normalize: Normalize = OUT.normalize,
+    rank: Rank = GenerateOptions.rank,
+    normalize: Normalize = Output.normalize,
     format: Format = None,
     model: ModelSpec = DEFAULT_NAME,
-    device: Device = D.device,
-    retry_degenerate: Retry = G.retry_degenerate,
-    plot: Plot = OUT.plot,
-    fused: Fused = D.fused,
-    half_weights: HalfWeights = D.half_weights,
+    device: Device = StepOptions.device,
+    retry_degenerate: Retry = GenerateOptions.retry_degenerate,
+    plot: Plot = Output.plot,
+    fused: Fused = StepOptions.fused,
+    half_weights: HalfWeights = StepOptions.half_weights,
     play: Play = False,
 ):
     """Improvise from nothing: sample the model from silence."""
     from s4music.generate import improvise
 
-    sampling = Sampling(temperature, top_k, top_p, temperature_end, context_seconds, typical,
-                        surprise=surprise_value(surprise))
-    options = options_from(seconds, variations, seed, rank, retry_degenerate, sampling, normalize, format, plot,
-                           device, fused, half_weights)
+    options = GenerateOptions(
+        seconds=seconds, variations=variations, seed=seed, rank=rank, retry_degenerate=retry_degenerate,
+        sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, temperature_end=temperature_end,
+                          context_seconds=context_seconds, typical=typical, surprise=surprise_value(surprise)),
+        output=Output(normalize=normalize, format=format, plot=plot),
+        step=StepOptions(device=device, fused=fused, half_weights=half_weights))
     generation_run(lambda progress: improvise(out, model, options, on_progress=progress, play=play), "generating")
 
 
@@ -679,16 +670,16 @@ def generate(
 def check(
     prompt: str = typer.Argument(..., help="Audio file or URL."),
     model: ModelSpec = DEFAULT_NAME,
-    prompt_seconds: float = typer.Option(P.seconds, help="Judge the last N seconds (as continue would use them)."),
+    prompt_seconds: float = typer.Option(PromptSelection.seconds, help="Judge the last N seconds (as continue would use them)."),
     prompt_start: float = typer.Option(None, help="Selection start, seconds."),
     prompt_end: float = typer.Option(None, help="Selection end, seconds."),
-    device: Device = D.device,
+    device: Device = StepOptions.device,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ):
     """Tell whether a prompt suits the model before spending minutes on it. Exit 2 if it is far off."""
     from s4music.generate import check_prompt
 
-    selection = PromptSelection(prompt_seconds, prompt_start, prompt_end)
+    selection = PromptSelection(seconds=prompt_seconds, start=prompt_start, end=prompt_end)
     if problems := selection.problems():
         raise GenerationError("; ".join(problems))
     report = check_prompt(prompt, model, selection, device)
@@ -711,10 +702,10 @@ def jam(
                                                        "model's answers), .wav or .flac."),
     log: Path = typer.Option(None, "--log", help="Write one JSON line per answer: start, end, why it ended, seed, "
                                                  "bits per sample."),
-    wait: float = typer.Option(JAM.wait, help="Seconds of quiet before the model answers."),
-    max_answer: float = typer.Option(JAM.max_answer, help="The longest answer, seconds."),
-    quiet_db: float = typer.Option(JAM.quiet_db, help="Quiet: this many dB below the recent playing level."),
-    match_level: bool = typer.Option(JAM.match_level, "--match-level/--model-level",
+    wait: float = typer.Option(JamOptions.wait, help="Seconds of quiet before the model answers."),
+    max_answer: float = typer.Option(JamOptions.max_answer, help="The longest answer, seconds."),
+    quiet_db: float = typer.Option(JamOptions.quiet_db, help="Quiet: this many dB below the recent playing level."),
+    match_level: bool = typer.Option(JamOptions.match_level, "--match-level/--model-level",
                                      help="Answer at the loudness of your last 2 s, or at the model's own level."),
     play: bool = typer.Option(True, "--play/--no-play", help="Play the answers on the default sound output."),
     model: ModelSpec = DEFAULT_NAME,
@@ -726,8 +717,8 @@ def jam(
     guidance: Guidance = None,
     guidance_seconds: GuidanceSeconds = None,
     surprise: Surprise = None,
-    fused: Fused = D.fused,
-    half_weights: HalfWeights = D.half_weights,
+    fused: Fused = StepOptions.fused,
+    half_weights: HalfWeights = StepOptions.half_weights,
 ):
     """Jam: the model listens live and answers when you pause, until the input ends (or Ctrl-C).
 
@@ -739,8 +730,9 @@ def jam(
     from s4music.sources import device_input, file_at_pace, wav_stream
 
     options = JamOptions(wait=wait, max_answer=max_answer, quiet_db=quiet_db, match_level=match_level, seed=seed,
-                         sampling=Sampling(temperature, top_k, top_p, typical=typical, guidance=guidance,
-                                           guidance_seconds=guidance_seconds, surprise=surprise_value(surprise)),
+                         sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, typical=typical,
+                                           guidance=guidance, guidance_seconds=guidance_seconds,
+                                           surprise=surprise_value(surprise)),
                          step=StepOptions(device="cpu", fused=fused, half_weights=half_weights))
     options.check()
     net = load_model(model, device="cpu")

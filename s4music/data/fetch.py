@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from s4music.audio import load_audio, write_audio
+from s4music.data.options import FetchOptions
 from s4music.errors import S4MusicError, first_line
 from s4music.files import atomic_path, write_json
 from s4music.system import js_runtimes
@@ -33,15 +34,6 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 class FetchError(S4MusicError):
     pass
-
-
-@dataclass
-class FetchOptions:
-    sample_rate: int = 16000
-    start: float | None = None  # seconds, applied locally after download
-    end: float | None = None
-    playlist_items: str | None = None  # yt-dlp syntax, e.g. "1-3,7"
-    timeout: float = 30.0
 
 
 @dataclass

@@ -36,6 +36,7 @@ from pathlib import Path
 import mido
 
 from s4music.audio import load_audio, write_audio
+from s4music.data.options import RenderOptions
 from s4music.data.progress import FileCounter, FileProgress
 from s4music.errors import S4MusicError, first_line
 from s4music.files import atomic_path, write_json
@@ -57,23 +58,6 @@ MIDI_EXTENSIONS = {".mid", ".midi", ".kar"}
 
 class RenderError(S4MusicError):
     pass
-
-
-@dataclass
-class RenderOptions:
-    instruments: list[str] | None = None  # family names, program numbers 0-127, or "drums"; None: all
-    drums: bool = True
-    soundfont: str | Path | None = None  # a file or installed name (system.SOUNDFONTS), or several "a,b"; None: the best
-    sample_rate: int = 16000
-    max_seconds: float | None = 600.0
-    workers: int = 2
-    gain: float = 0.5
-    silence_db: float = -60.0  # trim threshold, relative to the rendered file's peak
-    program: str | int | None = None  # play every melodic part on this GM program; "piano": one of PIANO_PROGRAMS
-    vary: bool = False  # a seeded Variation per file (see the module docstring)
-    seed: int = 0
-    timeout: float = 300.0  # seconds FluidSynth may take for one file
-    shard: Shard | str | None = None  # render only this shard of the files, "i/n" (1-based); None: all
 
 
 @dataclass

@@ -39,55 +39,17 @@ from pathlib import Path
 
 import numpy as np
 
-from s4music.audio import AUDIO_EXTENSIONS, SCHEMES, encode, load_audio
+from s4music.audio import AUDIO_EXTENSIONS, encode, load_audio
+from s4music.data.options import PrepareOptions
 from s4music.data.progress import FileCounter, FileProgress
 from s4music.data.format import FORMAT, SPLITS, DatasetError, committed, read_meta, stratum_key, verify_dataset
 from s4music.errors import S4MusicError
 from s4music.files import DirectoryLock, atomic_directory, atomic_path, remove_stale_temporaries, write_json
-from s4music.options import Shard, parse_shard, split_assignment
+from s4music.options import Shard
 
 log = logging.getLogger(__name__)
 SILENCE_PEAK = 1e-3  # -60 dBFS
 COMMIT_EVERY = 32  # files between commits
-
-
-@dataclass
-class PrepareOptions:
-    seconds: float = 8.192  # the official window: 131,072 samples at 16 kHz
-    sample_rate: int = 16000
-    quantization: str = "mulaw-official"  # see s4music.audio.SCHEMES
-    val_fraction: float = 0.06
-    test_fraction: float = 0.06
-    seed: int = 0
-    tags: dict[str, str] | list[str] = field(default_factory=dict)  # stratum tags; "key=value" strings are parsed
-    pinned: dict[str, str] = field(default_factory=dict)  # file name (as find_audio gives it) -> split, kept as given
-    shard: Shard | str | None = None  # read only this shard of the files, "i/n" (1-based); None: all
-
-    def __post_init__(self) -> None:
-        """Check every option before anything is created, so a bad one leaves nothing behind."""
-        if not isinstance(self.tags, dict):
-            self.tags = dict(split_assignment(t, "--tag") for t in self.tags)
-        if self.shard is not None:
-            self.shard = parse_shard(self.shard)
-        problems = {
-            "quantization": (self.quantization not in SCHEMES, f"use one of {', '.join(SCHEMES)}"),
-            "seconds": (not self.seconds > 0, "must be positive"),
-            "sample_rate": (not self.sample_rate > 0, "must be positive"),
-            "val_fraction": (not 0 <= self.val_fraction < 1, "must be in [0, 1)"),
-            "test_fraction": (not 0 <= self.test_fraction < 1, "must be in [0, 1)"),
-        }
-        for name, (bad, rule) in problems.items():
-            if bad:
-                raise DatasetError(f"{name}={getattr(self, name)!r}: {rule}")
-        if self.val_fraction + self.test_fraction >= 1:
-            raise DatasetError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g}: "
-                               "leaves nothing to train on")
-        if self.window < 1:
-            raise DatasetError(f"seconds={self.seconds}: shorter than one sample at {self.sample_rate} Hz")
-
-    @property
-    def window(self) -> int:
-        return int(round(self.seconds * self.sample_rate))
 
 
 @dataclass

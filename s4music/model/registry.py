@@ -17,14 +17,16 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from s4music import hub
 from s4music.errors import did_you_mean
 from s4music.extensions import cache_home
-from s4music.model.checkpoint import CheckpointError, import_official, load_checkpoint, save_model
-from s4music.model.sashimi import SaShiMi
+
+if TYPE_CHECKING:  # the names and the listing need no torch: `s4music models` answers at once
+    import torch
+
+    from s4music.model.sashimi import SaShiMi
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default-model"
@@ -74,6 +76,8 @@ def _converted(named: NamedModel) -> Path:
     target = cache_root() / f"{named.name}-{_commit_of(pt)}"
     if (target / "config.json").exists():
         return target
+    from s4music.model.checkpoint import CheckpointError, import_official, save_model
+
     log.info("converting %s (%s) to s4music's format, once", named.name, named.filename)
     try:
         model = import_official(pt)
@@ -89,6 +93,8 @@ def _converted(named: NamedModel) -> Path:
 
 def resolve_model(spec: str | Path | None) -> Path:
     """The checkpoint a model name or path stands for: None or "default" is the bundled model."""
+    from s4music.model.checkpoint import CheckpointError
+
     if spec is None or str(spec) == DEFAULT_NAME:
         if not (DEFAULT_MODEL / "config.json").exists():
             raise CheckpointError(f"{DEFAULT_MODEL}: the bundled model is missing from this installation")
@@ -105,6 +111,8 @@ def resolve_model(spec: str | Path | None) -> Path:
 
 def load_model(spec: str | Path | None = None, device: str | torch.device = "cpu") -> SaShiMi:
     """Load a model by name or path (see `resolve_model`), in eval mode, float32."""
+    from s4music.model.checkpoint import load_checkpoint
+
     net = load_checkpoint(resolve_model(spec), device=device)
     net.name = str(spec) if spec is not None else DEFAULT_NAME
     return net
