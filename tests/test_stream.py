@@ -1,6 +1,7 @@
 """Continuation you hear as it is made: standard output, the sound device, a closed pipe, Ctrl-C.
 Each runs the command in a process of its own (pipes and signals are the point), so all are slow."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -32,6 +33,20 @@ def test_standard_output_carries_the_same_bytes_as_the_file(tiny_model, synth_pr
     assert to_file.returncode == 0 and streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == (tmp_path / "b.wav").read_bytes()
     assert b"verdict" in streamed.stderr  # guidance and logs go to standard error
+
+
+def test_a_stream_writes_its_sidecar_where_asked(tiny_model, synth_prompt, tmp_path):
+    args = [*S4MUSIC, "continue", str(synth_prompt), "--model", str(tiny_model), "--seconds", "0.5", "--seed", "3",
+            "-o", "-", "--sidecar"]
+    streamed = subprocess.run([*args, str(tmp_path / "run.json")], capture_output=True)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout[:4] == b"RIFF" and f"settings and timings: {tmp_path / 'run.json'}".encode() in streamed.stderr
+    sidecar = json.loads((tmp_path / "run.json").read_text())
+    assert sidecar["seed"] == 3 and sidecar["outputs"][0]["file"] is None
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # written atomically: no temporary left
+    nowhere = subprocess.run([*args, str(tmp_path / "run.json" / "inside-a-file.json")], capture_output=True)
+    assert nowhere.returncode == 1 and b"--sidecar" in nowhere.stderr and b"cannot write here" in nowhere.stderr
+    assert nowhere.stdout == b""  # refused before any work
 
 
 def test_the_bundled_model_streams_what_it_writes(tmp_path):

@@ -516,7 +516,7 @@ def generation_run(run, what: str) -> None:
     if result.underruns:
         console.print(f"[yellow]the sound device ran dry {result.underruns} time(s)[/]", highlight=False)
     if result.sidecar is not None:
-        console.print(f"settings and timings: {result.sidecar}", highlight=False)
+        console.print(f"settings and timings: {result.sidecar}", highlight=False, soft_wrap=True)
 
 
 # Options that continue and generate share; defaults are the library's.
@@ -554,6 +554,8 @@ Normalize = Annotated[str, typer.Option(help="Output level, one gain fixed befor
                                              "true-peak limiter at -1 dBTP: loudness (-16 LUFS), peak (-1 dBFS) or "
                                              "none (the model's level).")]
 Format = Annotated[str, typer.Option(help="wav, flac, ogg or mp3 for -o - (files take it from their suffix).")]
+Sidecar = Annotated[str, typer.Option(help="Write the settings and timings (JSON) here. Default: OUT.json beside "
+                                           "a file; with -o -, none unless given.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, or auto: read the prompt on a GPU when there is one and "
                                           "generate on the fused CPU step (cuda: generate on the GPU too).")]
 Retry = Annotated[int, typer.Option(help="Resample a variation that collapses to silence, turns to noise or "
@@ -603,6 +605,7 @@ def continue_command(
     include_prompt: bool = typer.Option(Output.include_prompt, "--prompt/--no-prompt", help="Start the output with the prompt."),
     normalize: Normalize = Output.normalize,
     format: Format = None,
+    sidecar: Sidecar = Output.sidecar,
     model: ModelSpec = DEFAULT_NAME,
     device: Device = StepOptions.device,
     strict: bool = typer.Option(GenerateOptions.strict, "--strict", help="Refuse (exit 2) a prompt judged far from the model's "
@@ -624,7 +627,7 @@ def continue_command(
                           context_seconds=context_seconds, typical=typical, guidance=guidance,
                           guidance_seconds=guidance_seconds, surprise=surprise_value(surprise)),
         prompt=PromptSelection(seconds=prompt_seconds, start=prompt_start, end=prompt_end),
-        output=Output(include_prompt=include_prompt, normalize=normalize, format=format, plot=plot),
+        output=Output(include_prompt=include_prompt, normalize=normalize, format=format, plot=plot, sidecar=sidecar),
         step=StepOptions(device=device, fused=fused, half_weights=half_weights))
     generation_run(lambda progress: continue_prompt(prompt, out, model, options, on_progress=progress,
                                                     on_guidance=print_guidance, play=play), "continuing")
@@ -646,6 +649,7 @@ def generate(
     rank: Rank = GenerateOptions.rank,
     normalize: Normalize = Output.normalize,
     format: Format = None,
+    sidecar: Sidecar = Output.sidecar,
     model: ModelSpec = DEFAULT_NAME,
     device: Device = StepOptions.device,
     retry_degenerate: Retry = GenerateOptions.retry_degenerate,
@@ -661,7 +665,7 @@ def generate(
         seconds=seconds, variations=variations, seed=seed, rank=rank, retry_degenerate=retry_degenerate,
         sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, temperature_end=temperature_end,
                           context_seconds=context_seconds, typical=typical, surprise=surprise_value(surprise)),
-        output=Output(normalize=normalize, format=format, plot=plot),
+        output=Output(normalize=normalize, format=format, plot=plot, sidecar=sidecar),
         step=StepOptions(device=device, fused=fused, half_weights=half_weights))
     generation_run(lambda progress: improvise(out, model, options, on_progress=progress, play=play), "generating")
 

@@ -133,6 +133,7 @@ class Output:
     normalize: str = "loudness"
     format: str | None = None  # None: from the file name; for "-" (standard output) wav unless given
     plot: bool = False
+    sidecar: str | None = None  # the settings and timings (JSON); None: OUT.json beside a file, none for "-"
 
     NORMALIZE = ("loudness", "peak", "none")
 

@@ -21,7 +21,7 @@ import numpy as np
 import soundfile as sf
 
 from s4music.errors import S4MusicError
-from s4music.files import atomic_path, write_json
+from s4music.files import AtomicFile, atomic_path, write_json
 from s4music.generate.options import (GenerateOptions, GenerationError, PromptRefused, PromptSelection)
 from s4music.generate.prompt import ReadPrompt, read_prompt
 from s4music.generate.sampler import Stepper, resolve_device
@@ -135,6 +135,11 @@ def _check_outputs(out: str | Path, options: GenerateOptions, play: bool) -> Non
     output_format(out, options.output.format)
     if play:
         DeviceSink.check()
+    if options.output.sidecar is not None:
+        try:
+            AtomicFile(options.output.sidecar).abort()
+        except OSError as e:
+            raise GenerationError(f"--sidecar {options.output.sidecar}: cannot write here ({e.strerror or e})") from None
     if str(out) == STDOUT:
         if options.variations > 1:
             raise GenerationError("-o -: standard output carries one take; use -n 1, or write files")
@@ -145,6 +150,13 @@ def _check_outputs(out: str | Path, options: GenerateOptions, play: bool) -> Non
         return
     for path in take_paths(Path(out), options.variations):
         FileSink.check(path)
+
+
+def _sidecar_path(out: str | Path, options: GenerateOptions) -> Path | None:
+    """Where the settings and timings go: where asked, else OUT.json beside a file; a stream has none."""
+    if options.output.sidecar is not None:
+        return Path(options.output.sidecar)
+    return None if str(out) == STDOUT else Path(out).with_suffix(".json")
 
 
 def take_paths(out: Path, variations: int) -> list[Path]:
@@ -207,7 +219,7 @@ def write_generation(generation: Generation, out: str | Path, model_id: str, sou
     if options.output.plot and not stdout:
         for take in ranked:
             plot_continuation(take.path, generation.prompt_frames - generation.first_frame, take.path.with_suffix(".png"))
-    sidecar = None if stdout else Path(out).with_suffix(".json")
+    sidecar = _sidecar_path(out, options)
     level = {**generation.level.to_dict(), "limiter_max_reduction_db": generation.limiter_reduction_db}
     result = GenerateResult(ranked, sidecar, generation.guidance, generation.seeds[0], rtf, timings.to_dict(), level,
                             device.underruns if device else 0)
