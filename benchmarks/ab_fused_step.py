@@ -71,7 +71,7 @@ def main() -> None:
             t0 = time.perf_counter()
             fused[k].run(first, s, torch.rand(args.batch, steps))
             best[k] = max(best[k], args.batch * steps / (time.perf_counter() - t0) / rate)
-    print(f"\n| build | RTF at batch {args.batch} (all variations), best of {args.rounds} | vs A |")
+    print(f"\n| build | × real time at batch {args.batch} (all variations), best of {args.rounds} | vs A |")
     print("|---|---|---|")
     for k, name in (("A", f"A: {args.base}"), ("B", "B: working tree")):
         print(f"| {name} | {best[k]:.3f} | {best[k] / best['A']:.3f}x |")

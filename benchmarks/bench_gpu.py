@@ -315,7 +315,7 @@ def prefill_line(quick: bool) -> None:
 def generation_table(quick: bool) -> None:
     steps = 200 if quick else 2000
     print("### Recurrent generation, step + sampling (the `continue` loop)\n")
-    print("| step | batch | samples/s (all variations) | RTF | vs plain GPU step, batch 1 |")
+    print("| step | batch | samples/s (all variations) | × real time | vs plain GPU step, batch 1 |")
     print("|---|---|---|---|---|")
     one = None
     for step in ("plain", "graphed", "fused"):

@@ -220,7 +220,7 @@ def bf16_read(seconds_of_audio: float, pieces: int, rounds: int) -> dict:
 
 def steps_by_instruction_set(batch: int, seconds: float, rounds: int) -> dict:
     """The bundled model's fused step (fp16 weights) on each instruction set this build and CPU run,
-    interleaved in one process, best of `rounds`: RTF (all variations) by set."""
+    interleaved in one process, best of `rounds`: × real time (all variations) by set."""
     import torch
 
     from s4music.model.fast import FusedStep, Rule, instruction_sets
@@ -354,7 +354,7 @@ def main() -> None:
 
     gen_steps = 100 if args.quick else 400
     print("\n### Recurrent generation, default model (fused: best of three runs)\n")
-    print("| step | batch | samples/s (all variations) | RTF | peak RSS GB | vs plain step, batch 1 |")
+    print("| step | batch | samples/s (all variations) | × real time | peak RSS GB | vs plain step, batch 1 |")
     print("|---|---|---|---|---|---|")
     base = None
     one_thread = {"OMP_NUM_THREADS": "1"}
@@ -456,7 +456,7 @@ def main() -> None:
     # the arithmetic bound of a step: its linear layers' multiply-adds per sample at the FMA peak
     flop_per_sample = bound["gflop"] * 1e9 / (audio_s * SAMPLE_RATE)
     bound_rate = bound["peak_gflops"] * 1e9 / flop_per_sample if "peak_gflops" in bound else None
-    print("| what | batch | samples/s | RTF | vs plain step, batch 1 | of the FMA-peak bound |")
+    print("| what | batch | samples/s | × real time | vs plain step, batch 1 | of the FMA-peak bound |")
     print("|---|---|---|---|---|---|")
     small = _child("gen", batch=1, steps=gen_steps * 4, path="plain", which="bundled")
     print(f"| plain step | 1 | {small['samples_per_s']:.0f} | {small['samples_per_s'] / SAMPLE_RATE:.3f} | 1.0x | |")
@@ -467,19 +467,19 @@ def main() -> None:
               f"| {r['samples_per_s'] / small['samples_per_s']:.0f}x | {share} |")
     if bound_rate:
         print(f"\nThe FMA-peak bound: {flop_per_sample / 1e6:.2f} MFLOP of linear layers a sample at "
-              f"{bound['peak_gflops']:.0f} GFLOP/s is {bound_rate:.0f} samples/s (RTF {bound_rate / SAMPLE_RATE:.1f}), "
+              f"{bound['peak_gflops']:.0f} GFLOP/s is {bound_rate:.0f} samples/s ({bound_rate / SAMPLE_RATE:.1f}× real time), "
               "all variations together; at batch 1 a step is bound by reading its weights, not by arithmetic.")
 
     print("\n### The fused step by instruction set (bundled model, fp16 weights, temperature 0.8 as `continue` "
           "samples; interleaved in one process, best of each)\n")
-    print("| instruction set | RTF, batch 1 | RTF, 8 variations (all) |")
+    print("| instruction set | × real time, batch 1 | × real time, 8 variations (all) |")
     print("|---|---|---|")
     by_set = {batch: _child("isa_steps", batch=batch, seconds=2.0 if args.quick else 8.0 / batch, rounds=4)
               for batch in (1, 8)}
     for isa in by_set[1]:
         if isa != "error":
             print(f"| {isa} | {by_set[1][isa]:.2f} | {by_set[8].get(isa, float('nan')):.2f} |")
-    print("\nTargets on an AVX-512 machine: RTF 2 at batch 1, 6 for 8 variations.")
+    print("\nTargets on an AVX-512 machine: 2× real time at batch 1, 6× real time for 8 variations.")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ real-time listener is ever starved, and what the stream costs over sampling alon
     `stream_continuation` to the first continuation chunk (the example prompt, 5 s);
   - a consumer that takes audio at real-time pace from the stream, after a 0.25 s head start,
     counting the times it found nothing to play over a 60 s continuation, beside the step's own
-    real-time factor measured in the same run (the stream cannot keep up below RTF 1);
+    speed measured in the same run (the stream cannot keep up below 1× real time);
   - the stream's overhead (post-processing, chunking, file writing) against the sampler alone
     (Sampler.take for the same samples, same seed, same chunks), interleaved, best of five.
 
@@ -73,7 +73,7 @@ def realtime_consumer(seconds: float) -> dict:
         state["available"] += chunk.after(generation.first_frame).shape[1]
     produced_s = time.perf_counter() - t0
     listener.join()
-    return {"underruns": state["underruns"], "rtf": seconds / produced_s, "step": generation.step}
+    return {"underruns": state["underruns"], "speed_x_realtime": seconds / produced_s, "step": generation.step}
 
 
 def overhead(seconds: float, rounds: int = 5) -> dict:
@@ -120,8 +120,8 @@ def main() -> None:
         print(f"real-time consumer: failed: {consumer['error']}\n")
     else:
         print(f"A consumer taking {seconds:g} s of continuation at real-time pace (0.25 s head start) ran dry "
-              f"{consumer['underruns']} time(s); the stream ran at RTF {consumer['rtf']:.2f} in the same run "
-              f"({consumer['step']}; the bound for never starving is RTF 1.0, the target holds from 1.1).\n")
+              f"{consumer['underruns']} time(s); the stream ran at {consumer['speed_x_realtime']:.2f}× real time in the same run "
+              f"({consumer['step']}; the bound for never starving is 1.0× real time, the target holds from 1.1× real time).\n")
     cost = run_child(__file__, "overhead", seconds=min(seconds, 10.0))
     if "error" in cost:
         print(f"overhead: failed: {cost['error']}")

@@ -121,7 +121,7 @@ class Studio:
                                     take.path.with_suffix(".png"))
             takes.append({"rank": k + 1, "seed": take.seed, "bits": take.bits, "audio": str(take.path),
                           "png": str(png), "degenerate": take.degenerate})
-        return {"takes": takes, "sidecar": str(result.sidecar), "seed": result.seed, "rtf": result.rtf,
+        return {"takes": takes, "sidecar": str(result.sidecar), "seed": result.seed, "speed": result.speed_x_realtime,
                 "guidance": result.guidance.verdict if result.guidance else None}
 
 
@@ -182,8 +182,8 @@ def build(studio: Studio):
             if len(part):
                 pieces.put(("audio", generation.sample_rate, part))
 
-        def on_progress(done, total, rtf):
-            pieces.put(("progress", done, total, rtf))
+        def on_progress(done, total, speed):
+            pieces.put(("progress", done, total, speed))
 
         def work():
             try:
@@ -205,14 +205,14 @@ def build(studio: Studio):
                     yield (item[1], (np.clip(item[2], -1, 1) * 32767).astype(np.int16)), gr.skip(), gr.skip(), \
                         gr.skip()
                 elif item[0] == "progress":
-                    _, done, total, rtf = item
+                    _, done, total, speed = item
                     left = (total - done) / max(done, 1) * (time.perf_counter() - started)
-                    progress(done / total, desc=f"sampling, RTF {rtf:.2f}, about {left:.0f} s left")
+                    progress(done / total, desc=f"sampling, {speed:.2f}× real time, about {left:.0f} s left")
                 elif item[0] == "done":
                     result = item[1]
                     rows = "\n".join(f"| {t['rank']} | {t['seed']} | {t['bits']:.3f} | "
                                      f"{t['degenerate'] or ''} |" for t in result["takes"])
-                    table = (f"seed **{result['seed']}**, RTF {result['rtf']:.2f}\n\n| take | seed | bits/sample | "
+                    table = (f"seed **{result['seed']}**, {result['speed']:.2f}× real time\n\n| take | seed | bits/sample | "
                              f"degenerate |\n|---|---|---|---|\n{rows}")
                     gallery = [(t["png"], f"take {t['rank']}: seed {t['seed']}, {t['bits']:.3f} bits/sample")
                                for t in result["takes"]]

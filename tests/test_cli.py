@@ -1,5 +1,6 @@
 """The `s4music` command line: thin commands, one-line errors, exit codes."""
 
+import json
 import os
 import re
 import shutil
@@ -132,3 +133,12 @@ def test_every_command_that_takes_a_model_takes_the_bundled_one_by_name_or_by_de
         assert json.loads(out)["model"] == "default" and json.loads(out)["overall"]["windows"] == 1
     code, _, err = cli("eval", "no-such-model", "--data", synth_dataset)
     assert code == 1 and "no-such-model: no such file or directory, and not a model name" in err
+
+
+def test_speed_is_told_as_times_real_time_on_screen_and_in_the_sidecar(cli, tiny_model, tmp_path):
+    # "RTF" reads as processing time over audio time to speech and music people: lower is faster
+    code, _, err = cli("generate", "--model", tiny_model, "--seconds", "0.2", "--seed", "1", "-o", tmp_path / "a.wav")
+    assert code == 0, err
+    assert re.search(r"seed 1; \d+\.\d\d× real time", err) and "RTF" not in err
+    sidecar = json.loads((tmp_path / "a.json").read_text())
+    assert sidecar["speed_x_realtime"] > 0 and "rtf" not in sidecar

@@ -487,19 +487,19 @@ def print_guidance(report, continuing: bool = True) -> None:
 
 
 def generation_run(run, what: str) -> None:
-    """Run a generation with a progress bar (ETA and live RTF), then list the outputs. A reader of
-    standard output that goes away ends the run quietly."""
+    """Run a generation with a progress bar (ETA and live speed, × real time), then list the outputs.
+    A reader of standard output that goes away ends the run quietly."""
     from s4music.generate import DEGENERACIES, OutputClosed
 
     bar = progress_bar(info=True)
     task = None
 
-    def progress(done: int, total: int, rtf: float) -> None:
+    def progress(done: int, total: int, speed: float) -> None:
         nonlocal task
         if task is None:  # shown from the first sample on, so an early error is one line alone
             bar.start()
             task = bar.add_task(what, total=total, info="")
-        bar.update(task, completed=done, total=total, info=f"RTF {rtf:.2f}")
+        bar.update(task, completed=done, total=total, info=f"{speed:.2f}× real time")
 
     try:
         result = run(progress)
@@ -507,7 +507,8 @@ def generation_run(run, what: str) -> None:
         raise Quiet(0) from None
     finally:
         bar.stop()
-    console.print(f"seed {result.seed}; RTF {result.rtf:.2f} ({result.timings['generate_s']:.1f} s generating)",
+    console.print(f"seed {result.seed}; {result.speed_x_realtime:.2f}× real time "
+                  f"({result.timings['generate_s']:.1f} s generating)",
                   highlight=False)
     for take in result.takes:
         flag = f" [red]degenerate: {DEGENERACIES[take.degenerate]}[/]" if take.degenerate else ""

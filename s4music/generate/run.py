@@ -44,7 +44,7 @@ class GenerateResult:
     sidecar: Path | None
     guidance: PromptReport | None
     seed: int
-    rtf: float  # generated audio seconds (all variations and retries) per wall-clock second
+    speed_x_realtime: float  # generated audio seconds (all variations and retries) per wall-clock second
     timings: dict = field(default_factory=dict)
     level: dict = field(default_factory=dict)
     underruns: int = 0  # times the sound device ran dry (--play)
@@ -214,14 +214,14 @@ def write_generation(generation: Generation, out: str | Path, model_id: str, sou
         raise
     timings = generation.timings
     timings.total_s = time.perf_counter() - generation.started
-    rtf = timings.samples / sr / max(timings.generate_s, 1e-9)
+    speed = timings.samples / sr / max(timings.generate_s, 1e-9)
     ranked = [takes[i] for i in order]
     if options.output.plot and not stdout:
         for take in ranked:
             plot_continuation(take.path, generation.prompt_frames - generation.first_frame, take.path.with_suffix(".png"))
     sidecar = _sidecar_path(out, options)
     level = {**generation.level.to_dict(), "limiter_max_reduction_db": generation.limiter_reduction_db}
-    result = GenerateResult(ranked, sidecar, generation.guidance, generation.seeds[0], rtf, timings.to_dict(), level,
+    result = GenerateResult(ranked, sidecar, generation.guidance, generation.seeds[0], speed, timings.to_dict(), level,
                             device.underruns if device else 0)
     if sidecar is not None:
         write_json(sidecar, _sidecar(generation, result, model_id, source))
@@ -267,7 +267,7 @@ def _sidecar(generation: Generation, result: GenerateResult, model_id: str, sour
         "guidance": generation.guidance.to_dict() if generation.guidance else None,
         "level": result.level,
         "timings": result.timings,
-        "rtf": result.rtf,
+        "speed_x_realtime": result.speed_x_realtime,
         "samples_per_second": result.timings["samples"] / max(result.timings["generate_s"], 1e-9),
     }
 

@@ -38,7 +38,7 @@ CHUNK = 2000  # samples per chunk after it (and per fused-step call)
 TARGET_LUFS = -16.0
 TARGET_PEAK_DBFS = -1.0
 
-ProgressFn = Callable[[int, int, float], None]  # (samples done, total, live RTF)
+ProgressFn = Callable[[int, int, float], None]  # (samples done, total, live speed: × real time)
 
 
 @dataclass
