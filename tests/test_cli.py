@@ -16,17 +16,50 @@ from s4music.cli.app import app
 runner = CliRunner()
 
 
-def test_help_lists_the_commands_and_the_exit_codes():
+def test_help_lists_the_commands_and_each_commands_own_exit_codes():
     result = runner.invoke(app, ["--help"], terminal_width=120)
     assert result.exit_code == 0
     # the first word of each row of the Commands table, so "check" is not found inside "checkpoint"
     listed = set(re.findall(r"^│ ([a-z][a-z-]*) ", result.output.split("Commands")[1], flags=re.M))
     assert listed == {"doctor", "convert", "fetch", "render-midi", "prepare", "pack", "unpack", "fetch-dataset", "models",
                       "train", "eval", "continue", "generate", "check", "jam", "studio"}
-    text = " ".join(result.output.split())
-    assert "2 prompt judged far from the model's music, 130 interrupted" in text
-    check = " ".join(runner.invoke(app, ["check", "--help"], terminal_width=120).output.split())
-    assert "Exit codes: 0 done, 1 error, 2 prompt judged far" in check  # every command's help says them
+    assert "2 prompt judged far from the model's music (check, continue --strict), 130 interrupted" in \
+        " ".join(result.output.split())
+    judged = set()
+    for name in listed:
+        text = " ".join(runner.invoke(app, [name, "--help"], terminal_width=120).output.split())
+        assert re.search(r"Exit codes: 0 done, 1 [^.]+, 130 interrupted\.", text), name
+        if "2 prompt judged far" in text:
+            judged.add(name)
+    assert judged == {"check", "continue"}  # the commands that judge a prompt, and only they
+
+
+VERBOSITY = """
+import logging, sys
+from s4music.cli.app import main
+
+sys.argv = ["s4music", *sys.argv[1:], "models"]
+try:
+    main()
+except SystemExit:
+    pass
+logging.getLogger("filelock").debug("a lock not acquired")
+logging.getLogger("matplotlib.font_manager").info("generated new fontManager")
+logging.getLogger("s4music.extensions").debug("our debug line")
+logging.getLogger("s4music.extensions").info("our line")
+"""
+
+
+def test_other_libraries_log_only_warnings_unless_vv(tmp_path):
+    def said(*flags: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", VERBOSITY, *flags], capture_output=True, text=True,
+                             cwd=Path(__file__).parent.parent, env={**os.environ, "HF_HOME": str(tmp_path)})
+        return [line for line in ("a lock not acquired", "generated new fontManager", "our debug line", "our line")
+                if line in out.stderr]
+
+    assert said() == ["our line"]
+    assert said("-v") == ["our debug line", "our line"]
+    assert said("-vv") == ["a lock not acquired", "generated new fontManager", "our debug line", "our line"]
 
 
 STARTUP = """
@@ -142,3 +175,15 @@ def test_speed_is_told_as_times_real_time_on_screen_and_in_the_sidecar(cli, tiny
     assert re.search(r"seed 1; \d+\.\d\d× real time", err) and "RTF" not in err
     sidecar = json.loads((tmp_path / "a.json").read_text())
     assert sidecar["speed_x_realtime"] > 0 and "rtf" not in sidecar
+
+
+def test_a_continuation_prints_no_stray_lines_and_keeps_each_reason_on_one_line(tiny_model, synth_prompt, tmp_path):
+    # as `make demo` runs on a fresh machine: matplotlib builds its font cache (and said so), in an 80-column terminal
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "matplotlib"), "COLUMNS": "80"}
+    out = subprocess.run([sys.executable, "-m", "s4music.cli", "continue", str(synth_prompt), "--model", str(tiny_model),
+                          "--seconds", "0.2", "--seed", "0", "--plot", "-o", str(tmp_path / "a.wav")],
+                         capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "matplotlib").is_dir() and "fontManager" not in out.stderr
+    reasons = [line for line in out.stderr.splitlines() if line.startswith("  - the model finds the prompt familiar")]
+    assert len(reasons) == 1 and reasons[0].endswith("on the model's test set)"), out.stderr

@@ -33,7 +33,15 @@ from s4music.jam_options import JamOptions
 from s4music.model.registry import DEFAULT_NAME
 from s4music.train_config import TrainConfig
 
-EXIT_CODES = "Exit codes: 0 done, 1 error, 2 prompt judged far from the model's music, 130 interrupted."
+FAR = "2 prompt judged far from the model's music"
+
+
+def exit_codes(*own: str) -> str:
+    """A help text's list of exit codes: 0, then a command's own, then 130."""
+    return "Exit codes: " + ", ".join(("0 done", *own, "130 interrupted")) + "."
+
+
+EXIT_CODES = exit_codes("1 error", f"{FAR} (check, continue --strict)")
 
 app = typer.Typer(
     add_completion=False,
@@ -55,10 +63,10 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def command(fn=None, *, name: str | None = None, inference: bool = False):
+def command(fn=None, *, name: str | None = None, inference: bool = False, exits: tuple[str, ...] = ("1 error",)):
     """Register a subcommand whose toolkit errors become one line and an exit code (1, or the
-    error's own `exit_code`). An inference command (long forward passes, no training) keeps freed
-    memory for reuse: see keep_freed_memory."""
+    error's own `exit_code`); `exits` are its codes between 0 and 130, for its help. An inference
+    command (long forward passes, no training) keeps freed memory for reuse: see keep_freed_memory."""
 
     def register(fn):
         @functools.wraps(fn)
@@ -72,22 +80,21 @@ def command(fn=None, *, name: str | None = None, inference: bool = False):
             except S4MusicError as e:
                 fail(str(e), getattr(e, "exit_code", 1))
 
-        return app.command(name, epilog=EXIT_CODES)(wrapper)
+        return app.command(name, epilog=exit_codes(*exits))(wrapper)
 
     return register(fn) if fn is not None else register
 
 
 @app.callback()
-def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging.")):
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
-    )
-    if not verbose:  # HTTP clients log every request; the Hub client its retries (our one line says what failed)
-        for name in ("httpx", "httpx2"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # it sets its own level when it is imported
+def main_options(verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                             help="-v: the toolkit's debug messages; -vv: other libraries' as well.")):
+    logging.basicConfig(format="%(message)s", handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+    # Other libraries (matplotlib, filelock, httpx, gradio, torch) say only warnings unless -vv: their
+    # info and debug lines (a font cache, a lock polled every 50 ms, each HTTP request) bury ours.
+    logging.getLogger().setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    logging.getLogger("s4music").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if verbose < 2:
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # the Hub client's retries; it sets its own level
         # torch's note on a foreign .pt's pickle protocol says nothing the user can act on
         warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
     if not sys.stderr.isatty():  # a log file or a pipe gets our lines, not the Hub client's progress bars
@@ -129,7 +136,7 @@ ModelSpec = Annotated[str, typer.Option("--model", "-m", help=f"Model: a name ({
 # ------------------------------------------------------------------------------------------- machine
 
 
-@command
+@command(exits=("1 a required check failed",))
 def doctor():
     """Report torch and CUDA, the active S4 kernel path, and the external tools the toolkit uses."""
     from s4music.doctor import run_checks
@@ -165,7 +172,7 @@ def convert(
 # ------------------------------------------------------------------------------------------- data
 
 
-@command
+@command(exits=("1 error, or any URL failed",))
 def fetch(
     urls: list[str] = typer.Argument(..., help="Web pages or media URLs (YouTube needs a JS runtime; see doctor)."),
     out: Path = typer.Option(Path("fetched"), "--out", "-o", help="Output directory."),
@@ -194,7 +201,7 @@ def fetch(
     report_failures(report.failed, len(report.fetched), "fetched", any_failure_fails=True)
 
 
-@command(name="render-midi")
+@command(name="render-midi", exits=("1 error, or every file failed",))
 def render_midi_command(
     sources: list[Path] = typer.Argument(..., help="MIDI files or directories (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory; mirrors the source layout."),
@@ -236,7 +243,7 @@ def render_midi_command(
                     "rendered", any_failure_fails=False)
 
 
-@command
+@command(exits=("1 error, every file failed, or --verify found damage",))
 def prepare(
     sources: list[Path] = typer.Argument(None, help="Audio files or directories (wav, flac, mp3, ogg, opus, m4a, ...)."),
     out: Path = typer.Option(None, "--out", "-o", help="Dataset directory (created, or extended if it exists)."),
@@ -337,7 +344,7 @@ def unpack_command(
     console.print(f"{len(done)} datasets under {out}", highlight=False)
 
 
-@command(name="fetch-dataset")
+@command(name="fetch-dataset", exits=("1 error, or every file failed",))
 def fetch_dataset_command(
     name: str = typer.Argument(..., help="youtubemix, beethoven or sc09 (the paper's datasets, on the Hugging Face Hub)."),
     out: Path = typer.Option(..., "--out", "-o", help="Dataset directory to prepare."),
@@ -472,18 +479,19 @@ def eval_command(
 
 
 def print_guidance(report, continuing: bool = True) -> None:
-    """The verdict, its reasons and advice, on stderr; a far verdict as a warning when `continuing`."""
+    """The verdict, its reasons and advice, on stderr; a far verdict as a warning when `continuing`.
+    Each a line of its own, which the terminal wraps (rich would break it mid-phrase at 80 columns)."""
     colour = {"typical": "green", "unusual": "yellow"}.get(report.verdict, "red")
     console.print(f"prompt: {report.seconds:.2f} s; " + ("; ".join(report.conversions) or "no conversion needed"),
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     label = "[bold yellow]warning:[/] " if report.far and continuing else ""
-    console.print(f"{label}verdict: [{colour}]{report.verdict}[/]", highlight=False)
+    console.print(f"{label}verdict: [{colour}]{report.verdict}[/]", highlight=False, soft_wrap=True)
     for reason in report.reasons:
-        console.print(f"  - {reason}", highlight=False)
+        console.print(f"  - {reason}", highlight=False, soft_wrap=True)
     for advice in report.advice:
-        console.print(f"  advice: {advice}", highlight=False)
+        console.print(f"  advice: {advice}", highlight=False, soft_wrap=True)
     if report.far and continuing:
-        console.print("  continuing anyway (--strict refuses such a prompt)", highlight=False)
+        console.print("  continuing anyway (--strict refuses such a prompt)", highlight=False, soft_wrap=True)
 
 
 def generation_run(run, what: str) -> None:
@@ -582,7 +590,7 @@ def surprise_value(text: str | None) -> float | str | None:
         raise GenerationError(f"--surprise {text}: use auto, or bits/sample from 0 (off) to 8") from None
 
 
-@command(name="continue", inference=True)
+@command(name="continue", inference=True, exits=("1 error", f"{FAR} (--strict)"))
 def continue_command(
     prompt: str = typer.Argument(..., help="Audio file (wav, flac, mp3, ogg, ...) or a URL (fetched with yt-dlp)."),
     out: Out = "continuation.wav",
@@ -671,7 +679,7 @@ def generate(
     generation_run(lambda progress: improvise(out, model, options, on_progress=progress, play=play), "generating")
 
 
-@command(inference=True)
+@command(inference=True, exits=("1 error", FAR))
 def check(
     prompt: str = typer.Argument(..., help="Audio file or URL."),
     model: ModelSpec = DEFAULT_NAME,
