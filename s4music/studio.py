@@ -129,8 +129,10 @@ def options_from(seconds, variations, temperature, top_k, top_p, seed, start, en
                  guidance: float = 1.0) -> GenerateOptions:
     return GenerateOptions(seconds=float(seconds), variations=int(variations), rank=int(variations) > 1,
                            seed=None if seed in (None, "") or int(seed) < 0 else int(seed),
-                           sampling=Sampling(float(temperature), int(top_k), float(top_p), guidance=float(guidance)),
-                           prompt=PromptSelection(float(prompt_seconds), start or None, end or None),  # 0: not set
+                           sampling=Sampling(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                                             guidance=float(guidance)),
+                           prompt=PromptSelection(seconds=float(prompt_seconds), start=start or None,  # 0: not set
+                                                  end=end or None),
                            output=Output(), step=StepOptions(device="cpu"))
 
 
@@ -151,7 +153,8 @@ def build(studio: Studio):
         if not prompt:
             return "Choose a prompt: upload a file, record, or paste a URL."
         try:
-            return studio.guidance(prompt, model, PromptSelection(float(prompt_seconds), start or None, end or None))
+            return studio.guidance(prompt, model, PromptSelection(seconds=float(prompt_seconds), start=start or None,
+                                                                  end=end or None))
         except S4MusicError as e:
             raise error(e) from None
 

@@ -187,3 +187,39 @@ def test_a_continuation_prints_no_stray_lines_and_keeps_each_reason_on_one_line(
     assert (tmp_path / "matplotlib").is_dir() and "fontManager" not in out.stderr
     reasons = [line for line in out.stderr.splitlines() if line.startswith("  - the model finds the prompt familiar")]
     assert len(reasons) == 1 and reasons[0].endswith("on the model's test set)"), out.stderr
+
+
+def test_continue_and_eval_build_their_options_by_name_with_the_librarys_defaults(cli, monkeypatch, tmp_path):
+    from s4music.errors import S4MusicError
+    from s4music.eval_options import EvalOptions
+    from s4music.generate import GenerateOptions, Output, PromptSelection, Sampling, StepOptions
+
+    seen = {}
+
+    def capture(name, options):
+        seen[name] = options
+        raise S4MusicError("captured")  # the command ends there, with one line and exit 1
+
+    monkeypatch.setattr("s4music.generate.run.continue_prompt", lambda prompt, out, model, options, **_: capture(
+        "continue", options))
+    monkeypatch.setattr("s4music.evaluate.evaluate", lambda model, data, options, **_: capture("eval", options))
+    assert cli("continue", "song.wav")[0] == 1 and seen["continue"] == GenerateOptions()
+    assert cli("eval", "--data", tmp_path)[0] == 1 and seen["eval"] == EvalOptions()
+    # every option, each with a value of its own, lands in the field of its name
+    code, _, err = cli("continue", "song.wav", "--seconds", "7", "--prompt-seconds", "3", "--prompt-start", "1",
+                       "--prompt-end", "9", "-n", "2", "--temperature", "0.7", "--temperature-end", "0.5",
+                       "--top-k", "5", "--top-p", "0.9", "--context-seconds", "4", "--typical", "0.8",
+                       "--guidance", "2", "--guidance-seconds", "0.5", "--surprise", "3", "--seed", "11", "--rank",
+                       "--no-prompt", "--normalize", "peak", "--format", "flac", "--device", "cpu", "--strict",
+                       "--retry-degenerate", "2", "--plot", "--no-fused", "--full-weights", "--sidecar", "s.json")
+    assert code == 1 and "captured" in err
+    assert seen["continue"] == GenerateOptions(
+        seconds=7, variations=2, seed=11, rank=True, retry_degenerate=2, strict=True,
+        sampling=Sampling(temperature=0.7, top_k=5, top_p=0.9, temperature_end=0.5, context_seconds=4, typical=0.8,
+                          guidance=2, guidance_seconds=0.5, surprise=3),
+        prompt=PromptSelection(seconds=3, start=1, end=9),
+        output=Output(include_prompt=False, normalize="peak", format="flac", plot=True, sidecar="s.json"),
+        step=StepOptions(device="cpu", fused=False, half_weights=False))
+    cli("eval", "--data", tmp_path, "--split", "val", "--context", "100", "--batch-size", "3", "--max-windows", "5",
+        "--device", "cuda")
+    assert seen["eval"] == EvalOptions(split="val", context=100, batch_size=3, max_windows=5, device="cuda")
