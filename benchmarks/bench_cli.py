@@ -3,7 +3,9 @@
 `s4music --help`, `s4music continue --help` (the command with the most options), `s4music train
 --help` and `s4music models`, each in a fresh interpreter as the console script runs, beside the
 import of typer and rich (which every command needs) in a fresh interpreter in the same run,
-interleaved, so a busy machine slows both alike. Bound: each at most 8x that import, and 0.5 s.
+interleaved, so a busy machine slows both alike. Bound: each at most 8x that import (the median
+of each over the baseline's median). The target behind it, 0.5 s, holds on a quiet 2-core machine;
+on a shared one the absolute times move with the load, the ratio much less.
 
     python benchmarks/bench_cli.py            # 15 rounds
     python benchmarks/bench_cli.py --quick    # 5
@@ -27,7 +29,7 @@ COMMANDS = {
     "`s4music train --help`": ["-m", "s4music.cli", "train", "--help"],
     "`s4music models`": ["-m", "s4music.cli", "models"],
 }
-BOUND_RATIO, BOUND_S = 8.0, 0.5
+BOUND_RATIO = 8.0
 
 
 def wall(args: list[str]) -> float:
@@ -53,8 +55,7 @@ def main() -> None:
     base_best, base_median = min(times[BASELINE]), statistics.median(times[BASELINE])
     print("## Start-up of the command line\n")
     print(f"CPU: {name}, {os.cpu_count()} cores. Each a fresh interpreter, {rounds} rounds interleaved; "
-          f"bound: at most {BOUND_RATIO:g}x the import of typer and rich measured in the same run, and "
-          f"{BOUND_S} s.\n")
+          f"bound: at most {BOUND_RATIO:g}x the import of typer and rich measured in the same run.\n")
     print("| what | best s | median s | best / baseline's best | median / baseline's median | bound |")
     print("|---|---|---|---|---|---|")
     for what, seconds in times.items():
@@ -62,11 +63,10 @@ def main() -> None:
         if what == BASELINE:
             verdict = "baseline"
         else:
-            holds = median <= BOUND_RATIO * base_median and median <= BOUND_S
-            verdict = "holds" if holds else "missed"
+            verdict = "holds" if median <= BOUND_RATIO * base_median else "missed"
         print(f"| {what} | {best:.3f} | {median:.3f} | {best / base_best:.1f}x | {median / base_median:.1f}x "
               f"| {verdict} |")
-    print(f"\nThe bound is judged on the medians: at most {BOUND_RATIO:g}x the baseline's and {BOUND_S} s.")
+    print(f"\nThe bound is judged on the medians: at most {BOUND_RATIO:g}x the baseline's.")
 
 
 if __name__ == "__main__":
