@@ -168,11 +168,21 @@ def fetch(
     end: float = typer.Option(None, help="Keep audio up to this second."),
     playlist_items: str = typer.Option(None, help="Playlist items to fetch, e.g. '1-3,7'."),
     sample_rate: int = typer.Option(FetchOptions.sample_rate, help="Sample rate of the converted audio."),
+    max_mb: float = typer.Option(FetchOptions.max_mb, help="Stop a download once it is larger than this many MB "
+                                                           "(each item of a playlist); 0: no limit."),
+    max_minutes: float = typer.Option(FetchOptions.max_minutes, help="Refuse audio longer than this, judged from "
+                                                                     "the site's metadata or the file's header "
+                                                                     "while it downloads; 0: no limit."),
 ):
-    """Download the audio of web pages (yt-dlp), keep the original, and convert it to mono WAV."""
+    """Download the audio of web pages (yt-dlp), keep the original, and convert it to mono WAV.
+
+    Any address is fetched, as curl would; sizes and lengths are limited (--max-mb, --max-minutes)."""
     from s4music.data.fetch import fetch as fetch_urls
 
-    options = FetchOptions(sample_rate=sample_rate, start=start, end=end, playlist_items=playlist_items)
+    if max_mb < 0 or max_minutes < 0:
+        fail("--max-mb and --max-minutes are 0 (no limit) or more")
+    options = FetchOptions(sample_rate=sample_rate, start=start, end=end, playlist_items=playlist_items,
+                           max_mb=max_mb, max_minutes=max_minutes)
     with progress_bar() as bar:
         tasks: dict[str, int] = {}
 
