@@ -53,7 +53,7 @@ def test_the_model_answers_in_the_pause_and_stops_when_the_player_returns(tiny_m
     answer = rec[:, 1]
     assert not answer[: int(3.5 * SR)].any() and not answer[int(5.04 * SR):].any()
     assert np.sqrt(np.mean(answer[int(3.6 * SR): int(4.9 * SR)] ** 2)) > 1e-3
-    assert [e.kind for e in events if e.kind != "verdict"] == ["answer", "turn"]
+    assert [e.kind for e in events if e.kind != "verdict"] == ["listening", "answer", "turn"]
     # the answer plays at the loudness of the player's last 2 s, within 3 dB
     played = 20 * np.log10(np.sqrt(np.mean(music[-2 * SR:] ** 2)))
     answered = 20 * np.log10(np.sqrt(np.mean(answer[int(3.6 * SR): int(4.9 * SR)] ** 2)))
@@ -139,18 +139,49 @@ def test_a_wav_stream_at_any_rate_and_channel_count_is_read_as_prompts_are(tmp_p
 
 @pytest.mark.slow  # jam in a subprocess
 def test_jam_on_the_sound_device_until_ctrl_c_keeps_the_recording(tiny_model, tmp_path, null_sound_env):
+    """Under load (the other core busy): once the jam says it is listening, Ctrl-C, and an impatient
+    second and third, leave the recording closed and valid, and no temporary."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        run = subprocess.Popen([*S4MUSIC, "jam", "--model", str(tiny_model), "--record", str(tmp_path / "r.wav")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=null_sound_env, text=True)
+        said = ""
+        while "listening" not in said:
+            line = run.stderr.readline()
+            assert line, said  # it ended before it listened
+            said += line
+        assert f"Ctrl-C ends the jam and keeps {tmp_path / 'r.wav'}" in said
+        time.sleep(0.5)  # listening to the (null) device's silence
+        for _ in range(3):
+            run.send_signal(signal.SIGINT)
+            time.sleep(0.01)
+        _, err = run.communicate(timeout=60)
+    finally:
+        busy.kill()
+        busy.wait()
+    # 130; or, for a Ctrl-C in the last moments of the interpreter's exit, when Python has given
+    # SIGINT back to the system, death by SIGINT, which a shell reports as 130 too
+    assert run.returncode in (130, -signal.SIGINT), said + err
+    info = sf.info(str(tmp_path / "r.wav"))  # closed properly: a valid file
+    assert info.channels == 2 and info.samplerate == SR and info.frames > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow  # jam in a subprocess
+def test_ctrl_c_while_the_jam_starts_leaves_no_temporary_and_the_last_recording(tiny_model, tmp_path, null_sound_env):
+    """Ctrl-C before the jam has heard anything (as its recording is being opened) keeps the earlier
+    recording of that name as it was and leaves no temporary."""
+    (tmp_path / "r.wav").write_bytes(b"last night's jam")
     run = subprocess.Popen([*S4MUSIC, "jam", "--model", str(tiny_model), "--record", str(tmp_path / "r.wav")],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=null_sound_env)
     deadline = time.time() + 120
     while not any(p.name.startswith(".r.") for p in tmp_path.iterdir()) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # listening to the (null) device's silence
+        time.sleep(0.001)
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130, err.decode()
-    info = sf.info(str(tmp_path / "r.wav"))  # closed properly: a valid file
-    assert info.channels == 2 and info.samplerate == SR and info.frames > 0
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert (tmp_path / "r.wav").read_bytes() == b"last night's jam"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["r.wav"]
 
 
 @pytest.mark.slow  # jam in a subprocess
@@ -245,3 +276,20 @@ def test_a_wav_header_out_of_range_is_refused_by_its_field(rate, channels, messa
         list(wav_stream(io.BytesIO(header + b"data" + struct.pack("<I", 0) + bytes(4000)), SR))
     assert str(e.value) == f"standard input: the WAV header's {message}" or message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_a_ctrl_c_while_a_file_is_opened_or_closed_comes_right_after():
+    """The jam's files are opened and closed with Ctrl-C held back: the block runs to its end, then
+    the handler that was in place gets the signal."""
+    import os
+
+    from s4music.files import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal has been delivered by now
+            done.append("closed")
+    assert done == ["closed"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

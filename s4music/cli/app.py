@@ -7,12 +7,15 @@ what the model knows (`check`, and `continue --strict`); 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import logging
 import os
+import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -706,10 +709,15 @@ def jam(
         source = wav_stream(sys.stdin.buffer, sr)
     else:
         source = file_at_pace(input, sr, realtime=realtime)
-    colours = {"verdict": "cyan", "answer": "green", "turn": "green"}
-    result = run_jam(source, net, options, record=record, log=log, play=play,
-                     on_event=lambda e: console.print(f"[{colours[e.kind]}]{e.time_s:7.2f} s[/] {e.text}",
-                                                      highlight=False))
+    colours = {"listening": "cyan", "verdict": "cyan", "answer": "green", "turn": "green"}
+    kept = " and keeps " + " and ".join(str(p) for p in (record, log) if p) if record or log else ""
+
+    def on_event(e) -> None:
+        text = f"listening: Ctrl-C ends the jam{kept}" if e.kind == "listening" else e.text
+        console.print(f"[{colours[e.kind]}]{e.time_s:7.2f} s[/] {text}", highlight=False, soft_wrap=True)
+
+    with _one_interrupt():
+        result = run_jam(source, net, options, record=record, log=log, play=play, on_event=on_event)
     console.print(f"{result.seconds:.1f} s of input, {len(result.turns)} answer(s), seed {result.seed}, "
                   f"{result.step}" + (f"; recording: {result.record}" if result.record else ""), highlight=False)
 
@@ -732,6 +740,32 @@ def studio(
     console.print(f"s4music studio: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port} (Ctrl-C stops it)",
                   highlight=False)
     serve(host, port, model, share=share, max_upload_mb=max_upload_mb)
+
+
+@contextlib.contextmanager
+def _one_interrupt(grace: float = 5.0):
+    """Ctrl-C stops the command once: a second Ctrl-C within `grace` seconds, while the first one
+    unwinds, is ignored, so it cannot cut short the closing of the files being kept (a recording's
+    header and rename) or the exit after it. One later than that interrupts again, for a close that
+    hangs. After an interrupt the handler stays, for the process is on its way out."""
+    first: list[float] = []
+
+    def handler(signum, frame) -> None:
+        if first and time.monotonic() - first[0] < grace:
+            return
+        first[:] = [time.monotonic()]
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        signal.signal(signal.SIGINT, previous)
+        raise
+    else:
+        signal.signal(signal.SIGINT, previous)
 
 
 def main() -> None:
