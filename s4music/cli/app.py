@@ -728,18 +728,48 @@ def studio(
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 lets anyone on the network use it."),
     model: ModelSpec = DEFAULT_NAME,
     share: bool = typer.Option(False, "--share", help="Also open a public Gradio tunnel (off unless asked)."),
-    max_upload_mb: int = typer.Option(100, help="Largest upload, MB."),
+    max_upload_mb: int = typer.Option(100, help="Largest upload, MB; fetches from the URL box too."),
+    model_dir: list[Path] = typer.Option(None, "--model-dir", help="A folder whose checkpoint folders visitors may "
+                                                                   "choose in the model box (repeatable); "
+                                                                   "otherwise only model names and --model."),
+    allow_local_urls: bool = typer.Option(False, "--allow-local-urls",
+                                          help="Let the URL box fetch loopback, private and link-local addresses "
+                                               "even where others can reach the page (--host other than loopback, "
+                                               "or --share); by default it fetches only public addresses there."),
 ):
     """A local web page that guides you to a good continuation: prompt in, guidance, takes."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
-    from s4music.studio import serve
+    import shutil
+    import tempfile
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[bold yellow]warning:[/] serving on {host}: anyone who can reach this machine can use the "
-                      "studio and the model", highlight=False)
+    from s4music.studio import is_loopback, serve
+
+    for folder in model_dir or []:
+        if not folder.is_dir():
+            fail(f"--model-dir {folder}: no such folder")
+    public = share or not is_loopback(host)
+    if public:
+        console.print(f"[bold yellow]warning:[/] serving on {host}{' and a public tunnel' if share else ''}: anyone "
+                      "who can reach it can use the studio and the model; its URL box fetches "
+                      + ("any address (--allow-local-urls)" if allow_local_urls else "public addresses only"),
+                      highlight=False)
     console.print(f"s4music studio: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port} (Ctrl-C stops it)",
                   highlight=False)
-    serve(host, port, model, share=share, max_upload_mb=max_upload_mb)
+    # Takes, fetched prompts and Gradio's copies of files live in one folder, removed however the
+    # server stops (Ctrl-C, or SIGTERM, which here interrupts as Ctrl-C does). Gradio reads
+    # GRADIO_TEMP_DIR when it is imported, which serve() does.
+    work = Path(tempfile.mkdtemp(prefix="s4music-studio-"))
+    os.environ["GRADIO_TEMP_DIR"] = str(work / "gradio")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        serve(host, port, model, share=share, max_upload_mb=max_upload_mb, model_dirs=model_dir or (),
+              allow_local_urls=allow_local_urls, work_dir=work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
