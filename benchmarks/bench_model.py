@@ -223,7 +223,7 @@ def steps_by_instruction_set(batch: int, seconds: float, rounds: int) -> dict:
     interleaved in one process, best of `rounds`: RTF (all variations) by set."""
     import torch
 
-    from s4music.model.fast import FusedStep, instruction_sets
+    from s4music.model.fast import FusedStep, Rule, instruction_sets
 
     model = _model("bundled")
     _, state = model.prefill(torch.randint(0, 256, (batch, 4096)))
@@ -234,7 +234,7 @@ def steps_by_instruction_set(batch: int, seconds: float, rounds: int) -> dict:
         for isa in list(steps) if r % 2 == 0 else list(steps)[::-1]:
             s = state.repeat(1)
             t0 = time.perf_counter()
-            steps[isa].run(code, s, torch.rand(batch, n), temperature=0.8)
+            steps[isa].run(code, s, torch.rand(batch, n), Rule(0.8))
             best[isa] = max(best[isa], batch * n / (time.perf_counter() - t0) / SAMPLE_RATE)
     return best
 

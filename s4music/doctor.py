@@ -9,6 +9,7 @@ import torch
 
 from s4music import system
 from s4music.extensions import find_cuda_home
+from s4music.model.fast import fused_report
 from s4music.model.kernels import kernel_path
 
 
@@ -31,6 +32,7 @@ def run_checks() -> list[Check]:
     else:
         checks.append(Check("gpu", False, "none visible; running on CPU", required=False))
     checks.append(Check("s4 kernel (cpu)", True, kernel_path("cpu")))
+    checks.append(Check("fused cpu step", *fused_report(), required=False))
     home = find_cuda_home()
     checks.append(Check("cuda toolkit", home is not None, str(home) if home else "nvcc not found", required=False))
     for prog in ("ffmpeg", "fluidsynth"):

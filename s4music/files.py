@@ -3,6 +3,8 @@
     with atomic_path("out.wav") as tmp:      # write tmp; it replaces out.wav in one rename
         ...
     write_json("meta.json", {...})           # the same, for a JSON document
+    with atomic_directory("dataset") as tmp: # fill tmp; it becomes dataset (new) in one rename
+        ...
 
 A reader sees the old file or the new one, never a mixture. Temporary names start with a dot and
 hold ".tmp", so directory listings and globs for the real files never pick them up, and a later
@@ -90,6 +92,37 @@ def atomic_path(path: str | Path):
         f.commit()
     finally:
         f.abort()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path):
+    """Yield a temporary directory beside `path`, which must not exist yet (an empty directory may);
+    on success its files are synced and it becomes `path` in one rename, so `path` appears whole or
+    not at all. Another writer's `path` that appeared meanwhile is never replaced: that is an error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:  # a fresh name; mode 0777 less the umask, as any new directory (mkdtemp would make 0700)
+        tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(tmp)
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        try:
+            os.rename(tmp, path)  # over an empty directory or nothing; a full one refuses (ENOTEMPTY)
+        except OSError as e:
+            raise S4MusicError(f"{path}: exists and is not empty; not replacing it ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str | Path, data) -> None:

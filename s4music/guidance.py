@@ -19,6 +19,7 @@ import torch
 
 from s4music.audio import Audio, spectral_flatness
 from s4music.dsp import dbfs
+from s4music.measures import liveliness
 
 TYPICAL, UNUSUAL, FAR = "typical", "unusual", "far from what this model knows"
 NOISE_FLATNESS = 0.35  # white noise is ~0.56; music is usually below 0.1
@@ -73,8 +74,33 @@ def describe_signal(audio: Audio, source: str, trimmed_from: float | None = None
         dc_offset=float(x.mean()) if x.numel() else 0.0, flatness=spectral_flatness(x))
 
 
-def judge(report: PromptReport, bits: float | None, summary: dict) -> PromptReport:
-    """Set the verdict, reasons and advice from the signal and the model's NLL on the prompt."""
+# What fine-tuning has cost and given, as measured (benchmarks/RESULTS.md, the H200 lease and the CPU
+# training step), for the advice on a prompt the model finds surprising.
+FINETUNE_MEASURED = {
+    "hours": 25.2, "steps": 2768, "window_s": 4.096, "batch": 8, "gpu": "an H200", "gpu_s": 543,
+    "before_bits": 5.556, "after_bits": 3.518,  # held-out piano renders through soundfonts it had not heard
+    "cpu": "2 AMD EPYC cores", "cpu_audio_s_per_s": 0.11,
+}
+
+
+def finetune_advice(model: str | None) -> str:
+    """What fine-tuning on similar music takes: the hours, steps and time measured, and the commands,
+    with the model named."""
+    m, name = FINETUNE_MEASURED, model or "default"
+    cpu_hours = 3600 / m["cpu_audio_s_per_s"] / 3600
+    return (f"to continue music like this well, fine-tune on some of it. Measured: {m['hours']:g} h of new "
+            f"music, {m['steps']:,} steps of {m['batch']} x {m['window_s']:g} s windows, {m['gpu_s'] / 60:.0f} min "
+            f"on {m['gpu']}, took the bundled model from {m['before_bits']:.2f} to {m['after_bits']:.2f} "
+            f"bits/sample on music of that kind it had not heard. Gather an hour or more of similar audio (the "
+            f"measured run had {m['hours']:g} h); on a CPU ({m['cpu']}: {m['cpu_audio_s_per_s']:g} audio s per s) "
+            f"one pass over an hour takes about {cpu_hours:.0f} h, so use a GPU: `s4music prepare YOUR_FILES "
+            f"-o data/mine`, then `s4music train --mode finetune --from {name} --data data/mine --fast "
+            f"--max-minutes 10`")
+
+
+def judge(report: PromptReport, bits: float | None, summary: dict, model: str | None = None) -> PromptReport:
+    """Set the verdict, reasons and advice from the signal and the model's NLL on the prompt.
+    `model`: the model's name or path, as the advice's commands name it."""
     domain = summary.get("domain")
     knows = f"this model was trained on {domain}" if domain else "this model's training data"
     report.bits, report.reference_bits = bits, summary.get("test_bits")
@@ -122,27 +148,33 @@ def judge(report: PromptReport, bits: float | None, summary: dict) -> PromptRepo
                               "(run `s4music eval --record`) to compare with")
     report.verdict = FAR if FAR in levels else UNUSUAL if UNUSUAL in levels else TYPICAL
     if report.verdict != TYPICAL and bits is not None and ref is not None and bits - ref > 0.75:
-        report.advice.append("to continue music like this well, fine-tune on some of it: `s4music prepare "
-                             "YOUR_FILES -o data/mine`, then `s4music train --mode finetune --from MODEL "
-                             "--data data/mine`")
+        report.advice.append(finetune_advice(model))
     return report
 
 
 DEGENERACIES = {"silence": "collapsed into silence", "noise": "ran away into noise",
                 "hiss": "turned to hiss, far flatter than any of the model's test audio",
-                "offset": "stuck at a DC offset"}
+                "offset": "stuck at a DC offset",
+                "drone": "settled into a drone: no onsets and a steady level over its second half"}
 # A take is hiss when its flatness is this many times the flattest (hissiest) window of the audio the
 # model was tested on (`eval --record` keeps the band): the bundled model's test windows reach 0.0076,
 # its takes that drift stay near that, and a take that turned to hiss measured 0.095.
 HISS_FACTOR = 4.0
+# A take is a drone when over its second half it has fewer onsets than this a second and a steadier
+# level than this (`measures.liveliness`): rendered chorales and the corpus recordings measured 3-8
+# onsets a second in 5 s windows, with level spreads from 1.5 dB up; a held tone has 0 and 0.
+DRONE_ONSETS_PER_S = 0.5
+DRONE_SPREAD_DB = 1.0
+DRONE_MIN_S = 2.0  # judged on a second half at least this long: a take of 4 s or more
 
 
 def degeneracy(wave: torch.Tensor, sample_rate: int, band: dict | None = None) -> str | None:
-    """'silence', 'noise', 'hiss' or 'offset' when the continuation (as the model made it, before
-    any DC removal) collapses to silence, runs away into noise (absolute: near white noise), turns
-    flatter than HISS_FACTOR times the hissiest window of the model's own test audio (`band`, the
-    flatness band `eval --record` stores; relative to the model), or over its second half sits at
-    an offset beyond DC_OFFSET and STUCK_RATIO times its own spread; None when it does none of these."""
+    """'silence', 'noise', 'hiss', 'offset' or 'drone' when the continuation (as the model made it,
+    before any DC removal) collapses to silence, runs away into noise (absolute: near white noise),
+    turns flatter than HISS_FACTOR times the hissiest window of the model's own test audio (`band`,
+    the flatness band `eval --record` stores; relative to the model), over its second half sits at
+    an offset beyond DC_OFFSET and STUCK_RATIO times its own spread, or there settles into a drone
+    (`measures.liveliness`: no onsets, a steady level); None when it does none of these."""
     tail = wave[wave.numel() // 2 :]
     if tail.numel() == 0:
         return None
@@ -155,4 +187,8 @@ def degeneracy(wave: torch.Tensor, sample_rate: int, band: dict | None = None) -
         return "hiss"
     if abs(float(tail.mean())) > max(DC_OFFSET, STUCK_RATIO * float(tail.std())):
         return "offset"
+    if tail.numel() >= DRONE_MIN_S * sample_rate:
+        alive = liveliness(tail, sample_rate)
+        if alive.onsets_per_s < DRONE_ONSETS_PER_S and alive.level_spread_db < DRONE_SPREAD_DB:
+            return "drone"
     return None

@@ -33,9 +33,8 @@ from s4music.dsp import HighPass, dbfs
 from s4music.errors import S4MusicError
 from s4music.files import AtomicFile, interrupts_deferred
 from s4music.generate.options import Sampling, StepOptions
-from s4music.generate.sampler import Sampler, Stepper, prompt_reader
+from s4music.generate.sampler import Sampler, Stepper
 from s4music.guidance import describe_signal, judge
-from s4music.model.fast import FusedStep
 from s4music.model.registry import load_model
 from s4music.model.s4 import SCAN_CHUNK
 from s4music.model.sashimi import SaShiMi
@@ -134,6 +133,9 @@ class Jam:
         self.highpass = HighPass(self.sr)
         self.heard: deque[np.ndarray] = deque()  # the last few seconds of playing, and the model's bits on them
         self.heard_bits: deque[tuple[int, float]] = deque()  # (samples, summed bits) of what the state took
+        # the last codes the state took, ending with the next input: what guidance's free row hears
+        self.recent = torch.zeros(0, dtype=torch.long)
+        self.recent_keep = int((self.sampling.guidance_seconds + 1) * self.sr)
         self.played_s = 0.0
         self.verdict: str | None = None
         self.next_verdict_s = self.options.guidance_after
@@ -162,17 +164,11 @@ class Jam:
             taken += n
         self.pending = [codes[taken:]] if taken < len(codes) else []
 
-    @torch.no_grad()
     def _take(self, codes: torch.Tensor, forced: bool) -> None:
-        fast = self.stepper.fast
-        if forced and isinstance(fast, FusedStep):
-            _, logprobs, _ = fast.run(self.code, self.state, torch.zeros(1, len(codes)), forced=codes.unsqueeze(0))
-            bits = -logprobs[0].double() / math.log(2)
-        else:
-            x = torch.cat([self.code, codes[:-1]]).unsqueeze(0)
-            bits, self.state = prompt_reader(self.net, self.options.step).prefill_bits(x, codes.unsqueeze(0), self.state)
-            bits = bits[0].double()
+        bits, self.state = self.stepper.follow(self.code, self.state, codes, step_by_step=forced)
         self.code = codes[-1:]
+        if self.sampling.guidance != 1:
+            self.recent = torch.cat([self.recent, codes])[-self.recent_keep:]
         self.heard_bits.append((len(codes), float(bits.sum())))
         while sum(n for n, _ in self.heard_bits) - self.heard_bits[0][0] > RECENT_S * self.sr:
             self.heard_bits.popleft()
@@ -228,7 +224,10 @@ class Jam:
         self._absorb(everything=True)
         index = len(self.turns)
         seed = self.seed + index
-        self.answer = self.stepper.sampler(self.state, self.code, [seed], self.sampling)
+        taken = sum(n for n, _ in self.heard_bits)
+        sampling = self.sampling.with_surprise_of(sum(b for _, b in self.heard_bits) / taken if taken
+                                                  else self.net.summary.get("test_bits"))
+        self.answer = self.stepper.sampler(self.state, self.code, [seed], sampling, self.recent)
         self.answer_info = {"index": index, "seed": seed, "silence": self.quiet_since, "start": start,
                             "logprob": 0.0, "samples": 0, "energy": 0.0, "gain": None}
 
@@ -286,7 +285,7 @@ class Jam:
             return
         audio = Audio(torch.from_numpy(np.concatenate(self.heard)), self.sr, self.sr, 1)
         report = judge(describe_signal(audio, "live input"), sum(b for _, b in self.heard_bits) / taken,
-                       self.net.summary)
+                       self.net.summary, self.net.name)
         if report.verdict != self.verdict:
             self.verdict = report.verdict
             why = report.reasons[-1] if report.reasons else ""

@@ -226,10 +226,11 @@ class Studio:
                 "guidance": result.guidance.verdict if result.guidance else None}
 
 
-def options_from(seconds, variations, temperature, top_k, top_p, seed, start, end, prompt_seconds) -> GenerateOptions:
+def options_from(seconds, variations, temperature, top_k, top_p, seed, start, end, prompt_seconds,
+                 guidance: float = 1.0) -> GenerateOptions:
     return GenerateOptions(seconds=float(seconds), variations=int(variations), rank=int(variations) > 1,
                            seed=None if seed in (None, "") or int(seed) < 0 else int(seed),
-                           sampling=Sampling(float(temperature), int(top_k), float(top_p)),
+                           sampling=Sampling(float(temperature), int(top_k), float(top_p), guidance=float(guidance)),
                            prompt=PromptSelection(float(prompt_seconds), start or None, end or None),  # 0: not set
                            output=Output(), step=StepOptions(device="cpu"))
 
@@ -260,17 +261,18 @@ def build(studio: Studio):
             s = studio.recommended(model)
         except S4MusicError as e:
             raise error(e) from None
-        return s.temperature, s.top_k, s.top_p
+        return s.temperature, s.top_k, s.top_p, s.guidance
 
     def improvise(model, seconds, variations, temperature, top_k, top_p, seed, progress=gr.Progress()):
         yield from generate(None, model, seconds, variations, temperature, top_k, top_p, seed, None, None,
-                            PromptSelection.seconds, progress, from_nothing=True)
+                            PromptSelection.seconds, 1.0, progress, from_nothing=True)
 
     def generate(prompt, model, seconds, variations, temperature, top_k, top_p, seed, start, end, prompt_seconds,
-                 progress=gr.Progress(), from_nothing=False):
+                 guidance_by_prompt, progress=gr.Progress(), from_nothing=False):
         if not prompt and not from_nothing:
             raise gr.Error("Choose a prompt first: upload a file, record, or paste a URL.")
-        options = options_from(seconds, variations, temperature, top_k, top_p, seed, start, end, prompt_seconds)
+        options = options_from(seconds, variations, temperature, top_k, top_p, seed, start, end, prompt_seconds,
+                               guidance_by_prompt)
         pieces: queue.Queue = queue.Queue()
         cancelled = threading.Event()
         started = time.perf_counter()
@@ -347,6 +349,8 @@ def build(studio: Studio):
                     guidance = gr.Markdown("Choose a prompt: upload a file, record, or paste a URL.",
                                            elem_id="guidance")
             controls = _controls(gr, rec)
+            guidance_by_prompt = gr.Slider(0, 5, value=rec.guidance, step=0.25, elem_id="guidance-by-prompt",
+                                           label="guidance by the prompt (1: off; 2x the work)")
             go = gr.Button("continue", variant="primary", elem_id="continue")
             player = gr.Audio(streaming=True, autoplay=True, label="first take, as it is made", elem_id="player")
             table = gr.Markdown(elem_id="takes")
@@ -364,8 +368,9 @@ def build(studio: Studio):
         fetch_button.click(prompt_from_url, url, prompt)
         for trigger in (prompt.change, start.change, end.change, prompt_seconds.change):
             trigger(show_guidance, selection, guidance, concurrency_id="check", concurrency_limit=2)
-        model.change(recommended, model, controls[2:5])
-        go.click(generate, [prompt, model, *controls, start, end, prompt_seconds], [player, table, gallery, files],
+        model.change(recommended, model, [*controls[2:5], guidance_by_prompt])
+        go.click(generate, [prompt, model, *controls, start, end, prompt_seconds, guidance_by_prompt],
+                 [player, table, gallery, files],
                  concurrency_id="generate", concurrency_limit=1)
         go_free.click(improvise, [model, *controls_free], [player_free, table_free, gallery_free, files_free],
                       concurrency_id="generate", concurrency_limit=1)

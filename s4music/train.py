@@ -465,7 +465,134 @@ class Budget:
         return None
 
 
+# ---------------------------------------------------------------------------------- the run directory
+
+
+class RunDirectory:
+    """A run's folder and its chores, apart from the loop: one writer at a time (the main process;
+    the others hold and write nothing), what a killed writer left half-written removed, the
+    checks before a resume, the run's settings, the log, checkpoints saved and pruned, the best and
+    the final model."""
+
+    def __init__(self, config: TrainConfig, main: bool):
+        self.out, self.config, self.main = Path(config.out), config, main
+        self.runlog: RunLog | None = None
+        self._lock = DirectoryLock(self.out, "training run") if main else contextlib.nullcontext()
+
+    def __enter__(self) -> RunDirectory:
+        self._lock.__enter__()
+        if self.main:
+            for directory in (self.out, self.out / "checkpoints"):
+                for stale in remove_stale_temporaries(directory):
+                    log.info("removed %s, left by a run that was killed", stale)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.__exit__(*exc)
+
+    def checkpoint_to_resume(self, resume: bool) -> Path | None:
+        """With `resume`, the newest checkpoint that verifies and a config that trains the same
+        model; else None, and the directory must hold no run yet."""
+        if not resume:
+            if checkpoints(self.out):
+                raise TrainingError(f"{self.out}: already holds a run; resume it with --resume or choose another --out")
+            return None
+        checkpoint = resumable_checkpoint(self.out)
+        if checkpoint is None:
+            raise TrainingError(f"{self.out}: every checkpoint is damaged (see the warnings above); nothing to resume from")
+        check_resume_config(self.config, self.out)
+        return checkpoint
+
+    def begin(self, step: int, world: int, ranks: list[dict]) -> None:
+        """The resolved config, the seed, the ranks; the log opened at `step`."""
+        if not self.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.out / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        (self.out / "seed").write_text(f"{self.config.seed}\n")
+        write_json(self.out / "world.json", {"world_size": world, "ranks": ranks})
+        self.runlog = RunLog(self.out, self.config.log, step)
+
+    def summary(self, step: int, val_bits: float | None, world: int, added: int) -> dict:
+        """What a saved model records about the run."""
+        c = self.config
+        return {"mode": c.mode, "from": c.init, "data": c.data, "step": step, "seed": c.seed, "val_bits": val_bits,
+                "world_size": world, "added_parameters": added, **({"domain": c.domain} if c.domain else {})}
+
+    def record(self, row: dict) -> None:
+        if self.runlog is not None:
+            self.runlog.write(row)
+
+    def save_best(self, model: SaShiMi, summary: dict) -> None:
+        if self.main:
+            save_model(model, self.out / "best", summary=summary)
+
+    def save_checkpoint(self, model: SaShiMi, state: dict, summary: dict) -> None:
+        """checkpoints/step-N (model + training state), then all but the newest keep_last pruned."""
+        if not self.main:
+            return
+        path = self.out / "checkpoints" / f"step-{state['step']:07d}"
+        save_model(model, path, summary=summary, extra=lambda d: write_state(d, state))
+        # the newest keep_last up to this step stay; any later one is a damaged checkpoint the
+        # resume skipped (and warned of), which must not displace the one just saved
+        kept = [p for p in sorted((self.out / "checkpoints").glob("step-*")) if p.name <= path.name]
+        for old in kept[: -self.config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def finish(self, model: SaShiMi, summary: dict) -> Path:
+        """The final model, the log closed, the loss curve drawn."""
+        final = self.out / "model"
+        if self.main:
+            save_model(model, final, summary=summary)
+            self.runlog.close()
+            plot_losses(self.out / "log.csv", self.out / "loss.png")
+        return final
+
+
+def training_state(step: int, best: float, optimizer, scheduler, mixture: WindowMixture, scaler,
+                   config: TrainConfig) -> dict:
+    """Everything but the weights that a resume needs to go on exactly."""
+    state = {"step": step, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "mixture": mixture.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict()}
+    if scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def restore_training_state(state: dict, optimizer, scheduler, mixture: WindowMixture, scaler) -> tuple[int, float]:
+    """The optimizer, schedule, sampler, random state and scaler as saved; returns (step, best)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    mixture.load_state_dict(state["mixture"])
+    torch.set_rng_state(state["rng"])
+    if scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state["step"], state["best"]
+
+
 # ---------------------------------------------------------------------------------- the loop
+
+
+def backward(ddp_model, model: SaShiMi, mixture: WindowMixture, config: TrainConfig, accelerator, scaler,
+             autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """One optimizer step's micro-batches, forward and backward, this process's slice of each global
+    batch -> (summed bits, non-finite micro-batches) over every process, (2,)."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    per_rank = config.batch_size // world
+    total = torch.zeros(2, device=device)
+    for micro in range(config.grad_accum):
+        codes = mixture.sample(config.batch_size)[rank * per_rank : (rank + 1) * per_rank].to(device)
+        sync = micro == config.grad_accum - 1
+        # Every rank always runs backward (a rank that skipped would stall the others' all-reduce);
+        # a non-finite loss makes the reduced gradient norm non-finite everywhere, and all skip.
+        with accelerator.no_sync(ddp_model) if not sync else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                bits = code_bits(ddp_model(model.shift_right(codes)), codes).mean()
+            scaler.scale(bits / config.grad_accum).backward()
+        total[0] += bits.detach().float()
+        total[1] += 0 if torch.isfinite(bits) else 1
+    return accelerator.reduce(total, "sum")
 
 
 def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
@@ -495,22 +622,9 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         raise TrainingError(f"{out}: no checkpoint to resume from")
     if not resume:  # before anything is written: a bad --from or model config leaves no run behind
         model, added = build_model(config, mixture)
-    # One writer per run directory; what a killed writer left half-written there is removed.
-    writer = DirectoryLock(out, "training run") if accelerator.is_main_process else contextlib.nullcontext()
-    with writer:
-        if accelerator.is_main_process:
-            for directory in (out, out / "checkpoints"):
-                for stale in remove_stale_temporaries(directory):
-                    log.info("removed %s, left by a run that was killed", stale)
-        accelerator.wait_for_everyone()
-        checkpoint = resumable_checkpoint(out) if resume else None
-        if resume and checkpoint is None:
-            raise TrainingError(f"{out}: every checkpoint is damaged (see the warnings above); nothing to resume from")
-        if resume:
-            check_resume_config(config, out)
-        if not resume and checkpoints(out):
-            raise TrainingError(f"{out}: already holds a run; resume it with --resume or choose another --out")
-
+    with RunDirectory(config, accelerator.is_main_process) as run:
+        accelerator.wait_for_everyone()  # what a killed writer left is gone before anyone reads
+        checkpoint = run.checkpoint_to_resume(resume)
         if checkpoint is not None:
             model = load_model(checkpoint).train()
             added = model.summary.get("added_parameters", 0)
@@ -524,49 +638,14 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
 
         step, best, bad_steps = 0, math.inf, 0
         if checkpoint is not None:
-            state = read_state(checkpoint)
-            step, best = state["step"], state["best"]
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            mixture.load_state_dict(state["mixture"])
-            torch.set_rng_state(state["rng"])
-            if scaler.is_enabled() and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
+            step, best = restore_training_state(read_state(checkpoint), optimizer, scheduler, mixture, scaler)
             log.info("resumed %s at step %d", checkpoint, step)
 
         ddp_model = accelerator.prepare(model)
-        world_info = gather_object([{"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}])
-
-        if accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            with atomic_path(out / "config.yaml") as tmp:
-                tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-            (out / "seed").write_text(f"{config.seed}\n")
-            write_json(out / "world.json", {"world_size": world, "ranks": world_info})
-            runlog = RunLog(out, config.log, step)
+        run.begin(step, world, gather_object([{"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}]))
         log.info("seed %d; %d process(es); %s parameters%s", config.seed, world, f"{model.num_parameters():,}",
                  f" ({added:,} added by reparam)" if added else "")
 
-        def summary(val_bits: float | None) -> dict:
-            return {"mode": config.mode, "from": config.init, "data": config.data, "step": step, "seed": config.seed,
-                    "val_bits": val_bits, "world_size": world, "added_parameters": added,
-                    **({"domain": config.domain} if config.domain else {})}
-
-        def save(val_bits: float | None) -> None:
-            """Checkpoint step-N (model + training state) and prune old ones; main process only."""
-            state = {"step": step, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "mixture": mixture.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict()}
-            if scaler.is_enabled():
-                state["scaler"] = scaler.state_dict()
-            path = out / "checkpoints" / f"step-{step:07d}"
-            save_model(model, path, summary=summary(val_bits), extra=lambda d: write_state(d, state))
-            # the newest keep_last up to this step stay; any later one is a damaged checkpoint the
-            # resume skipped (and warned of), which must not displace the one just saved
-            kept = [p for p in sorted((out / "checkpoints").glob("step-*")) if p.name <= path.name]
-            for old in kept[: -config.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-
-        per_rank = config.batch_size // world
         samples_per_step = config.batch_size * config.grad_accum * config.seq_len
         val_bits = None
         budget = Budget(config.max_minutes, config.eval_every) if config.max_minutes else None
@@ -575,19 +654,7 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         while step < config.steps:
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            total = torch.zeros(2, device=device)  # summed bits, non-finite micro-batches
-            for micro in range(config.grad_accum):
-                codes = mixture.sample(config.batch_size)[rank * per_rank : (rank + 1) * per_rank].to(device)
-                sync = micro == config.grad_accum - 1
-                # Every rank always runs backward (a rank that skipped would stall the others' all-reduce);
-                # a non-finite loss makes the reduced gradient norm non-finite everywhere, and all skip.
-                with accelerator.no_sync(ddp_model) if not sync else contextlib.nullcontext():
-                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        bits = code_bits(ddp_model(model.shift_right(codes)), codes).mean()
-                    scaler.scale(bits / config.grad_accum).backward()
-                total[0] += bits.detach().float()
-                total[1] += 0 if torch.isfinite(bits) else 1
-            total = accelerator.reduce(total, "sum")
+            total = backward(ddp_model, model, mixture, config, accelerator, scaler, autocast_dtype)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip or math.inf)
             if scaler.is_enabled() and total[1] == 0 and not torch.isfinite(grad_norm):
@@ -630,26 +697,22 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
                 scheduler.step()
             lr = optimizer.param_groups[0]["lr"]
             rate = samples_per_step / mixture.sample_rate / (time.perf_counter() - started)
-            if accelerator.is_main_process:
-                runlog.write({"step": step, "train_bits": f"{train_bits:.5f}",
-                              "val_bits": None if val_bits is None else f"{val_bits:.5f}", "lr": f"{lr:.3e}",
-                              "audio_s_per_s": f"{rate:.3f}", "time": f"{time.time():.1f}"})
-                if val_bits is not None and val_bits < best:
-                    best = val_bits
-                    save_model(model, out / "best", summary=summary(val_bits))
-                if step % config.save_every == 0 or step == config.steps:
-                    save(val_bits)
+            run.record({"step": step, "train_bits": f"{train_bits:.5f}",
+                        "val_bits": None if val_bits is None else f"{val_bits:.5f}", "lr": f"{lr:.3e}",
+                        "audio_s_per_s": f"{rate:.3f}", "time": f"{time.time():.1f}"})
+            if val_bits is not None and val_bits < best:
+                best = val_bits
+                run.save_best(model, run.summary(step, val_bits, world, added))
+            if step % config.save_every == 0 or step == config.steps:
+                state = training_state(step, best, optimizer, scheduler, mixture, scaler, config)
+                run.save_checkpoint(model, state, run.summary(step, val_bits, world, added))
             extra = time.perf_counter() - stepped
             if on_step is not None and accelerator.is_main_process:
                 per_step = budget.per_step if budget is not None and budget.per_step else time.perf_counter() - started
                 on_step(StepInfo(step, config.steps, train_bits, lr, rate, val_bits, (config.steps - step) * per_step))
             accelerator.wait_for_everyone()
 
-        final = out / "model"
-        if accelerator.is_main_process:
-            save_model(model, final, summary=summary(val_bits))
-            runlog.close()
-            plot_losses(out / "log.csv", out / "loss.png")
+        final = run.finish(model, run.summary(step, val_bits, world, added))
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return TrainResult(out=out, model=final, best=out / "best" if (out / "best").exists() else None, step=step,

@@ -2,6 +2,7 @@
 that advises, and the checks of every option."""
 
 import copy
+import math
 import dataclasses
 import gc
 import json
@@ -21,7 +22,8 @@ from s4music.generate.sampler import Stepper
 from s4music.audio import Audio, spectral_flatness
 from s4music.guidance import FAR, TYPICAL, UNUSUAL, degeneracy, describe_signal, judge
 from s4music.model import S4Config, SaShiMi, SaShiMiConfig, import_official, load_model, save_model
-from s4music.model.fast import FusedReader, FusedStep, fused_available, instruction_sets, plain_steps, reader, sample_codes
+from s4music.model.fast import (FusedReader, FusedStep, Rule, fused_available, guided_codes, instruction_sets, plain_steps,
+                                reader, sample_codes)
 from s4music.model.reparam import untie
 from s4music.model.sashimi import SaShiMiState, WeightNormLinear
 from s4music.sinks import pcm16
@@ -145,15 +147,41 @@ def test_fused_step_with_half_weights_matches_the_rounded_model(fused):
     assert (logits - model(x)[:, 100:-1]).abs().max() > 1e-4  # the weights really were rounded
 
 
+def test_the_bf16_read_is_taken_only_where_it_measured_faster(fused, tmp_path, monkeypatch, caplog):
+    """reader(bf16=True) measures both reads once per machine and model shape, keeps the figures in
+    the cache, and reads in bf16 only where it was BF16_MIN_GAIN faster; float32 where the CPU has no
+    AVX512-BF16, unmeasured."""
+    from s4music.model import fast
+
+    monkeypatch.setenv("S4MUSIC_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    model = perturbed(SaShiMi(SaShiMiConfig(d_model=64, n_layers=2, pool=[4], s4=S4Config(d_state=16)))).eval()
+    with caplog.at_level("INFO", logger="s4music.model.fast"):
+        first = reader(model, bf16=True)
+        second = reader(model, bf16=True)
+    measured = json.loads((tmp_path / "read-precision.json").read_text()) if (tmp_path / "read-precision.json").exists() else {}
+    if FusedReader(model, bf16=True).precision != "bf16":  # no AVX512-BF16 here: nothing to measure
+        assert first.precision == second.precision == "float32" and measured == {}
+        return
+    (figures,) = measured.values()
+    faster = figures["float32_s"] >= fast.BF16_MIN_GAIN * figures["bf16_s"]
+    assert first.precision == second.precision == ("bf16" if faster else "float32")
+    assert len([r for r in caplog.records if "measured the prompt read" in r.getMessage()]) == 1
+    figures["float32_s"], figures["bf16_s"] = 1.0, 2.0  # as on the Xeon where bf16 was slower
+    (tmp_path / "read-precision.json").write_text(json.dumps({next(iter(measured)): figures}))
+    assert reader(model, bf16=True).precision == "float32"
+    assert reader(model).precision == "float32"  # not asked for
+
+
 def test_every_instruction_set_samples_the_plain_steps_codes(fused):
     torch.manual_seed(0)
     model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, pool=[4], s4=S4Config(d_state=16))))
     _, state = model.prefill(torch.randint(0, 256, (2, 50)))
     first, uniforms = torch.tensor([77, 3]), torch.rand(2, 400)
     codes, logprobs = torch.empty(2, 400, dtype=torch.long), torch.empty(2, 400)
-    plain_steps(model, first, copy.deepcopy(state), uniforms, codes, logprobs, 0.9, 30)
+    plain_steps(model, first, copy.deepcopy(state), uniforms, codes, logprobs, Rule(0.9, 30))
     for isa in instruction_sets():
-        got, got_logprobs = FusedStep(model, isa=isa).run(first, copy.deepcopy(state), uniforms, 0.9, 30)
+        got, got_logprobs = FusedStep(model, isa=isa).run(first, copy.deepcopy(state), uniforms, Rule(0.9, 30))
         assert torch.equal(got, codes), isa
         assert torch.allclose(got_logprobs, logprobs, atol=1e-4), isa
 
@@ -161,17 +189,46 @@ def test_every_instruction_set_samples_the_plain_steps_codes(fused):
 def test_fused_and_plain_samplers_give_the_same_codes(fused):
     torch.manual_seed(0)
     model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, pool=[4], s4=S4Config(d_state=16))))
-    _, state = model.prefill(torch.randint(0, 256, (1, 50)))
-    first = torch.tensor([77])
+    model.audio.sample_rate = 100  # guidance's free row hears the last 0.25 s: 25 codes, 27 at the pools' phase
+    heard = torch.randint(0, 256, (50,))
+    _, state = model.prefill(model.shift_right(heard[None]))
+    first = heard[-1:]
     fast = Stepper(model, StepOptions(half_weights=False))
     plain = Stepper(model, StepOptions(fused=False))
     assert (fast.name, plain.name) == ("fused-cpu", "plain-cpu")
-    for sampling in (Sampling(1.0, 0, 1.0), Sampling(0.8, 20, 1.0), Sampling(1.0, 0, 0.9)):
-        a, b = (s.sampler(state, first, [5, 6], sampling) for s in (fast, plain))
-        for n in (7, 300):  # two chunks: the state and the generators carry over
+    for sampling in (Sampling(1.0, 0, 1.0), Sampling(0.8, 20, 1.0), Sampling(1.0, 0, 0.9), Sampling(typical=0.8),
+                     Sampling(surprise=4.0), Sampling(0.9, guidance=2.5), Sampling(guidance=3.0, top_p=0.95, surprise=5.0),
+                     Sampling(guidance=2.0, guidance_seconds=0)):
+        a, b = (s.sampler(state, first, [5, 6, 7], sampling, heard) for s in (fast, plain))
+        assert a.pairs == b.pairs == (sampling.guidance is not None)
+        for n in (7, 300):  # two chunks: the state, the generators and Mirostat's bounds carry over
             (ca, la), (cb, lb) = a.take(n), b.take(n)
+            assert ca.shape == (3, n)
             assert torch.equal(ca, cb), sampling
             assert torch.allclose(la, lb, atol=1e-4)
+        if a.mu is not None:
+            assert torch.allclose(a.mu, b.mu, atol=1e-6)
+
+
+def test_guidance_changes_the_take_and_its_free_row_hears_only_the_end():
+    """The free row's state is a read of the prompt's last guidance_seconds alone (rounded to the
+    pools' phase); with guidance the take differs, and a variation's codes do not depend on the others."""
+    torch.manual_seed(0)
+    model = perturbed(SaShiMi(SaShiMiConfig(d_model=16, n_layers=2, pool=[4], s4=S4Config(d_state=16))))
+    model.audio.sample_rate = 100
+    heard = torch.randint(0, 256, (50,))
+    _, state = model.prefill(model.shift_right(heard[None]))
+    stepper = Stepper(model, StepOptions(fused=False))
+    guided = stepper.sampler(state, heard[-1:], [5, 6], Sampling(guidance=2.0), heard)
+    _, free = model.prefill(model.shift_right(heard[None, -26:]))  # 25 codes, then 1 more: 50 - 26 = 0 mod 4
+    assert _same_state(guided.state, SaShiMiState.join([state, free, state, free], torch.device("cpu")))
+    codes = guided.take(200)[0]
+    off = stepper.sampler(state, heard[-1:], [5, 6], Sampling(guidance=1.0), heard).take(200)[0]
+    assert not torch.equal(codes, off)
+    alone = stepper.sampler(state, heard[-1:], [6], Sampling(guidance=2.0), heard).take(200)[0]
+    assert torch.equal(alone[0], codes[1])
+    unheard = stepper.sampler(state, heard[-1:], [5, 6], Sampling(guidance=2.0))  # nothing heard: guidance is off
+    assert not unheard.pairs and torch.equal(unheard.take(200)[0], off)
 
 
 def _same_state(a, b, atol: float = 1e-5) -> bool:
@@ -260,12 +317,62 @@ def test_a_continuation_is_reanchored_on_its_prompt(tiny_model, synth_prompt):
 
 def test_sampling_rules():
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
-    pick = lambda u, **kw: sample_codes(logits, torch.tensor([u]), **kw)[0].item()  # noqa: E731
+    pick = lambda u, **kw: sample_codes(logits, torch.tensor([u]), Rule(**kw))[0].item()  # noqa: E731
+    every = lambda **kw: {pick(u, **kw) for u in np.linspace(0, 0.999, 20)}  # noqa: E731
     assert [pick(u) for u in (0.05, 0.25, 0.5, 0.95)] == [0, 1, 2, 3]
     assert pick(0.0, temperature=0) == 3
-    assert {pick(u, top_k=2) for u in np.linspace(0, 0.999, 20)} == {2, 3}
-    assert {pick(u, top_p=0.5) for u in np.linspace(0, 0.999, 20)} == {2, 3}  # 0.4 < 0.5, then 0.3 crosses it
-    assert {pick(u, top_p=0.3) for u in np.linspace(0, 0.999, 20)} == {3}
+    assert every(top_k=2) == {2, 3}
+    assert every(top_p=0.5) == {2, 3}  # 0.4 < 0.5, then 0.3 crosses it
+    assert every(top_p=0.3) == {3}
+    # typical: the entropy is 1.28 nats; surprises 2.30, 1.61, 1.20, 0.92 -> nearest 2, then 1, 3, 0
+    assert every(typical=0.25) == {2}
+    assert every(typical=0.45) == {1, 2}
+    assert every(typical=0.85) == {1, 2, 3}
+
+
+def test_mirostat_drops_codes_past_its_bound_and_moves_the_bound():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))  # surprises 3.32, 2.32, 1.74, 1.32 bits
+    rule = Rule(surprise=1.5)
+    assert rule.first_mu(2).tolist() == [3.0, 3.0]
+    for u in np.linspace(0, 0.999, 20):
+        mu = torch.tensor([2.0], dtype=torch.float64)
+        code = sample_codes(logits, torch.tensor([u]), rule, mu)[0].item()
+        assert code in (2, 3)
+        assert mu.item() == pytest.approx(2.0 - 0.1 * (-math.log2([0.1, 0.2, 0.3, 0.4][code]) - 1.5))
+    mu = torch.tensor([0.5], dtype=torch.float64)  # below every code's surprise: the likeliest alone
+    assert sample_codes(logits, torch.tensor([0.0]), rule, mu)[0].item() == 3
+
+
+def test_guidance_draws_from_the_prompts_rows_pushed_away_from_the_free_ones():
+    prompt = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    free = torch.log(torch.tensor([0.05, 0.05, 0.1, 0.8]))  # the free row is sure of code 3
+    logits = torch.stack([prompt, free, prompt, free])  # two variations, each a (prompt, free) pair
+    u = torch.tensor([0.3, 0.9, 0.3, 0.9])
+    greedy = lambda g: guided_codes(logits, u, Rule(temperature=0, guidance=g))  # noqa: E731
+    assert greedy(1.1)[0].tolist() == [3, 3, 3, 3]  # a little guidance: still the likeliest prompt code
+    codes, logprobs = greedy(2.0)  # 2 prompt - free = log(p^2 / f) = log [.2, .8, .9, .2] + c
+    assert codes.tolist() == [2, 2, 2, 2]
+    assert logprobs.tolist() == pytest.approx([math.log(0.3), math.log(0.1)] * 2, abs=1e-6)  # each row's own
+    assert guided_codes(logits, u, Rule(temperature=0, guidance=0.0))[0].tolist() == [3] * 4  # the free row alone
+    mixed = torch.log(torch.tensor([[0.2, 0.8, 0.9, 0.2]]))
+    for x in np.linspace(0, 0.999, 9):  # sampling too: the mixed distribution, with the first row's uniform
+        got = guided_codes(logits, torch.tensor([x, 0.0, x, 0.0]), Rule(guidance=2.0))[0]
+        want = sample_codes(mixed, torch.tensor([x]))[0].item()
+        assert got.tolist() == [want] * 4
+
+
+def test_a_guided_continuation_records_its_rule_and_bad_rules_are_named(tiny_model, synth_prompt, tmp_path):
+    sampling = Sampling(guidance=2.0, surprise="auto", typical=0.95)
+    result = continue_prompt(synth_prompt, tmp_path / "g.wav", tiny_model,
+                             GenerateOptions(seconds=0.3, seed=3, sampling=sampling))
+    recorded = json.loads(result.sidecar.read_text())["sampling"]
+    assert recorded["guidance"] == 2.0 and recorded["typical"] == 0.95 and recorded["guidance_seconds"] == 0.25
+    assert recorded["surprise"] == pytest.approx(result.guidance.bits)  # auto: the prompt's own bits
+    for bad, named in ((Sampling(guidance=-1), "--guidance -1"), (Sampling(typical=0), "--typical 0"),
+                       (Sampling(surprise="lots"), "--surprise lots"), (Sampling(guidance=2, context_seconds=4),
+                                                                         "--guidance with --context-seconds")):
+        with pytest.raises(GenerationError, match=named):
+            GenerateOptions(sampling=bad).check()
 
 
 def test_seed_fixes_the_output_bit_for_bit(tiny_model, tmp_path):
@@ -434,6 +541,16 @@ def test_guidance_says_what_the_model_knows_and_how_to_get_a_model_that_knows_mo
         advice = " ".join(report.advice)
         assert ("fine-tune" in advice) == (verdict != TYPICAL)
         assert (summary["domain"] in advice) == (verdict != TYPICAL)
+    # what fine-tuning costs, as measured, and the commands with the model named
+    advice = " ".join(judge(describe_signal(audio, "orchestra.wav"), 4.5, summary, "runs/mine/best").advice)
+    assert "--from runs/mine/best" in advice and "MODEL" not in advice
+    for measured in ("25.2 h", "2,768 steps", "H200", "5.56 to 3.52", "0.11 audio s per s", "about 9 h"):
+        assert measured in advice, measured
+
+
+def test_a_loaded_model_knows_its_name_for_the_advice(tiny_model):
+    assert load_model(str(tiny_model)).name == str(tiny_model)
+    assert load_model(None).name == load_model("default").name == "default"
 
 
 def test_degeneracy_detection():

@@ -14,7 +14,7 @@ PACKAGE = Path(s4music.__file__).parent
 LAYERS = [
     {"s4music.errors", "s4music.files", "s4music.options", "s4music.system", "s4music.extensions", "s4music.cuda",
      "s4music.hub", "s4music.addresses"},
-    {"s4music.audio", "s4music.dsp", "s4music.sinks", "s4music.sources"},
+    {"s4music.audio", "s4music.dsp", "s4music.measures", "s4music.sinks", "s4music.sources"},
     {"s4music.model", "s4music.data"},
     {"s4music.guidance", "s4music.doctor"},
     {"s4music.evaluate", "s4music.generate", "s4music.train", "s4music.jam", "s4music.studio_app"},

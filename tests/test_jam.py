@@ -108,6 +108,23 @@ def test_the_state_hears_the_block_the_player_returns_with(tiny_model):
     assert jam.armed  # so the next pause is answered
 
 
+def test_an_answer_is_guided_by_what_the_player_just_played(tiny_model):
+    """--guidance in jam: the answer's free row hears only the end of what was played, and
+    --surprise auto holds the answer near the bits of what was heard."""
+    from s4music.generate import Sampling
+
+    sampling = Sampling(guidance=2.0, guidance_seconds=0.1, surprise="auto")
+    jam = Jam(load_model(tiny_model), JamOptions(seed=1, wait=0.1, sampling=sampling, step=StepOptions(device="cpu")))
+    music = synthesized_music(seconds=1.0)[:, 0]
+    for block in blocks_of(np.concatenate([music, np.zeros(SR // 2, np.float32)])):
+        jam.feed(block)
+    answer = jam.answer
+    assert answer is not None and answer.pairs and answer.rows == 2
+    heard = sum(n for n, _ in jam.heard_bits)
+    assert answer.sampling.surprise == pytest.approx(sum(b for _, b in jam.heard_bits) / heard)
+    assert jam.recent.numel() <= int(1.1 * SR) and jam.recent[-1] == jam.code[0]  # it ends with the next input
+
+
 def test_a_jam_that_cannot_start_replaces_no_earlier_recording(tiny_model, tmp_path):
     (tmp_path / "jam.wav").write_bytes(b"last night's jam")
     (tmp_path / "turns.jsonl").write_text("{}\n")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import synthesized_music
+from conftest import need, synthesized_music
 
 from s4music.data.fetch import FetchOptions, fetch, ydl_params
 from s4music.data.format import verify_dataset
@@ -261,21 +261,62 @@ def test_yt_dlp_as_the_toolkit_configures_it_has_a_supported_javascript_runtime(
     assert " ok " in row and "deno" in row
 
 
-@pytest.mark.slow
-def test_building_a_compiled_step_says_so_once(tmp_path, monkeypatch, caplog):
-    from s4music.model import fast
+def test_doctor_reports_the_fused_step_its_instruction_sets_and_its_build():
+    from s4music.model.fast import fused_available, fused_report, instruction_sets
 
-    source = tmp_path / "tiny_step.cpp"
-    source.write_text("#include <torch/extension.h>\nint answer() { return 42; }\n"
-                      "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(\"answer\", &answer); }\n")
-    monkeypatch.setenv("S4MUSIC_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level("INFO", logger="s4music.model.fast"):
-        assert fast.build_extension(source).answer() == 42
-        built = [r.getMessage() for r in caplog.records]
-        caplog.clear()
-        fast.build_extension(source)
-    assert any("building the fused CPU step" in m for m in built) and any("built the fused CPU step" in m for m in built)
-    assert not [r for r in caplog.records if "build" in r.getMessage()]  # the second time, the cache: no word
+    need(fused_available(), "a C++ compiler for the fused CPU step")
+    built, detail = fused_report()
+    assert built and ", ".join(instruction_sets()) in detail and "/extensions/s4music_fast_step-" in detail
+    doctor = subprocess.run([*S4MUSIC, "doctor"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
+    row = next(line for line in doctor.stdout.splitlines() if "fused cpu step" in line)
+    assert "built; runs" in row
+
+
+TINY_STEP = ("#include <torch/extension.h>\nint answer() { return 42; }\n"
+             "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(\"answer\", &answer); }\n")
+BUILD = ("import logging, sys; from pathlib import Path; "
+         "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s'); "
+         "from s4music.model import fast; print(fast.build_extension(Path(sys.argv[1])).answer())")
+
+
+@pytest.mark.slow
+def test_two_checkouts_share_one_build_and_a_build_says_why(tmp_path):
+    """Two checkouts of one source, each run twice in turn: one build in all, said once with its
+    reason; a changed source builds beside it and says what changed; a second process that finds
+    a build under way says once that it waits, and builds nothing."""
+    checkouts = [tmp_path / "a", tmp_path / "b"]
+    for checkout in checkouts:
+        checkout.mkdir()
+        (checkout / "tiny_step.cpp").write_text(TINY_STEP)
+    env = {**os.environ, "S4MUSIC_CACHE": str(tmp_path / "cache")}
+
+    def start(checkout):
+        return subprocess.Popen([sys.executable, "-c", BUILD, str(checkout / "tiny_step.cpp")], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def said(process) -> tuple[str, list[str]]:
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+        return out.strip(), [line for line in err.splitlines() if line.startswith("s4music.extensions")]
+
+    runs = [said(start(checkout)) for _ in range(2) for checkout in checkouts]
+    assert [answer for answer, _ in runs] == ["42"] * 4
+    first = runs[0][1]
+    assert len(first) == 2 and "building the fused CPU step" in first[0] and "no build of it here yet" in first[0]
+    assert "built the fused CPU step" in first[1]
+    assert [lines for _, lines in runs[1:]] == [[], [], []]  # the other checkout, then both again: the cache
+    assert len(list((tmp_path / "cache" / "extensions").glob("s4music_fast_step-*"))) == 1
+
+    (checkouts[1] / "tiny_step.cpp").write_text(TINY_STEP.replace("42", "43"))
+    builder = start(checkouts[1])
+    building = next(line for line in builder.stderr if line.startswith("s4music.extensions"))
+    assert "building" in building and "sources changed since the build in s4music_fast_step-" in building
+    waiter = start(checkouts[1])  # while the first holds the build: it waits, says so once, builds nothing
+    built, waited = said(builder), said(waiter)
+    assert built[0] == waited[0] == "43"
+    assert len(built[1]) == 1 and "built the fused CPU step" in built[1][0]
+    assert len(waited[1]) == 1 and "waiting for another process's build" in waited[1][0]
+    assert said(start(checkouts[0])) == ("42", [])  # the first checkout's build is still there, untouched
 
 
 def test_no_empty_original_directory_is_left(http_server, tmp_path, synth_prompt):

@@ -32,7 +32,8 @@ from s4music.data.prepare import PrepareOptions
 from s4music.errors import S4MusicError
 from s4music.evaluate import evaluate
 from s4music.jam import JamOptions
-from s4music.generate import DEGENERACIES, GenerateOptions, Output, PromptSelection, Sampling, StepOptions
+from s4music.generate import (DEGENERACIES, GenerateOptions, GenerationError, Output, PromptSelection, Sampling,
+                              StepOptions)
 from s4music.model.registry import DEFAULT_NAME
 from s4music.train import TrainConfig
 
@@ -118,6 +119,11 @@ def report_failures(failures: list[tuple[str, str]], done: int, what: str, any_f
 def default(text: str, value) -> str:
     """Help text that states the library's default."""
     return f"{text} [default: {value}]"
+
+
+SHARD_HELP = ("Only shard i of n, 1-based (1/n to n/n): the files at sorted positions i-1, i-1+n, ... "
+              "In a Slurm array (--array=1-N): $SLURM_ARRAY_TASK_ID/N; in a Kubernetes indexed Job, whose "
+              "JOB_COMPLETION_INDEX counts from 0: JOB_COMPLETION_INDEX+1 of N.")
 
 
 ModelSpec = Annotated[str, typer.Option("--model", "-m", help=f"Model: a name ({DEFAULT_NAME}: the bundled model) "
@@ -223,13 +229,15 @@ def render_midi_command(
     timeout: float = typer.Option(RenderOptions.timeout, help="Seconds FluidSynth may take for one file."),
     sample_rate: int = typer.Option(RenderOptions.sample_rate, help="Output sample rate."),
     workers: int = typer.Option(RenderOptions.workers, help="Files rendered in parallel."),
+    shard: str = typer.Option(None, help=SHARD_HELP + " Shards share --out and need no merge; each lists its "
+                                         "failures in failures.shard-i-of-n.jsonl."),
 ):
     """Render MIDI collections (e.g. the Lakh MIDI layout) to mono WAV with FluidSynth; resumable."""
     from s4music.data.midi import render_midi
 
     options = RenderOptions(instruments=instrument or None, drums=drums, soundfont=soundfont,
                             sample_rate=sample_rate, max_seconds=max_seconds, workers=workers, program=program,
-                            vary=vary, seed=seed, timeout=timeout)
+                            vary=vary, seed=seed, timeout=timeout, shard=shard)
     with progress_bar() as bar:
         task = bar.add_task("rendering", total=None)
         report = render_midi(sources, out, options,
@@ -257,13 +265,20 @@ def prepare(
                                            "names relative to the source directory; listed files keep that split."),
     verify: Path = typer.Option(None, "--verify", help="Only check the dataset at this directory: do dataset.json, "
                                                        "the manifest and the split files agree? Exit 1 if not."),
+    shard: str = typer.Option(None, help=SHARD_HELP + " --out is then this shard's own directory; splits are "
+                                         "those of the whole collection. Join the shards with --merge."),
+    merge: bool = typer.Option(False, "--merge", help="SOURCES are the n shard directories of one --shard run: "
+                                                      "join them into --out (new), the dataset one run would have "
+                                                      "built, byte for byte. The shards fix every other setting."),
 ):
     """Build or extend a training dataset: decode, mono, resample, quantize, window, split by source.
 
-    `s4music prepare --verify DIR` checks a dataset instead."""
+    `s4music prepare --verify DIR` checks a dataset instead.
+
+    `--shard i/n` builds one shard of it; `s4music prepare --merge SHARDS... -o DIR` joins them."""
     from s4music.data.format import verify_dataset
+    from s4music.data.prepare import merge_shards, read_pinned_splits
     from s4music.data.prepare import prepare as prepare_dataset
-    from s4music.data.prepare import read_pinned_splits
 
     if verify is not None:
         problems = verify_dataset(verify)
@@ -271,23 +286,30 @@ def prepare(
             console.print(f"[red]damaged:[/] {problem}", highlight=False, soft_wrap=True)
         console.print(f"{verify}: {'whole' if not problems else f'{len(problems)} problem(s)'}", highlight=False)
         raise typer.Exit(1 if problems else 0)
-    if not sources or out is None:
-        fail("give the audio SOURCES and --out DIR (or --verify DIR to check a dataset)")
-
-    options = PrepareOptions(seconds=seconds, sample_rate=sample_rate, quantization=quantization,
-                             val_fraction=val, test_fraction=test, seed=seed, tags=tag or [],
-                             pinned=read_pinned_splits(splits) if splits else {})
-    with progress_bar() as bar:
-        task = bar.add_task("preparing", total=None)
-        report = prepare_dataset(sources, out, options,
-                                 on_file=lambda path, status, done, total: bar.update(task, completed=done, total=total))
+    if merge:
+        if not sources or out is None or shard is not None:
+            fail("--merge takes the shard directories as SOURCES and a new --out DIR (and no --shard)")
+        report = merge_shards(sources, out)
+    else:
+        if not sources or out is None:
+            fail("give the audio SOURCES and --out DIR (or --verify DIR to check a dataset)")
+        options = PrepareOptions(seconds=seconds, sample_rate=sample_rate, quantization=quantization,
+                                 val_fraction=val, test_fraction=test, seed=seed, tags=tag or [],
+                                 pinned=read_pinned_splits(splits) if splits else {}, shard=shard)
+        with progress_bar() as bar:
+            task = bar.add_task("preparing", total=None)
+            report = prepare_dataset(sources, out, options, on_file=lambda path, status, done, total: bar.update(
+                task, completed=done, total=total))
     table = Table(title=f"{out}: hours of audio")
     for column in ("split", "stratum", "hours"):
         table.add_column(column)
     for (split, stratum), hours in report.summary.items():
         table.add_row(split, stratum, f"{hours:.3f}")
     Console().print(table)
-    console.print(f"{len(report.added)} files added, {report.unchanged} already in the dataset")
+    if merge:
+        console.print(f"{len(report.added)} files merged from {len(sources)} shards into {out}", highlight=False)
+    else:
+        console.print(f"{len(report.added)} files added, {report.unchanged} already in the dataset")
     if report.unmatched_pins:
         missed = report.unmatched_pins
         console.print(f"[yellow]warning:[/] {splits}: {len(missed)} listed file(s) not found under the sources "
@@ -532,6 +554,17 @@ TopK = Annotated[int, typer.Option(help="Keep the k likeliest codes (0: off). De
                                         "else off.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the likeliest codes up to this probability "
                                           "(1: off). Default: as top-k.")]
+Typical = Annotated[float, typer.Option(help="Locally typical sampling: keep the codes whose surprise is nearest "
+                                              "the distribution's entropy, up to this probability (1: off).")]
+Guidance = Annotated[float, typer.Option(help="Guidance by the prompt: draw from free + G (prompt - free), the "
+                                               "logits of the model that heard the prompt pushed away from one "
+                                               "that heard only its last --guidance-seconds (1: off; costs a "
+                                               "batch of 2 per variation). Default: the model's recommendation.")]
+GuidanceSeconds = Annotated[float, typer.Option(help="With --guidance: how much of the prompt's end the free row "
+                                                      "hears (0: from rest at the seam).")]
+Surprise = Annotated[str, typer.Option(help="Mirostat: hold the running surprise of the drawn codes near this many "
+                                            "bits/sample, or auto (the prompt's own; from nothing, the model's test "
+                                            "figure). 0: off.")]
 Seed = Annotated[int, typer.Option(help="Seed (default: random; always printed and saved).")]
 Rank = Annotated[bool, typer.Option("--rank", help="Order variations by the model's own likelihood, best first.")]
 Normalize = Annotated[str, typer.Option(help="Output level, one gain fixed before the first sample, then a "
@@ -555,14 +588,22 @@ G, P, OUT, D = GenerateOptions, PromptSelection, Output, StepOptions  # their de
 JAM = JamOptions
 
 
-def options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize, format,
+def surprise_value(text: str | None) -> float | str | None:
+    """--surprise as Sampling takes it: "auto", a number, or None (unset)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise GenerationError(f"--surprise {text}: use auto, or bits/sample from 0 (off) to 8") from None
+
+
+def options_from(seconds, variations, seed, rank, retry_degenerate, sampling: Sampling, normalize, format,
                  plot, device, fused, half_weights, strict=G.strict, include_prompt=OUT.include_prompt,
-                 prompt_seconds=P.seconds, prompt_start=None, prompt_end=None, temperature_end=None,
-                 context_seconds=None) -> GenerateOptions:
+                 prompt_seconds=P.seconds, prompt_start=None, prompt_end=None) -> GenerateOptions:
     return GenerateOptions(
         seconds=seconds, variations=variations, seed=seed, rank=rank, retry_degenerate=retry_degenerate, strict=strict,
-        sampling=Sampling(temperature, top_k, top_p, temperature_end, context_seconds),
-        prompt=PromptSelection(prompt_seconds, prompt_start, prompt_end),
+        sampling=sampling, prompt=PromptSelection(prompt_seconds, prompt_start, prompt_end),
         output=Output(include_prompt, normalize, format, plot), step=StepOptions(device, fused, half_weights))
 
 
@@ -580,6 +621,10 @@ def continue_command(
     top_k: TopK = None,
     top_p: TopP = None,
     context_seconds: ContextSeconds = None,
+    typical: Typical = None,
+    guidance: Guidance = None,
+    guidance_seconds: GuidanceSeconds = None,
+    surprise: Surprise = None,
     seed: Seed = None,
     rank: Rank = G.rank,
     include_prompt: bool = typer.Option(OUT.include_prompt, "--prompt/--no-prompt", help="Start the output with the prompt."),
@@ -600,9 +645,11 @@ def continue_command(
     Stream it as it is made: `s4music continue song.mp3 -o - | ffplay -`, or `--play`."""
     from s4music.generate import continue_prompt
 
-    options = options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize,
-                           format, plot, device, fused, half_weights, strict, include_prompt, prompt_seconds,
-                           prompt_start, prompt_end, temperature_end, context_seconds)
+    sampling = Sampling(temperature, top_k, top_p, temperature_end, context_seconds, typical, guidance,
+                        guidance_seconds, surprise_value(surprise))
+    options = options_from(seconds, variations, seed, rank, retry_degenerate, sampling, normalize, format, plot,
+                           device, fused, half_weights, strict, include_prompt, prompt_seconds, prompt_start,
+                           prompt_end)
     generation_run(lambda progress: continue_prompt(prompt, out, model, options, on_progress=progress,
                                                     on_guidance=print_guidance, play=play), "continuing")
 
@@ -617,6 +664,8 @@ def generate(
     top_k: TopK = None,
     top_p: TopP = None,
     context_seconds: ContextSeconds = None,
+    typical: Typical = None,
+    surprise: Surprise = None,
     seed: Seed = None,
     rank: Rank = G.rank,
     normalize: Normalize = OUT.normalize,
@@ -632,9 +681,10 @@ def generate(
     """Improvise from nothing: sample the model from silence."""
     from s4music.generate import improvise
 
-    options = options_from(seconds, variations, seed, rank, retry_degenerate, temperature, top_k, top_p, normalize,
-                           format, plot, device, fused, half_weights, temperature_end=temperature_end,
-                           context_seconds=context_seconds)
+    sampling = Sampling(temperature, top_k, top_p, temperature_end, context_seconds, typical,
+                        surprise=surprise_value(surprise))
+    options = options_from(seconds, variations, seed, rank, retry_degenerate, sampling, normalize, format, plot,
+                           device, fused, half_weights)
     generation_run(lambda progress: improvise(out, model, options, on_progress=progress, play=play), "generating")
 
 
@@ -649,7 +699,7 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ):
     """Tell whether a prompt suits the model before spending minutes on it. Exit 2 if it is far off."""
-    from s4music.generate import GenerationError, check_prompt
+    from s4music.generate import check_prompt
 
     selection = PromptSelection(prompt_seconds, prompt_start, prompt_end)
     if problems := selection.problems():
@@ -685,6 +735,10 @@ def jam(
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
+    typical: Typical = None,
+    guidance: Guidance = None,
+    guidance_seconds: GuidanceSeconds = None,
+    surprise: Surprise = None,
     fused: Fused = D.fused,
     half_weights: HalfWeights = D.half_weights,
 ):
@@ -698,7 +752,8 @@ def jam(
     from s4music.sources import device_input, file_at_pace, wav_stream
 
     options = JamOptions(wait=wait, max_answer=max_answer, quiet_db=quiet_db, match_level=match_level, seed=seed,
-                         sampling=Sampling(temperature, top_k, top_p),
+                         sampling=Sampling(temperature, top_k, top_p, typical=typical, guidance=guidance,
+                                           guidance_seconds=guidance_seconds, surprise=surprise_value(surprise)),
                          step=StepOptions(device="cpu", fused=fused, half_weights=half_weights))
     options.check()
     net = load_model(model, device="cpu")

@@ -9,6 +9,11 @@ toolkit's rate. Output paths mirror the sources, so a re-run skips what is done.
 be read, or that FluidSynth fails or hangs on (a time limit per file), is reported and never stops
 the batch.
 
+A `shard` ("i/n", see `s4music.options.Shard`) renders only the files at sorted positions i-1,
+i-1+n, ...: n processes (a cluster's array job) share one collection and one output directory with
+no merge, since each writes files of its own. A shard lists its failures in
+failures.shard-i-of-n.jsonl instead of failures.jsonl, so shards never overwrite each other's.
+
 With `vary`, each file is played as a player might, by a seeded `Variation` drawn from the seed and
 the file's path under its source: tempo, a velocity curve, humanized onsets, a transposition the
 piano's range allows, one of several piano programs (with `program="piano"`), reverb and chorus.
@@ -34,6 +39,7 @@ from s4music.audio import load_audio, write_audio
 from s4music.data.progress import FileCounter, FileProgress
 from s4music.errors import S4MusicError, first_line
 from s4music.files import atomic_path, write_json
+from s4music.options import Shard, parse_shard
 from s4music.system import SoundfontError, find_soundfont
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,7 @@ class RenderOptions:
     vary: bool = False  # a seeded Variation per file (see the module docstring)
     seed: int = 0
     timeout: float = 300.0  # seconds FluidSynth may take for one file
+    shard: Shard | str | None = None  # render only this shard of the files, "i/n" (1-based); None: all
 
 
 @dataclass
@@ -303,13 +310,21 @@ def find_midi(sources: list[str | Path]) -> list[tuple[Path, Path]]:
     return found
 
 
+def failures_name(shard: Shard | None) -> str:
+    """The file a run's failures are listed in: failures.jsonl, or failures.shard-i-of-n.jsonl."""
+    return "failures.jsonl" if shard is None else f"failures.{shard.label}.jsonl"
+
+
 def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderOptions | None = None,
                 on_file: FileProgress | None = None) -> RenderReport:
     """Render every MIDI file under `sources` into `out_dir`, in parallel. `on_file(src, status, done,
     total)` follows every file found: "already" rendered, then "rendered", "skipped" or "failed" as
-    each finishes. Failures are collected (and written to failures.jsonl), not raised."""
+    each finishes. Failures are collected (and written to failures.jsonl, or with a shard to
+    failures.shard-i-of-n.jsonl), not raised. With `options.shard`, only that shard's files are
+    found, rendered and counted."""
     options = options or RenderOptions()
     programs, named_drums = parse_instruments(options.instruments)  # a bad name fails before anything else
+    shard = parse_shard(options.shard) if options.shard is not None else None
     if shutil.which("fluidsynth") is None:
         raise RenderError("fluidsynth is not installed (run `make install`)")
     if options.program not in (None, "piano") and not (str(options.program).isdigit() and 0 <= int(options.program) <= 127):
@@ -328,6 +343,8 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
     report = RenderReport()
     todo = []
     found = find_midi(sources)
+    if shard is not None:
+        found = [item for position, item in enumerate(found) if shard.owns(position)]
     progress = FileCounter(on_file, len(found))
 
     for src, rel in found:
@@ -360,7 +377,7 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
                 report.rendered.append((src, out, seconds))
             progress(src, "failed" if error else "skipped" if seconds is None else "rendered")
     if report.failed:
-        with atomic_path(out_dir / "failures.jsonl") as tmp:
+        with atomic_path(out_dir / failures_name(shard)) as tmp:
             tmp.write_text("".join(json.dumps({"source": str(s), "reason": r}) + "\n" for s, r in report.failed))
     write_json(out_dir / "render.json", {
         "soundfont": [str(f) for f in soundfonts], "instruments": options.instruments, "drums": options.drums,

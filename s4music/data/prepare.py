@@ -14,12 +14,22 @@ rebuild a published held-out set exactly.
 Nothing is lost to a crash: windows are appended to the split files first and become part of the
 dataset only when dataset.json (written last, atomically) counts them; bytes beyond those counts
 are cut off at the next run.
+
+Beyond one machine: with a `shard` ("i/n", see `s4music.options.Shard`) a run reads only the files
+at sorted positions i-1, i-1+n, ... into a shard directory of its own, and `merge_shards` joins the
+n shard directories into the dataset one run without shards would have written, byte for byte.
+The split assignment never depends on sharding: every shard lists the whole collection and assigns
+every file its split, as one run does, then reads only its own. A shard directory records which
+shard it is, of which sources and settings, each file's position, and whether it finished, so that
+the merge can refuse shards that do not belong together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -31,10 +41,10 @@ import numpy as np
 
 from s4music.audio import AUDIO_EXTENSIONS, SCHEMES, encode, load_audio
 from s4music.data.progress import FileCounter, FileProgress
-from s4music.data.format import FORMAT, SPLITS, DatasetError, committed, read_meta, stratum_key
+from s4music.data.format import FORMAT, SPLITS, DatasetError, committed, read_meta, stratum_key, verify_dataset
 from s4music.errors import S4MusicError
-from s4music.files import DirectoryLock, atomic_path, remove_stale_temporaries, write_json
-from s4music.options import split_assignment
+from s4music.files import DirectoryLock, atomic_directory, atomic_path, remove_stale_temporaries, write_json
+from s4music.options import Shard, parse_shard, split_assignment
 
 log = logging.getLogger(__name__)
 SILENCE_PEAK = 1e-3  # -60 dBFS
@@ -51,11 +61,14 @@ class PrepareOptions:
     seed: int = 0
     tags: dict[str, str] | list[str] = field(default_factory=dict)  # stratum tags; "key=value" strings are parsed
     pinned: dict[str, str] = field(default_factory=dict)  # file name (as find_audio gives it) -> split, kept as given
+    shard: Shard | str | None = None  # read only this shard of the files, "i/n" (1-based); None: all
 
     def __post_init__(self) -> None:
         """Check every option before anything is created, so a bad one leaves nothing behind."""
         if not isinstance(self.tags, dict):
             self.tags = dict(split_assignment(t, "--tag") for t in self.tags)
+        if self.shard is not None:
+            self.shard = parse_shard(self.shard)
         problems = {
             "quantization": (self.quantization not in SCHEMES, f"use one of {', '.join(SCHEMES)}"),
             "seconds": (not self.seconds > 0, "must be positive"),
@@ -167,7 +180,11 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
     """Add the audio files under `sources` to the dataset at `out` (created if needed).
 
     `on_file(path, status, done, total)` follows every file found: "unchanged" (already in the
-    dataset), "added" or "failed". One run at a time writes a dataset: a second one fails at once."""
+    dataset), "added" or "failed". One run at a time writes a dataset: a second one fails at once.
+
+    With `options.shard`, `out` is a shard directory: only that shard's files are read (and
+    followed by `on_file`), with the splits the whole collection gives them; a shard run that
+    stopped resumes like any other. `merge_shards` joins the finished shards."""
     options = options or PrepareOptions()
     root = Path(out)
     with DirectoryLock(root, "prepare"):
@@ -176,6 +193,9 @@ def prepare(sources: list[str | Path], out: str | Path, options: PrepareOptions 
 
 
 def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_file: FileProgress | None) -> PrepareReport:
+    found = find_audio(sources)
+    shard = options.shard
+    block = _shard_block(shard, sources, found, options) if shard is not None else None
     meta = read_meta(root)
     if meta is None:
         meta = {
@@ -184,39 +204,56 @@ def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_
             "val_fraction": options.val_fraction, "test_fraction": options.test_fraction, "seed": options.seed,
             "splits": {s: 0 for s in SPLITS}, "sources": [],
         }
+        if block is not None:
+            meta["shard"] = block
     else:  # an existing dataset fixes the conversion; a mismatch would mix two kinds of codes
         for key, value in (("sample_rate", options.sample_rate), ("quantization", options.quantization),
                            ("window", options.window)):
             if meta[key] != value:
                 raise DatasetError(f"{root}: dataset has {key}={meta[key]}, not {value}; use a new directory")
+        _check_same_shard(root, meta.get("shard"), block)
         options = dataclasses.replace(options, seed=meta["seed"], val_fraction=meta["val_fraction"],
                                       test_fraction=meta["test_fraction"])
+    if block is not None:  # until this run has tried every file of the shard, the merge refuses it
+        meta["shard"] = {**meta["shard"], "complete": False}
     window = meta["window"]
     _drop_uncommitted(root, meta)
 
     report = PrepareReport()
     known = {(s["path"], s["size"], s["mtime"]) for s in meta["sources"]}
-    candidates = []
-    found = find_audio(sources)
     names = {name for _, _, name in found}
     report.unmatched_pins = sorted(n for n in options.pinned if n not in names)
-    progress = FileCounter(on_file, len(found))
-    for path, folder, name in found:
+    # Every file found that is not in the dataset yet takes part in the split assignment, whether
+    # this run reads it (its shard's) or not, and whether it then fails or not: so a file's split
+    # never depends on the shards, nor on another file's failure.
+    assigned: list[dict] = []
+    candidates = []  # the files this run reads
+    mine = len(found) if shard is None else len(range(shard.index - 1, len(found), shard.count))
+    progress = FileCounter(on_file, mine)
+    for position, (path, folder, name) in enumerate(found):
+        strata = {"folder": folder, **options.tags}
+        if shard is not None and not shard.owns(position):
+            assigned.append({"name": name, "strata": strata})
+            continue
         try:
             stat = path.stat()
         except OSError as e:
             report.failed.append((path, f"{path}: {e.strerror or e}"))
             progress(path, "failed")
+            assigned.append({"name": name, "strata": strata})
             continue
         key = (str(path.resolve()), stat.st_size, stat.st_mtime)
         if key in known:
             report.unchanged += 1
             progress(path, "unchanged")
             continue
-        candidates.append({"id": _source_id(path), "name": name, "path": key[0], "size": key[1], "mtime": key[2],
-                           "strata": {"folder": folder, **options.tags}})
+        src = {"id": _source_id(path), "name": name, "path": key[0], "size": key[1], "mtime": key[2], "strata": strata}
+        if shard is not None:
+            src["position"] = position  # where the merge puts it back
+        candidates.append(src)
+        assigned.append(src)
 
-    assign_splits(meta["sources"], candidates, options)
+    assign_splits(meta["sources"], assigned, options)
     handles = {s: open(root / f"{s}.u8", "ab") for s in SPLITS}
     pending: list[dict] = []
     try:
@@ -242,8 +279,55 @@ def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_
     finally:
         for h in handles.values():
             h.close()
+    if shard is not None:  # every file of the shard has been tried: the merge may take it
+        meta["shard"] = {**meta["shard"], "complete": True,
+                         "failed": [{"path": str(p), "reason": r} for p, r in report.failed]}
+        write_json(root / "dataset.json", meta)
     report.summary = summarize(meta)
     return report
+
+
+# What a shard records of the run that wrote it: shards merge only when these agree.
+SHARD_SETTINGS = ("sample_rate", "quantization", "window", "val_fraction", "test_fraction", "seed")
+SHARD_SOURCES = ("files", "listing", "tags", "pinned")
+
+
+def _shard_block(shard: Shard, sources: list[str | Path], found: list[tuple[Path, str, str]],
+                 options: PrepareOptions) -> dict:
+    """dataset.json's "shard" entry: which shard, of which collection (a digest of the sources and
+    every file's name and stratum folder) and stratum tags and pinned splits; not yet complete."""
+    listing = hashlib.sha256()
+    for source in sources:
+        listing.update(f"{Path(source).resolve()}\n".encode())
+    for _, folder, name in found:
+        listing.update(f"{folder}\t{name}\n".encode())
+    pinned = hashlib.sha256(json.dumps(sorted(options.pinned.items())).encode()).hexdigest()
+    return {"index": shard.index, "count": shard.count, "files": len(found), "listing": listing.hexdigest(),
+            "tags": dict(options.tags), "pinned": pinned, "complete": False, "failed": []}
+
+
+def _check_same_shard(root: Path, have: dict | None, want: dict | None) -> None:
+    """Refuse to continue a dataset as another kind: a shard as a whole dataset, or as another shard."""
+    if have is None and want is None:
+        return
+    if have is None:
+        raise DatasetError(f"{root}: a whole dataset, not a shard; give each shard a new directory")
+    held = f"shard {have['index']}/{have['count']}"
+    if want is None:
+        raise DatasetError(f"{root}: holds {held}; continue it with --shard {have['index']}/{have['count']}, "
+                           "or merge the shards with --merge")
+    if (have["index"], have["count"]) != (want["index"], want["count"]):
+        raise DatasetError(f"{root}: holds {held}, not shard {want['index']}/{want['count']}; "
+                           "give each shard its own directory")
+    for key in SHARD_SOURCES:
+        if have[key] != want[key]:
+            raise DatasetError(f"{root}: holds {held} of other sources or settings ({_what_differs(key)}); "
+                               "use a new directory")
+
+
+def _what_differs(key: str) -> str:
+    return {"files": "the sources list other files", "listing": "the sources list other files",
+            "tags": "other --tag", "pinned": "another --splits file"}.get(key, f"another {key}")
 
 
 def _commit(root: Path, meta: dict, added: list[dict], handles) -> None:
@@ -253,22 +337,24 @@ def _commit(root: Path, meta: dict, added: list[dict], handles) -> None:
     for h in handles.values():
         h.flush()
         os.fsync(h.fileno())
-    rows = []
-    for src in added:
-        first = src.pop("first")
-        rows += [{
-            "id": f"{src['id']}:{k}", "source": src["id"], "path": src["path"],
-            "duration": meta["window"] / meta["sample_rate"], "sample_rate": meta["sample_rate"],
-            "split": src["split"], "strata": src["strata"], "offset": first + k,
-        } for k in range(src["windows"])]
+    lines = "".join(_manifest_lines(meta, src, src.pop("first")) for src in added)
     with open(root / "manifest.jsonl", "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.write(lines)
         f.flush()
         os.fsync(f.fileno())
     for src in added:
         meta["splits"][src["split"]] += src["windows"]
     meta["sources"].extend(added)
     write_json(root / "dataset.json", meta)  # the commit point
+
+
+def _manifest_lines(meta: dict, src: dict, first: int) -> str:
+    """manifest.jsonl's lines for the windows of `src`, the first at offset `first` of its split."""
+    return "".join(json.dumps({
+        "id": f"{src['id']}:{k}", "source": src["id"], "path": src["path"],
+        "duration": meta["window"] / meta["sample_rate"], "sample_rate": meta["sample_rate"],
+        "split": src["split"], "strata": src["strata"], "offset": first + k,
+    }) + "\n" for k in range(src["windows"]))
 
 
 def _drop_uncommitted(root: Path, meta: dict) -> None:
@@ -296,6 +382,136 @@ def _windows(path: Path, options: PrepareOptions, window: int) -> np.ndarray:
         raise DatasetError(f"{path}: shorter than one window ({audio.seconds:.2f} s < {options.seconds:g} s)")
     clips = audio.samples[: n * window].view(n, window)
     return encode(clips, options.quantization).numpy()
+
+
+def merge_shards(shards: list[str | Path], out: str | Path) -> PrepareReport:
+    """Join the shard directories that `prepare` wrote with shards 1/n to n/n into one dataset at
+    `out`: the dataset one run without shards would have written, byte for byte (dataset.json,
+    manifest.jsonl and the split files).
+
+    Every shard must be given once and have finished, and all must come from the same sources with
+    the same settings; anything else is a one-line error naming the shard's directory, before
+    anything is written. `out` must be new (or an empty directory); it is written in a temporary
+    directory beside it and renamed into place, so it appears whole or not at all. The report lists
+    every file in the dataset as added, the files the shards failed on, and the hours per split and
+    stratum."""
+    dirs = [Path(d) for d in shards]
+    out = Path(out)
+    if not dirs:
+        raise DatasetError("no shard directories to merge")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DatasetError(f"{out}: exists; merge the shards into a new directory")
+    if any(out.resolve() == d.resolve() for d in dirs):
+        raise DatasetError(f"{out}: is one of the shards; merge them into a new directory")
+    with contextlib.ExitStack() as locks:
+        metas, given = [], set()
+        for d in dirs:
+            if d.resolve() in given:
+                raise DatasetError(f"{d}: given twice; give each shard directory once")
+            given.add(d.resolve())
+            if not (d / "dataset.json").exists():  # before the lock, which would create the directory
+                raise DatasetError(f"{d}: no dataset.json; not a shard that prepare --shard wrote")
+            locks.enter_context(DirectoryLock(d, "prepare"))
+            metas.append((d, _read_shard(d)))
+        entries = _merge_order(metas)
+        report = PrepareReport()
+        with atomic_directory(out) as tmp:
+            merged = _write_merged(metas, entries, tmp)
+    for _, meta in metas:
+        report.failed += [(Path(f["path"]), f["reason"]) for f in meta["shard"]["failed"]]
+    report.added = [(Path(src["path"]), src["split"], src["windows"]) for src in merged["sources"]]
+    report.summary = summarize(merged)
+    return report
+
+
+def _read_shard(root: Path) -> dict:
+    meta = read_meta(root)
+    if meta is None:
+        raise DatasetError(f"{root}: no dataset.json; not a shard that prepare --shard wrote")
+    if "shard" not in meta:
+        raise DatasetError(f"{root}: a whole dataset (prepared without --shard), not a shard")
+    return meta
+
+
+def _merge_order(metas: list[tuple[Path, dict]]) -> list[tuple[int, Path, dict, int]]:
+    """Check that the shards belong together; (position, shard directory, source, offset of its
+    first window in the shard's split file) for every source, in the order one run reads them."""
+    first_dir, first = metas[0]
+    count = first["shard"]["count"]
+    seen: dict[int, Path] = {}
+    for d, meta in metas:
+        shard = meta["shard"]
+        name = f"shard {shard['index']}/{shard['count']}"
+        if shard["count"] != count:
+            raise DatasetError(f"{d}: {name}, but {first_dir} is a shard of {count}; "
+                               "merge shards of one --shard i/n run")
+        if shard["index"] in seen:
+            raise DatasetError(f"{d}: {name} again ({seen[shard['index']]} holds it too)")
+        seen[shard["index"]] = d
+        for key in SHARD_SETTINGS:
+            if meta[key] != first[key]:
+                raise DatasetError(f"{d}: {name} has {key}={meta[key]}, but {first_dir} has {key}={first[key]}; "
+                                   "shards must share every prepare setting")
+        for key in SHARD_SOURCES:
+            if shard[key] != first["shard"][key]:
+                raise DatasetError(f"{d}: {name} differs from {first_dir} ({_what_differs(key)}); "
+                                   "shards must read the same sources with the same settings")
+        if not shard["complete"]:
+            raise DatasetError(f"{d}: {name} has not finished; run its prepare --shard again (it resumes)")
+        problems = verify_dataset(d)
+        if problems:
+            raise DatasetError(f"{d}: {name} is damaged ({problems[0]})")
+    missing = [i for i in range(1, count + 1) if i not in seen]
+    if missing:
+        given = ", ".join(str(d) for d in list(seen.values())[:4]) + (", ..." if len(seen) > 4 else "")
+        raise DatasetError(f"shard {missing[0]}/{count} is missing: no directory given holds it "
+                           f"({len(missing)} of {count} missing; given {given})")
+    entries = []
+    for d, meta in metas:
+        shard = Shard(meta["shard"]["index"], count)
+        at = dict.fromkeys(SPLITS, 0)
+        for src in meta["sources"]:  # a split file holds its sources' windows in their order
+            position = src.get("position")
+            if not isinstance(position, int) or not shard.owns(position):
+                raise DatasetError(f"{d}: {src['name']} is not a file of shard {shard}")
+            entries.append((position, d, src, at[src["split"]]))
+            at[src["split"]] += src["windows"]
+    entries.sort(key=lambda e: e[0])
+    for a, b in itertools.pairwise(entries):
+        if a[0] == b[0]:
+            raise DatasetError(f"{b[1]}: holds {b[2]['name']} twice (it changed between runs); "
+                               "prepare this shard again into a new directory")
+    return entries
+
+
+def _write_merged(metas: list[tuple[Path, dict]], entries: list[tuple[int, Path, dict, int]], tmp: Path) -> dict:
+    """Write the merged dataset into `tmp`, as one run would have appended it; returns its dataset.json."""
+    merged = {k: v for k, v in metas[0][1].items() if k != "shard"}
+    merged["splits"], merged["sources"] = {s: 0 for s in SPLITS}, []
+    window = merged["window"]
+    with contextlib.ExitStack() as files:
+        outputs = {s: files.enter_context(open(tmp / f"{s}.u8", "wb")) for s in SPLITS}
+        manifest = files.enter_context(open(tmp / "manifest.jsonl", "w")) if entries else None
+        inputs: dict[tuple[Path, str], object] = {}
+        for _, d, src, offset in entries:
+            split = src["split"]
+            if (d, split) not in inputs:
+                inputs[(d, split)] = files.enter_context(open(d / f"{split}.u8", "rb"))
+            source = inputs[(d, split)]
+            source.seek(offset * window)
+            left = src["windows"] * window
+            while left:
+                block = source.read(min(left, 1 << 26))
+                if not block:
+                    raise DatasetError(f"{d / f'{split}.u8'}: ends before the windows of {src['name']}")
+                outputs[split].write(block)
+                left -= len(block)
+            src = {k: v for k, v in src.items() if k != "position"}
+            manifest.write(_manifest_lines(merged, src, merged["splits"][split]))
+            merged["splits"][split] += src["windows"]
+            merged["sources"].append(src)
+    write_json(tmp / "dataset.json", merged)
+    return merged
 
 
 def summarize(meta: dict) -> dict[tuple[str, str], float]:

@@ -32,7 +32,7 @@ class PromptRefused(GenerationError):
 @dataclass
 class Sampling:
     """How a code is drawn from the model's distribution. None takes the checkpoint's recommendation
-    (its summary's "sampling"), else the neutral value: temperature 1, top-k, top-p and re-anchoring off."""
+    (its summary's "sampling"), else the neutral value: every rule below off."""
 
     temperature: float | None = None  # 0: greedy
     top_k: int | None = None  # keep the k likeliest codes; 0: off
@@ -41,14 +41,29 @@ class Sampling:
     # Re-anchoring: every context_seconds / 2 of a take, the state is read afresh from the last
     # context_seconds of audio alone, so the model hears between 1 and 1.5 times that. 0: off.
     context_seconds: float | None = None
+    typical: float | None = None  # locally typical: the codes nearest the entropy, up to this probability; 1: off
+    # Guidance by the prompt: a second row hears the take without the prompt (only its last
+    # guidance_seconds) and each code is drawn from free + guidance (prompt - free). 1: off.
+    guidance: float | None = None
+    guidance_seconds: float | None = None
+    # Mirostat: the running surprise of the drawn codes held near this many bits/sample ("auto":
+    # the prompt's own, as the model read it; from nothing, the model's test figure). 0: off.
+    surprise: float | str | None = None
 
-    NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "temperature_end": None, "context_seconds": 0.0}
+    NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "temperature_end": None, "context_seconds": 0.0,
+               "typical": 1.0, "guidance": 1.0, "guidance_seconds": 0.25, "surprise": 0.0}
 
     def resolved(self, summary: dict) -> Sampling:
         """Unset values from the checkpoint's recommendation, then the neutral ones."""
         recommended = summary.get("sampling") or {}
         return Sampling(**{k: v if (v := getattr(self, k)) is not None else recommended.get(k, neutral)
                            for k, neutral in self.NEUTRAL.items()})
+
+    def with_surprise_of(self, bits: float | None) -> Sampling:
+        """--surprise auto made a number: `bits`, the prompt's (or, from nothing, the model's) bits/sample."""
+        if self.surprise != "auto":
+            return self
+        return dataclasses.replace(self, surprise=float(bits) if bits else 0.0)
 
     def at(self, progress: float) -> Sampling:
         """The rule at `progress` (0 at the seam, 1 at the end) of a take: the scheduled temperature."""
@@ -57,15 +72,36 @@ class Sampling:
         t = self.temperature + (self.temperature_end - self.temperature) * progress
         return dataclasses.replace(self, temperature=t, temperature_end=None)
 
+    def rule(self):
+        """The resolved rule as the steps take it, a fast.Rule (surprise made a number first:
+        `with_surprise_of`). Imported here: these options stay light to import without torch."""
+        from s4music.model.fast import Rule
+
+        s = self.resolved({})
+        if isinstance(s.surprise, str):
+            raise GenerationError("--surprise auto must be resolved against a prompt before sampling")
+        return Rule(s.temperature, s.top_k, s.top_p, s.typical, s.guidance, s.surprise)
+
     def problems(self) -> list[str]:
         t, k, p, e, c = self.temperature, self.top_k, self.top_p, self.temperature_end, self.context_seconds
-        return [f"{name} {value:g}: {rule}" for name, value, bad, rule in (
+        y, g, gs, s = self.typical, self.guidance, self.guidance_seconds, self.surprise
+        bad_surprise = s is not None and not (s == "auto" or (not isinstance(s, str) and 0 <= s <= 8))
+        out = [f"{name} {value:g}: {rule}" for name, value, bad, rule in (
             ("--temperature", t, t is not None and not t >= 0, "must be 0 (greedy) or more"),
             ("--temperature-end", e, e is not None and not e >= 0, "must be 0 or more"),
             ("--top-k", k, k is not None and k < 0, "must be 0 (off) or more"),
             ("--top-p", p, p is not None and not 0 < p <= 1, "must be in (0, 1]; 1 is off"),
             ("--context-seconds", c, c is not None and not (c == 0 or 0.5 <= c <= 60), "must be 0 (off) or 0.5 to 60"),
+            ("--typical", y, y is not None and not 0 < y <= 1, "must be in (0, 1]; 1 is off"),
+            ("--guidance", g, g is not None and not 0 <= g <= 10, "must be 0 to 10; 1 is off"),
+            ("--guidance-seconds", gs, gs is not None and not 0 <= gs <= 10, "must be 0 to 10"),
         ) if bad]
+        if bad_surprise:
+            out.append(f"--surprise {s}: use auto, or bits/sample from 0 (off) to 8")
+        if g not in (None, 1) and c:
+            out.append("--guidance with --context-seconds: use one or the other (re-anchoring would read "
+                       "the prompt back into the row that must not hear it)")
+        return out
 
 
 @dataclass

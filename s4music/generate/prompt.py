@@ -63,5 +63,5 @@ def read_prompt(net: SaShiMi, prompt: str | Path, selection: PromptSelection,
     bits, state = prompt_reader(net, step or StepOptions()).prefill_bits(net.shift_right(targets), targets)
     seconds = time.perf_counter() - started
     bits = bits.mean().item()
-    report = judge(describe_signal(audio, str(prompt), full), bits, net.summary)
+    report = judge(describe_signal(audio, str(prompt), full), bits, net.summary, net.name)
     return ReadPrompt(audio, codes, state, report, seconds)

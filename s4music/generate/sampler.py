@@ -11,7 +11,9 @@ draw of the whole take), so a seed fixes the codes whatever the chunking.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 
 import torch
 
@@ -66,6 +68,20 @@ class Stepper:
                 self.name = "plain-cpu"
         self.net = net
 
+    @torch.no_grad()
+    def follow(self, first: torch.Tensor, state: SaShiMiState, codes: torch.Tensor,
+               step_by_step: bool = False) -> tuple[torch.Tensor, SaShiMiState]:
+        """Feed what was heard into `state` (batch 1): inputs `first` (1,) then codes[:-1] (L,).
+        Returns each code's bits (L,) float64 and the state after (its next input is codes[-1]).
+        step_by_step: teacher forcing through the fused step where there is one (cheap for a few
+        samples, and from any point of the pools); else one parallel pass of the reader."""
+        if step_by_step and isinstance(self.fast, FusedStep):
+            _, logprobs, _ = self.fast.run(first, state, torch.zeros(1, len(codes)), forced=codes.unsqueeze(0))
+            return -logprobs[0].double() / math.log(2), state
+        x = torch.cat([first, codes[:-1]]).unsqueeze(0)
+        bits, state = self.reader.prefill_bits(x, codes.unsqueeze(0), state)
+        return bits[0].double(), state
+
     def sampler(self, state: SaShiMiState, first: torch.Tensor, seeds: list[int], sampling: Sampling,
                 heard: torch.Tensor | None = None) -> Sampler:
         """Variations, one per seed, that all start from `state` (batch 1, left as it is) and input `first`.
@@ -77,6 +93,12 @@ class Stepper:
 class Sampler:
     """len(seeds) variations stepped together from copies of one state.
 
+    Guidance (sampling.guidance != 1, and `heard` given): each variation is a pair of rows, one from
+    `state` and one that heard only the last sampling.guidance_seconds of `heard` (a few more
+    samples, so both rows are at the same phase of the pools); both take each code drawn from
+    free + guidance (prompt - free). A batch of 2 per variation. The log-probabilities returned are
+    the prompt row's.
+
     Re-anchoring (sampling.context_seconds = W, and `heard` given): every W/2 samples from the seam,
     each variation's state is read afresh, in one parallel pass of its own, from its last W seconds
     alone (prompt and sampled codes), as a training window of that length is read; so the model
@@ -85,14 +107,24 @@ class Sampler:
     alone, so a seed fixes its codes whatever the chunking and the number of variations. Each read
     costs about as long as reading a prompt of W seconds, and log-probabilities are then those
     given the window.
+
+    Mirostat (sampling.surprise > 0): each variation keeps its running bound from take to take.
     """
 
     def __init__(self, stepper: Stepper, state: SaShiMiState, first: torch.Tensor, seeds: list[int],
                  sampling: Sampling, heard: torch.Tensor | None = None):
+        sampling = sampling.resolved({})  # what is unset is off
         self.stepper, self.sampling, self.seeds = stepper, sampling, list(seeds)
-        self.state = state.repeat(len(seeds))
-        self.code = first.reshape(-1)[:1].repeat(len(seeds)).to(stepper.net.device)
+        device, rule = stepper.net.device, sampling.rule()
+        free = self._free_state(state, heard) if rule.pairs else None
+        self.pairs = free is not None
+        self.state = SaShiMiState.join([state, free] * len(seeds), device) if free else state.repeat(len(seeds))
+        self.rows = len(seeds) * (2 if self.pairs else 1)
+        self.code = first.reshape(-1)[:1].repeat(self.rows).to(device)
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.mu = rule.first_mu(self.rows)
+        if self.mu is not None and stepper.fast is None:
+            self.mu = self.mu.to(device)
         window = int(round((sampling.context_seconds or 0) * stepper.net.audio.sample_rate))
         self.window = window if heard is not None and window >= 2 else 0
         if self.window:
@@ -101,10 +133,34 @@ class Sampler:
         self.since_anchor = 0
         self.anchors = 0  # re-anchorings so far
 
+    def _free_state(self, state: SaShiMiState, heard: torch.Tensor | None) -> SaShiMiState | None:
+        """The state after the last guidance_seconds of `heard` alone, from rest, rounded up to the
+        pools' phase of `state`; None when nothing was heard (nothing to contrast with)."""
+        net = self.stepper.net
+        if heard is None or heard.numel() < 2:
+            return None
+        period = math.prod(net.config.pool)
+        n = int(round(self.sampling.guidance_seconds * net.audio.sample_rate))
+        n += (state.t - n) % period
+        while n > heard.numel():
+            n -= period
+        if n < 0:
+            return None
+        tail = heard.reshape(1, -1)[:, heard.numel() - n:].long()
+        if n == 0:
+            free = net.initial_state(1)
+        else:
+            reader = self.stepper.reader
+            free = reader.prefill(reader.shift_right(tail.to(reader.device)), logits=False)[1]
+        free.t = state.t
+        return free
+
     @torch.no_grad()
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next n codes of every variation, (V, n) int64, and their log-probabilities (V, n)."""
         uniforms = torch.stack([torch.rand(n, generator=g) for g in self.generators])
+        if self.pairs:
+            uniforms = uniforms.repeat_interleave(2, dim=0)
         if not self.window or n == 0:
             return self._steps(uniforms)
         every, parts, i = self.window // 2, [], 0
@@ -129,15 +185,21 @@ class Sampler:
         self.anchors += 1
 
     def _steps(self, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and log-probabilities (V, n) for uniforms (rows, n)."""
         n = uniforms.shape[1]
-        s = self.sampling
+        rule = self.sampling.rule()
+        if not self.pairs:
+            rule = dataclasses.replace(rule, guidance=1.0)  # nothing heard: nothing to guide by
         fast = self.stepper.fast
         if fast is not None:
-            codes, logprobs = fast.run(self.code, self.state, uniforms, s.temperature, s.top_k, s.top_p)
+            codes, logprobs = fast.run(self.code, self.state, uniforms, rule, self.mu)
             self.code = codes[:, -1].to(self.stepper.net.device)
-            return codes.cpu(), logprobs.cpu()
-        codes = torch.empty(len(self.seeds), n, dtype=torch.long)
-        logprobs = torch.empty(len(self.seeds), n)
-        self.code, self.state = plain_steps(self.stepper.net, self.code, self.state, uniforms, codes, logprobs,
-                                            s.temperature, s.top_k, s.top_p)
+            codes, logprobs = codes.cpu(), logprobs.cpu()
+        else:
+            codes = torch.empty(self.rows, n, dtype=torch.long)
+            logprobs = torch.empty(self.rows, n)
+            self.code, self.state = plain_steps(self.stepper.net, self.code, self.state, uniforms, codes, logprobs,
+                                                rule, self.mu)
+        if self.pairs:
+            return codes[0::2], logprobs[0::2]
         return codes, logprobs

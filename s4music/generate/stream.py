@@ -162,6 +162,8 @@ class Generation:
 
     def __post_init__(self) -> None:
         sr = self.net.audio.sample_rate
+        heard_bits = self.prompt.report.bits if self.prompt else self.net.summary.get("test_bits")
+        self.sampling = self.sampling.with_surprise_of(heard_bits)
         self.samples = max(1, int(round(self.options.seconds * sr)))  # per variation
         self.prompt_frames = self.prompt.codes.numel() if self.prompt else 0
         self.first_frame = 0 if self.options.output.include_prompt else self.prompt_frames

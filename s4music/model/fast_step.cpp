@@ -875,8 +875,9 @@ struct Private {
   Floats h;       // the tier's activations: every member keeps the same copy
   Floats normed, hidden;
   int parity = 0;  // which set of partial buffers the next layer writes
-  std::vector<double> prob;
+  std::vector<double> prob, score;
   std::vector<int> order;
+  Floats mixed;  // guided logits
 };
 
 // One residual layer on the group's rows of width H, in place on P.h. Each member normalizes every
@@ -1020,61 +1021,89 @@ inline float max_of(const float* x, int n) {
   return mx;
 }
 
-// The log-partition at temperature 1 (a code's log-probability is logit - log_z); leaves
-// exp(logit - max) in P.prob for sample().
-float log_partition(const float* logits, int n, Private& P) {
+// The log-partition at temperature 1 (a code's log-probability is logit - log_z).
+float log_partition(const float* logits, int n) {
   const float mx = max_of(logits, n);
-  double* prob = P.prob.data();
   double z = 0;
 #pragma omp simd reduction(+ : z)
-  for (int i = 0; i < n; ++i) {
-    prob[i] = exp_inline((double)(logits[i] - mx));
-    z += prob[i];
-  }
+  for (int i = 0; i < n; ++i) z += exp_inline((double)(logits[i] - mx));
   return mx + (float)std::log(z);
 }
 
-// Pick a code from logits by inverse CDF with uniform u (same procedure as sample_codes in fast.py).
-// Call right after log_partition(logits, ...), whose P.prob it starts from.
-int sample(const float* logits, int n, float u, float temperature, int top_k, float top_p, Private& P) {
+// How logits become a code; the same rule as fast.Rule and sample_codes in fast.py.
+struct Rule {
+  float temperature = 1.f, top_p = 1.f, typical = 1.f, guidance = 1.f, surprise = 0.f;
+  int top_k = 0;
+};
+constexpr double kSurpriseRate = 0.1;  // Mirostat's learning rate (fast.Rule.SURPRISE_RATE)
+constexpr double kLn2 = 0.6931471805599453;
+
+// Keep the smallest prefix of `order` (first `ranked` entries sorted) whose probability reaches
+// `mass` of the total, at least one code; zero the rest.
+void keep_prefix(std::vector<double>& prob, const std::vector<int>& order, int n, int ranked, double mass) {
+  double total = 0, before = 0;
+  for (int i = 0; i < n; ++i) total += prob[i];
+  int kept = 0;
+  while (kept < ranked && (kept == 0 || before / total < mass)) before += prob[order[kept++]];
+  for (int k = kept; k < n; ++k) prob[order[k]] = 0;
+}
+
+// Pick a code from logits by inverse CDF with uniform u (same procedure as sample_codes in fast.py):
+// probabilities at the temperature; then, in this order, Mirostat's bound (codes whose surprise at
+// temperature 1 exceeds *mu bits dropped, the likeliest kept; *mu then moves toward the target),
+// locally typical, top-k and top-p.
+int sample(const float* logits, int n, float u, const Rule& rule, double* mu, Private& P) {
+  if (rule.temperature <= 0.f) return (int)(std::max_element(logits, logits + n) - logits);
   std::vector<double>& prob = P.prob;
-  int code;
-  if (temperature <= 0.f) {
-    code = (int)(std::max_element(logits, logits + n) - logits);
-  } else {
-    if (temperature != 1.f) {
-      const float mx = max_of(logits, n);
-      double* pr = prob.data();
+  std::vector<int>& order = P.order;
+  const float mx = max_of(logits, n);
+  const int best = (int)(std::max_element(logits, logits + n) - logits);
+  double* pr = prob.data();
 #pragma omp simd
-      for (int i = 0; i < n; ++i) pr[i] = exp_inline((double)(logits[i] - mx) / temperature);
-    }
-    if ((top_k > 0 && top_k < n) || top_p < 1.f) {
-      // likeliest first, ties by index (as a stable sort); only the first top_k need ordering
-      std::vector<int>& order = P.order;
-      std::iota(order.begin(), order.begin() + n, 0);
-      auto likelier = [&](int i, int j) { return prob[i] > prob[j] || (prob[i] == prob[j] && i < j); };
-      const int ranked = top_k > 0 && top_k < n ? top_k : n;
-      std::partial_sort(order.begin(), order.begin() + ranked, order.begin() + n, likelier);
-      double total = 0, before = 0;
-      for (int i = 0; i < n; ++i) total += prob[i];
-      int kept = 0;
-      while (kept < ranked && (kept == 0 || before / total < top_p)) before += prob[order[kept++]];
-      for (int k = kept; k < n; ++k) prob[order[k]] = 0;
-    }
-    double total = 0;
-    for (int i = 0; i < n; ++i) total += prob[i];
-    const double target = u * total;
-    double cum = 0;
-    code = n - 1;
-    for (int i = 0; i < n; ++i) {
-      cum += prob[i];
-      if (prob[i] > 0 && cum > target) {
-        code = i;
-        break;
-      }
-    }
-    while (prob[code] == 0 && code > 0) --code;
+  for (int i = 0; i < n; ++i) pr[i] = exp_inline((double)(logits[i] - mx) / rule.temperature);
+  double log_z1 = 0;  // temperature 1, relative to mx
+  if (mu != nullptr) {
+    double z = 0;
+    for (int i = 0; i < n; ++i) z += exp_inline((double)(logits[i] - mx));
+    log_z1 = std::log(z);
+    for (int i = 0; i < n; ++i)
+      if (i != best && (log_z1 - (double)(logits[i] - mx)) / kLn2 > *mu) pr[i] = 0;
   }
+  if (rule.typical < 1.f) {
+    double total = 0, entropy = 0;
+    for (int i = 0; i < n; ++i) total += pr[i];
+    const double log_total = std::log(total);
+    std::vector<double>& score = P.score;
+    for (int i = 0; i < n; ++i)
+      if (pr[i] > 0) entropy += pr[i] / total * (log_total - std::log(pr[i]));
+    for (int i = 0; i < n; ++i)
+      score[i] = pr[i] > 0 ? std::abs(log_total - std::log(pr[i]) - entropy) : INFINITY;
+    std::iota(order.begin(), order.begin() + n, 0);
+    std::stable_sort(order.begin(), order.begin() + n, [&](int i, int j) { return score[i] < score[j]; });
+    keep_prefix(prob, order, n, n, rule.typical);
+  }
+  if ((rule.top_k > 0 && rule.top_k < n) || rule.top_p < 1.f) {
+    // likeliest first, ties by index (as a stable sort); only the first top_k need ordering
+    std::iota(order.begin(), order.begin() + n, 0);
+    auto likelier = [&](int i, int j) { return prob[i] > prob[j] || (prob[i] == prob[j] && i < j); };
+    const int ranked = rule.top_k > 0 && rule.top_k < n ? rule.top_k : n;
+    std::partial_sort(order.begin(), order.begin() + ranked, order.begin() + n, likelier);
+    keep_prefix(prob, order, n, ranked, rule.top_p);
+  }
+  double total = 0;
+  for (int i = 0; i < n; ++i) total += prob[i];
+  const double target = u * total;
+  double cum = 0;
+  int code = n - 1;
+  for (int i = 0; i < n; ++i) {
+    cum += prob[i];
+    if (prob[i] > 0 && cum > target) {
+      code = i;
+      break;
+    }
+  }
+  while (prob[code] == 0 && code > 0) --code;
+  if (mu != nullptr) *mu -= kSurpriseRate * ((log_z1 - (double)(logits[code] - mx)) / kLn2 - rule.surprise);
   return code;
 }
 
@@ -1084,8 +1113,8 @@ struct Job {
   int64_t t0 = 0;
   const float* uniforms = nullptr;  // (B, n)
   const int64_t* forced = nullptr;  // (B, n) or null
-  float temperature = 1.f, top_p = 1.f;
-  int top_k = 0;
+  Rule rule;
+  double* mu = nullptr;             // (B,) Mirostat bounds in bits, or null
   int64_t* codes = nullptr;         // (B, n)
   float* logprobs = nullptr;        // (B, n)
   float* logits = nullptr;          // (B, n, V) or null
@@ -1230,12 +1259,20 @@ class FastSaShiMi {
   // Continue from the given state for n steps. codes0 (B,) are the first inputs. uniforms (B, n)
   // drive sampling; forced (B, n) codes, if not empty, replace the samples (teacher forcing) and
   // the logits are returned too. States are updated in place. Returns codes, logprobs[, logits].
+  // guidance != 1: rows in pairs (heard the prompt, did not), both given the code drawn from
+  // free + guidance (prompt - free), each its own log-probability. mu (B,) float64, if not empty:
+  // Mirostat's bounds in bits, toward the target `surprise`, updated in place.
   std::vector<torch::Tensor> run(torch::Tensor codes0, int64_t t0, std::vector<torch::Tensor> s4_states,
                                  std::vector<torch::Tensor> down_states, std::vector<torch::Tensor> up_states,
                                  torch::Tensor uniforms, double temperature, int64_t top_k, double top_p,
-                                 torch::Tensor forced) {
+                                 torch::Tensor forced, double typical, double guidance, double surprise,
+                                 torch::Tensor mu) {
     const int B = codes0.size(0);
     const bool teacher = forced.numel() > 0;
+    const int pair = guidance != 1.0 && !teacher ? 2 : 1;  // rows that sample together, in one group
+    TORCH_CHECK(B % pair == 0, "run: guidance takes rows in pairs");
+    TORCH_CHECK(mu.numel() == 0 || (mu.numel() == B && mu.scalar_type() == torch::kDouble && mu.is_contiguous()),
+                "run: mu must be (B,) float64");
     auto codes = torch::empty({B, uniforms.size(1)}, torch::kLong);
     auto logprobs = torch::empty({B, uniforms.size(1)}, torch::kFloat);
     auto logits = teacher ? torch::empty({B, uniforms.size(1), M.n_codes}, torch::kFloat) : torch::empty({0});
@@ -1244,9 +1281,8 @@ class FastSaShiMi {
     job.t0 = t0;
     job.uniforms = uniforms.data_ptr<float>();
     job.forced = teacher ? forced.data_ptr<int64_t>() : nullptr;
-    job.temperature = (float)temperature;
-    job.top_k = (int)top_k;
-    job.top_p = (float)top_p;
+    job.rule = Rule{(float)temperature, (float)top_p, (float)typical, (float)guidance, (float)surprise, (int)top_k};
+    job.mu = mu.numel() ? mu.data_ptr<double>() : nullptr;
     job.codes = codes.data_ptr<int64_t>();
     job.logprobs = logprobs.data_ptr<float>();
     job.logits = teacher ? logits.data_ptr<float>() : nullptr;
@@ -1254,13 +1290,14 @@ class FastSaShiMi {
     const int threads = max_threads();
     // A team meets at a barrier every layer, and past 4 members the meetings cost more than the split
     // saves (measured on a 16-core Xeon: benchmarks/RESULTS.md, the GPU machine's section).
-    const int n_groups = std::max(1, std::min(B, threads)), team = std::clamp(threads / n_groups, 1, kMaxTeam);
+    const int units = B / pair;
+    const int n_groups = std::max(1, std::min(units, threads)), team = std::clamp(threads / n_groups, 1, kMaxTeam);
     std::vector<Rows> groups(n_groups);
     const int64_t* c0 = codes0.data_ptr<int64_t>();
     for (int g = 0; g < n_groups; ++g) {
       Rows& R = groups[g];
-      R.r0 = B * g / n_groups;
-      R.n = B * (g + 1) / n_groups - R.r0;
+      R.r0 = pair * (units * g / n_groups);
+      R.n = pair * (units * (g + 1) / n_groups) - R.r0;
       load_state(R, s4_states, down_states, up_states);
       R.code.assign(c0 + R.r0, c0 + R.r0 + R.n);
       R.partial.assign(2 * team, Floats((size_t)R.n * M.widest));
@@ -1481,8 +1518,9 @@ class FastSaShiMi {
     const int rows = R.n, n_tiers = (int)M.pools.size(), H0 = M.H0, V_codes = M.n_codes;
     Private P;
     for (auto* v : {&P.h, &P.normed, &P.hidden}) v->resize((size_t)rows * M.widest);
-    P.prob.resize(V_codes);
+    for (auto* v : {&P.prob, &P.score}) v->resize(V_codes);
     P.order.resize(V_codes);
+    P.mixed.resize(V_codes);
     const float* E = M.embedding.data_ptr<float>();
     float* h = R.h.data();
 
@@ -1568,20 +1606,34 @@ class FastSaShiMi {
 
   void pick_codes(Rows& R, Private& P, const Job& job, int step, const float* logits) const {
     const int V = M.n_codes;
-    for (int r = 0; r < R.n; ++r) {
+    const bool guided = job.rule.guidance != 1.f && !job.forced;
+    for (int r = 0; r < R.n; r += guided ? 2 : 1) {
       const size_t at = (size_t)(R.r0 + r) * job.n + step;
       const float* lg = logits + (size_t)r * V;
-      const float log_z = log_partition(lg, V, P);
       int c;
       if (job.forced) {  // teacher-forced scoring: nothing to sample
         c = (int)job.forced[at];
         std::copy(lg, lg + V, job.logits + at * V);
       } else {
-        c = sample(lg, V, job.uniforms[at], job.temperature, job.top_k, job.top_p, P);
+        const float* from = lg;
+        if (guided) {  // in double, rounded once, as sample_codes does
+          const float* free = lg + V;
+          const double g = job.rule.guidance;
+          float* mixed = P.mixed.data();
+          for (int i = 0; i < V; ++i) mixed[i] = (float)((double)free[i] + g * ((double)lg[i] - (double)free[i]));
+          from = mixed;
+        }
+        c = sample(from, V, job.uniforms[at], job.rule, job.mu ? job.mu + R.r0 + r : nullptr, P);
       }
       job.codes[at] = c;
-      job.logprobs[at] = lg[c] - log_z;
+      job.logprobs[at] = lg[c] - log_partition(lg, V);
       R.code[r] = c;
+      if (guided) {  // the row that did not hear the prompt goes on with the same code
+        const float* free = lg + V;
+        job.codes[at + job.n] = c;
+        job.logprobs[at + job.n] = free[c] - log_partition(free, V);
+        R.code[r + 1] = c;
+      }
     }
   }
 };
@@ -1607,7 +1659,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("half_weights", &FastSaShiMi::half_weights)
       .def("instruction_set", &FastSaShiMi::instruction_set)
       .def("read_precision", &FastSaShiMi::read_precision)
-      .def("run", &FastSaShiMi::run, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("run", &FastSaShiMi::run, pybind11::arg("codes0"), pybind11::arg("t0"), pybind11::arg("s4_states"),
+           pybind11::arg("down_states"), pybind11::arg("up_states"), pybind11::arg("uniforms"),
+           pybind11::arg("temperature"), pybind11::arg("top_k"), pybind11::arg("top_p"), pybind11::arg("forced"),
+           pybind11::arg("typical") = 1.0, pybind11::arg("guidance") = 1.0, pybind11::arg("surprise") = 0.0,
+           pybind11::arg("mu") = torch::empty({0}, torch::kDouble),
+           pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("read", &FastSaShiMi::read, pybind11::arg("tier"), pybind11::arg("h"), pybind11::arg("skip"),
            pybind11::arg("states"),
            pybind11::call_guard<pybind11::gil_scoped_release>())

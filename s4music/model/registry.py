@@ -105,7 +105,9 @@ def resolve_model(spec: str | Path | None) -> Path:
 
 def load_model(spec: str | Path | None = None, device: str | torch.device = "cpu") -> SaShiMi:
     """Load a model by name or path (see `resolve_model`), in eval mode, float32."""
-    return load_checkpoint(resolve_model(spec), device=device)
+    net = load_checkpoint(resolve_model(spec), device=device)
+    net.name = str(spec) if spec is not None else DEFAULT_NAME
+    return net
 
 
 def list_models() -> list[dict]:

@@ -223,6 +223,7 @@ class SaShiMi(nn.Module):
         self.config = cfg
         self.audio = AudioFormat()
         self.summary: dict = {}
+        self.name: str | None = None  # as it was loaded: a model name or a checkpoint path
         # Recompute each block's activations in backward instead of storing them: far less memory
         # for long training windows, at about a third more compute.
         self.gradient_checkpointing = False
