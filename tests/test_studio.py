@@ -196,7 +196,7 @@ def test_the_model_box_offers_names_and_allowed_folders_and_tells_nothing_of_oth
     url, studio = public
     client = Client(url, verbose=False)
     assert "mine" in studio.model_choices() and "default" in studio.model_choices()
-    temperature, top_k, top_p = client.predict("mine", api_name="/recommended")
+    temperature, *_ = client.predict("mine", api_name="/recommended")
     assert 0 <= temperature <= 1.5
     said = {}
     for spec in ["/etc", "/root", "/nonexistent", "../../../../etc", "mine/../../../root", str(tmp_path)]:
