@@ -844,13 +844,9 @@ def _one_interrupt(grace: float = 5.0):
     previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
-        signal.signal(signal.SIGINT, previous)
-        raise
-    else:
-        signal.signal(signal.SIGINT, previous)
+    finally:
+        if not first:
+            signal.signal(signal.SIGINT, previous)
 
 
 def main() -> None:
