@@ -262,6 +262,15 @@ class StreamServer:
         self.httpd.server_close()
 
 
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (one that was just let go)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def stream_server():
     server = StreamServer()

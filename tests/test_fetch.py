@@ -6,7 +6,7 @@ import time
 
 import pytest
 import soundfile as sf
-from conftest import StreamServer, wav_header
+from conftest import StreamServer, closed_port, wav_header
 
 from s4music.addresses import public_address
 from s4music.data.fetch import REFUSED, FetchError, FetchOptions, check_url, fetch, safe_name
@@ -101,9 +101,7 @@ def test_a_download_stops_once_past_its_size_limit(stream_server, tmp_path):
     frames = int(2.7 * 3600 * 16000)
     big = stream_server.add("/big.wav", wav_header(16000, 1, 16, frames), frames * 2)
     endless = stream_server.add("/endless.wav", wav_header(16000, 1, 16, None), None)
-    started = time.time()
     report = fetch([big, endless], tmp_path / "out", FetchOptions(max_mb=5, timeout=10))
-    assert time.time() - started < 60
     reasons = dict(report.failed)
     assert report.fetched == [] and set(reasons) == {big, endless}
     assert reasons[big] == f"{big}: 297 MB, more than the 5 MB limit"
@@ -183,9 +181,8 @@ def test_every_hop_is_checked_and_open_and_closed_ports_read_alike(stream_server
         assert stream_server.requests[0] == "/hop.wav" and inner.requests == []
         assert not (tmp_path / "out").exists()
         # the filter of the studio: an open port and a closed one are refused in the same words
-        with socket_closed() as closed:
-            urls = [secret, f"http://127.0.0.1:{closed}/secret.wav", "http://localhost:22/"]
-            report = fetch(urls, tmp_path / "out", FetchOptions(allow_address=public_address, timeout=5))
+        urls = [secret, f"http://127.0.0.1:{closed_port()}/secret.wav", "http://localhost:22/"]
+        report = fetch(urls, tmp_path / "out", FetchOptions(allow_address=public_address, timeout=5))
         assert [r.removeprefix(u) for u, r in report.failed] == [f": {REFUSED}"] * 3
         assert inner.requests == []
         # without the filter, the redirect is followed
@@ -193,20 +190,6 @@ def test_every_hop_is_checked_and_open_and_closed_ports_read_alike(stream_server
         assert report.failed == [] and set(inner.requests) == {"/secret.wav"}
     finally:
         inner.close()
-
-
-class socket_closed:
-    """A port on 127.0.0.1 that nothing listens on."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_the_proxy_tunnels_only_to_allowed_addresses(stream_server):

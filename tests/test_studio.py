@@ -21,7 +21,7 @@ ROOT = Path(__file__).parent.parent
 ARTIFACTS = Path(os.environ.get("S4MUSIC_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts"))
 gradio = pytest.importorskip("gradio", reason="gradio is installed by `make install`")
 pytestmark = pytest.mark.slow  # a web server, a page and its clients
-from conftest import wav_header  # noqa: E402
+from conftest import closed_port, wav_header  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from s4music.data.fetch import REFUSED  # noqa: E402
@@ -177,9 +177,7 @@ def test_a_page_others_can_reach_fetches_no_local_address_and_says_nothing_of_po
     url, _ = public
     client = Client(url, verbose=False)
     stream_server.add("/small.wav", wav_header(16000, 1, 16, 16000), 32000)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = closed_port()
     port = stream_server.port
     urls = [f"http://127.0.0.1:{port}/small.wav", f"http://127.0.0.1:{closed}/small.wav", "http://localhost:22/",
             "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/", f"http://[::1]:{port}/small.wav",
