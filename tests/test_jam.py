@@ -7,6 +7,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -186,6 +187,8 @@ def test_jam_on_the_sound_device_until_ctrl_c_keeps_the_recording(tiny_model, tm
     try:
         run = subprocess.Popen([*S4MUSIC, "jam", "--model", str(tiny_model), "--record", str(tmp_path / "r.wav")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=null_sound_env, text=True)
+        watchdog = threading.Timer(300, run.kill)  # a jam that never listens fails the test, not hangs it
+        watchdog.start()
         said = ""
         while "listening" not in said:
             line = run.stderr.readline()
@@ -197,6 +200,7 @@ def test_jam_on_the_sound_device_until_ctrl_c_keeps_the_recording(tiny_model, tm
             run.send_signal(signal.SIGINT)
             time.sleep(0.01)
         _, err = run.communicate(timeout=60)
+        watchdog.cancel()
     finally:
         busy.kill()
         busy.wait()
@@ -216,8 +220,10 @@ def test_ctrl_c_before_the_jam_hears_anything_keeps_the_last_recording_and_no_te
     run = subprocess.Popen([*S4MUSIC, "jam", "--input", "-", "--no-play", "--model", str(tiny_model), "--record",
                             str(tmp_path / "r.wav")], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
+        deadline = time.monotonic() + 300  # a jam that never opens its recording fails, not hangs
         while not any(p.name.startswith(".r.") for p in tmp_path.iterdir()):
             assert run.poll() is None, run.stderr.read().decode()
+            assert time.monotonic() < deadline, "the recording was never opened"
             time.sleep(0.01)
         run.send_signal(signal.SIGINT)
         assert run.wait(timeout=60) == 130, run.stderr.read().decode()
