@@ -1,6 +1,6 @@
 """A/B the fused CPU step of a git revision against the working tree's, in one process.
 
-A change to fast_step.cpp moves its speed by a few to tens of percent, less than this shared
+A change to the fused step (s4music/model/csrc) moves its speed by a few to tens of percent, less than this shared
 machine drifts between runs. So both builds run here, interleaved (A B, then B A, ...), each
 keeping its best, after a check that they compute the same: the codes they sample and the logits
 they give for the same inputs.
@@ -25,18 +25,25 @@ from s4music.system import keep_freed_memory
 
 
 def source_at(revision: str, directory: Path) -> Path:
-    """fast_step.cpp as it was at `revision`, written into `directory`."""
-    path = SOURCE.relative_to(Path(__file__).resolve().parents[1]).as_posix()
-    text = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True, check=True,
-                          cwd=SOURCE.parent).stdout
-    out = directory / SOURCE.name
-    out.write_text(text)
-    return out
+    """The fused step's sources as they were at `revision` (csrc/, or the one fast_step.cpp it was
+    before the split), written into `directory`; returns its fast_step.cpp."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=root).stdout
+
+    csrc = SOURCE.parent.relative_to(root).as_posix()
+    files = git("ls-tree", "--name-only", f"{revision}:{csrc}").split() if git(
+        "ls-tree", "--name-only", revision, csrc + "/").strip() else []
+    for name in files or ["fast_step.cpp"]:
+        path = f"{csrc}/{name}" if files else SOURCE.parents[1].relative_to(root).as_posix() + "/fast_step.cpp"
+        (directory / name).write_text(git("show", f"{revision}:{path}"))
+    return directory / SOURCE.name
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", required=True, help="git revision whose fast_step.cpp is A (B: the working tree's)")
+    parser.add_argument("--base", required=True, help="git revision whose fused step is A (B: the working tree's)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: the bundled model)")
     parser.add_argument("--batch", type=int, default=8, help="variations stepped together")
     parser.add_argument("--steps", type=int, default=0, help="samples a timed run (default: 1 s of audio / batch)")

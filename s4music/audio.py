@@ -86,6 +86,53 @@ def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     return data[: data.size // channels * channels].reshape(-1, channels), rate
 
 
+def declared_seconds(path: str | Path) -> float | None:
+    """How long a file says it is, read from its header, without decoding it; None where it does not
+    say. Works on the first bytes of a download: WAV by its data chunk's size, FLAC by STREAMINFO,
+    anything else by what ffprobe reads of the container (a header's duration, else an estimate of
+    what the bytes so far hold, never more than the whole file)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64 * 1024)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        seconds = _wav_header_seconds(head)
+        if seconds is not None:
+            return seconds
+    if head[:4] == b"fLaC" and len(head) >= 26 and head[4] & 0x7F == 0:  # STREAMINFO is the first block
+        info = int.from_bytes(head[18:26], "big")
+        rate, frames = info >> 44, info & ((1 << 36) - 1)
+        if rate and frames:
+            return frames / rate
+    if shutil.which("ffprobe") is None:
+        return None
+    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of",
+                            "default=noprint_wrappers=1:nokey=1", str(path)], capture_output=True, text=True)
+    try:
+        seconds = float(probe.stdout.strip())
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
+def _wav_header_seconds(head: bytes) -> float | None:
+    """The length a RIFF/WAVE header gives: its data chunk's size over the byte rate (None for a
+    stream's header, whose size is 0 or 0xFFFFFFFF)."""
+    at, byte_rate = 12, None
+    while at + 8 <= len(head):
+        kind, size = head[at : at + 4], int.from_bytes(head[at + 4 : at + 8], "little")
+        if kind == b"fmt " and at + 20 <= len(head):
+            byte_rate = int.from_bytes(head[at + 16 : at + 20], "little")
+        elif kind == b"data":
+            if not byte_rate or size in (0, 0xFFFFFFFF):
+                return None
+            return size / byte_rate
+        at += 8 + size + (size & 1)
+    return None
+
+
 def load_audio(path: str | Path, sample_rate: int = 16000, start: float | None = None,
                end: float | None = None) -> Audio:
     """Decode any common format, mix down to mono and resample to `sample_rate`.

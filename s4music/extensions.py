@@ -107,7 +107,8 @@ def compiler_version(program: str) -> str:
 
 
 def build_inputs(sources: list[Path], cflags: list[str], ldflags: list[str], cuda: bool, extra: str) -> dict:
-    """Everything that changes a build, by name (a build directory's key, kept in it as build.json)."""
+    """Everything that changes a build, by name (a build directory's key, kept in it as build.json).
+    `sources`: the files compiled and the headers they include."""
     import torch  # here, not at the top: `cache_home` serves the command line, which starts without torch
 
     inputs = {
@@ -154,11 +155,12 @@ def _directory_lock(build_dir: Path, what: str):
 
 def load_extension(name: str, sources: list[Path], cflags: list[str] | None = None,
                    ldflags: list[str] | None = None, cuda: bool = False, verbose: bool = False,
-                   what: str | None = None, key_extra: str = ""):
+                   what: str | None = None, key_extra: str = "", headers: list[Path] = ()):
     """Compile (or reuse the cached build of) an extension and import it. Raises when it cannot build.
 
     cuda: the sources include .cu files; the toolkit is found by `find_cuda_home`. what: the build's
-    name in the log lines. key_extra: more that changes the build (see the module docstring)."""
+    name in the log lines. key_extra: more that changes the build (see the module docstring).
+    headers: files the sources include by a plain name ("vectors.h"): copied beside them, and keyed."""
     import torch
 
     what = what or name
@@ -171,14 +173,14 @@ def load_extension(name: str, sources: list[Path], cflags: list[str] | None = No
         if torch.version.cuda is None:
             raise RuntimeError("this torch build has no CUDA support")
         ldflags += [f"-L{cuda_home / 'lib'}", f"-L{cuda_home / 'lib64'}"]
-    inputs = build_inputs(sources, cflags, ldflags, cuda, key_extra)
+    inputs = build_inputs([*sources, *headers], cflags, ldflags, cuda, key_extra)
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     build_dir = cache_home() / "extensions" / f"{name}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
     module_name = f"{name}_{key}"
     with _directory_lock(build_dir, what):
         copies = []
-        for source in sources:  # built from a copy: the build command names no checkout
+        for source in [*sources, *headers]:  # built from a copy: the build command names no checkout
             copy = build_dir / "src" / source.name
             if not copy.exists() or copy.read_bytes() != source.read_bytes():
                 copy.parent.mkdir(exist_ok=True)
@@ -186,6 +188,7 @@ def load_extension(name: str, sources: list[Path], cflags: list[str] | None = No
                 partial.write_bytes(source.read_bytes())
                 partial.replace(copy)
             copies.append(copy)
+        copies = copies[: len(sources)]
         fresh = not (build_dir / f"{module_name}.so").exists()
         if fresh:
             log.info("building %s (%s); once, about a minute", what, _why_build(build_dir, name, inputs))

@@ -20,6 +20,8 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 from s4music.errors import S4MusicError
@@ -56,6 +58,29 @@ class AtomicFile:
     def abort(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.tmp)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) back for the block, so that a file being opened (made, and handed to
+    whatever removes it if the run stops) or finished (closed and renamed into place) is done
+    whole; the interrupt comes right after. The handler that was in place is put back and given the
+    signal then, so a program's own handling of Ctrl-C still applies. Outside the main thread,
+    where Python delivers no signal, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, caught[0])
+            elif previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import torch
 
 from s4music.audio import Audio, decode, encode
 from s4music.dsp import HighPass, dbfs
-from s4music.files import AtomicFile
+from s4music.files import AtomicFile, interrupts_deferred
 from s4music.generate.sampler import Sampler, Stepper
 from s4music.jam_options import JamError, JamOptions
 from s4music.guidance import describe_signal, judge
@@ -65,7 +65,9 @@ class Turn:
 
 @dataclass
 class JamEvent:
-    kind: str  # "verdict" (the live guidance changed), "answer" (one begins) or "turn" (one ended)
+    # "listening" (the first block is in: the recording is kept from here, however the jam stops),
+    # "verdict" (the live guidance changed), "answer" (one begins) or "turn" (one ended)
+    kind: str
     time_s: float
     text: str
     turn: Turn | None = None
@@ -287,29 +289,31 @@ def run_jam(source: Iterator[np.ndarray], model: str | Path | SaShiMi | None = N
     with contextlib.ExitStack() as stack:
         if hasattr(source, "close"):  # a live input's stream closes however the jam ends
             stack.callback(source.close)
+
         def event(e: JamEvent) -> None:
-            if e.turn is not None and turns is not None:
+            if e.turn is not None and turns.output is not None:
                 turns.output.write(e.turn)
             if on_event is not None:
                 on_event(e)
 
         jam = Jam(net, options, event)  # before any file: bad options leave nothing behind
-        recording = _Kept(RecordingSink(record, sr, 2)) if record else None
-        if recording is not None:
-            stack.push(recording)
-        turns = _Kept(TurnLog(log)) if log else None
-        if turns is not None:
-            stack.push(turns)
+        # each output's exit is registered before its file exists, and a Ctrl-C waits until the file
+        # is in its hands, so no stop leaves a temporary
+        recording = stack.enter_context(_Kept())
+        turns = stack.enter_context(_Kept())
+        with interrupts_deferred():
+            recording.output = RecordingSink(record, sr, 2) if record else None
+            turns.output = TurnLog(log) if log else None
         device = DeviceSink(sr) if play else None
         if device is not None:
             stack.callback(device.abort)  # does nothing once it has closed
         for block in source:
             answer = jam.feed(block)
-            if recording is not None:
+            if recording.output is not None:
                 recording.output.write(np.stack([block, answer], axis=1))
-                recording.started = True
-            if turns is not None:
-                turns.started = True
+            if not recording.started:  # the jam has begun: from here its outputs are kept however it stops
+                recording.started = turns.started = True
+                event(JamEvent("listening", jam.clock / sr, "listening"))
             if device is not None:
                 device.write(answer)
         jam.finish()
@@ -328,10 +332,12 @@ class TurnLog:
         try:
             self.file = AtomicFile(self.path)
             self.stream = open(self.file.tmp, "w")
-        except OSError as e:
+        except BaseException as e:  # a Ctrl-C here too: no temporary stays
             if hasattr(self, "file"):
                 self.file.abort()
-            raise JamError(f"{self.path}: cannot write here ({e.strerror or e})") from None
+            if isinstance(e, OSError):
+                raise JamError(f"{self.path}: cannot write here ({e.strerror or e})") from None
+            raise
 
     def write(self, turn: Turn) -> None:
         self.stream.write(json.dumps(turn.to_dict()) + "\n")
@@ -347,16 +353,22 @@ class TurnLog:
 
 
 class _Kept:
-    """An output of the jam as a context exit: kept (closed) once the jam has begun, however it stops;
-    thrown away if it stopped before the first block (a missing device or input file), so an earlier
-    file of that name is not replaced by an empty one."""
+    """An output of the jam (or None) as a context exit: kept (closed) once the jam has begun, however it
+    stops; thrown away if it stopped before the first block (a missing device or input file, or a
+    Ctrl-C while it was starting), so an earlier file of that name is not replaced by an empty one."""
 
-    def __init__(self, output: RecordingSink | TurnLog):
-        self.output, self.started = output, False
+    def __init__(self):
+        self.output: RecordingSink | TurnLog | None = None
+        self.started = False
+
+    def __enter__(self) -> _Kept:
+        return self
 
     def __exit__(self, *exc) -> bool:
-        if self.started:
-            self.output.close()
-        else:
-            self.output.abort()
+        if self.output is not None:
+            with interrupts_deferred():  # a second Ctrl-C cannot cut a recording's closing short
+                if self.started:
+                    self.output.close()
+                else:
+                    self.output.abort()
         return False

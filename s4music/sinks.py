@@ -269,9 +269,11 @@ class RecordingSink:
             raise SinkError(f"{self.path}: cannot write here ({e.strerror or e})") from None
         try:
             self.writer = sf.SoundFile(str(self.file.tmp), "w", sample_rate, channels, format=kind[0], subtype=kind[1])
-        except (OSError, sf.LibsndfileError) as e:
+        except BaseException as e:  # a Ctrl-C while opening too: no temporary stays
             self.file.abort()
-            raise SinkError(f"{self.path}: cannot write here ({first_line(e)})") from None
+            if isinstance(e, (OSError, sf.LibsndfileError)):
+                raise SinkError(f"{self.path}: cannot write here ({first_line(e)})") from None
+            raise
 
     def write(self, frames: np.ndarray) -> None:
         self.writer.write(np.asarray(frames, dtype=np.float32))

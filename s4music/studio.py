@@ -13,47 +13,117 @@ registry; it computes nothing of its own.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import queue
+import re
+import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from s4music.addresses import public_address
+from s4music.audio import declared_seconds
 from s4music.data.fetch import FetchOptions, fetch
 from s4music.errors import S4MusicError
 from s4music.generate import (GenerateOptions, Output, PromptSelection, Sampling, StepOptions, check_prompt,
                               plot_continuation, stream_continuation, stream_improvisation, write_generation)
 from s4music.generate.prompt import load_prompt
-from s4music.model.registry import DEFAULT_NAME, load_model, resolve_model
+from s4music.model.registry import DEFAULT_NAME, NAMED, load_model, resolve_model
 from s4music.model.sashimi import SaShiMi
 
 log = logging.getLogger(__name__)
-MAX_UPLOAD_MB = 100
+MAX_UPLOAD_MB = 100  # uploads, and fetches from the URL box
 MAX_PROMPT_MINUTES = 20.0  # a longer file is refused: the page reads the whole file to select from it
+MAX_TAKES = 20  # generations kept on the server; the oldest go past this
+MAX_FETCHED = 5  # prompts fetched from URLs kept on the server; the oldest go past this
+CACHE_SWEEP = (300, 3600)  # Gradio's copies of files: every 5 minutes, those older than an hour go
+# an absolute path in a message (not one inside a URL): the page shows its last part only
+SERVER_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/:'\"()]+/)*([^\s/:'\"()]+)")
 
 
 class Cancelled(Exception):
     """The page that asked for a generation went away."""
 
 
+def without_paths(message: str) -> str:
+    """A message for the page: each absolute path cut to its last part ("/tmp/x/y/bad.wav" -> "bad.wav"),
+    so a visitor learns nothing of the server's folders."""
+    return SERVER_PATH.sub(lambda m: m.group(1), message)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a --host) serves this machine alone."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class Studio:
-    """The page's state: loaded models (one of each, shared by every visitor) and where takes go."""
+    """The page's state: loaded models (one of each, shared by every visitor) and where takes go.
+
+    `model_dirs`: folders whose checkpoint directories visitors may choose (besides the model names
+    and `model`); `public_urls_only`: the URL box fetches only public internet addresses (for a page
+    others can reach). `out_dir` (default: a fresh temporary folder, removed by close()) holds the
+    last `max_takes` takes and the last few fetched prompts."""
 
     def __init__(self, model: str | None = None, out_dir: str | Path | None = None,
-                 max_prompt_minutes: float = MAX_PROMPT_MINUTES):
+                 max_prompt_minutes: float = MAX_PROMPT_MINUTES, max_upload_mb: float = MAX_UPLOAD_MB,
+                 model_dirs: Iterable[str | Path] = (), public_urls_only: bool = False, max_takes: int = MAX_TAKES):
         self.default_model = model or DEFAULT_NAME
+        self.own_dir = out_dir is None
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="s4music-studio-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_prompt_minutes = max_prompt_minutes
+        self.max_upload_mb = max_upload_mb
+        self.model_dirs = [Path(d).resolve() for d in model_dirs]
+        self.public_urls_only = public_urls_only
+        self.max_takes = max(1, max_takes)
         self._nets: dict[str, SaShiMi] = {}
         self._short_enough: set[tuple[str, int, int]] = set()  # prompts checked: (path, size, mtime)
         self._lock = threading.Lock()
+        self._files_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Remove the temporary folder this studio made (a folder it was given stays)."""
+        if self.own_dir:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+
+    # ---------------------------------------------------------------- models
+    def model_choices(self) -> list[str]:
+        """What the model box offers: the names, the starting model, and each checkpoint directory
+        (one with a config.json) up to three levels under a model directory, relative to it."""
+        choices = [DEFAULT_NAME, *NAMED]
+        if self.default_model not in choices:
+            choices.insert(0, self.default_model)
+        for root in self.model_dirs:
+            for depth in ("*", "*/*", "*/*/*"):
+                choices += sorted(str(c.parent.relative_to(root)) for c in root.glob(f"{depth}/config.json"))
+        return list(dict.fromkeys(choices))
+
+    def model_spec(self, spec: str | None) -> str:
+        """The model a visitor asked for, if this studio offers it: a name, the starting model, or a
+        path inside a model directory (relative to it, or absolute). Anything else is refused in
+        words that do not depend on the path, so the box tells nothing of what exists."""
+        spec = (spec or "").strip() or self.default_model
+        if spec == self.default_model or spec == DEFAULT_NAME or spec in NAMED:
+            return spec
+        for root in self.model_dirs:
+            path = (root / spec).resolve()  # an absolute spec stays itself; ".." and links are followed
+            if path != root and path.is_relative_to(root):
+                return str(path)
+        raise S4MusicError(f"{spec}: not a model this studio offers; choose one from the list "
+                           f"({', '.join([DEFAULT_NAME, *NAMED])}, or one under its model folders)")
 
     def net(self, spec: str | None) -> tuple[SaShiMi, str]:
-        path = str(resolve_model(spec or self.default_model))
+        path = str(resolve_model(self.model_spec(spec)))
         with self._lock:
             if path not in self._nets:
                 self._nets[path] = load_model(path)
@@ -62,21 +132,48 @@ class Studio:
     def recommended(self, spec: str | None) -> Sampling:
         return Sampling().resolved(self.net(spec)[0].summary)
 
+    # ---------------------------------------------------------------- files on the server
+    def _new_dir(self, prefix: str) -> Path:
+        """A fresh folder `prefix`-* in out_dir; names sort by when they were made."""
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}-{time.time_ns():020d}-", dir=self.out_dir))
+
+    def _keep_newest(self, prefix: str, keep: int) -> None:
+        """Drop the oldest `prefix`-* folders past the newest `keep`."""
+        with self._files_lock:
+            old = sorted(self.out_dir.glob(f"{prefix}-*"), key=lambda p: p.name)
+            for path in old[: max(0, len(old) - keep)]:
+                shutil.rmtree(path, ignore_errors=True)
+
     # ---------------------------------------------------------------- prompt in
     def fetch_url(self, url: str) -> str:
-        """A web page's audio, fetched as `s4music fetch` does (http and https only)."""
-        report = fetch([url.strip()], self.out_dir / "fetched", FetchOptions())
-        if report.failed:
-            raise S4MusicError(report.failed[0][1])
-        return str(report.fetched[0].audio)
+        """A web page's audio, fetched as `s4music fetch` does (http and https only), within the page's
+        upload and prompt limits; only its first item, and only the converted WAV, are kept."""
+        where = self._new_dir("fetch")
+        options = FetchOptions(playlist_items="1", max_mb=self.max_upload_mb, max_minutes=self.max_prompt_minutes,
+                               allow_address=public_address if self.public_urls_only else None)
+        try:
+            report = fetch([url.strip()], where, options)
+            if report.failed:
+                raise S4MusicError(report.failed[0][1])
+            item = report.fetched[0]
+            shutil.rmtree(item.original.parent, ignore_errors=True)  # the download as it came: not needed
+            item.sidecar.unlink(missing_ok=True)
+        except BaseException:
+            shutil.rmtree(where, ignore_errors=True)
+            raise
+        self._keep_newest("fetch", MAX_FETCHED)
+        return str(item.audio)
 
     def check_length(self, prompt: str, sample_rate: int) -> None:
-        """Refuse a prompt longer than max_prompt_minutes (decoded once per file)."""
+        """Refuse a prompt longer than max_prompt_minutes: at once where its header says so, else
+        once it is decoded (once per file)."""
         info = Path(prompt).stat()
         key = (str(prompt), info.st_size, info.st_mtime_ns)
         if key in self._short_enough:
             return
-        _, full = load_prompt(prompt, sample_rate, PromptSelection(seconds=self.max_prompt_minutes * 60))
+        full = declared_seconds(prompt)
+        if full is None or full <= self.max_prompt_minutes * 60:
+            _, full = load_prompt(prompt, sample_rate, PromptSelection(seconds=self.max_prompt_minutes * 60))
         if full is not None:
             raise S4MusicError(f"{Path(prompt).name}: {full / 60:.1f} min long; the page takes prompts of up to "
                                f"{self.max_prompt_minutes:g} min (trim it, or use `s4music continue`)")
@@ -102,25 +199,29 @@ class Studio:
         net, path = self.net(model)
         if prompt is not None:
             self.check_length(prompt, net.audio.sample_rate)
-        run_dir = Path(tempfile.mkdtemp(prefix="take-", dir=self.out_dir))
-        out = run_dir / "take.wav"
-        if prompt is not None:
-            generation = stream_continuation(prompt, net, options, on_progress=on_progress)
-        else:
-            generation = stream_improvisation(net, options, on_progress=on_progress)
+        run_dir = self._new_dir("take")
+        try:
+            if prompt is not None:
+                generation = stream_continuation(prompt, net, options, on_progress=on_progress)
+            else:
+                generation = stream_improvisation(net, options, on_progress=on_progress)
 
-        def chunk(c) -> None:
-            if cancelled.is_set():
-                raise Cancelled()
-            on_chunk(generation, c)
+            def chunk(c) -> None:
+                if cancelled.is_set():
+                    raise Cancelled()
+                on_chunk(generation, c)
 
-        result = write_generation(generation, out, path, prompt, on_chunk=chunk)
-        takes = []
-        for k, take in enumerate(result.takes):
-            png = plot_continuation(take.path, generation.prompt_frames - generation.first_frame,
-                                    take.path.with_suffix(".png"))
-            takes.append({"rank": k + 1, "seed": take.seed, "bits": take.bits, "audio": str(take.path),
-                          "png": str(png), "degenerate": take.degenerate})
+            result = write_generation(generation, run_dir / "take.wav", path, prompt, on_chunk=chunk)
+            takes = []
+            for k, take in enumerate(result.takes):
+                png = plot_continuation(take.path, generation.prompt_frames - generation.first_frame,
+                                        take.path.with_suffix(".png"))
+                takes.append({"rank": k + 1, "seed": take.seed, "bits": take.bits, "audio": str(take.path),
+                              "png": str(png), "degenerate": take.degenerate})
+        except BaseException:  # cancelled or failed: no take, and no folder for it
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        self._keep_newest("take", self.max_takes)
         return {"takes": takes, "sidecar": str(result.sidecar), "seed": result.seed, "speed": result.speed_x_realtime,
                 "guidance": result.guidance.verdict if result.guidance else None}
 
@@ -141,7 +242,7 @@ def build(studio: Studio):
     import gradio as gr
 
     def error(e: S4MusicError):
-        return gr.Error(str(e))  # the same one line the CLI prints
+        return gr.Error(without_paths(str(e)))  # the CLI's one line, without the server's folders
 
     def prompt_from_url(url):
         try:
@@ -223,17 +324,18 @@ def build(studio: Studio):
                     yield gr.skip(), table, gallery, files
                     return
                 elif item[0] == "error":
-                    raise gr.Error(item[1])
+                    raise gr.Error(without_paths(item[1]))
                 else:
                     return
         finally:
             cancelled.set()  # the page went away (or we are done): the worker stops at its next chunk
 
-    with gr.Blocks(title="s4music studio") as page:
+    with gr.Blocks(title="s4music studio", delete_cache=CACHE_SWEEP) as page:
         gr.Markdown("# s4music studio\nContinue music with SaShiMi. Choose a prompt, read the guidance, then "
                     "continue it; the first take plays while it is made.")
         rec = studio.recommended(studio.default_model)  # the sliders start at the model's recommended sampling
-        model = gr.Textbox(value=studio.default_model, label="model (a name, or a checkpoint directory)", elem_id="model")
+        model = gr.Dropdown(studio.model_choices(), value=studio.default_model, allow_custom_value=True,
+                            label="model (a name, or a checkpoint folder the studio offers)", elem_id="model")
         with gr.Tab("Continue"):
             with gr.Row():
                 with gr.Column():
@@ -269,7 +371,7 @@ def build(studio: Studio):
         fetch_button.click(prompt_from_url, url, prompt)
         for trigger in (prompt.change, start.change, end.change, prompt_seconds.change):
             trigger(show_guidance, selection, guidance, concurrency_id="check", concurrency_limit=2)
-        model.submit(recommended, model, [*controls[2:5], guidance_by_prompt])
+        model.change(recommended, model, [*controls[2:5], guidance_by_prompt])
         go.click(generate, [prompt, model, *controls, start, end, prompt_seconds, guidance_by_prompt],
                  [player, table, gallery, files],
                  concurrency_id="generate", concurrency_limit=1)
@@ -290,11 +392,25 @@ def _controls(gr, rec: Sampling) -> list:
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, share: bool = False,
-          max_upload_mb: int = MAX_UPLOAD_MB, block: bool = True):
-    """Start the page's server; returns the running Gradio app (with block=False, for tests)."""
-    studio = Studio(model)
-    page = build(studio)
-    page.queue(default_concurrency_limit=1)
-    page.launch(server_name=host, server_port=port, share=share, max_file_size=f"{max_upload_mb}mb",
-                prevent_thread_lock=not block, quiet=True, show_error=True, allowed_paths=[str(studio.out_dir)])
-    return page
+          max_upload_mb: int = MAX_UPLOAD_MB, model_dirs: Iterable[str | Path] = (), allow_local_urls: bool = False,
+          work_dir: str | Path | None = None, max_takes: int = MAX_TAKES) -> None:
+    """Serve the page until interrupted (Ctrl-C: KeyboardInterrupt), then stop the server and remove
+    the temporary folder it made (a given `work_dir` stays: the caller's). Where others can reach the
+    page (a host other than loopback, or `share`), its URL box fetches only public internet addresses
+    unless `allow_local_urls`. Gradio keeps its own copies of files where GRADIO_TEMP_DIR says (the
+    CLI points it into `work_dir`) and drops them after an hour (CACHE_SWEEP) and at the end."""
+    public = share or not is_loopback(host)
+    studio = Studio(model, work_dir, max_upload_mb=max_upload_mb, model_dirs=model_dirs,
+                    public_urls_only=public and not allow_local_urls, max_takes=max_takes)
+    page = None
+    try:
+        page = build(studio)
+        page.queue(default_concurrency_limit=1)
+        page.launch(server_name=host, server_port=port, share=share, max_file_size=f"{max_upload_mb}mb",
+                    prevent_thread_lock=True, quiet=True, show_error=True, allowed_paths=[str(studio.out_dir)])
+        while True:
+            time.sleep(0.2)
+    finally:
+        if page is not None:
+            page.close()
+        studio.close()

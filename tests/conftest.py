@@ -187,6 +187,97 @@ def http_server(tmp_path):
     server.server_close()
 
 
+def wav_header(rate: int, channels: int, bits: int, frames: int | None) -> bytes:
+    """A PCM WAV header for `frames` frames (None: a stream's header, sizes 0xFFFFFFFF)."""
+    import struct
+
+    size = 0xFFFFFFFF if frames is None else frames * channels * bits // 8
+    riff = 0xFFFFFFFF if frames is None else 36 + size
+    return (b"RIFF" + struct.pack("<I", riff) + b"WAVEfmt " + struct.pack(
+        "<IHHIIHH", 16, 1, channels, rate, rate * channels * bits // 8, channels * bits // 8, bits)
+        + b"data" + struct.pack("<I", size))
+
+
+class StreamServer:
+    """An HTTP server on 127.0.0.1 whose files are made as they are sent, so a test can serve hours
+    of audio without writing it: add(path, head, length) serves `head` then `length` zero bytes
+    (None: without end, and without a Content-Length); redirect(path, url) answers 302.
+    `requests` lists the paths asked for, `sent[path]` the bytes written (socket buffers included)."""
+
+    def __init__(self):
+        self.routes: dict[str, tuple] = {}
+        self.requests: list[str] = []
+        self.sent: dict[str, int] = {}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # a body without a length ends when the connection does
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append(self.path)
+                route = server.routes.get(self.path)
+                if route is None:
+                    return self.send_error(404)
+                if route[0] == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", route[1])
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
+                _, head, length = route
+                self.send_response(200)
+                self.send_header("Content-Type", "audio/wav")
+                if length is not None:
+                    self.send_header("Content-Length", str(len(head) + length))
+                self.end_headers()
+                block, left = bytes(64 * 1024), (1 << 40) if length is None else length
+                try:
+                    self.wfile.write(head)
+                    while left > 0:
+                        n = min(left, len(block))
+                        self.wfile.write(block[:n])
+                        server.sent[self.path] = server.sent.get(self.path, 0) + n
+                        left -= n
+                except OSError:  # the client stopped reading
+                    return
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def add(self, path: str, head: bytes, length: int | None) -> str:
+        self.routes[path] = ("file", head, length)
+        return self.url + path
+
+    def redirect(self, path: str, location: str) -> str:
+        self.routes[path] = ("redirect", location)
+        return self.url + path
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (one that was just let go)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def stream_server():
+    server = StreamServer()
+    yield server
+    server.close()
+
+
 FIXTURE_CACHE = cache_home() / "test-fixtures"
 
 

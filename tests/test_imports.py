@@ -13,7 +13,7 @@ PACKAGE = Path(s4music.__file__).parent
 # Each module's layer; a module may import only from layers below its own (or its own package).
 LAYERS = [
     {"s4music.errors", "s4music.files", "s4music.options", "s4music.system", "s4music.extensions", "s4music.cuda",
-     "s4music.hub"},
+     "s4music.hub", "s4music.addresses"},
     {"s4music.audio", "s4music.dsp", "s4music.measures", "s4music.sinks", "s4music.sources"},
     {"s4music.model", "s4music.data"},
     {"s4music.guidance", "s4music.doctor"},

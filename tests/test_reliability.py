@@ -272,8 +272,10 @@ def test_doctor_reports_the_fused_step_its_instruction_sets_and_its_build():
     assert "built; runs" in row
 
 
-TINY_STEP = ("#include <torch/extension.h>\nint answer() { return 42; }\n"
+# A step and a header it includes, as the fused step's csrc/ holds them.
+TINY_STEP = ("#include <torch/extension.h>\n#include \"answer.h\"\n"
              "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(\"answer\", &answer); }\n")
+TINY_HEADER = "#pragma once\ninline int answer() { return 42; }\n"
 BUILD = ("import logging, sys; from pathlib import Path; "
          "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s'); "
          "from s4music.model import fast; print(fast.build_extension(Path(sys.argv[1])).answer())")
@@ -282,12 +284,13 @@ BUILD = ("import logging, sys; from pathlib import Path; "
 @pytest.mark.slow
 def test_two_checkouts_share_one_build_and_a_build_says_why(tmp_path):
     """Two checkouts of one source, each run twice in turn: one build in all, said once with its
-    reason; a changed source builds beside it and says what changed; a second process that finds
+    reason; a changed header builds beside it and says what changed; a second process that finds
     a build under way says once that it waits, and builds nothing."""
     checkouts = [tmp_path / "a", tmp_path / "b"]
     for checkout in checkouts:
         checkout.mkdir()
         (checkout / "tiny_step.cpp").write_text(TINY_STEP)
+        (checkout / "answer.h").write_text(TINY_HEADER)
     env = {**os.environ, "S4MUSIC_CACHE": str(tmp_path / "cache")}
 
     def start(checkout):
@@ -307,7 +310,7 @@ def test_two_checkouts_share_one_build_and_a_build_says_why(tmp_path):
     assert [lines for _, lines in runs[1:]] == [[], [], []]  # the other checkout, then both again: the cache
     assert len(list((tmp_path / "cache" / "extensions").glob("s4music_fast_step-*"))) == 1
 
-    (checkouts[1] / "tiny_step.cpp").write_text(TINY_STEP.replace("42", "43"))
+    (checkouts[1] / "answer.h").write_text(TINY_HEADER.replace("42", "43"))
     builder = start(checkouts[1])
     building = next(line for line in builder.stderr if line.startswith("s4music.extensions"))
     assert "building" in building and "sources changed since the build in s4music_fast_step-" in building

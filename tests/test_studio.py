@@ -2,12 +2,15 @@
 browser (Debian's Chromium, driven by Playwright)."""
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +21,11 @@ ROOT = Path(__file__).parent.parent
 ARTIFACTS = Path(os.environ.get("S4MUSIC_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts"))
 gradio = pytest.importorskip("gradio", reason="gradio is installed by `make install`")
 pytestmark = pytest.mark.slow  # a web server, a page and its clients
+from conftest import closed_port, wav_header  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
-from s4music.studio import Studio, build  # noqa: E402
+from s4music.data.fetch import REFUSED  # noqa: E402
+from s4music.studio import Cancelled, Studio, build, options_from  # noqa: E402
 
 
 def free_port() -> int:
@@ -29,19 +34,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(studio: Studio):
+    """The studio's page on 127.0.0.1 (an ephemeral port): (page, url)."""
+    page = build(studio)
+    page.queue(default_concurrency_limit=1)
+    port = free_port()
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(studio.out_dir)])
+    return page, f"http://127.0.0.1:{port}/"
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, request):
     """The studio on 127.0.0.1 with a small untrained model by default; yields (url, studio)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     model = request.getfixturevalue("tiny_model")
     studio = Studio(str(model), out_dir=tmp_path_factory.mktemp("studio"), max_prompt_minutes=0.2)
-    page = build(studio)
-    page.queue(default_concurrency_limit=1)
-    port = free_port()
-    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(studio.out_dir)])
-    yield f"http://127.0.0.1:{port}/", studio
+    page, url = launch(studio)
+    yield url, studio
     page.close()
+
+
+@pytest.fixture(scope="module")
+def public(tmp_path_factory, request):
+    """The studio as a page others can reach would be (only public URLs), with a model folder
+    holding a copy of the small model as `mine`; yields (url, studio)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    model = request.getfixturevalue("tiny_model")
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree(model, models / "mine")
+    studio = Studio(str(model), out_dir=tmp_path_factory.mktemp("public"), model_dirs=[models],
+                    public_urls_only=True)
+    page, url = launch(studio)
+    yield url, studio
+    page.close()
+
+
+def refusal(call) -> str:
+    """The page's one-line error for `call`."""
+    with pytest.raises(Exception) as e:
+        call()
+    message = str(e.value)
+    assert "\n" not in message.strip(), message
+    return message
 
 
 def test_prompt_in_guidance_then_takes_through_the_api(served, synth_prompt):
@@ -63,8 +98,10 @@ def test_a_bad_file_and_a_bad_url_show_the_clis_one_line_reason(served, tmp_path
     url, _ = served
     client = Client(url, verbose=False)
     (tmp_path / "bad.wav").write_text("not audio")
-    with pytest.raises(Exception, match="bad.wav: not audio"):
-        client.predict(handle_file(str(tmp_path / "bad.wav")), None, 0, 0, 8, api_name="/show_guidance")
+    message = refusal(lambda: client.predict(handle_file(str(tmp_path / "bad.wav")), None, 0, 0, 8,
+                                             api_name="/show_guidance"))
+    assert "bad.wav: not audio" in message
+    assert not re.search(r"(^|[\s'\"(])/\w", message), message  # no server path: the file's name alone
     with pytest.raises(Exception, match="file:///etc/passwd: not a valid http"):
         client.predict("file:///etc/passwd", api_name="/prompt_from_url")
 
@@ -113,6 +150,145 @@ def test_improvise_from_nothing(served):
     assert "seed **5**" in table and len(gallery) == 1
 
 
+def test_the_url_box_stops_large_or_long_downloads_and_keeps_nothing_large(served, stream_server):
+    """Row 1: 2.7 h of silence behind a valid WAV header (297 MB) stops at the upload limit; 20 s
+    against a 0.2-minute page stops at its header; a short one is kept as its 16 kHz WAV alone."""
+    url, studio = served
+    client = Client(url, verbose=False)
+    frames = int(2.7 * 3600 * 16000)
+    big = stream_server.add("/big.wav", wav_header(16000, 1, 16, frames), frames * 2)
+    long = stream_server.add("/long.wav", wav_header(16000, 1, 16, 20 * 16000), 20 * 16000 * 2)
+    short = stream_server.add("/short.wav", wav_header(16000, 2, 16, 3 * 16000), 3 * 16000 * 4)
+    assert f"{big}: 297 MB, more than the 100 MB limit" in refusal(
+        lambda: client.predict(big, api_name="/prompt_from_url"))
+    assert f"{long}: 20.0 s long, more than the 0.2 min limit" in refusal(
+        lambda: client.predict(long, api_name="/prompt_from_url"))
+    assert sum(stream_server.sent.values()) < 80 * 2**20
+    assert not list(studio.out_dir.glob("fetch-*"))  # nothing of either is kept
+    got = client.predict(short, api_name="/prompt_from_url")
+    assert sf.info(got).duration == pytest.approx(3.0)
+    kept = [p for p in studio.out_dir.glob("fetch-*/**/*") if p.is_file()]
+    assert [p.name for p in kept] == ["short.wav"] and kept[0].stat().st_size < 100_000  # mono 16 kHz, no original
+
+
+def test_a_page_others_can_reach_fetches_no_local_address_and_says_nothing_of_ports(public, stream_server):
+    """Row 2: loopback (an open port and a closed one), localhost, link-local metadata, private,
+    unspecified and IPv6 forms are refused in the same words, and the local server hears nothing."""
+    url, _ = public
+    client = Client(url, verbose=False)
+    stream_server.add("/small.wav", wav_header(16000, 1, 16, 16000), 32000)
+    closed = closed_port()
+    port = stream_server.port
+    urls = [f"http://127.0.0.1:{port}/small.wav", f"http://127.0.0.1:{closed}/small.wav", "http://localhost:22/",
+            "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/", f"http://[::1]:{port}/small.wav",
+            f"http://0.0.0.0:{port}/small.wav", f"http://[::ffff:127.0.0.1]:{port}/small.wav"]
+    said = {u: refusal(lambda u=u: client.predict(u, api_name="/prompt_from_url")) for u in urls}
+    assert all(f"{u}: {REFUSED}" in m for u, m in said.items()), said
+    assert len({m.replace(u, "URL") for u, m in said.items()}) == 1  # nothing tells one from another
+    assert stream_server.requests == []
+
+
+def test_the_model_box_offers_names_and_allowed_folders_and_tells_nothing_of_other_paths(public, tmp_path):
+    """Row 4: a name or a folder under --model-dir; /etc, /root, /nonexistent and a way out of the
+    model folder are refused alike, whether they exist or not."""
+    url, studio = public
+    client = Client(url, verbose=False)
+    assert "mine" in studio.model_choices() and "default" in studio.model_choices()
+    temperature, *_ = client.predict("mine", api_name="/recommended")
+    assert 0 <= temperature <= 1.5
+    said = {}
+    for spec in ["/etc", "/root", "/nonexistent", "../../../../etc", "mine/../../../root", str(tmp_path)]:
+        said[spec] = refusal(lambda spec=spec: client.predict(spec, api_name="/recommended"))
+    assert said["/etc"].startswith("etc: not a model this studio offers")  # a path is shown by its last part
+    assert len({m.split(": ", 1)[1] for m in said.values()}) == 1, said  # the same words, whatever the path
+    (tmp_path / "p.wav").write_bytes(wav_header(16000, 1, 16, 16000) + bytes(32000))
+    assert "etc: not a model this studio offers" in refusal(
+        lambda: client.predict(handle_file(str(tmp_path / "p.wav")), "/etc", 0, 0, 8, api_name="/show_guidance"))
+
+
+def test_takes_are_bounded_and_a_cancelled_job_leaves_no_folder(tiny_model, tmp_path):
+    """Row 3, while running: past max_takes the oldest take goes; a cancelled job leaves nothing."""
+    studio = Studio(str(tiny_model), max_takes=2)
+    assert studio.out_dir.name.startswith("s4music-studio-")
+    try:
+        for seed in (1, 2, 3):
+            studio.run(None, None, options_from(1, 1, 1.0, 0, 1.0, seed, 0, 0, 8), threading.Event(),
+                       lambda *a: None, lambda *a: None)
+        takes = sorted(studio.out_dir.glob("take-*"))
+        assert [sorted(p.name for p in t.iterdir()) for t in takes] == [["take.json", "take.png", "take.wav"]] * 2
+        assert ['"seed": 2' in (t / "take.json").read_text() for t in takes] == [True, False]
+        cancelled = threading.Event()
+        cancelled.set()
+        with pytest.raises(Cancelled):
+            studio.run(None, None, options_from(1, 1, 1.0, 0, 1.0, 4, 0, 0, 8), cancelled, lambda *a: None,
+                       lambda *a: None)
+        assert sorted(studio.out_dir.glob("take-*")) == takes  # no empty take-* folder
+    finally:
+        studio.close()
+    assert not studio.out_dir.exists()
+
+
+def start_studio(tmp_path, tiny_model, *args) -> tuple[subprocess.Popen, str, str]:
+    """`s4music studio` in a subprocess whose temporary files go under tmp_path/tmp; once it serves:
+    (process, url, what it said first)."""
+    (tmp_path / "tmp").mkdir()
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(tmp_path / "tmp")}
+    run = subprocess.Popen([sys.executable, "-m", "s4music.cli", "studio", "--port", str(port), "--model",
+                            str(tiny_model), *args], stderr=subprocess.PIPE, text=True, env=env)
+    said = ""
+    while f"127.0.0.1:{port}" not in said:
+        line = run.stderr.readline()
+        assert line, said
+        said += line
+    url, deadline = f"http://127.0.0.1:{port}/", time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            break
+        except OSError:
+            assert run.poll() is None and time.time() < deadline, said
+            time.sleep(0.2)
+    return run, url, " ".join(said.split())
+
+
+def test_the_studio_on_the_network_refuses_local_urls_and_leaves_nothing_after_sigterm(tmp_path, tiny_model,
+                                                                                      stream_server):
+    """Rows 2 and 3 through the command: served on 0.0.0.0 its URL box refuses a loopback server;
+    used, then stopped by SIGTERM, it leaves no folder of its own and no Gradio cache."""
+    small = stream_server.add("/small.wav", wav_header(16000, 1, 16, 2 * 16000), 4 * 16000)
+    run, url, said = start_studio(tmp_path, tiny_model, "--host", "0.0.0.0")
+    try:
+        assert "warning: serving on 0.0.0.0" in said and "fetches public addresses only" in said
+        client = Client(url, verbose=False)
+        assert f"{small}: {REFUSED}" in refusal(lambda: client.predict(small, api_name="/prompt_from_url"))
+        assert stream_server.requests == []
+        prompt = tmp_path / "prompt.wav"
+        prompt.write_bytes(wav_header(16000, 1, 16, 16000) + bytes(32000))
+        client.predict(handle_file(str(prompt)), None, 1, 1, 1.0, 0, 1.0, 3, 0, 0, 8, api_name="/generate")
+        (folder,) = (tmp_path / "tmp").glob("s4music-studio-*")
+        assert list(folder.glob("take-*/take.wav")) and (folder / "gradio").is_dir()  # Gradio's cache inside
+    finally:
+        run.send_signal(signal.SIGTERM)
+        run.communicate(timeout=60)
+    assert run.returncode == 130
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_allow_local_urls_lifts_the_filter_and_ctrl_c_leaves_nothing(tmp_path, tiny_model, stream_server):
+    small = stream_server.add("/small.wav", wav_header(16000, 1, 16, 2 * 16000), 4 * 16000)
+    run, url, said = start_studio(tmp_path, tiny_model, "--host", "0.0.0.0", "--allow-local-urls")
+    try:
+        assert "fetches any address (--allow-local-urls)" in said
+        got = Client(url, verbose=False).predict(small, api_name="/prompt_from_url")
+        assert sf.info(got).duration == pytest.approx(2.0)
+    finally:
+        run.send_signal(signal.SIGINT)
+        run.communicate(timeout=60)
+    assert run.returncode == 130
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_the_command_binds_to_localhost_and_warns_when_told_otherwise(tmp_path, tiny_model):
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -125,7 +301,7 @@ def test_the_command_binds_to_localhost_and_warns_when_told_otherwise(tmp_path, 
             assert line, said
             said += line
         said = " ".join(said.split())
-        assert "warning: serving on 0.0.0.0: anyone who can reach this machine can use the studio" in said
+        assert "warning: serving on 0.0.0.0: anyone who can reach it can use the studio" in said
     finally:
         run.terminate()
         run.wait(timeout=30)

@@ -7,11 +7,14 @@ what the model knows (`check`, and `continue --strict`); 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -180,11 +183,21 @@ def fetch(
     end: float = typer.Option(None, help="Keep audio up to this second."),
     playlist_items: str = typer.Option(None, help="Playlist items to fetch, e.g. '1-3,7'."),
     sample_rate: int = typer.Option(FetchOptions.sample_rate, help="Sample rate of the converted audio."),
+    max_mb: float = typer.Option(FetchOptions.max_mb, help="Stop a download once it is larger than this many MB "
+                                                           "(each item of a playlist); 0: no limit."),
+    max_minutes: float = typer.Option(FetchOptions.max_minutes, help="Refuse audio longer than this, judged from "
+                                                                     "the site's metadata or the file's header "
+                                                                     "while it downloads; 0: no limit."),
 ):
-    """Download the audio of web pages (yt-dlp), keep the original, and convert it to mono WAV."""
+    """Download the audio of web pages (yt-dlp), keep the original, and convert it to mono WAV.
+
+    Any address is fetched, as curl would; sizes and lengths are limited (--max-mb, --max-minutes)."""
     from s4music.data.fetch import fetch as fetch_urls
 
-    options = FetchOptions(sample_rate=sample_rate, start=start, end=end, playlist_items=playlist_items)
+    if max_mb < 0 or max_minutes < 0:
+        fail("--max-mb and --max-minutes are 0 (no limit) or more")
+    options = FetchOptions(sample_rate=sample_rate, start=start, end=end, playlist_items=playlist_items,
+                           max_mb=max_mb, max_minutes=max_minutes)
     with progress_bar() as bar:
         tasks: dict[str, int] = {}
 
@@ -756,10 +769,15 @@ def jam(
         source = wav_stream(sys.stdin.buffer, sr)
     else:
         source = file_at_pace(input, sr, realtime=realtime)
-    colours = {"verdict": "cyan", "answer": "green", "turn": "green"}
-    result = run_jam(source, net, options, record=record, log=log, play=play,
-                     on_event=lambda e: console.print(f"[{colours[e.kind]}]{e.time_s:7.2f} s[/] {e.text}",
-                                                      highlight=False))
+    colours = {"listening": "cyan", "verdict": "cyan", "answer": "green", "turn": "green"}
+    kept = " and keeps " + " and ".join(str(p) for p in (record, log) if p) if record or log else ""
+
+    def on_event(e) -> None:
+        text = f"listening: Ctrl-C ends the jam{kept}" if e.kind == "listening" else e.text
+        console.print(f"[{colours[e.kind]}]{e.time_s:7.2f} s[/] {text}", highlight=False, soft_wrap=True)
+
+    with _one_interrupt():
+        result = run_jam(source, net, options, record=record, log=log, play=play, on_event=on_event)
     console.print(f"{result.seconds:.1f} s of input, {len(result.turns)} answer(s), seed {result.seed}, "
                   f"{result.step}" + (f"; recording: {result.record}" if result.record else ""), highlight=False)
 
@@ -770,18 +788,70 @@ def studio(
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 lets anyone on the network use it."),
     model: ModelSpec = DEFAULT_NAME,
     share: bool = typer.Option(False, "--share", help="Also open a public Gradio tunnel (off unless asked)."),
-    max_upload_mb: int = typer.Option(100, help="Largest upload, MB."),
+    max_upload_mb: int = typer.Option(100, help="Largest upload, MB; fetches from the URL box too."),
+    model_dir: list[Path] = typer.Option(None, "--model-dir", help="A folder whose checkpoint folders visitors may "
+                                                                   "choose in the model box (repeatable); "
+                                                                   "otherwise only model names and --model."),
+    allow_local_urls: bool = typer.Option(False, "--allow-local-urls",
+                                          help="Let the URL box fetch loopback, private and link-local addresses "
+                                               "even where others can reach the page (--host other than loopback, "
+                                               "or --share); by default it fetches only public addresses there."),
 ):
     """A local web page that guides you to a good continuation: prompt in, guidance, takes."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
-    from s4music.studio import serve
+    import shutil
+    import tempfile
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[bold yellow]warning:[/] serving on {host}: anyone who can reach this machine can use the "
-                      "studio and the model", highlight=False)
+    from s4music.studio import is_loopback, serve
+
+    for folder in model_dir or []:
+        if not folder.is_dir():
+            fail(f"--model-dir {folder}: no such folder")
+    public = share or not is_loopback(host)
+    if public:
+        console.print(f"[bold yellow]warning:[/] serving on {host}{' and a public tunnel' if share else ''}: anyone "
+                      "who can reach it can use the studio and the model; its URL box fetches "
+                      + ("any address (--allow-local-urls)" if allow_local_urls else "public addresses only"),
+                      highlight=False)
     console.print(f"s4music studio: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port} (Ctrl-C stops it)",
                   highlight=False)
-    serve(host, port, model, share=share, max_upload_mb=max_upload_mb)
+    # Takes, fetched prompts and Gradio's copies of files live in one folder, removed however the
+    # server stops (Ctrl-C, or SIGTERM, which here interrupts as Ctrl-C does). Gradio reads
+    # GRADIO_TEMP_DIR when it is imported, which serve() does.
+    work = Path(tempfile.mkdtemp(prefix="s4music-studio-"))
+    os.environ["GRADIO_TEMP_DIR"] = str(work / "gradio")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        serve(host, port, model, share=share, max_upload_mb=max_upload_mb, model_dirs=model_dir or (),
+              allow_local_urls=allow_local_urls, work_dir=work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _one_interrupt(grace: float = 5.0):
+    """Ctrl-C stops the command once: a second Ctrl-C within `grace` seconds, while the first one
+    unwinds, is ignored, so it cannot cut short the closing of the files being kept (a recording's
+    header and rename) or the exit after it. One later than that interrupts again, for a close that
+    hangs. After an interrupt the handler stays, for the process is on its way out."""
+    first: list[float] = []
+
+    def handler(signum, frame) -> None:
+        if first and time.monotonic() - first[0] < grace:
+            return
+        first[:] = [time.monotonic()]
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        if not first:
+            signal.signal(signal.SIGINT, previous)
 
 
 def main() -> None:

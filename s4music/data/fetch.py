@@ -6,6 +6,13 @@ For each URL (a playlist yields several items) this writes, into the output dire
     <name>.json             a sidecar: URL, title, uploader, duration, license where known
 Names come from titles, reduced to a safe character set, so no title can write outside the
 directory. A bad URL fails alone: the others still complete.
+
+Every download has a size and a length limit (`max_mb`, `max_minutes`), enforced while it arrives:
+the size at each block (and at once where the server states it), the length from the extractor's
+metadata before the download, from the file's header once its first bytes are in, and from the
+whole file before it is decoded. With `allow_address` every connection yt-dlp makes, redirects and
+links included, goes through `s4music.addresses.AddressProxy`, which refuses the addresses it
+rejects (the studio's filter: `public_address`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from s4music.audio import load_audio, write_audio
+from s4music.addresses import AddressProxy, allowed_host
+from s4music.audio import declared_seconds, load_audio, write_audio
 from s4music.data.options import FetchOptions
 from s4music.errors import S4MusicError, first_line
 from s4music.files import atomic_path, write_json
@@ -30,6 +38,9 @@ from s4music.system import js_runtimes
 log = logging.getLogger(__name__)
 YOUTUBE_HOSTS = ("youtube.com", "youtu.be", "youtube-nocookie.com", "music.youtube.com")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+MB = 1024 * 1024  # as Gradio counts its upload limit, which the studio gives fetches too
+PROBE_BYTES = 64 * 1024  # a download's header is read once this much has arrived
+REFUSED = "refused: only public internet addresses can be fetched here"
 
 
 class FetchError(S4MusicError):
@@ -67,12 +78,19 @@ def _unique(directory: Path, name: str) -> str:
     return candidate
 
 
-def check_url(url: str) -> None:
-    """Reject what is not an http(s) URL before any network access."""
+def check_url(url: str, allow_address: Callable[[str, int], bool] | None = None) -> None:
+    """Reject what is not an http(s) URL, and with `allow_address` a host any of whose addresses it
+    rejects, before any request (the proxy checks every connection after that)."""
     parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:
+        port = None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or port is None:
         raise FetchError(f"{url}: not a valid http(s) URL")
-    host = (parsed.hostname or "").lower()
+    host = parsed.hostname.lower()
+    if allow_address is not None and allowed_host(host, port, allow_address) is False:
+        raise FetchError(f"{url}: {REFUSED}")
     if any(host == h or host.endswith("." + h) for h in YOUTUBE_HOSTS) and not js_runtimes():
         raise FetchError(
             f"{url}: YouTube downloads need a JavaScript runtime for yt-dlp and none usable was found; "
@@ -107,6 +125,43 @@ class _Logger:
         log.debug("yt-dlp error: %s", ANSI.sub("", msg))
 
 
+class _Limits:
+    """A download's size and length against the options' limits, checked as it arrives: a yt-dlp
+    progress hook (size; length from the header) and match filter (length from the metadata).
+    Raising FetchError from either stops yt-dlp at once."""
+
+    def __init__(self, url: str, options: FetchOptions):
+        self.url = url
+        self.max_bytes = options.max_mb * MB if options.max_mb else None
+        self.max_minutes = options.max_minutes or None
+        self.probed: set[str] = set()
+
+    def too_long(self, seconds: float | None) -> None:
+        if self.max_minutes and seconds and seconds > self.max_minutes * 60:
+            length = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+            raise FetchError(f"{self.url}: {length} long, more than the {self.max_minutes:g} min limit")
+
+    def hook(self, d: dict) -> None:
+        if d.get("status") != "downloading":
+            return
+        done, total = d.get("downloaded_bytes") or 0, d.get("total_bytes")
+        if self.max_bytes and total and total > self.max_bytes:
+            raise FetchError(f"{self.url}: {total / MB:.0f} MB, more than the {self.max_bytes / MB:g} MB limit")
+        if self.max_bytes and done > self.max_bytes:
+            raise FetchError(f"{self.url}: more than the {self.max_bytes / MB:g} MB limit (stopped there)")
+        part = d.get("tmpfilename")
+        if self.max_minutes and part and part not in self.probed and (done >= PROBE_BYTES or done == total):
+            self.probed.add(part)  # the header is in: it says how long the whole is
+            self.too_long(declared_seconds(part))
+
+    def match_filter(self, info: dict, *, incomplete: bool = False) -> None:
+        self.too_long(info.get("duration"))
+        size = info.get("filesize") or info.get("filesize_approx")
+        if self.max_bytes and size and size > self.max_bytes:
+            raise FetchError(f"{self.url}: {size / MB:.0f} MB, more than the {self.max_bytes / MB:g} MB limit")
+        return None
+
+
 def ydl_params(workdir: Path, options: FetchOptions, hooks: list | None = None) -> dict:
     """yt-dlp's options as the toolkit sets them: quiet, into `workdir`, and every usable JavaScript
     runtime by its full path (Deno from the `deno` package first), so YouTube works without a PATH."""
@@ -129,14 +184,21 @@ def ydl_params(workdir: Path, options: FetchOptions, hooks: list | None = None) 
     return params
 
 
-def _download(url: str, workdir: Path, options: FetchOptions, on_progress) -> list[dict]:
+def _download(url: str, workdir: Path, options: FetchOptions, on_progress, proxy: AddressProxy | None) -> list[dict]:
     import yt_dlp
 
+    limits = _Limits(url, options)
+
     def hook(d):
+        limits.hook(d)
         if on_progress and d.get("status") in ("downloading", "finished"):
             on_progress(url, d.get("downloaded_bytes") or 0, d.get("total_bytes") or d.get("total_bytes_estimate"))
 
-    with yt_dlp.YoutubeDL(ydl_params(workdir, options, [hook])) as ydl:
+    params = ydl_params(workdir, options, [hook])
+    params["match_filter"] = limits.match_filter
+    if proxy is not None:
+        params["proxy"] = proxy.url
+    with yt_dlp.YoutubeDL(params) as ydl:
         info = ydl.extract_info(url, download=True)
     entries = [e for e in (info.get("entries") or [info]) if e]
     return [e for e in entries if e.get("requested_downloads")]
@@ -173,33 +235,48 @@ def fetch(urls: list[str], out_dir: str | Path, options: FetchOptions | None = N
 def _fetch_one(url: str, out_dir: Path, options: FetchOptions, on_progress) -> list[Fetched]:
     import yt_dlp
 
-    check_url(url)
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=out_dir) as tmp:
+    check_url(url, options.allow_address)
+    with contextlib.ExitStack() as stack:
+        proxy = stack.enter_context(AddressProxy(options.allow_address, options.timeout)) \
+            if options.allow_address is not None else None
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=".fetch-", dir=out_dir))
         try:
-            entries = _download(url, Path(tmp), options, on_progress)
+            entries = _download(url, Path(tmp), options, on_progress, proxy)
         except yt_dlp.utils.YoutubeDLError as e:
+            if proxy is not None and proxy.refused:  # the same words whichever hop, address or port it was
+                raise FetchError(f"{url}: {REFUSED}") from None
             raise FetchError(f"{url}: {_reason(e)}") from None
         if not entries:
             raise FetchError(f"{url}: no audio found on the page")
-        results, written = [], []  # what this URL wrote so far: removed if a later item fails
-        try:
-            for entry in entries:
-                downloaded = Path(entry["requested_downloads"][0]["filepath"])
-                try:
-                    audio = load_audio(downloaded, options.sample_rate, options.start, options.end)
-                except S4MusicError as e:
-                    raise FetchError(f"{url}: downloaded, but {str(e).replace(str(downloaded) + ': ', '')}") from None
-                try:
-                    results.append(_write_item(url, entry, downloaded, audio, out_dir, options, written))
-                except OSError as e:
-                    raise FetchError(f"{url}: cannot write into {out_dir} ({e.strerror or e})") from None
-        except FetchError:
-            for path in written:
-                path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                (out_dir / "original").rmdir()  # only if that left it empty
-            raise
-        return results
+        return _convert(url, entries, out_dir, options)
+
+
+def _convert(url: str, entries: list[dict], out_dir: Path, options: FetchOptions) -> list[Fetched]:
+    """Each downloaded item decoded (once its whole length is checked) and written."""
+    limits = _Limits(url, options)
+    results, written = [], []  # what this URL wrote so far: removed if a later item fails
+    try:
+        for entry in entries:
+            downloaded = Path(entry["requested_downloads"][0]["filepath"])
+            declared = declared_seconds(downloaded)
+            limits.too_long(declared)
+            try:
+                audio = load_audio(downloaded, options.sample_rate, options.start, options.end)
+            except S4MusicError as e:
+                raise FetchError(f"{url}: downloaded, but {str(e).replace(str(downloaded) + ': ', '')}") from None
+            if declared is None:  # a container that does not say: the decoded length is the check
+                limits.too_long(audio.seconds)
+            try:
+                results.append(_write_item(url, entry, downloaded, audio, out_dir, options, written))
+            except OSError as e:
+                raise FetchError(f"{url}: cannot write into {out_dir} ({e.strerror or e})") from None
+    except FetchError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (out_dir / "original").rmdir()  # only if that left it empty
+        raise
+    return results
 
 
 def _write_item(url: str, entry: dict, downloaded: Path, audio, out_dir: Path, options: FetchOptions,

@@ -8,6 +8,7 @@ the command line reads their defaults without importing torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,10 @@ class FetchOptions:
     end: float | None = None
     playlist_items: str | None = None  # yt-dlp syntax, e.g. "1-3,7"
     timeout: float = 30.0
+    max_mb: float | None = 1000.0  # the largest download (each item of a playlist); None or 0: no limit
+    max_minutes: float | None = 180.0  # the longest audio; None or 0: no limit
+    # which addresses (ip, port) may be connected to, at every hop; None: any (as curl does)
+    allow_address: Callable[[str, int], bool] | None = None
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Three paths produce continuations, and they make the same choices:
     plain    SaShiMi.step (PyTorch, any device), one Python call per sample; the reference
-    fused    fast_step.cpp: the whole step and the sampling in C++, many samples per call, with the
+    fused    csrc/fast_step.cpp: the whole step and the sampling in C++, many samples per call, with the
              linear weights in float32 (the same codes as the plain path) or half precision (faster)
     graphed  the plain step and sampling on a CUDA device, captured once as a CUDA graph of many
              samples and replayed: the same kernels, so the same codes, without Python per sample
@@ -35,13 +35,13 @@ from s4music.model.s4 import weights_version
 from s4music.model.sashimi import FeedForward, SaShiMi, SaShiMiState, WeightNormLinear
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("fast_step.cpp")
+SOURCE = Path(__file__).with_name("csrc") / "fast_step.cpp"  # with the headers beside it
 _built: dict = {}
 
 
 @dataclass(frozen=True)
 class Rule:
-    """How logits become a code, the same in every path (sample_codes here, `sample` in fast_step.cpp).
+    """How logits become a code, the same in every path (sample_codes here, `sample` in csrc/sampling.h).
 
     The probabilities at `temperature` (0: greedy), then, in this order: Mirostat's bound when
     `surprise` > 0 (codes more surprising than the running bound mu, in bits at temperature 1,
@@ -170,6 +170,7 @@ def build_extension(source: Path, arch: str = "native"):
     e.g. "x86-64-v3" (AVX2) to run a narrower CPU's code path on a wider one, as the tests do."""
     flags = ["-O3", f"-march={arch}", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
     return load_extension("s4music_fast_step", [source], cflags=flags, ldflags=["-fopenmp"],
+                          headers=sorted(source.parent.glob("*.h")),
                           what=f"the fused CPU step for this CPU ({source.name}, -march={arch})",
                           key_extra=_cpu_flags())
 
@@ -285,7 +286,7 @@ class FusedStep:
 class FusedReader:
     """`SaShiMi.prefill`, `prefill_bits` and `bits` with every tier's residual layers, and the scored
     decoder, in the C++ kernel: time in blocks that stay in cache, the S4 recurrence along each
-    block, the linear layers as register tiles (fast_step.cpp, "Read"). The pooling and skips are
+    block, the linear layers as register tiles (csrc/read.h). The pooling and skips are
     the model's own code. A copy of the weights, so build it after they are final (`reader` does).
 
     bf16: the residual layers' linear maps take their inputs and weights in bfloat16 (float32 sums)

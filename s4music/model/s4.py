@@ -299,7 +299,7 @@ class S4Kernel(nn.Module):
 
     @torch.no_grad()
     def step_params(self) -> dict[str, torch.Tensor]:
-        """The recurrence in O(N) form for the fused CPU step (fast_step.cpp), complex64 (H, N/2).
+        """The recurrence in O(N) form for the fused CPU step (csrc/s4_layer.h), complex64 (H, N/2).
 
         diag: x' = a x + b u.   dplr: the bilinear step with A = Lambda - P P^H, solved by
         Sherman-Morrison (exact; diagonalizing dA instead is ill-conditioned for HiPPO):
