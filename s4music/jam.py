@@ -37,7 +37,7 @@ from s4music.guidance import describe_signal, judge
 from s4music.model.registry import load_model
 from s4music.model.s4 import SCAN_CHUNK
 from s4music.model.sashimi import SaShiMi
-from s4music.sinks import DeviceSink, RecordingSink
+from s4music.sinks import DeviceSink, RecordingSink, Sink
 
 MUSIC_FLOOR_DBFS = -60.0  # the first block above this starts the jam's sense of the playing level
 LEVEL_RELEASE_DB_PER_S = 3.0  # how fast the playing level follows a softer passage down
@@ -358,7 +358,7 @@ class _Kept:
     Ctrl-C while it was starting), so an earlier file of that name is not replaced by an empty one."""
 
     def __init__(self):
-        self.output: RecordingSink | TurnLog | None = None
+        self.output: Sink | TurnLog | None = None
         self.started = False
 
     def __enter__(self) -> _Kept:

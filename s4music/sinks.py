@@ -1,9 +1,12 @@
-"""Where audio goes while it is made: a file, standard output, or the sound device.
+"""Where audio goes while it is made: a file, standard output, the sound device, a recording.
 
     sink = open_sink("out.flac", sample_rate=16000, frames=n)     # or "-" for standard output
     for chunk in chunks:                                           # float32 (n,) or (n, channels)
         sink.write(chunk)
     sink.close()                                                   # a file appears only now
+
+Every sink is a `Sink`: write, close (finished: the file it wrote, if any) and abort (stopped:
+nothing half-written stays).
 
 WAV (16-bit PCM) is written by `WavWriter` to a file and to standard output alike, with the length in
 its header known up front, so the two give the same bytes. FLAC, Ogg Vorbis and MP3 files go
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import soundfile as sf
@@ -37,6 +40,19 @@ STDOUT = "-"
 
 class SinkError(S4MusicError):
     pass
+
+
+class Sink(Protocol):
+    """What every sink does: generate.output and jam write through this alone."""
+
+    def write(self, samples: np.ndarray) -> None:
+        """Float32 samples, (n,) or (n, channels)."""
+
+    def close(self) -> Path | None:
+        """Finish: a file is renamed into place (and returned), a stream ends, a device plays out."""
+
+    def abort(self) -> None:
+        """Stop at once: no partial file stays, and an existing file of that name is left as it was."""
 
 
 def output_format(path: str | Path, format: str | None = None) -> str:
@@ -87,7 +103,8 @@ class WavWriter:
 
 
 class FileSink:
-    """An audio file in any of FORMATS, written under a temporary name and renamed on close()."""
+    """An audio file in any of FORMATS, written under a temporary name and renamed on close() to
+    `path`, which the caller may point elsewhere first (a ranked take's name, in the same folder)."""
 
     def __init__(self, path: str | Path, sample_rate: int, frames: int, channels: int = 1, format: str | None = None):
         self.path = Path(path)
@@ -120,18 +137,18 @@ class FileSink:
     def write(self, samples: np.ndarray) -> None:
         self.writer.write(np.asarray(samples, dtype=np.float32))
 
-    def close(self, path: str | Path | None = None) -> Path:
-        """Finish the file and rename it into place: to `path` if given (a ranked name), else its own."""
+    def close(self) -> Path:
+        """Finish the file and rename it into place, at `path`."""
         if self.format == "wav":
             self.writer.finish()
             self.stream.close()
         else:
             self.writer.close()
         try:
-            return self.file.commit(path)
+            return self.file.commit(self.path)
         except OSError as e:
             self.file.abort()
-            raise SinkError(f"{path or self.path}: cannot write ({e.strerror or e})") from None
+            raise SinkError(f"{self.path}: cannot write ({e.strerror or e})") from None
 
     def abort(self) -> None:
         try:
@@ -294,7 +311,8 @@ class RecordingSink:
         self.file.abort()
 
 
-def open_sink(path: str | Path, sample_rate: int, frames: int, channels: int = 1, format: str | None = None):
+def open_sink(path: str | Path, sample_rate: int, frames: int, channels: int = 1,
+              format: str | None = None) -> FileSink | StdoutSink:
     """A FileSink, or a StdoutSink for "-"."""
     if str(path) == STDOUT:
         return StdoutSink(sample_rate, frames, channels, format)

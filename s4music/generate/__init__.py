@@ -6,7 +6,8 @@
     for chunk in generation: ...                   # hear it as it is made: see generate.stream
 
 The options (options.py) are imported with the package; everything else, which needs torch, on
-first use, so the command line starts at once. The stages: prompt.py, sampler.py, stream.py, run.py.
+first use, so the command line starts at once. The stages: prompt.py, sampler.py, stream.py,
+output.py, and run.py, which runs them.
 """
 
 from __future__ import annotations
@@ -19,17 +20,17 @@ from s4music.generate.options import (GenerateOptions, GenerationError, Output, 
 
 if TYPE_CHECKING:
     from s4music.generate.prompt import load_prompt
-    from s4music.generate.run import (GenerateResult, OutputClosed, check_prompt, continue_prompt, improvise,
-                                      open_model, plot_continuation, stream_continuation, stream_improvisation,
-                                      write_generation)
+    from s4music.generate.output import GenerateResult, OutputClosed, plot_continuation, write_generation
+    from s4music.generate.run import (check_prompt, continue_prompt, improvise, open_model, stream_continuation,
+                                      stream_improvisation)
     from s4music.generate.stream import Chunk, Generation, Take
     from s4music.guidance import DEGENERACIES
 
 _HOMES = {
     "s4music.generate.prompt": ("load_prompt",),
-    "s4music.generate.run": ("GenerateResult", "OutputClosed", "check_prompt", "continue_prompt", "improvise",
-                             "open_model", "plot_continuation", "stream_continuation", "stream_improvisation",
-                             "write_generation"),
+    "s4music.generate.output": ("GenerateResult", "OutputClosed", "plot_continuation", "write_generation"),
+    "s4music.generate.run": ("check_prompt", "continue_prompt", "improvise", "open_model", "stream_continuation",
+                             "stream_improvisation"),
     "s4music.generate.stream": ("Chunk", "Generation", "Take"),
     "s4music.guidance": ("DEGENERACIES",),
 }
