@@ -116,7 +116,7 @@ def write_generation(generation: Generation, out: str | Path, model_id: str, sou
         for i in range(len(sinks)):
             takes[i].retries = _retry(generation, takes, i, sinks)
         order = sorted(range(variations), key=lambda i: takes[i].bits) if options.rank else list(range(variations))
-        if isinstance(sinks[0], FileSink):
+        if str(out) != STDOUT:
             for i, path in zip(order, take_paths(Path(out), variations), strict=True):
                 sinks[i].path = path  # ranked names, best first
         for take, sink in zip(takes, sinks, strict=True):
