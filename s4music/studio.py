@@ -3,8 +3,8 @@
     s4music studio                   # http://127.0.0.1:7860
     s4music studio --model runs/mine/best --port 8000
 
-The page takes a prompt (an upload in any format `continue` reads, the microphone, or a URL fetched
-as `s4music fetch` does), shows the guidance of `check` before anything is generated, plays the
+The page takes a prompt (an upload in any format `continue` reads, the microphone, a URL fetched
+as `s4music fetch` does, or the bundled example), shows the guidance of `check` before anything is generated, plays the
 first take while it is sampled, and lists the takes best first, each with its likelihood, a
 spectrogram with the seam marked and downloads of the audio and its sidecar. A second tab improvises
 from nothing. This file wires widgets to `s4music.generate`, `s4music.data.fetch` and the model
@@ -50,7 +50,9 @@ MAX_FETCHED = 5  # prompts fetched from URLs kept on the server; the oldest go p
 CACHE_SWEEP = (300, 3600)  # Gradio's copies of files: every 5 minutes, those older than an hour go
 # an absolute path in a message (not one inside a URL): the page shows its last part only
 SERVER_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/:'\"()]+/)*([^\s/:'\"()]+)")
-NO_PROMPT = "Choose a prompt: upload a file, record, or paste a URL."
+# shipped with the package (examples/prompt.wav links here): a chorale the bundled model never heard
+EXAMPLE_PROMPT = Path(__file__).resolve().parent / "assets" / "prompt.wav"
+NO_PROMPT = "Choose a prompt: upload a file, record, paste a URL, or take the example under the prompt."
 
 
 class Cancelled(Exception):
@@ -396,7 +398,7 @@ def build(studio: Studio):
     def generate(prompt, model, seconds, variations, temperature, top_k, top_p, seed, start, end, prompt_seconds,
                  guidance_by_prompt, progress=gr.Progress(), from_nothing=False):
         if not prompt and not from_nothing:
-            raise gr.Error("Choose a prompt first: upload a file, record, or paste a URL.")
+            raise gr.Error(NO_PROMPT)
         options = options_from(seconds, variations, temperature, top_k, top_p, seed, start, end, prompt_seconds,
                                guidance_by_prompt)
         started = time.perf_counter()
@@ -472,6 +474,8 @@ def _layout(gr, studio: Studio):
                 with gr.Column():
                     prompt = gr.Audio(sources=["upload", "microphone"], type="filepath", label="prompt",
                                       editable=True, elem_id="prompt")
+                    gr.Examples([[str(EXAMPLE_PROMPT)]], [prompt], label="or try the example", elem_id="example",
+                                example_labels=["a Bach chorale on piano, 5 s"])
                     with gr.Row():
                         url = gr.Textbox(label="or a URL (http/https; YouTube works where yt-dlp does)", scale=4)
                         fetch_button = gr.Button("fetch", scale=1)

@@ -401,3 +401,12 @@ def test_the_page_in_a_real_browser_continues_the_example_prompt(browser):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     tab.screenshot(path=str(ARTIFACTS / "studio.png"), full_page=True)
     assert (ARTIFACTS / "studio.png").stat().st_size > 50_000
+
+
+def test_the_bundled_example_is_one_click_away(browser):
+    """A musician without a file of their own clicks the example under the prompt, and it is read."""
+    tab = browser()
+    tab.locator("#example").get_by_text("a Bach chorale on piano").click()
+    tab.wait_for_function("document.querySelector('#guidance').innerText.includes('verdict: typical')",
+                          timeout=120_000)
+    assert "5.0 s of prompt" in tab.locator("#guidance").inner_text()
