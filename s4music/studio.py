@@ -487,7 +487,8 @@ def _layout(gr, studio: Studio):
                     guidance = gr.Markdown(NO_PROMPT, elem_id="guidance")
             controls = _controls(gr, rec)
             guidance_by_prompt = gr.Slider(0, 5, value=rec.guidance, step=0.25, elem_id="guidance-by-prompt",
-                                           label="guidance by the prompt (1: off; 2x the work)")
+                                           label="guidance by the prompt (1: off; 2x the work)",
+                                           info="higher: follows the prompt more closely")
             go = gr.Button("continue", variant="primary", elem_id="continue")
             results = _results(gr, "", "takes, best first: spectrograms with the seam")
         with gr.Tab("Generate from nothing"):
@@ -513,9 +514,12 @@ def _controls(gr, rec: Sampling) -> list:
     with gr.Row():
         seconds = gr.Slider(1, 60, value=GenerateOptions.seconds, step=1, label="seconds")
         variations = gr.Slider(1, 8, value=GenerateOptions.variations, step=1, label="variations")
-        temperature = gr.Slider(0, 1.5, value=rec.temperature, step=0.05, label="temperature")
-        top_k = gr.Number(value=rec.top_k, precision=0, label="top-k (0: off)")
-        top_p = gr.Slider(0.05, 1, value=rec.top_p, step=0.01, label="top-p (1: off)")
+        temperature = gr.Slider(0, 1.5, value=rec.temperature, step=0.05, label="temperature",
+                                info="lower: safer, more repetitive; higher: bolder, noisier")
+        top_k = gr.Number(value=rec.top_k, precision=0, label="top-k (0: off)",
+                          info="picks from this many likeliest sounds; fewer: safer")
+        top_p = gr.Slider(0.05, 1, value=rec.top_p, step=0.01, label="top-p (1: off)",
+                          info="picks from the likeliest sounds; lower: safer")
         seed = gr.Number(value=-1, precision=0, label="seed (-1: random)")
     return [seconds, variations, temperature, top_k, top_p, seed]
 

@@ -410,3 +410,15 @@ def test_the_bundled_example_is_one_click_away(browser):
     tab.wait_for_function("document.querySelector('#guidance').innerText.includes('verdict: typical')",
                           timeout=120_000)
     assert "5.0 s of prompt" in tab.locator("#guidance").inner_text()
+
+
+def test_each_sampling_control_says_what_it_does_in_words(tiny_model, tmp_path):
+    """temperature, top-k and top-p carry a line of `info` on both tabs, as does the guidance by the prompt."""
+    page = build(Studio(str(tiny_model), out_dir=tmp_path))
+    info = {}
+    for block in page.blocks.values():
+        if isinstance(getattr(block, "label", None), str):
+            info.setdefault(block.label.split(" (")[0], []).append(getattr(block, "info", None))
+    assert info["temperature"] == ["lower: safer, more repetitive; higher: bolder, noisier"] * 2
+    for name, tabs in (("top-k", 2), ("top-p", 2), ("guidance by the prompt", 1)):
+        assert len(info[name]) == tabs and all(info[name]), (name, info[name])
