@@ -414,12 +414,16 @@ def build(studio: Studio):
                 else:
                     raise gr.Error(without_paths(message.message))
 
+    def enabled_if(prompt):
+        return gr.Button(interactive=bool(prompt))
+
     page, w = _layout(gr, studio)
     with page:
         selection = [w.prompt, w.model, w.start, w.end, w.prompt_seconds]
         w.fetch_button.click(prompt_from_url, w.url, w.prompt)
         for trigger in (w.prompt.change, w.start.change, w.end.change, w.prompt_seconds.change):
             trigger(show_guidance, selection, w.guidance, concurrency_id="check", concurrency_limit=2)
+        w.prompt.change(enabled_if, w.prompt, w.go, queue=False, api_visibility="private")
         w.model.change(recommended, w.model, [*w.controls[2:5], w.guidance_by_prompt])
         runs = ((w.go, generate, [w.prompt, w.model, *w.controls, w.start, w.end, w.prompt_seconds,
                                   w.guidance_by_prompt], w.results),
@@ -489,7 +493,7 @@ def _layout(gr, studio: Studio):
             guidance_by_prompt = gr.Slider(0, 5, value=rec.guidance, step=0.25, elem_id="guidance-by-prompt",
                                            label="guidance by the prompt (1: off; 2x the work)",
                                            info="higher: follows the prompt more closely")
-            go = gr.Button("continue", variant="primary", elem_id="continue")
+            go = gr.Button("continue", variant="primary", interactive=False, elem_id="continue")  # until a prompt
             results = _results(gr, "", "takes, best first: spectrograms with the seam")
         with gr.Tab("Generate from nothing"):
             controls_free = _controls(gr, rec)

@@ -403,13 +403,25 @@ def test_the_page_in_a_real_browser_continues_the_example_prompt(browser):
     assert (ARTIFACTS / "studio.png").stat().st_size > 50_000
 
 
+def test_continue_waits_for_a_prompt(browser, synth_prompt):
+    """Greyed out on a fresh page; live once a file is chosen; greyed out again when it is cleared."""
+    tab = browser()
+    assert tab.locator("#continue").is_disabled()
+    tab.locator("#prompt input[type=file]").first.set_input_files(str(synth_prompt))
+    tab.wait_for_function("!document.querySelector('#continue').disabled", timeout=60_000)
+    tab.locator("#prompt button[aria-label=Clear]").click()
+    tab.wait_for_function("document.querySelector('#continue').disabled", timeout=60_000)
+
+
 def test_the_bundled_example_is_one_click_away(browser):
-    """A musician without a file of their own clicks the example under the prompt, and it is read."""
+    """A musician without a file of their own clicks the example under the prompt: it is read, and
+    continue comes alive."""
     tab = browser()
     tab.locator("#example").get_by_text("a Bach chorale on piano").click()
     tab.wait_for_function("document.querySelector('#guidance').innerText.includes('verdict: typical')",
                           timeout=120_000)
     assert "5.0 s of prompt" in tab.locator("#guidance").inner_text()
+    tab.wait_for_function("!document.querySelector('#continue').disabled", timeout=60_000)
 
 
 def test_each_sampling_control_says_what_it_does_in_words(tiny_model, tmp_path):
