@@ -417,6 +417,9 @@ def build(studio: Studio):
     def enabled_if(prompt):
         return gr.Button(interactive=bool(prompt))
 
+    def shown():
+        return gr.Column(visible=True)
+
     page, w = _layout(gr, studio)
     with page:
         selection = [w.prompt, w.model, w.start, w.end, w.prompt_seconds]
@@ -429,15 +432,20 @@ def build(studio: Studio):
                                   w.guidance_by_prompt], w.results),
                 (w.go_free, improvise, [w.model, *w.controls_free], w.results_free))
         for button, fn, inputs, results in runs:
-            button.click(fn, inputs, results.outputs(), concurrency_id="generate", concurrency_limit=1)
+            # the player appears as the generation starts, the takes once it is done
+            button.click(shown, None, results.playing, queue=False, api_visibility="private")
+            button.click(fn, inputs, results.outputs(), concurrency_id="generate", concurrency_limit=1).success(
+                shown, None, results.listed, queue=False, api_visibility="private")
     return page
 
 
 @dataclass
 class Results:
-    """Where a tab shows what it made."""
+    """Where a tab shows what it made; each part hidden until it has something to show."""
 
+    playing: Any  # a column: the player
     player: Any
+    listed: Any  # a column: the table, the spectrograms and the downloads
     table: Any
     gallery: Any
     files: Any
@@ -506,12 +514,14 @@ def _layout(gr, studio: Studio):
 
 
 def _results(gr, suffix: str, gallery_label: str) -> Results:
-    """The player and the takes; `suffix` tells one tab's elem_ids from the other's."""
-    player = gr.Audio(streaming=True, autoplay=True, label="first take, as it is made", elem_id=f"player{suffix}")
-    table = gr.Markdown(elem_id=f"takes{suffix}")
-    gallery = gr.Gallery(label=gallery_label, columns=2, height="auto")
-    files = gr.File(label="downloads: audio and settings", file_count="multiple")
-    return Results(player, table, gallery, files)
+    """The player and the takes, hidden; `suffix` tells one tab's elem_ids from the other's."""
+    with gr.Column(visible=False, elem_id=f"playing{suffix}") as playing:
+        player = gr.Audio(streaming=True, autoplay=True, label="first take, as it is made", elem_id=f"player{suffix}")
+    with gr.Column(visible=False, elem_id=f"listed{suffix}") as listed:
+        table = gr.Markdown(elem_id=f"takes{suffix}")
+        gallery = gr.Gallery(label=gallery_label, columns=2, height="auto", elem_id=f"spectrograms{suffix}")
+        files = gr.File(label="downloads: audio and settings", file_count="multiple", elem_id=f"downloads{suffix}")
+    return Results(playing, player, listed, table, gallery, files)
 
 
 def _controls(gr, rec: Sampling) -> list:

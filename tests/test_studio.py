@@ -389,16 +389,21 @@ def browser(tmp_path_factory):
 
 def test_the_page_in_a_real_browser_continues_the_example_prompt(browser):
     """Upload examples/prompt.wav, see the guidance, press continue, and wait for the player to have
-    a playable source. A screenshot is kept as a test artifact."""
+    a playable source. The player, the table of takes, the spectrograms and the downloads appear only
+    then: a fresh page has no empty panels. Screenshots of both are kept as test artifacts."""
     tab = browser()
+    panels = ["#player", "#takes", "#spectrograms", "#downloads"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    tab.screenshot(path=str(ARTIFACTS / "studio-fresh.png"), full_page=True)
+    assert [tab.locator(p).is_visible() for p in panels] == [False] * 4
     tab.locator("#prompt input[type=file]").first.set_input_files(str(ROOT / "examples" / "prompt.wav"))
     tab.wait_for_function("document.querySelector('#guidance').innerText.includes('verdict: typical')",
                           timeout=120_000)
     tab.locator("#continue").click()
     tab.wait_for_function("() => { const a = document.querySelector('#player audio');"
                           " return a && a.src && a.readyState >= 2; }", timeout=180_000)
-    tab.wait_for_function("document.querySelector('#takes').innerText.includes('bits/sample')", timeout=180_000)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    tab.wait_for_function("document.querySelector('#takes')?.innerText.includes('bits/sample')", timeout=180_000)
+    assert [tab.locator(p).is_visible() for p in panels] == [True] * 4
     tab.screenshot(path=str(ARTIFACTS / "studio.png"), full_page=True)
     assert (ARTIFACTS / "studio.png").stat().st_size > 50_000
 
