@@ -3,12 +3,14 @@
     s4music studio                   # http://127.0.0.1:7860
     s4music studio --model runs/mine/best --port 8000
 
-The page takes a prompt (an upload in any format `continue` reads, the microphone, or a URL fetched
-as `s4music fetch` does), shows the guidance of `check` before anything is generated, plays the
+The page takes a prompt (an upload in any format `continue` reads, the microphone, a URL fetched
+as `s4music fetch` does, or the bundled example), shows the guidance of `check` before anything is generated, plays the
 first take while it is sampled, and lists the takes best first, each with its likelihood, a
 spectrogram with the seam marked and downloads of the audio and its sidecar. A second tab improvises
 from nothing. This file wires widgets to `s4music.generate`, `s4music.data.fetch` and the model
-registry; it computes nothing of its own.
+registry; it computes nothing of its own. It is three parts: the page's layout (`_layout`), the
+messages a generation's worker thread sends the page (`Studio.run_in_background`), and the text the
+page shows (`guidance_markdown`, `takes_markdown`, `progress_line`: plain functions).
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +38,7 @@ from s4music.errors import S4MusicError
 from s4music.generate import (GenerateOptions, Output, PromptSelection, Sampling, StepOptions, check_prompt,
                               plot_continuation, stream_continuation, stream_improvisation, write_generation)
 from s4music.generate.prompt import load_prompt
+from s4music.guidance import PromptReport
 from s4music.model.registry import DEFAULT_NAME, NAMED, load_model, resolve_model
 from s4music.model.sashimi import SaShiMi
 
@@ -44,10 +50,69 @@ MAX_FETCHED = 5  # prompts fetched from URLs kept on the server; the oldest go p
 CACHE_SWEEP = (300, 3600)  # Gradio's copies of files: every 5 minutes, those older than an hour go
 # an absolute path in a message (not one inside a URL): the page shows its last part only
 SERVER_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/:'\"()]+/)*([^\s/:'\"()]+)")
+# shipped with the package (examples/prompt.wav links here): a chorale the bundled model never heard
+EXAMPLE_PROMPT = Path(__file__).resolve().parent / "assets" / "prompt.wav"
+NO_PROMPT = "Choose a prompt: upload a file, record, paste a URL, or take the example under the prompt."
 
 
 class Cancelled(Exception):
     """The page that asked for a generation went away."""
+
+
+@dataclass(frozen=True)
+class ShownTake:
+    """One take as the page lists it: `rank` 1 is the likeliest."""
+
+    rank: int
+    seed: int
+    bits: float  # bits/sample under the model
+    degenerate: str | None  # see guidance.degeneracy
+    audio: Path
+    spectrogram: Path  # with the seam marked
+
+
+@dataclass(frozen=True)
+class Made:
+    """What one generation left on the server: its takes, best first, and their JSON sidecar."""
+
+    takes: list[ShownTake]
+    sidecar: Path
+    seed: int
+    speed_x_realtime: float  # audio seconds per wall second
+
+
+# What a generation's worker thread tells the page (Studio.run_in_background): Sound and Progress
+# while it samples, then one Finished or Failed, the last.
+@dataclass(frozen=True)
+class Sound:
+    """A piece of the first take, to play as it is made."""
+
+    sample_rate: int
+    samples: np.ndarray  # mono, float
+
+    def pcm16(self) -> tuple[int, np.ndarray]:
+        """As the page's player takes it."""
+        return self.sample_rate, (np.clip(self.samples, -1, 1) * 32767).astype(np.int16)
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int
+    total: int
+    speed_x_realtime: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    made: Made
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str  # the CLI's one line, server paths and all
+
+
+Message = Sound | Progress | Finished | Failed
 
 
 def without_paths(message: str) -> str:
@@ -179,23 +244,16 @@ class Studio:
                                f"{self.max_prompt_minutes:g} min (trim it, or use `s4music continue`)")
         self._short_enough.add(key)
 
-    def guidance(self, prompt: str, model: str | None, selection: PromptSelection) -> str:
-        """The verdict of `check`, its reasons, the model's bits against its test figure, and advice."""
+    def check(self, prompt: str, model: str | None, selection: PromptSelection) -> PromptReport:
+        """`check`'s report on `prompt`: its verdict, reasons, the model's bits and advice."""
         net, _ = self.net(model)
         self.check_length(prompt, net.audio.sample_rate)
-        report = check_prompt(prompt, net, selection)
-        lines = [f"### verdict: {report.verdict}",
-                 f"{report.seconds:.1f} s of prompt; " + ("; ".join(report.conversions) or "no conversion needed")]
-        lines += [f"- {reason}" for reason in report.reasons]
-        lines += [f"- **advice:** {advice}" for advice in report.advice]
-        if report.far:
-            lines.append("\n**Warning:** the model may continue this poorly; you can continue it anyway.")
-        return "\n".join(lines)
+        return check_prompt(prompt, net, selection)
 
     # ---------------------------------------------------------------- generation
     def run(self, prompt: str | None, model: str | None, options: GenerateOptions, cancelled: threading.Event,
-            on_chunk, on_progress) -> dict:
-        """Continue `prompt` (or improvise with None) into files under out_dir: the takes best first."""
+            on_chunk, on_progress) -> Made:
+        """Continue `prompt` (or improvise with None) into files under out_dir."""
         net, path = self.net(model)
         if prompt is not None:
             self.check_length(prompt, net.audio.sample_rate)
@@ -212,18 +270,52 @@ class Studio:
                 on_chunk(generation, c)
 
             result = write_generation(generation, run_dir / "take.wav", path, prompt, on_chunk=chunk)
-            takes = []
-            for k, take in enumerate(result.takes):
-                png = plot_continuation(take.path, generation.prompt_frames - generation.first_frame,
-                                        take.path.with_suffix(".png"))
-                takes.append({"rank": k + 1, "seed": take.seed, "bits": take.bits, "audio": str(take.path),
-                              "png": str(png), "degenerate": take.degenerate})
+            seam = generation.prompt_frames - generation.first_frame
+            takes = [ShownTake(rank=k + 1, seed=take.seed, bits=take.bits, degenerate=take.degenerate, audio=take.path,
+                               spectrogram=plot_continuation(take.path, seam, take.path.with_suffix(".png")))
+                     for k, take in enumerate(result.takes)]
         except BaseException:  # cancelled or failed: no take, and no folder for it
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
         self._keep_newest("take", self.max_takes)
-        return {"takes": takes, "sidecar": str(result.sidecar), "seed": result.seed, "speed": result.speed_x_realtime,
-                "guidance": result.guidance.verdict if result.guidance else None}
+        return Made(takes, result.sidecar, result.seed, result.speed_x_realtime)
+
+    def run_in_background(self, prompt: str | None, model: str | None, options: GenerateOptions) -> Iterator[Message]:
+        """run() on a worker thread, told as messages: Sound (from a second before the seam) and
+        Progress while it samples, then one Finished or Failed, the last. Closing the iterator early
+        (the page went away) stops the worker at its next chunk."""
+        messages: queue.Queue[Message] = queue.Queue()
+        cancelled = threading.Event()
+
+        def on_chunk(generation, chunk) -> None:
+            play_from = max(0, generation.prompt_frames - generation.sample_rate)
+            part = chunk.after(play_from)[0].numpy()
+            if len(part):
+                messages.put(Sound(generation.sample_rate, part))
+
+        def on_progress(done, total, speed) -> None:
+            messages.put(Progress(done, total, speed))
+
+        def work() -> None:
+            try:
+                messages.put(Finished(self.run(prompt, model, options, cancelled, on_chunk, on_progress)))
+            except Cancelled:
+                pass  # the iterator was closed: no one reads on
+            except S4MusicError as e:
+                messages.put(Failed(str(e)))
+            except Exception as e:  # noqa: BLE001 (shown on the page, logged in full)
+                log.exception("studio generation failed")
+                messages.put(Failed(f"generation failed ({e})"))
+
+        threading.Thread(target=work, daemon=True).start()
+        try:
+            while True:
+                message = messages.get()
+                yield message
+                if isinstance(message, Finished | Failed):
+                    return
+        finally:
+            cancelled.set()
 
 
 def options_from(seconds, variations, temperature, top_k, top_p, seed, start, end, prompt_seconds,
@@ -237,8 +329,43 @@ def options_from(seconds, variations, temperature, top_k, top_p, seed, start, en
                            output=Output(), step=StepOptions(device="cpu"))
 
 
+# ---------------------------------------------------------------- what the page says
+def guidance_markdown(report: PromptReport) -> str:
+    """`check`'s report as the page shows it, before anything is generated."""
+    lines = [f"### verdict: {report.verdict}",
+             f"{report.seconds:.1f} s of prompt; " + ("; ".join(report.conversions) or "no conversion needed")]
+    lines += [f"- {reason}" for reason in report.reasons]
+    lines += [f"- **advice:** {advice}" for advice in report.advice]
+    if report.far:
+        lines.append("\n**Warning:** the model may continue this poorly; you can continue it anyway.")
+    return "\n".join(lines)
+
+
+def takes_markdown(made: Made) -> str:
+    """The takes as a table, best first."""
+    rows = "\n".join(f"| {t.rank} | {t.seed} | {t.bits:.3f} | {t.degenerate or ''} |" for t in made.takes)
+    return (f"seed **{made.seed}**, {made.speed_x_realtime:.2f}× real time\n\n| take | seed | bits/sample | degenerate |\n"
+            f"|---|---|---|---|\n{rows}")
+
+
+def gallery_items(made: Made) -> list[tuple[str, str]]:
+    """Each take's spectrogram with its caption."""
+    return [(str(t.spectrogram), f"take {t.rank}: seed {t.seed}, {t.bits:.3f} bits/sample") for t in made.takes]
+
+
+def downloads(made: Made) -> list[str]:
+    return [str(t.audio) for t in made.takes] + [str(made.sidecar)]
+
+
+def progress_line(progress: Progress, elapsed: float) -> str:
+    """What the progress bar says, `elapsed` seconds into the generation."""
+    left = (progress.total - progress.done) / max(progress.done, 1) * elapsed
+    return f"sampling, {progress.speed_x_realtime:.2f}× real time, about {left:.0f} s left"
+
+
+# ---------------------------------------------------------------- the page
 def build(studio: Studio):
-    """The Gradio page."""
+    """The Gradio page: the layout of `_layout`, its widgets wired to the studio."""
     import gradio as gr
 
     def error(e: S4MusicError):
@@ -252,10 +379,10 @@ def build(studio: Studio):
 
     def show_guidance(prompt, model, start, end, prompt_seconds):
         if not prompt:
-            return "Choose a prompt: upload a file, record, or paste a URL."
+            return NO_PROMPT
         try:
-            return studio.guidance(prompt, model, PromptSelection(seconds=float(prompt_seconds), start=start or None,
-                                                                  end=end or None))
+            selection = PromptSelection(seconds=float(prompt_seconds), start=start or None, end=end or None)
+            return guidance_markdown(studio.check(prompt, model, selection))
         except S4MusicError as e:
             raise error(e) from None
 
@@ -273,63 +400,83 @@ def build(studio: Studio):
     def generate(prompt, model, seconds, variations, temperature, top_k, top_p, seed, start, end, prompt_seconds,
                  guidance_by_prompt, progress=gr.Progress(), from_nothing=False):
         if not prompt and not from_nothing:
-            raise gr.Error("Choose a prompt first: upload a file, record, or paste a URL.")
+            raise gr.Error(NO_PROMPT)
         options = options_from(seconds, variations, temperature, top_k, top_p, seed, start, end, prompt_seconds,
                                guidance_by_prompt)
-        pieces: queue.Queue = queue.Queue()
-        cancelled = threading.Event()
         started = time.perf_counter()
-
-        def on_chunk(generation, chunk):
-            play_from = max(0, generation.prompt_frames - generation.sample_rate)  # a second before the seam
-            part = chunk.after(play_from)[0].numpy()
-            if len(part):
-                pieces.put(("audio", generation.sample_rate, part))
-
-        def on_progress(done, total, speed):
-            pieces.put(("progress", done, total, speed))
-
-        def work():
-            try:
-                pieces.put(("done", studio.run(prompt, model, options, cancelled, on_chunk, on_progress)))
-            except Cancelled:
-                pieces.put(("cancelled",))
-            except S4MusicError as e:
-                pieces.put(("error", str(e)))
-            except Exception as e:  # noqa: BLE001 (shown on the page, logged in full)
-                log.exception("studio generation failed")
-                pieces.put(("error", f"generation failed ({e})"))
-
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        try:
-            while True:
-                item = pieces.get()
-                if item[0] == "audio":
-                    yield (item[1], (np.clip(item[2], -1, 1) * 32767).astype(np.int16)), gr.skip(), gr.skip(), \
-                        gr.skip()
-                elif item[0] == "progress":
-                    _, done, total, speed = item
-                    left = (total - done) / max(done, 1) * (time.perf_counter() - started)
-                    progress(done / total, desc=f"sampling, {speed:.2f}× real time, about {left:.0f} s left")
-                elif item[0] == "done":
-                    result = item[1]
-                    rows = "\n".join(f"| {t['rank']} | {t['seed']} | {t['bits']:.3f} | "
-                                     f"{t['degenerate'] or ''} |" for t in result["takes"])
-                    table = (f"seed **{result['seed']}**, {result['speed']:.2f}× real time\n\n| take | seed | bits/sample | "
-                             f"degenerate |\n|---|---|---|---|\n{rows}")
-                    gallery = [(t["png"], f"take {t['rank']}: seed {t['seed']}, {t['bits']:.3f} bits/sample")
-                               for t in result["takes"]]
-                    files = [t["audio"] for t in result["takes"]] + [result["sidecar"]]
-                    yield gr.skip(), table, gallery, files
-                    return
-                elif item[0] == "error":
-                    raise gr.Error(without_paths(item[1]))
+        # closed however this ends (the page went away, too): the worker stops at its next chunk
+        with closing(studio.run_in_background(prompt, model, options)) as messages:
+            for message in messages:
+                if isinstance(message, Sound):
+                    yield message.pcm16(), gr.skip(), gr.skip(), gr.skip()
+                elif isinstance(message, Progress):
+                    progress(message.done / message.total, desc=progress_line(message, time.perf_counter() - started))
+                elif isinstance(message, Finished):
+                    yield gr.skip(), takes_markdown(message.made), gallery_items(message.made), downloads(message.made)
                 else:
-                    return
-        finally:
-            cancelled.set()  # the page went away (or we are done): the worker stops at its next chunk
+                    raise gr.Error(without_paths(message.message))
 
+    def enabled_if(prompt):
+        return gr.Button(interactive=bool(prompt))
+
+    def shown():
+        return gr.Column(visible=True)
+
+    page, w = _layout(gr, studio)
+    with page:
+        selection = [w.prompt, w.model, w.start, w.end, w.prompt_seconds]
+        w.fetch_button.click(prompt_from_url, w.url, w.prompt)
+        for trigger in (w.prompt.change, w.start.change, w.end.change, w.prompt_seconds.change):
+            trigger(show_guidance, selection, w.guidance, concurrency_id="check", concurrency_limit=2)
+        w.prompt.change(enabled_if, w.prompt, w.go, queue=False, api_visibility="private")
+        w.model.change(recommended, w.model, [*w.controls[2:5], w.guidance_by_prompt])
+        runs = ((w.go, generate, [w.prompt, w.model, *w.controls, w.start, w.end, w.prompt_seconds,
+                                  w.guidance_by_prompt], w.results),
+                (w.go_free, improvise, [w.model, *w.controls_free], w.results_free))
+        for button, fn, inputs, results in runs:
+            # the player appears as the generation starts, the takes once it is done
+            button.click(shown, None, results.playing, queue=False, api_visibility="private")
+            button.click(fn, inputs, results.outputs(), concurrency_id="generate", concurrency_limit=1).success(
+                shown, None, results.listed, queue=False, api_visibility="private")
+    return page
+
+
+@dataclass
+class Results:
+    """Where a tab shows what it made; each part hidden until it has something to show."""
+
+    playing: Any  # a column: the player
+    player: Any
+    listed: Any  # a column: the table, the spectrograms and the downloads
+    table: Any
+    gallery: Any
+    files: Any
+
+    def outputs(self) -> list:
+        return [self.player, self.table, self.gallery, self.files]
+
+
+@dataclass
+class Widgets:
+    model: Any
+    prompt: Any
+    url: Any
+    fetch_button: Any
+    start: Any
+    end: Any
+    prompt_seconds: Any
+    guidance: Any
+    controls: list
+    guidance_by_prompt: Any
+    go: Any
+    results: Results
+    controls_free: list
+    go_free: Any
+    results_free: Results
+
+
+def _layout(gr, studio: Studio):
+    """The page and its widgets, not yet wired: (page, Widgets)."""
     with gr.Blocks(title="s4music studio", delete_cache=CACHE_SWEEP) as page:
         gr.Markdown("# s4music studio\nContinue music with SaShiMi. Choose a prompt, read the guidance, then "
                     "continue it; the first take plays while it is made.")
@@ -341,6 +488,8 @@ def build(studio: Studio):
                 with gr.Column():
                     prompt = gr.Audio(sources=["upload", "microphone"], type="filepath", label="prompt",
                                       editable=True, elem_id="prompt")
+                    gr.Examples([[str(EXAMPLE_PROMPT)]], [prompt], label="or try the example", elem_id="example",
+                                example_labels=["a Bach chorale on piano, 5 s"])
                     with gr.Row():
                         url = gr.Textbox(label="or a URL (http/https; YouTube works where yt-dlp does)", scale=4)
                         fetch_button = gr.Button("fetch", scale=1)
@@ -349,44 +498,44 @@ def build(studio: Studio):
                         end = gr.Number(label="selection end, s (0: the end)", value=0)
                         prompt_seconds = gr.Number(label="use its last seconds", value=PromptSelection.seconds)
                 with gr.Column():
-                    guidance = gr.Markdown("Choose a prompt: upload a file, record, or paste a URL.",
-                                           elem_id="guidance")
+                    guidance = gr.Markdown(NO_PROMPT, elem_id="guidance")
             controls = _controls(gr, rec)
             guidance_by_prompt = gr.Slider(0, 5, value=rec.guidance, step=0.25, elem_id="guidance-by-prompt",
-                                           label="guidance by the prompt (1: off; 2x the work)")
-            go = gr.Button("continue", variant="primary", elem_id="continue")
-            player = gr.Audio(streaming=True, autoplay=True, label="first take, as it is made", elem_id="player")
-            table = gr.Markdown(elem_id="takes")
-            gallery = gr.Gallery(label="takes, best first: spectrograms with the seam", columns=2, height="auto")
-            files = gr.File(label="downloads: audio and settings", file_count="multiple")
+                                           label="guidance by the prompt (1: off; 2x the work)",
+                                           info="higher: follows the prompt more closely")
+            go = gr.Button("continue", variant="primary", interactive=False, elem_id="continue")  # until a prompt
+            results = _results(gr, "", "takes, best first: spectrograms with the seam")
         with gr.Tab("Generate from nothing"):
             controls_free = _controls(gr, rec)
             go_free = gr.Button("generate", variant="primary", elem_id="generate")
-            player_free = gr.Audio(streaming=True, autoplay=True, label="the first take, as it is made")
-            table_free = gr.Markdown()
-            gallery_free = gr.Gallery(label="takes, best first", columns=2, height="auto")
-            files_free = gr.File(label="downloads", file_count="multiple")
+            results_free = _results(gr, "-free", "takes, best first: spectrograms")
+    return page, Widgets(model=model, prompt=prompt, url=url, fetch_button=fetch_button, start=start, end=end,
+                         prompt_seconds=prompt_seconds, guidance=guidance, controls=controls,
+                         guidance_by_prompt=guidance_by_prompt, go=go, results=results, controls_free=controls_free,
+                         go_free=go_free, results_free=results_free)
 
-        selection = [prompt, model, start, end, prompt_seconds]
-        fetch_button.click(prompt_from_url, url, prompt)
-        for trigger in (prompt.change, start.change, end.change, prompt_seconds.change):
-            trigger(show_guidance, selection, guidance, concurrency_id="check", concurrency_limit=2)
-        model.change(recommended, model, [*controls[2:5], guidance_by_prompt])
-        go.click(generate, [prompt, model, *controls, start, end, prompt_seconds, guidance_by_prompt],
-                 [player, table, gallery, files],
-                 concurrency_id="generate", concurrency_limit=1)
-        go_free.click(improvise, [model, *controls_free], [player_free, table_free, gallery_free, files_free],
-                      concurrency_id="generate", concurrency_limit=1)
-    return page
+
+def _results(gr, suffix: str, gallery_label: str) -> Results:
+    """The player and the takes, hidden; `suffix` tells one tab's elem_ids from the other's."""
+    with gr.Column(visible=False, elem_id=f"playing{suffix}") as playing:
+        player = gr.Audio(streaming=True, autoplay=True, label="first take, as it is made", elem_id=f"player{suffix}")
+    with gr.Column(visible=False, elem_id=f"listed{suffix}") as listed:
+        table = gr.Markdown(elem_id=f"takes{suffix}")
+        gallery = gr.Gallery(label=gallery_label, columns=2, height="auto", elem_id=f"spectrograms{suffix}")
+        files = gr.File(label="downloads: audio and settings", file_count="multiple", elem_id=f"downloads{suffix}")
+    return Results(playing, player, listed, table, gallery, files)
 
 
 def _controls(gr, rec: Sampling) -> list:
     with gr.Row():
         seconds = gr.Slider(1, 60, value=GenerateOptions.seconds, step=1, label="seconds")
         variations = gr.Slider(1, 8, value=GenerateOptions.variations, step=1, label="variations")
-        temperature = gr.Slider(0, 1.5, value=rec.temperature, step=0.05, label="temperature")
-        top_k = gr.Number(value=rec.top_k, precision=0, label="top-k (0: off)")
-        top_p = gr.Slider(0.05, 1, value=rec.top_p, step=0.01, label="top-p (1: off)")
+        temperature = gr.Slider(0, 1.5, value=rec.temperature, step=0.05, label="temperature",
+                                info="lower: safer, more repetitive; higher: bolder, noisier")
+        top_k = gr.Number(value=rec.top_k, precision=0, label="top-k (0: off)",
+                          info="picks from this many likeliest sounds; fewer: safer")
+        top_p = gr.Slider(0.05, 1, value=rec.top_p, step=0.01, label="top-p (1: off)",
+                          info="picks from the likeliest sounds; lower: safer")
         seed = gr.Number(value=-1, precision=0, label="seed (-1: random)")
     return [seconds, variations, temperature, top_k, top_p, seed]
 

@@ -25,7 +25,9 @@ from conftest import closed_port, wav_header  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from s4music.data.fetch import REFUSED  # noqa: E402
-from s4music.studio import Cancelled, Studio, build, options_from  # noqa: E402
+from s4music.guidance import FAR, PromptReport  # noqa: E402
+from s4music.studio import (Cancelled, Failed, Finished, Made, Progress, ShownTake, Sound, Studio, build,  # noqa: E402
+                            downloads, gallery_items, guidance_markdown, options_from, progress_line, takes_markdown)
 
 
 def free_port() -> int:
@@ -228,6 +230,57 @@ def test_takes_are_bounded_and_a_cancelled_job_leaves_no_folder(tiny_model, tmp_
     assert not studio.out_dir.exists()
 
 
+def test_the_guidance_reads_as_markdown_with_the_warning_of_a_far_prompt():
+    report = PromptReport(source="p.wav", seconds=8.04, source_rate=44100, source_channels=2, sample_rate=16000,
+                          conversions=["mixed 2 channels down to mono", "resampled 44100 Hz to 16000 Hz"],
+                          peak_dbfs=-1.0, rms_dbfs=-20.0, clipped=0.0, dc_offset=0.0, flatness=0.5, verdict=FAR,
+                          reasons=["noise-like"], advice=["try music"])
+    assert guidance_markdown(report) == (
+        "### verdict: far from what this model knows\n"
+        "8.0 s of prompt; mixed 2 channels down to mono; resampled 44100 Hz to 16000 Hz\n"
+        "- noise-like\n- **advice:** try music\n\n"
+        "**Warning:** the model may continue this poorly; you can continue it anyway.")
+    report.verdict, report.conversions, report.reasons, report.advice = "typical", [], [], []
+    assert guidance_markdown(report) == "### verdict: typical\n8.0 s of prompt; no conversion needed"
+
+
+def test_the_takes_read_as_a_table_captions_and_downloads_best_first(tmp_path):
+    made = Made([ShownTake(1, 8, 2.5, None, tmp_path / "take-1.wav", tmp_path / "take-1.png"),
+                 ShownTake(2, 7, 3.25, "silent", tmp_path / "take-2.wav", tmp_path / "take-2.png")],
+                tmp_path / "take.json", seed=7, speed_x_realtime=0.456)
+    assert takes_markdown(made) == ("seed **7**, 0.46× real time\n\n| take | seed | bits/sample | degenerate |\n"
+                                    "|---|---|---|---|\n| 1 | 8 | 2.500 |  |\n| 2 | 7 | 3.250 | silent |")
+    assert gallery_items(made) == [(str(tmp_path / "take-1.png"), "take 1: seed 8, 2.500 bits/sample"),
+                                   (str(tmp_path / "take-2.png"), "take 2: seed 7, 3.250 bits/sample")]
+    assert downloads(made) == [str(tmp_path / n) for n in ("take-1.wav", "take-2.wav", "take.json")]
+
+
+def test_the_progress_line_says_the_time_left_at_the_pace_so_far():
+    assert progress_line(Progress(done=25, total=100, speed_x_realtime=0.5), elapsed=10.0) == \
+        "sampling, 0.50× real time, about 30 s left"
+    assert progress_line(Progress(done=0, total=100, speed_x_realtime=0.0), elapsed=0.5) == \
+        "sampling, 0.00× real time, about 50 s left"
+
+
+def test_a_generation_in_the_background_plays_and_progresses_then_finishes_or_fails(tiny_model, synth_prompt,
+                                                                                   tmp_path):
+    """The messages of Studio.run_in_background: Sound and Progress, then one Finished, the last;
+    a prompt that cannot be read is one Failed with the CLI's line."""
+    studio = Studio(str(tiny_model), out_dir=tmp_path / "out")
+    messages = list(studio.run_in_background(str(synth_prompt), None, options_from(1, 2, 1.0, 0, 1.0, 3, 0, 0, 8)))
+    kinds = [type(m) for m in messages]
+    assert Sound in kinds and Progress in kinds and kinds[-1] is Finished and kinds.count(Finished) == 1
+    sound = next(m for m in messages if isinstance(m, Sound))
+    rate, pcm = sound.pcm16()
+    assert rate == 16000 and pcm.dtype == np.int16 and len(pcm) > 0
+    made = messages[-1].made
+    assert made.seed == 3 and [t.rank for t in made.takes] == [1, 2]
+    assert all(t.audio.exists() and t.spectrogram.exists() for t in made.takes) and made.sidecar.exists()
+    (tmp_path / "bad.wav").write_text("not audio")
+    failed = list(studio.run_in_background(str(tmp_path / "bad.wav"), None, options_from(1, 1, 1.0, 0, 1.0, 3, 0, 0, 8)))
+    assert len(failed) == 1 and isinstance(failed[0], Failed) and "bad.wav: not audio" in failed[0].message
+
+
 def start_studio(tmp_path, tiny_model, *args) -> tuple[subprocess.Popen, str, str]:
     """`s4music studio` in a subprocess whose temporary files go under tmp_path/tmp; once it serves:
     (process, url, what it said first)."""
@@ -307,9 +360,10 @@ def test_the_command_binds_to_localhost_and_warns_when_told_otherwise(tmp_path, 
         run.wait(timeout=30)
 
 
-def test_the_page_in_a_real_browser_continues_the_example_prompt(tmp_path):
-    """Debian's Chromium, headless: upload examples/prompt.wav, see the guidance, press continue, and
-    wait for the player to have a playable source. A screenshot is kept as a test artifact."""
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """The studio with the bundled model on 127.0.0.1, and Debian's Chromium (headless, driven by
+    Playwright): yields open_tab(), which opens the page in a fresh tab."""
     chromium = shutil.which("chromium")
     if chromium is None:
         from conftest import need
@@ -317,32 +371,73 @@ def test_the_page_in_a_real_browser_continues_the_example_prompt(tmp_path):
         need(False, "chromium (Debian package)")
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    studio = Studio(out_dir=tmp_path / "out")  # the bundled model
-    page = build(studio)
-    page.queue(default_concurrency_limit=1)
-    port = free_port()
-    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(studio.out_dir)])
+    page, url = launch(Studio(out_dir=tmp_path_factory.mktemp("browser")))
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=[
+            chrome = p.chromium.launch(executable_path=chromium, args=[
                 "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync"])
-            tab = browser.new_page(viewport={"width": 1280, "height": 1400})
-            tab.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
-            tab.locator("#prompt input[type=file]").first.set_input_files(str(ROOT / "examples" / "prompt.wav"))
-            tab.wait_for_function("document.querySelector('#guidance').innerText.includes('verdict: typical')",
-                                  timeout=120_000)
-            tab.locator("#continue").click()
-            started = time.time()
-            tab.wait_for_function("() => { const a = document.querySelector('#player audio');"
-                                  " return a && a.src && a.readyState >= 2; }", timeout=180_000)
-            assert time.time() - started < 180
-            tab.wait_for_function("document.querySelector('#takes').innerText.includes('bits/sample')",
-                                  timeout=180_000)
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            tab.screenshot(path=str(ARTIFACTS / "studio.png"), full_page=True)
-            browser.close()
+
+            def open_tab():
+                tab = chrome.new_page(viewport={"width": 1280, "height": 1400})
+                tab.goto(url, wait_until="networkidle")
+                return tab
+
+            yield open_tab
+            chrome.close()
     finally:
         page.close()
+
+
+def test_the_page_in_a_real_browser_continues_the_example_prompt(browser):
+    """Upload examples/prompt.wav, see the guidance, press continue, and wait for the player to have
+    a playable source. The player, the table of takes, the spectrograms and the downloads appear only
+    then: a fresh page has no empty panels. Screenshots of both are kept as test artifacts."""
+    tab = browser()
+    panels = ["#player", "#takes", "#spectrograms", "#downloads"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    tab.screenshot(path=str(ARTIFACTS / "studio-fresh.png"), full_page=True)
+    assert [tab.locator(p).is_visible() for p in panels] == [False] * 4
+    tab.locator("#prompt input[type=file]").first.set_input_files(str(ROOT / "examples" / "prompt.wav"))
+    tab.wait_for_function("document.querySelector('#guidance').innerText.includes('verdict: typical')",
+                          timeout=120_000)
+    tab.locator("#continue").click()
+    tab.wait_for_function("() => { const a = document.querySelector('#player audio');"
+                          " return a && a.src && a.readyState >= 2; }", timeout=180_000)
+    tab.wait_for_function("document.querySelector('#takes')?.innerText.includes('bits/sample')", timeout=180_000)
+    assert [tab.locator(p).is_visible() for p in panels] == [True] * 4
+    tab.screenshot(path=str(ARTIFACTS / "studio.png"), full_page=True)
     assert (ARTIFACTS / "studio.png").stat().st_size > 50_000
+
+
+def test_continue_waits_for_a_prompt(browser, synth_prompt):
+    """Greyed out on a fresh page; live once a file is chosen; greyed out again when it is cleared."""
+    tab = browser()
+    assert tab.locator("#continue").is_disabled()
+    tab.locator("#prompt input[type=file]").first.set_input_files(str(synth_prompt))
+    tab.wait_for_function("!document.querySelector('#continue').disabled", timeout=60_000)
+    tab.locator("#prompt button[aria-label=Clear]").click()
+    tab.wait_for_function("document.querySelector('#continue').disabled", timeout=60_000)
+
+
+def test_the_bundled_example_is_one_click_away(browser):
+    """A musician without a file of their own clicks the example under the prompt: it is read, and
+    continue comes alive."""
+    tab = browser()
+    tab.locator("#example").get_by_text("a Bach chorale on piano").click()
+    tab.wait_for_function("document.querySelector('#guidance').innerText.includes('verdict: typical')",
+                          timeout=120_000)
+    assert "5.0 s of prompt" in tab.locator("#guidance").inner_text()
+    tab.wait_for_function("!document.querySelector('#continue').disabled", timeout=60_000)
+
+
+def test_each_sampling_control_says_what_it_does_in_words(tiny_model, tmp_path):
+    """temperature, top-k and top-p carry a line of `info` on both tabs, as does the guidance by the prompt."""
+    page = build(Studio(str(tiny_model), out_dir=tmp_path))
+    info = {}
+    for block in page.blocks.values():
+        if isinstance(getattr(block, "label", None), str):
+            info.setdefault(block.label.split(" (")[0], []).append(getattr(block, "info", None))
+    assert info["temperature"] == ["lower: safer, more repetitive; higher: bolder, noisier"] * 2
+    for name, tabs in (("top-k", 2), ("top-p", 2), ("guidance by the prompt", 1)):
+        assert len(info[name]) == tabs and all(info[name]), (name, info[name])
