@@ -25,6 +25,7 @@ TYPICAL, UNUSUAL, FAR = "typical", "unusual", "far from what this model knows"
 NOISE_FLATNESS = 0.35  # white noise is ~0.56; music is usually below 0.1
 SILENT_DBFS = -55.0
 DC_OFFSET = 0.05  # a mean level beyond this is an offset, not music (full scale is 1)
+SURPRISING = 0.75  # bits/sample above the model's test figure from which a prompt is unfamiliar to it
 STUCK_RATIO = 3.0  # a continuation is stuck when its offset is this many times the spread of the signal on it
 
 
@@ -51,8 +52,17 @@ class PromptReport:
     def far(self) -> bool:
         return self.verdict == FAR
 
+    @property
+    def unfamiliar(self) -> bool:
+        return unfamiliar(self.bits, self.reference_bits)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def unfamiliar(bits: float | None, reference_bits: float | None) -> bool:
+    """Whether the model finds audio surprising: its bits/sample on it well above its test figure."""
+    return bits is not None and reference_bits is not None and bits - reference_bits > SURPRISING
 
 
 def describe_signal(audio: Audio, source: str, trimmed_from: float | None = None) -> PromptReport:
@@ -135,7 +145,7 @@ def judge(report: PromptReport, bits: float | None, summary: dict, model: str | 
         if delta > 2.0:
             flag(FAR, f"the model finds the prompt very surprising ({where})",
                  f"{knows}; music far from it (other instruments, drums, voice) will likely degrade")
-        elif delta > 0.75:
+        elif delta > SURPRISING:
             flag(UNUSUAL, f"the model finds the prompt surprising ({where})",
                  f"{knows}; expect a looser continuation")
         elif delta < -2.0:
@@ -147,8 +157,11 @@ def judge(report: PromptReport, bits: float | None, summary: dict, model: str | 
         report.reasons.append(f"{bits:.2f} bits/sample on the prompt; this checkpoint records no test NLL "
                               "(run `s4music eval --record`) to compare with")
     report.verdict = FAR if FAR in levels else UNUSUAL if UNUSUAL in levels else TYPICAL
-    if report.verdict != TYPICAL and bits is not None and ref is not None and bits - ref > 0.75:
+    if report.verdict != TYPICAL and report.unfamiliar:
         report.advice.append(finetune_advice(model))
+    if report.unfamiliar and (rule := summary.get("sampling_unfamiliar")):
+        report.advice.append("`continue` samples it with " + ", ".join(f"{k} {v:g}" for k, v in rule.items()) +
+                             ", this model's rule for a prompt it finds surprising, unless you set them")
     return report
 
 

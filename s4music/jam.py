@@ -33,7 +33,7 @@ from s4music.dsp import HighPass, dbfs
 from s4music.files import AtomicFile, interrupts_deferred
 from s4music.generate.sampler import Sampler, Stepper
 from s4music.jam_options import JamError, JamOptions
-from s4music.guidance import describe_signal, judge
+from s4music.guidance import describe_signal, judge, unfamiliar
 from s4music.model.registry import load_model
 from s4music.model.s4 import SCAN_CHUNK
 from s4music.model.sashimi import SaShiMi
@@ -197,14 +197,19 @@ class Jam:
         index = len(self.turns)
         seed = self.seed + index
         taken = sum(n for n, _ in self.heard_bits)
-        sampling = self.sampling.with_surprise_of(sum(b for _, b in self.heard_bits) / taken if taken
-                                                  else self.net.summary.get("test_bits"))
+        heard = sum(b for _, b in self.heard_bits) / taken if taken else None
+        test_bits = self.net.summary.get("test_bits")
+        # what the model finds surprising is answered with its rule for unfamiliar prompts, as `continue` does
+        strange = unfamiliar(heard, test_bits) and bool(self.net.summary.get("sampling_unfamiliar"))
+        sampling = replace(self.options.sampling.resolved(self.net.summary, strange),
+                           context_seconds=0.0).with_surprise_of(heard or test_bits)
         self.answer = self.stepper.sampler(self.state, self.code, [seed], sampling, self.recent)
         self.answer_info = {"index": index, "seed": seed, "silence": self.quiet_since, "start": start,
                             "logprob": 0.0, "samples": 0, "energy": 0.0, "gain": None}
 
         self.armed, self.quiet_since = False, None
-        self.on_event(JamEvent("answer", self.answer_info["start"] / self.sr, f"answering (seed {seed})"))
+        self.on_event(JamEvent("answer", self.answer_info["start"] / self.sr, f"answering (seed {seed}"
+                                   f"{', the rule for unfamiliar input' if strange else ''})"))
 
     def _answer_block(self, n: int, ended: str | None) -> np.ndarray:
         info = self.answer_info

@@ -634,3 +634,24 @@ def test_the_narrower_cpus_fused_step_matches_the_model_too(fused, arch):
         _, _, logits = FusedStep(model, extension=ext).run(x[:, 101], state, torch.rand(2, 198), forced=x[:, 102:])
         assert (logits - model(x)[:, 101:-1]).abs().max() < 1e-4, (arch, name)
     assert FusedStep(model, half=True, extension=ext).half == (arch != "x86-64-v2")  # F16C or not
+
+
+def test_a_prompt_the_model_finds_surprising_takes_its_rule_for_unfamiliar_prompts(tiny_model, synth_prompt, tmp_path):
+    net = load_model(tiny_model)
+    familiar = net.summary["test_bits"]  # the tiny model's test figure is its NLL on this very prompt
+    rules = {"sampling": {"temperature": 0.8}, "sampling_unfamiliar": {"typical": 0.9}}
+    recorded = {}
+    for name, test_bits in (("familiar", familiar), ("surprising", familiar - 1.0)):
+        net.summary = {**net.summary, **rules, "test_bits": test_bits}
+        result = continue_prompt(synth_prompt, tmp_path / f"{name}.wav", net, GenerateOptions(seconds=0.1, seed=1))
+        recorded[name] = json.loads(result.sidecar.read_text())["sampling"]
+        assert result.guidance.unfamiliar == (name == "surprising")
+        assert any("this model's rule for a prompt it finds surprising" in a
+                   for a in result.guidance.advice) == (name == "surprising")
+    assert recorded["familiar"]["temperature"] == recorded["surprising"]["temperature"] == 0.8
+    assert recorded["familiar"]["typical"] == 1.0 and recorded["surprising"]["typical"] == 0.9
+    # what the user sets wins over either rule
+    result = continue_prompt(synth_prompt, tmp_path / "set.wav", net,
+                             GenerateOptions(seconds=0.1, seed=1, sampling=Sampling(typical=0.95)))
+    assert json.loads(result.sidecar.read_text())["sampling"]["typical"] == 0.95
+    assert Sampling().resolved(rules).typical == 1.0 and Sampling().resolved(rules, unfamiliar=True).typical == 0.9

@@ -150,6 +150,23 @@ def test_an_answer_is_guided_by_what_the_player_just_played(tiny_model):
     assert jam.recent.numel() <= int(1.1 * SR) and jam.recent[-1] == jam.code[0]  # it ends with the next input
 
 
+def test_input_the_model_finds_surprising_is_answered_with_its_rule_for_unfamiliar_prompts(tiny_model):
+    music = synthesized_music(seconds=1.0)[:, 0]
+    answers = {}
+    for name, offset in (("familiar", 0.0), ("surprising", -2.0)):  # the test figure moved under what it hears
+        net = load_model(tiny_model)
+        net.summary = {**net.summary, "test_bits": net.summary["test_bits"] + offset,
+                       "sampling": {"temperature": 0.8}, "sampling_unfamiliar": {"typical": 0.9}}
+        events = []
+        jam = Jam(net, JamOptions(seed=1, wait=0.1, step=StepOptions(device="cpu")), on_event=events.append)
+        for block in blocks_of(np.concatenate([music, np.zeros(SR // 2, np.float32)])):
+            jam.feed(block)
+        answers[name] = (jam.answer.sampling, [e.text for e in events if e.kind == "answer"])
+    assert answers["familiar"][0].typical == 1.0 and answers["surprising"][0].typical == 0.9
+    assert answers["familiar"][0].temperature == answers["surprising"][0].temperature == 0.8
+    assert "unfamiliar" in answers["surprising"][1][0] and "unfamiliar" not in answers["familiar"][1][0]
+
+
 def test_a_jam_that_cannot_start_replaces_no_earlier_recording(tiny_model, tmp_path):
     (tmp_path / "jam.wav").write_bytes(b"last night's jam")
     (tmp_path / "turns.jsonl").write_text("{}\n")

@@ -53,9 +53,12 @@ class Sampling:
     NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "temperature_end": None, "context_seconds": 0.0,
                "typical": 1.0, "guidance": 1.0, "guidance_seconds": 0.25, "surprise": 0.0}
 
-    def resolved(self, summary: dict) -> Sampling:
-        """Unset values from the checkpoint's recommendation, then the neutral ones."""
-        recommended = summary.get("sampling") or {}
+    def resolved(self, summary: dict, unfamiliar: bool = False) -> Sampling:
+        """Unset values from the checkpoint's recommendation, then the neutral ones. For a prompt the
+        model finds surprising (`unfamiliar`), its summary's "sampling_unfamiliar" overrides
+        "sampling" (the long-form benchmark chooses both on validation prompts)."""
+        recommended = {**(summary.get("sampling") or {}), **((summary.get("sampling_unfamiliar") or {})
+                                                             if unfamiliar else {})}
         return Sampling(**{k: v if (v := getattr(self, k)) is not None else recommended.get(k, neutral)
                            for k, neutral in self.NEUTRAL.items()})
 

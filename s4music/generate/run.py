@@ -76,8 +76,8 @@ def _continuation(prompt: str | Path, net: SaShiMi, options: GenerateOptions, on
 def _generation(net: SaShiMi, options: GenerateOptions, read: ReadPrompt | None, on_progress, started) -> Generation:
     seeds = _seeds(options)
     stepper = Stepper(net, options.step)
-    generation = Generation(stepper.net, stepper, options, options.sampling.resolved(net.summary), seeds, read,
-                            on_progress, started=started)
+    sampling = options.sampling.resolved(net.summary, unfamiliar=read is not None and read.report.unfamiliar)
+    generation = Generation(stepper.net, stepper, options, sampling, seeds, read, on_progress, started=started)
     generation.timings.prefill_s = read.seconds if read else 0.0
     generation.timings.load_s = time.perf_counter() - started - generation.timings.prefill_s
     return generation
