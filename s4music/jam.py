@@ -86,8 +86,11 @@ class Jam:
         self.scheme = net.audio.quantization
         self.stepper = Stepper(net, self.options.step)
         self.net = self.stepper.net
-        # a jam's state follows the live input as it comes, so it is never re-anchored
-        self.sampling = replace(self.options.sampling.resolved(net.summary), context_seconds=0.0)
+        # a jam's state follows the live input as it comes, so it is never re-anchored; by whether
+        # the model finds what it heard surprising, the model's rule for familiar or unfamiliar input
+        self.rules = {strange: replace(self.options.sampling.resolved(net.summary, strange), context_seconds=0.0)
+                      for strange in (False, True)}
+        guiding = [rule for rule in self.rules.values() if rule.guidance != 1]
         self.seed = self.options.seed if self.options.seed is not None else secrets.randbelow(2**31)
         self.align = SCAN_CHUNK * net.config.total_pool  # a prefill from a state this aligned takes no slow head
         self.state = self.net.initial_state(1)
@@ -107,7 +110,7 @@ class Jam:
         self.heard_bits: deque[tuple[int, float]] = deque()  # (samples, summed bits) of what the state took
         # the last codes the state took, ending with the next input: what guidance's free row hears
         self.recent = torch.zeros(0, dtype=torch.long)
-        self.recent_keep = int((self.sampling.guidance_seconds + 1) * self.sr)
+        self.recent_keep = int((max(r.guidance_seconds for r in guiding) + 1) * self.sr) if guiding else 0
         self.played_s = 0.0
         self.verdict: str | None = None
         self.next_verdict_s = self.options.guidance_after
@@ -139,7 +142,7 @@ class Jam:
     def _take(self, codes: torch.Tensor, forced: bool) -> None:
         bits, self.state = self.stepper.follow(self.code, self.state, codes, step_by_step=forced)
         self.code = codes[-1:]
-        if self.sampling.guidance != 1:
+        if self.recent_keep:
             self.recent = torch.cat([self.recent, codes])[-self.recent_keep:]
         self.heard_bits.append((len(codes), float(bits.sum())))
         while sum(n for n, _ in self.heard_bits) - self.heard_bits[0][0] > RECENT_S * self.sr:
@@ -199,10 +202,8 @@ class Jam:
         taken = sum(n for n, _ in self.heard_bits)
         heard = sum(b for _, b in self.heard_bits) / taken if taken else None
         test_bits = self.net.summary.get("test_bits")
-        # what the model finds surprising is answered with its rule for unfamiliar prompts, as `continue` does
-        strange = unfamiliar(heard, test_bits) and bool(self.net.summary.get("sampling_unfamiliar"))
-        sampling = replace(self.options.sampling.resolved(self.net.summary, strange),
-                           context_seconds=0.0).with_surprise_of(heard or test_bits)
+        strange = unfamiliar(heard, test_bits) and self.rules[True] != self.rules[False]
+        sampling = self.rules[strange].with_surprise_of(heard or test_bits)
         self.answer = self.stepper.sampler(self.state, self.code, [seed], sampling, self.recent)
         self.answer_info = {"index": index, "seed": seed, "silence": self.quiet_since, "start": start,
                             "logprob": 0.0, "samples": 0, "energy": 0.0, "gain": None}
@@ -295,6 +296,8 @@ def run_jam(source: Iterator[np.ndarray], model: str | Path | SaShiMi | None = N
         if hasattr(source, "close"):  # a live input's stream closes however the jam ends
             stack.callback(source.close)
 
+        recording, turns = _Kept(), _Kept()  # no files yet
+
         def event(e: JamEvent) -> None:
             if e.turn is not None and turns.output is not None:
                 turns.output.write(e.turn)
@@ -304,8 +307,8 @@ def run_jam(source: Iterator[np.ndarray], model: str | Path | SaShiMi | None = N
         jam = Jam(net, options, event)  # before any file: bad options leave nothing behind
         # each output's exit is registered before its file exists, and a Ctrl-C waits until the file
         # is in its hands, so no stop leaves a temporary
-        recording = stack.enter_context(_Kept())
-        turns = stack.enter_context(_Kept())
+        stack.enter_context(recording)
+        stack.enter_context(turns)
         with interrupts_deferred():
             recording.output = RecordingSink(record, sr, 2) if record else None
             turns.output = TurnLog(log) if log else None

@@ -546,6 +546,11 @@ def test_guidance_says_what_the_model_knows_and_how_to_get_a_model_that_knows_mo
     assert "--from runs/mine/best" in advice and "MODEL" not in advice
     for measured in ("25.2 h", "2,768 steps", "H200", "5.56 to 3.52", "0.11 audio s per s", "about 9 h"):
         assert measured in advice, measured
+    # a model's rule for unfamiliar prompts is named, whatever its values
+    rule = {"typical": 0.9, "surprise": "auto"}
+    for bits in (2.1, 3.0):
+        advice = " ".join(judge(describe_signal(audio, "x.wav"), bits, {**summary, "sampling_unfamiliar": rule}).advice)
+        assert ("typical 0.9, surprise auto" in advice) == (bits == 3.0)
 
 
 def test_a_loaded_model_knows_its_name_for_the_advice(tiny_model):

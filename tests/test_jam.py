@@ -152,16 +152,19 @@ def test_an_answer_is_guided_by_what_the_player_just_played(tiny_model):
 
 def test_input_the_model_finds_surprising_is_answered_with_its_rule_for_unfamiliar_prompts(tiny_model):
     music = synthesized_music(seconds=1.0)[:, 0]
-    answers = {}
-    for name, offset in (("familiar", 0.0), ("surprising", -2.0)):  # the test figure moved under what it hears
+    answers, heard = {}, None
+    for name in ("familiar", "surprising"):  # first a test figure far above what it hears, then 1 bit under
         net = load_model(tiny_model)
-        net.summary = {**net.summary, "test_bits": net.summary["test_bits"] + offset,
+        net.summary = {**net.summary, "test_bits": 100.0 if heard is None else heard - 1.0,
                        "sampling": {"temperature": 0.8}, "sampling_unfamiliar": {"typical": 0.9}}
         events = []
         jam = Jam(net, JamOptions(seed=1, wait=0.1, step=StepOptions(device="cpu")), on_event=events.append)
         for block in blocks_of(np.concatenate([music, np.zeros(SR // 2, np.float32)])):
             jam.feed(block)
+            if jam.answer is not None:  # what it had heard when it began to answer
+                break
         answers[name] = (jam.answer.sampling, [e.text for e in events if e.kind == "answer"])
+        heard = sum(b for _, b in jam.heard_bits) / sum(n for n, _ in jam.heard_bits)
     assert answers["familiar"][0].typical == 1.0 and answers["surprising"][0].typical == 0.9
     assert answers["familiar"][0].temperature == answers["surprising"][0].temperature == 0.8
     assert "unfamiliar" in answers["surprising"][1][0] and "unfamiliar" not in answers["familiar"][1][0]

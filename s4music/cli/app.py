@@ -560,7 +560,9 @@ TopK = Annotated[int, typer.Option(help="Keep the k likeliest codes (0: off). De
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the likeliest codes up to this probability "
                                           "(1: off). Default: as top-k.")]
 Typical = Annotated[float, typer.Option(help="Locally typical sampling: keep the codes whose surprise is nearest "
-                                              "the distribution's entropy, up to this probability (1: off).")]
+                                              "the distribution's entropy, up to this probability (1: off). Default: the "
+                                              "model's recommendation, which may differ for a prompt it finds "
+                                              "surprising (see check), else off.")]
 Guidance = Annotated[float, typer.Option(help="Guidance by the prompt: draw from free + G (prompt - free), the "
                                                "logits of the model that heard the prompt pushed away from one "
                                                "that heard only its last --guidance-seconds (1: off; costs a "
