@@ -160,8 +160,9 @@ def judge(report: PromptReport, bits: float | None, summary: dict, model: str | 
     if report.verdict != TYPICAL and report.unfamiliar:
         report.advice.append(finetune_advice(model))
     if report.unfamiliar and (rule := summary.get("sampling_unfamiliar")):
-        report.advice.append("`continue` samples it with " + ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in rule.items()) +
-                             ", this model's rule for a prompt it finds surprising, unless you set them")
+        values = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in rule.items())
+        report.advice.append(f"`continue` samples it with {values}, this model's rule for a prompt it finds "
+                             "surprising, unless you set them")
     return report
 
 
