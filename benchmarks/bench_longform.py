@@ -52,6 +52,12 @@ RULES = {
     "t0.8, typical 0.9": dict(temperature=0.8, typical=0.9),
     "t0.8; typical 0.9 for unfamiliar prompts": dict(temperature=0.8, unfamiliar=dict(typical=0.9)),
 }
+
+
+def as_summary(rule: str) -> dict:
+    """The rule as a model summary's recommendation: its "sampling" and "sampling_unfamiliar"."""
+    sampling = dict(RULES[rule])
+    return {"sampling_unfamiliar": sampling.pop("unfamiliar", {}), "sampling": sampling}
 RECORDINGS = {"val": ["drascula/track1.ogg", "ufoai/PsymongN1.ogg"],
               "test": ["drascula/track14.ogg", "ufoai/alBasrahM.ogg", "xblast/xbsng1.wav"]}
 
@@ -135,10 +141,8 @@ def continue_windows(prompt: str, rule: str, seeds: int, seconds: float, improvi
     from s4music.model import load_model
 
     net = load_model(os.environ.get("S4MUSIC_LONGFORM_MODEL", "default"))
-    sampling = dict(RULES[rule])
     # the rule as the model's own recommendation, so that continue applies it as it would a shipped one
-    net.summary = {**net.summary, "sampling_unfamiliar": sampling.pop("unfamiliar", {}),
-                   "sampling": {**Sampling.NEUTRAL, **sampling}}
+    net.summary = {**net.summary, **as_summary(rule)}
     options = GenerateOptions(seconds=seconds, variations=seeds, seed=0, sampling=Sampling(),
                               output=Output(include_prompt=False, normalize="none"))
     generation = stream_continuation(prompt, net, options)
@@ -183,9 +187,7 @@ def rule_cost(rules: list[str], variations: int, seconds: float, rounds: int) ->
     step = FusedStep(net, half=True)
     chosen = {}
     for name in rules:
-        sampling = dict(RULES[name])
-        sampling.update(sampling.pop("unfamiliar", {}))
-        rule = Sampling(**{**Sampling.NEUTRAL, **sampling}).with_surprise_of(net.summary.get("test_bits")).rule()
+        rule = Sampling().resolved(as_summary(name), unfamiliar=True).with_surprise_of(net.summary.get("test_bits")).rule()
         rows = variations * (2 if rule.pairs else 1)
         _, state = net.prefill(torch.randint(0, 256, (rows, 4096)))
         chosen[name] = (rule, rows, state)
