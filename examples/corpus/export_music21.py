@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-from concurrent.futures import ProcessPoolExecutor
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 MIN_SECONDS = 20.0
@@ -55,6 +56,12 @@ def with_programs(src: Path, dest: Path, rel: str) -> None:
     midi.save(str(dest))
 
 
+def ensemble_path(job: tuple[str, str, str]) -> Path:
+    """The last file a score's export writes: where it exists, the score is done."""
+    _, rel, out = job
+    return Path(out) / "ensemble" / Path(rel).with_suffix(".mid")
+
+
 def export(job: tuple[str, str, str]) -> tuple[str, str]:
     """Export one score; (its path under the corpus, "ok", "short", or the reason it failed)."""
     path, rel, out = job
@@ -62,9 +69,7 @@ def export(job: tuple[str, str, str]) -> tuple[str, str]:
     from music21 import corpus
 
     piano = Path(out) / "piano" / Path(rel).with_suffix(".mid")
-    ensemble = Path(out) / "ensemble" / Path(rel).with_suffix(".mid")
-    if ensemble.exists():
-        return rel, "ok"
+    ensemble = ensemble_path(job)
     try:
         score = corpus.parse(path)
         piano.parent.mkdir(parents=True, exist_ok=True)
@@ -99,15 +104,25 @@ def main() -> None:
         if rel.endswith(".rntxt") or (wanted and rel.split("/", 1)[0] not in wanted):
             continue  # roman-numeral analyses are not scores
         jobs.append((str(p), rel, str(args.out)))
-    counts: dict[str, int] = {}
+    done = [job for job in jobs if ensemble_path(job).exists()]
+    todo = [job for job in jobs if not ensemble_path(job).exists()]
+    counts: dict[str, int] = {"ok": len(done)} if done else {}
+    start, said = time.monotonic(), 0.0
     with ProcessPoolExecutor(args.workers) as pool:
-        for i, (rel, status) in enumerate(pool.map(export, jobs, chunksize=4), 1):
+        for i, future in enumerate(as_completed([pool.submit(export, job) for job in todo]), 1):
+            rel, status = future.result()
             kind = status.split(":")[0]
             counts[kind] = counts.get(kind, 0) + 1
             if kind == "failed":
                 logging.warning("%s %s", rel, status)
-            if i % 50 == 0 or i == len(jobs):
-                logging.info("%d/%d scores: %s", i, len(jobs), counts)
+            elapsed = time.monotonic() - start
+            if elapsed - said >= 30 or i == len(todo):  # a line every 30 s: readable in a log file too
+                said = elapsed
+                left = elapsed / i * (len(todo) - i)
+                logging.info("%d/%d scores %s, %s left", len(done) + i, len(jobs), counts,
+                             time.strftime("%H:%M:%S", time.gmtime(left)))
+    if not todo:
+        logging.info("%d/%d scores already exported", len(done), len(jobs))
 
 
 if __name__ == "__main__":
