@@ -218,6 +218,54 @@ def bf16_read(seconds_of_audio: float, pieces: int, rounds: int) -> dict:
     return {**out, "fp32_s": best["fp32"], "bf16_s": best["bf16"]}
 
 
+def read_profile(seconds_of_audio: float, rounds: int) -> dict:
+    """Where the bundled model's fused float32 read spends its time: each tier's residual layers
+    (C++), the scored decoder (C++) and the rest (PyTorch: encoder, pools, skips), best of `rounds`,
+    each tier beside its linear maps' multiply-adds at torch's float32 matrix rate (`matmul_gflops`)."""
+    import torch
+
+    from s4music.model.fast import FusedReader
+    from s4music.model.sashimi import WeightNormLinear
+
+    model = _model("bundled")
+    reader = FusedReader(model)
+    weights = [sum(m.weight.numel() for m in layers.modules() if isinstance(m, (torch.nn.Linear, WeightNormLinear)))
+               for layers in model.tiers()]
+    spent: dict[str, float] = {}
+    lengths: dict[int, int] = {}
+    tier, head_bits = reader.tier, reader.head_bits
+
+    def timed_tier(t, h, skip, given):
+        t0 = time.perf_counter()
+        out = tier(t, h, skip, given)
+        spent[f"tier {t}"] = spent.get(f"tier {t}", 0.0) + time.perf_counter() - t0
+        lengths[t] = h.shape[1]
+        return out
+
+    def timed_head(h, targets):
+        t0 = time.perf_counter()
+        out = head_bits(h, targets)
+        spent["decoder"] = spent.get("decoder", 0.0) + time.perf_counter() - t0
+        return out
+
+    reader.tier, reader.head_bits = timed_tier, timed_head
+    codes = torch.randint(0, 256, (1, int(seconds_of_audio * SAMPLE_RATE)))
+    x = model.shift_right(codes)
+    reader.prefill_bits(x[:, :4096], codes[:, :4096])
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        spent.clear()
+        t0 = time.perf_counter()
+        reader.prefill_bits(x, codes)
+        total = time.perf_counter() - t0
+        if total < best.get("total", float("inf")):
+            best = {**spent, "total": total}
+    rate = matmul_gflops(torch.float32)
+    bounds = {f"tier {t}": 2 * weights[t] * length / 1e9 / rate for t, length in lengths.items()}
+    return {"seconds": best, "bounds": bounds, "lengths": {f"tier {t}": n for t, n in lengths.items()},
+            "rate_gflops": rate, "threads": torch.get_num_threads()}
+
+
 def steps_by_instruction_set(batch: int, seconds: float, rounds: int) -> dict:
     """The bundled model's fused step (fp16 weights) on each instruction set this build and CPU run,
     interleaved in one process, best of `rounds`: × real time (all variations) by set."""
@@ -310,7 +358,8 @@ def _child(kind: str, env: dict | None = None, **kw) -> dict:
 
 def main() -> None:
     args = parse_args({"train": train_step, "precision": train_precision, "gen": generation, "prefill": prefill,
-                       "bound": linear_bound, "isa_steps": steps_by_instruction_set, "bf16_read": bf16_read})
+                       "bound": linear_bound, "isa_steps": steps_by_instruction_set, "bf16_read": bf16_read,
+                       "read_profile": read_profile})
     if args is None:
         return
 
@@ -422,24 +471,59 @@ def main() -> None:
               "no floor for it; the FMA-peak row is. Before a new model's first read the reader packs its weights "
               f"({fused.get('bundled', {}).get('reader_s', float('nan')):.2f} s for the bundled model), and the "
               "kernel is built once per machine (`make install`).")
+    profiles = [(None, _child("read_profile", seconds_of_audio=audio_s, rounds=3)),
+                ({"OMP_NUM_THREADS": "1"}, _child("read_profile", env={"OMP_NUM_THREADS": "1"},
+                                                  seconds_of_audio=audio_s, rounds=3))]
+    if all("error" not in p for _, p in profiles):
+        print(f"\n#### Where the fused float32 read spends its time (bundled model, {audio_s:g} s prompt, best of 3)\n\n"
+              "Each tier's bound: its linear maps' multiply-adds at torch's float32 matrix rate, measured in the "
+              "same process.\n")
+        print("| part | samples | " + " | ".join(f"{p['threads']} thread{'s' * (p['threads'] > 1)} s | vs bound"
+                                                  for _, p in profiles) + " |")
+        print("|---|---|" + "---|---|" * len(profiles))
+        first = profiles[0][1]
+        parts = [*first["bounds"], "decoder"]
+        for part in parts:
+            cells = []
+            for _, p in profiles:
+                sec, bound_s = p["seconds"].get(part, float("nan")), p["bounds"].get(part)
+                cells += [f"{sec:.2f}", f"{sec / bound_s:.2f}x" if bound_s else ""]
+            print(f"| {part} | {first['lengths'].get(part, '')} | {' | '.join(cells)} |")
+        cells = []
+        for _, p in profiles:
+            rest = p["seconds"]["total"] - sum(v for k, v in p["seconds"].items() if k != "total")
+            cells += [f"{rest:.2f}", ""]
+        print(f"| the rest (PyTorch: encoder, pools, skips) | | {' | '.join(cells)} |")
+        cells = []
+        for _, p in profiles:
+            bound_s = sum(p["bounds"].values())
+            cells += [f"{p['seconds']['total']:.2f}", f"{p['seconds']['total'] / bound_s:.2f}x"]
+        print(f"| all | | {' | '.join(cells)} |")
+        print("\nMatrix rates in these children: " + ", ".join(f"{p['rate_gflops']:.0f} GFLOP/s on {p['threads']}"
+                                                             for _, p in profiles) + ".")
     b = _child("bf16_read", seconds_of_audio=audio_s, pieces=2 if args.quick else 7, rounds=3)
     if "error" in b:
         print(f"\nbf16 read: failed: {b['error']}")
     elif b["precision"] != "bf16":
         print("\nbf16 read: this CPU has no AVX512-BF16, so the read runs in float32.")
     else:
+        def speed(ratio: float) -> str:
+            return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
         print(f"\n#### The fused read in bfloat16 (bundled model; linear maps of the residual layers only)\n\n"
               "| | float32 | bf16 | difference |\n|---|---|---|---|\n"
               f"| {audio_s:g} s prompt, s (interleaved, best of {b['rounds']}) | {b['fp32_s']:.2f} | {b['bf16_s']:.2f} | "
-              f"{b['fp32_s'] / b['bf16_s']:.2f}x faster |\n"
+              f"{speed(b['fp32_s'] / b['bf16_s'])} |\n"
               f"| bits/sample, examples/prompt.wav | {b['prompt_fp32']:.5f} | {b['prompt_bf16']:.5f} | "
               f"{b['prompt_bf16'] - b['prompt_fp32']:+.5f} |\n"
               f"| bits/sample, the test split ({b['pieces']} chorales, {b['test_s']:.0f} s, whole pieces) | "
               f"{b['test_fp32']:.5f} | {b['test_bf16']:.5f} | {b['test_bf16'] - b['test_fp32']:+.5f} |")
         verdict = "within" if max(abs(b["prompt_bf16"] - b["prompt_fp32"]), abs(b["test_bf16"] - b["test_fp32"])) < 1e-3 \
             else "not within"
-        print(f"\nBoth are {verdict} 1e-3 of float32, the bar for reading prompts in bf16 by default where the CPU "
-              "has bf16 matrix instructions (`continue`, `check`, `jam` do; `eval` and validation score in float32).")
+        print(f"\nBoth are {verdict} 1e-3 of float32, the bar for reading prompts in bf16 at all. `continue`, "
+              "`check` and `jam` take the bf16 read only where it measured at least 1.1x faster on the machine "
+              "(once, cached in read-precision.json: `s4music.model.fast.reader`); `eval` and validation score in "
+              "float32.")
     if "fma_gmacs" in bound:
         print(f"\n### Arithmetic peak, all {bound['threads']} threads issuing independent multiply-adds "
               "(`benchmarks/peak.cpp`)\n")
