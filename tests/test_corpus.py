@@ -1,5 +1,11 @@
 """The corpus's held-out set by work: every movement and every rendering of a work in one split."""
 
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from s4music.data.corpus import split_by_work, work_of
@@ -51,3 +57,30 @@ def test_pinned_works_stay_where_the_split_file_put_them():
     assert {"piano/palestrina/Kyrie_05.wav", "ensemble/palestrina/Credo_b_05.wav"} <= set(splits["val"])
     with pytest.raises(ValueError, match="pinned to both"):
         split_by_work(names, pinned={"bach/bwv3": "test", "piano/bach/bwv3.1.wav": "val"})
+
+
+def test_pins_of_works_outside_the_run_are_ignored():
+    # work names read as file names lose their movement: bach/bwv18.5-lz and bach/bwv18.5-w are two works
+    splits = split_by_work(["piano/bach/bwv3.1.wav"], pinned={"bach/bwv18.5-lz": "val", "bach/bwv18.5-w": "train",
+                                                              "bach/bwv3": "test"})
+    assert splits["test"] == ["piano/bach/bwv3.1.wav"]
+
+
+def test_make_splits_on_part_of_the_corpus_keeps_the_committed_file(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    committed = repo / "examples" / "corpus" / "splits.json"
+    listed = json.loads(committed.read_text())
+    audio = tmp_path / "audio"
+    part = [*listed["train"][:2], *listed["val"][:1], "piano/newcomposer/opus1.wav"]
+    for name in part:
+        (audio / name).parent.mkdir(parents=True, exist_ok=True)
+        (audio / name).touch()
+    out = tmp_path / "splits.json"
+    shutil.copy(committed, out)
+    subprocess.run([sys.executable, str(repo / "examples" / "corpus" / "make_splits.py"), str(audio), "-o", str(out)],
+                   check=True, capture_output=True)
+    after = json.loads(out.read_text())
+    for split, names in listed.items():
+        assert set(names) <= set(after[split]), f"{split} lost names"
+    assert sum(len(v) for v in after.values()) == sum(len(v) for v in listed.values()) + 1
+    assert "piano/newcomposer/opus1.wav" in sum(after.values(), [])

@@ -4,7 +4,8 @@
 
 The bundled model's chorale val and test pieces (examples/default_model_splits.json) keep their
 splits, so the old and new models are compared on the same held-out works. An existing split file
-is kept as it is: new files of works it holds join them, and new works are placed by the rule.
+is kept as it is: new files of works it holds join them, new works are placed by the rule, and
+files it lists that this run did not find stay listed (a build of part of the corpus).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from s4music.data.corpus import split_by_work, work_of
 from s4music.data.prepare import find_audio
+from s4music.files import atomic_path
 
 OLD_SPLITS = Path(__file__).resolve().parents[1] / "default_model_splits.json"
 
@@ -28,15 +30,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     names = [name for _, _, name in find_audio([args.audio])]
-    pinned = {}
     old = json.loads(OLD_SPLITS.read_text())
-    for split in ("val", "test"):  # chorale/bwv254.wav was the music21 score bach/bwv254
-        pinned.update({work_of(f"x/bach/{Path(n).name}"): split for n in old[split]})
-    if args.out.exists():
-        for split, listed in json.loads(args.out.read_text()).items():
-            pinned.update({work_of(n): split for n in listed})
-    splits = split_by_work(names, args.val, args.test, args.seed, pinned)
-    args.out.write_text(json.dumps(splits, indent=0) + "\n")
+    # chorale/bwv254.wav was the music21 score bach/bwv254 (any rendering folder names the same work)
+    pinned = {f"chorale/bach/{Path(n).name}": split for split in ("val", "test") for n in old[split]}
+    kept = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for split, listed in kept.items():
+        pinned.update(dict.fromkeys(listed, split))
+    placed = split_by_work(names, args.val, args.test, args.seed, pinned)
+    # a build of part of the corpus adds to the file and takes nothing out of it
+    splits = {s: sorted({*placed[s], *kept.get(s, [])}) for s in placed}
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(splits, indent=0) + "\n")
     works = {s: len({work_of(n) for n in v}) for s, v in splits.items()}
     print(f"{args.out}: " + ", ".join(f"{s} {len(v)} files of {works[s]} works" for s, v in splits.items()))
 

@@ -58,6 +58,8 @@ def split_by_work(names: list[str], val: float = 0.05, test: float = 0.05, seed:
         if split not in SPLITS:
             raise ValueError(f"pinned split {split!r} for {key}: use one of {', '.join(SPLITS)}")
         work = key if key in works else work_of(key)
+        if work not in works:
+            continue  # a work none of `names` belongs to (work_of would misread a work's dotted name)
         if fixed.setdefault(work, split) != split:
             raise ValueError(f"work {work} is pinned to both {fixed[work]} and {split}")
     targets = {"val": round(val * len(works)), "test": round(test * len(works))}
