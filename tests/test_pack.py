@@ -66,3 +66,19 @@ def test_a_damaged_or_missing_part_is_named_and_nothing_half_written_is_left(mus
         unpack(tmp_path / "pack", tmp_path / "data", workers=1)
     leftovers = [p.name for p in (tmp_path / "data").iterdir()] if (tmp_path / "data").exists() else []
     assert not [n for n in leftovers if "unpacking" in n or n == "part-001"]
+
+
+def test_a_pack_stopped_part_way_resumes_and_gives_the_same_parts(music_dataset, tmp_path):
+    size = sum((music_dataset / f"{s}.u8").stat().st_size for s in ("train", "val", "test"))
+    limit = size / 4 / 2**20
+    whole = pack(music_dataset, tmp_path / "whole", part_mb=limit, seed=0)
+    stopped = pack(music_dataset, tmp_path / "pack", part_mb=limit, seed=0, max_parts=2)
+    (tmp_path / "pack" / "pack.json").unlink()  # as if killed before the end
+    resumed = pack(music_dataset, tmp_path / "pack", part_mb=limit, seed=0)
+    assert [p.kept for p in resumed] == [True, True] + [False] * (len(whole) - 2)
+    assert [p.path.read_bytes() for p in resumed] == [p.path.read_bytes() for p in whole]
+    assert [p.path for p in stopped] == [p.path for p in resumed[:2]]
+    assert resumed[-1].windows_left == 0
+    # another --part-mb or seed deals other parts: nothing is kept
+    assert not any(p.kept for p in pack(music_dataset, tmp_path / "pack", part_mb=limit * 0.9, seed=0))
+    assert not any(p.kept for p in pack(music_dataset, tmp_path / "pack", part_mb=limit * 0.9, seed=1))

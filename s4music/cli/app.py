@@ -336,8 +336,18 @@ def pack_command(
     """Pack a dataset as parts that travel: each a random sample of it, compressed losslessly."""
     from s4music.data.pack import pack
 
-    parts = pack(dataset, out, part_mb=part_mb, seed=seed, max_parts=max_parts, on_part=lambda p: console.print(
-        f"{p.path}: {p.bytes / 2**20:.1f} MiB, {p.hours:.2f} h", highlight=False))
+    started, packed = time.monotonic(), [0]
+
+    def report(p) -> None:
+        if p.kept:
+            console.print(f"{p.path}: {p.bytes / 2**20:.1f} MiB, {p.hours:.2f} h (kept from an earlier run)", highlight=False)
+            return
+        packed[0] += p.windows
+        left = (time.monotonic() - started) / packed[0] * p.windows_left
+        eta = "" if max_parts else f"; {time.strftime('%H:%M:%S', time.gmtime(left))} left"  # a line a part: logs read it too
+        console.print(f"{p.path}: {p.bytes / 2**20:.1f} MiB, {p.hours:.2f} h{eta}", highlight=False)
+
+    parts = pack(dataset, out, part_mb=part_mb, seed=seed, max_parts=max_parts, on_part=report)
     total = sum(p.bytes for p in parts) / 2**20
     console.print(f"{len(parts)} parts, {total:.1f} MiB, {sum(p.hours for p in parts):.2f} h; index {out / 'pack.json'}")
 

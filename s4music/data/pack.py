@@ -7,7 +7,8 @@ rows and split files) compressed losslessly: LZMA2 after a delta filter, which b
 codes of music to about 4.7-5.3 bits a sample (about 35 MB an hour). A lossy codec was measured and
 refused (examples/corpus/README.md): Opus even at 64 kbit/s moved the bundled model's bits per
 sample by 0.2-0.4, far past the 0.02 allowed. `pack.json` lists each part with its size, SHA-256,
-windows and hours.
+windows and hours. A pack stopped part-way resumes: a part an earlier run wrote from the same
+dataset, with the same `part_mb` and seed, holding the sources next in order, is kept as it is.
 
 `unpack` checks every part it is given against its checksum first, then decompresses the parts in
 parallel (a process per core) into OUT/NAME/, each written to a temporary folder and renamed into
@@ -51,6 +52,8 @@ class PackedPart:
     bytes: int
     windows: int
     hours: float
+    kept: bool = False  # written by an earlier run, and kept
+    windows_left: int = 0  # of the dataset, not yet in a part
 
 
 def _rows_by_source(root: Path, meta: dict) -> dict[str, list[dict]]:
@@ -63,8 +66,9 @@ def _rows_by_source(root: Path, meta: dict) -> dict[str, list[dict]]:
     return rows
 
 
-def _encode_part(meta: dict, sources: list[dict], rows: dict[str, list[dict]], splits: dict[str, np.ndarray]) -> bytes:
-    """One part: a header (its dataset.json and manifest) and its split files, compressed."""
+def _encode_part(meta: dict, sources: list[dict], rows: dict[str, list[dict]], splits: dict[str, np.ndarray],
+                 dealt: dict) -> bytes:
+    """One part: a header (its dataset.json, manifest, and how parts were dealt) and its split files, compressed."""
     part_meta = {**meta, "sources": sources, "splits": {s: 0 for s in SPLITS}}
     manifest, blobs = [], {s: [] for s in SPLITS}
     for src in sources:
@@ -73,9 +77,41 @@ def _encode_part(meta: dict, sources: list[dict], rows: dict[str, list[dict]], s
             blobs[split].append(splits[split][row["offset"]])
             manifest.append({**row, "offset": part_meta["splits"][split]})
             part_meta["splits"][split] += 1
-    header = json.dumps({"format": PACK_FORMAT, "dataset": part_meta, "manifest": manifest}).encode()
+    header = json.dumps({"format": PACK_FORMAT, "dataset": part_meta, "manifest": manifest, "dealt": dealt}).encode()
     body = b"".join(np.stack(blobs[s]).tobytes() if blobs[s] else b"" for s in SPLITS)
     return lzma.compress(_MAGIC + struct.pack("<Q", len(header)) + header + body, format=lzma.FORMAT_XZ, filters=_FILTERS)
+
+
+def _without_sources(meta: dict) -> dict:
+    """A dataset.json without what differs from part to part."""
+    return {k: v for k, v in meta.items() if k not in ("sources", "splits")}
+
+
+def _part_header(path: Path) -> dict | None:
+    """The header of a part on disk, decompressing only as far as it; None if it cannot be read."""
+    try:
+        with lzma.open(path) as f:
+            head = f.read(16)
+            if len(head) < 16 or head[:8] != _MAGIC:
+                return None
+            (size,) = struct.unpack("<Q", head[8:16])
+            return json.loads(f.read(size))
+    except (OSError, lzma.LZMAError, EOFError, ValueError):
+        return None
+
+
+def _kept_part(path: Path, meta: dict, pending: list[dict], dealt: dict, limit: int) -> list[dict] | None:
+    """The sources of a part an earlier run of the same pack wrote at `path`, if they are the next
+    in `pending`; else None (the part is written afresh)."""
+    if not path.is_file() or path.stat().st_size > limit:
+        return None
+    header = _part_header(path)
+    if header is None or header.get("dealt") != dealt:
+        return None
+    sources = header["dataset"].get("sources", [])
+    if not sources or _without_sources(header["dataset"]) != _without_sources(meta) or sources != pending[: len(sources)]:
+        return None
+    return sources
 
 
 def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int = 0, max_parts: int | None = None,
@@ -99,13 +135,27 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
     ratio = 0.75  # compressed bytes per raw byte, assumed until a part is measured
     parts: list[PackedPart] = []
     pending = list(order)
+    dealt = {"part_mb": part_mb, "seed": seed}
     while pending and (max_parts is None or len(parts) < max_parts):
+        name = f"part-{len(parts):03d}"
+        path = out / f"{name}.s4pack"
+        kept = _kept_part(path, meta, pending, dealt, limit)
+        if kept is not None:
+            del pending[: len(kept)]
+            windows = sum(s["windows"] for s in kept)
+            ratio = max(path.stat().st_size / (windows * window), 0.5)
+            part = PackedPart(name, path, path.stat().st_size, windows, windows * window / meta["sample_rate"] / 3600,
+                              kept=True, windows_left=sum(s["windows"] for s in pending))
+            parts.append(part)
+            if on_part is not None:
+                on_part(part)
+            continue
         take, raw = [], 0
         while pending and (not take or (raw + pending[0]["windows"] * window) * ratio <= limit):
             src = pending.pop(0)
             take.append(src)
             raw += src["windows"] * window
-        blob = _encode_part(meta, take, rows, splits)
+        blob = _encode_part(meta, take, rows, splits, dealt)
         while len(blob) > limit and len(take) > 1:
             # a guess too bold: give back as many sources as this attempt's own ratio says, then retry
             measured = len(blob) / raw
@@ -113,16 +163,15 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
                 src = take.pop()
                 pending.insert(0, src)
                 raw -= src["windows"] * window
-            blob = _encode_part(meta, take, rows, splits)
+            blob = _encode_part(meta, take, rows, splits, dealt)
         if len(blob) > limit:
             raise PackError(f"{take[0]['name']}: one file compresses to {len(blob) / 2**20:.1f} MiB, over --part-mb")
         ratio = max(len(blob) / raw, 0.5)  # raw counts only the sources kept
-        name = f"part-{len(parts):03d}"
-        path = out / f"{name}.s4pack"
         with atomic_path(path) as tmp:
             tmp.write_bytes(blob)
         windows = sum(s["windows"] for s in take)
-        part = PackedPart(name, path, len(blob), windows, windows * window / meta["sample_rate"] / 3600)
+        part = PackedPart(name, path, len(blob), windows, windows * window / meta["sample_rate"] / 3600,
+                          windows_left=sum(s["windows"] for s in pending))
         parts.append(part)
         if on_part is not None:
             on_part(part)
