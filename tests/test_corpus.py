@@ -84,3 +84,22 @@ def test_make_splits_on_part_of_the_corpus_keeps_the_committed_file(tmp_path):
         assert set(names) <= set(after[split]), f"{split} lost names"
     assert sum(len(v) for v in after.values()) == sum(len(v) for v in listed.values()) + 1
     assert "piano/newcomposer/opus1.wav" in sum(after.values(), [])
+
+
+def test_export_lists_what_it_cannot_export_and_a_rerun_skips_it(tmp_path):
+    pytest.importorskip("music21")
+    script = Path(__file__).resolve().parents[1] / "examples" / "corpus" / "export_music21.py"
+
+    def run() -> str:
+        done = subprocess.run([sys.executable, str(script), str(tmp_path), "--composers", "chopin,joplin", "--workers", "1"],
+                              check=True, capture_output=True, text=True)
+        return done.stderr
+
+    first = run()
+    assert "chopin/mazurka06-2.krn failed" in first  # music21 cannot expand its repeats
+    assert (tmp_path / "piano" / "joplin" / "maple_leaf_rag.mid").exists()
+    assert (tmp_path / "ensemble" / "joplin" / "maple_leaf_rag.mid").exists()
+    rows = [json.loads(line) for line in (tmp_path / "not_exported.jsonl").read_text().splitlines()]
+    assert [r["score"] for r in rows] == ["chopin/mazurka06-2.krn"]
+    again = run()
+    assert "2/2 scores done by an earlier run" in again and "mazurka06-2.krn failed" not in again

@@ -7,13 +7,17 @@ OUT/ensemble/COMPOSER/...mid   each part on a General MIDI program of a small en
                                quartets, a choir or an organ for vocal music, a mixed band otherwise
 
 Paths mirror the corpus (`bach/bwv66.6.mxl` -> `piano/bach/bwv66.6.mid`), so a re-run skips what is
-done and `s4music.data.corpus.work_of` finds each file's work. The scores are public domain;
+done and `s4music.data.corpus.work_of` finds each file's work. Scores too short or that music21
+cannot export are listed with the reason in OUT/not_exported.jsonl, and a re-run skips them too
+(delete the file to try them again). The scores are public domain;
 music21's corpus is distributed under its own open license.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import random
 import time
@@ -104,25 +108,42 @@ def main() -> None:
         if rel.endswith(".rntxt") or (wanted and rel.split("/", 1)[0] not in wanted):
             continue  # roman-numeral analyses are not scores
         jobs.append((str(p), rel, str(args.out)))
-    done = [job for job in jobs if ensemble_path(job).exists()]
-    todo = [job for job in jobs if not ensemble_path(job).exists()]
-    counts: dict[str, int] = {"ok": len(done)} if done else {}
+    skipped_log = args.out / "not_exported.jsonl"
+    skipped = {}
+    if skipped_log.exists():
+        for line in skipped_log.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError):  # a line cut short by a kill
+                row = json.loads(line)
+                skipped[row["score"]] = row["reason"]
+    counts: dict[str, int] = {}
+    todo = []
+    for job in jobs:
+        kind = "ok" if ensemble_path(job).exists() else skipped.get(job[1], "").split(":")[0]
+        if kind:
+            counts[kind] = counts.get(kind, 0) + 1
+        else:
+            todo.append(job)
+    done = len(jobs) - len(todo)
     start, said = time.monotonic(), 0.0
-    with ProcessPoolExecutor(args.workers) as pool:
+    args.out.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(args.workers) as pool, skipped_log.open("a") as log:
         for i, future in enumerate(as_completed([pool.submit(export, job) for job in todo]), 1):
             rel, status = future.result()
             kind = status.split(":")[0]
             counts[kind] = counts.get(kind, 0) + 1
+            if kind != "ok":
+                log.write(json.dumps({"score": rel, "reason": status}) + "\n")
+                log.flush()
             if kind == "failed":
                 logging.warning("%s %s", rel, status)
             elapsed = time.monotonic() - start
             if elapsed - said >= 30 or i == len(todo):  # a line every 30 s: readable in a log file too
                 said = elapsed
                 left = elapsed / i * (len(todo) - i)
-                logging.info("%d/%d scores %s, %s left", len(done) + i, len(jobs), counts,
+                logging.info("%d/%d scores %s, %s left", done + i, len(jobs), counts,
                              time.strftime("%H:%M:%S", time.gmtime(left)))
     if not todo:
-        logging.info("%d/%d scores already exported", len(done), len(jobs))
+        logging.info("%d/%d scores done by an earlier run %s", done, len(jobs), counts)
 
 
 if __name__ == "__main__":
