@@ -332,6 +332,7 @@ def pack_command(
     part_mb: float = typer.Option(30.0, help="Largest part, in MiB (a GPU machine's transfer limit, say)."),
     seed: int = typer.Option(0, help="Seed of the order sources are dealt to parts in."),
     max_parts: int = typer.Option(None, help="Write only the first N parts (each a random sample of the dataset)."),
+    workers: int = typer.Option(None, help="Parts compressed at once (default: one per core; about 0.7 GB each)."),
 ):
     """Pack a dataset as parts that travel: each a random sample of it, compressed losslessly."""
     from s4music.data.pack import pack
@@ -347,7 +348,7 @@ def pack_command(
         eta = "" if max_parts else f"; {time.strftime('%H:%M:%S', time.gmtime(left))} left"  # a line a part: logs read it too
         console.print(f"{p.path}: {p.bytes / 2**20:.1f} MiB, {p.hours:.2f} h{eta}", highlight=False)
 
-    parts = pack(dataset, out, part_mb=part_mb, seed=seed, max_parts=max_parts, on_part=report)
+    parts = pack(dataset, out, part_mb=part_mb, seed=seed, max_parts=max_parts, workers=workers, on_part=report)
     total = sum(p.bytes for p in parts) / 2**20
     console.print(f"{len(parts)} parts, {total:.1f} MiB, {sum(p.hours for p in parts):.2f} h; index {out / 'pack.json'}")
 

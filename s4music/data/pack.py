@@ -100,24 +100,57 @@ def _part_header(path: Path) -> dict | None:
         return None
 
 
-def _kept_part(path: Path, meta: dict, pending: list[dict], dealt: dict, limit: int) -> list[dict] | None:
-    """The sources of a part an earlier run of the same pack wrote at `path`, if they are the next
-    in `pending`; else None (the part is written afresh)."""
+def _kept_part(path: Path, meta: dict, take: list[dict], dealt: dict, limit: int) -> list[dict] | None:
+    """The sources of a part an earlier run of the same pack wrote at `path`, if they begin `take`;
+    else None (the part is written afresh)."""
     if not path.is_file() or path.stat().st_size > limit:
         return None
     header = _part_header(path)
     if header is None or header.get("dealt") != dealt:
         return None
     sources = header["dataset"].get("sources", [])
-    if not sources or _without_sources(header["dataset"]) != _without_sources(meta) or sources != pending[: len(sources)]:
+    if not sources or _without_sources(header["dataset"]) != _without_sources(meta) or sources != take[: len(sources)]:
         return None
     return sources
 
 
+def _write_part(root: str, meta: dict, take: list[dict], rows: dict[str, list[dict]], dealt: dict, limit: int,
+                path: str) -> tuple[int, int, bool]:
+    """Write the sources `take` as the part at `path`, or keep the one an earlier run wrote there;
+    sources from the end of `take` are given back until it fits. (How many sources it holds, its
+    bytes, whether it was kept.) Runs in a worker process."""
+    path = Path(path)
+    kept = _kept_part(path, meta, take, dealt, limit)
+    if kept is not None:
+        return len(kept), path.stat().st_size, True
+    window = meta["window"]
+    splits = {s: np.memmap(Path(root) / f"{s}.u8", dtype=np.uint8, mode="r").reshape(-1, window)
+              if meta["splits"][s] else np.zeros((0, window), np.uint8) for s in SPLITS}
+    take = list(take)
+    raw = sum(src["windows"] for src in take) * window
+    blob = _encode_part(meta, take, rows, splits, dealt)
+    while len(blob) > limit and len(take) > 1:
+        # a guess too bold: give back as many sources as this attempt's own ratio says, then retry
+        measured = len(blob) / raw
+        while len(take) > 1 and raw * measured > 0.97 * limit:
+            raw -= take.pop()["windows"] * window
+        blob = _encode_part(meta, take, rows, splits, dealt)
+    if len(blob) > limit:
+        raise PackError(f"{take[0]['name']}: one file compresses to {len(blob) / 2**20:.1f} MiB, over --part-mb")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(blob)
+    return len(take), len(blob), False
+
+
 def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int = 0, max_parts: int | None = None,
-         on_part: Callable[[PackedPart], None] | None = None) -> list[PackedPart]:
+         workers: int | None = None, on_part: Callable[[PackedPart], None] | None = None) -> list[PackedPart]:
     """Write `dataset` as parts of at most `part_mb` MiB each under `out`, with `out`/pack.json;
-    only the first `max_parts` (each a random sample of the whole) when given."""
+    only the first `max_parts` (each a random sample of the whole) when given.
+
+    The first part is written alone, and its compression ratio plans the rest, which `workers`
+    processes (default: one per core; about 0.7 GB each, for LZMA2 at preset 9e) compress at
+    once; sources a part gives back to fit go to parts after them. Any number of workers deals the
+    same parts."""
     root, out = Path(dataset), Path(out)
     meta = read_meta(root)
     if meta is None:
@@ -127,54 +160,50 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
     if window > limit:
         raise PackError(f"--part-mb {part_mb:g}: smaller than one window")
     rows = _rows_by_source(root, meta)
-    splits = {s: np.memmap(root / f"{s}.u8", dtype=np.uint8, mode="r").reshape(-1, window)
-              if meta["splits"][s] else np.zeros((0, window), np.uint8) for s in SPLITS}
     order = sorted(meta["sources"], key=lambda s: s["id"])
     random.Random(seed).shuffle(order)
     out.mkdir(parents=True, exist_ok=True)
-    ratio = 0.75  # compressed bytes per raw byte, assumed until a part is measured
+    dealt = {"part_mb": part_mb, "seed": seed}
     parts: list[PackedPart] = []
     pending = list(order)
-    dealt = {"part_mb": part_mb, "seed": seed}
-    while pending and (max_parts is None or len(parts) < max_parts):
-        name = f"part-{len(parts):03d}"
-        path = out / f"{name}.s4pack"
-        kept = _kept_part(path, meta, pending, dealt, limit)
-        if kept is not None:
-            del pending[: len(kept)]
-            windows = sum(s["windows"] for s in kept)
-            ratio = max(path.stat().st_size / (windows * window), 0.5)
-            part = PackedPart(name, path, path.stat().st_size, windows, windows * window / meta["sample_rate"] / 3600,
-                              kept=True, windows_left=sum(s["windows"] for s in pending))
-            parts.append(part)
-            if on_part is not None:
-                on_part(part)
-            continue
-        take, raw = [], 0
-        while pending and (not take or (raw + pending[0]["windows"] * window) * ratio <= limit):
-            src = pending.pop(0)
-            take.append(src)
-            raw += src["windows"] * window
-        blob = _encode_part(meta, take, rows, splits, dealt)
-        while len(blob) > limit and len(take) > 1:
-            # a guess too bold: give back as many sources as this attempt's own ratio says, then retry
-            measured = len(blob) / raw
-            while len(take) > 1 and raw * measured > 0.97 * limit:
-                src = take.pop()
-                pending.insert(0, src)
-                raw -= src["windows"] * window
-            blob = _encode_part(meta, take, rows, splits, dealt)
-        if len(blob) > limit:
-            raise PackError(f"{take[0]['name']}: one file compresses to {len(blob) / 2**20:.1f} MiB, over --part-mb")
-        ratio = max(len(blob) / raw, 0.5)  # raw counts only the sources kept
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(blob)
-        windows = sum(s["windows"] for s in take)
-        part = PackedPart(name, path, len(blob), windows, windows * window / meta["sample_rate"] / 3600,
-                          windows_left=sum(s["windows"] for s in pending))
-        parts.append(part)
-        if on_part is not None:
-            on_part(part)
+    ratio = 0.75  # compressed bytes per raw byte, assumed until the first part is measured
+
+    def plan(room: int | None) -> list[list[dict]]:
+        """Deal `pending` into parts at `ratio`, as many as `room` allows."""
+        takes = []
+        while pending and (room is None or len(takes) < room):
+            take = [pending.pop(0)]
+            raw = take[0]["windows"] * window
+            while pending and (raw + pending[0]["windows"] * window) * ratio <= 0.97 * limit:
+                raw += pending[0]["windows"] * window
+                take.append(pending.pop(0))
+            takes.append(take)
+        return takes
+
+    with ProcessPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1)) as pool:
+        first = True
+        while pending and (max_parts is None or len(parts) < max_parts):
+            room = 1 if first else None if max_parts is None else max_parts - len(parts)
+            takes = plan(room)
+            names = [f"part-{len(parts) + i:03d}" for i in range(len(takes))]
+            jobs = [pool.submit(_write_part, str(root), meta, take, {src["id"]: rows[src["id"]] for src in take},
+                                dealt, limit, str(out / f"{name}.s4pack")) for take, name in zip(takes, names, strict=True)]
+            given_back = []
+            left = sum(src["windows"] for take in takes for src in take) + sum(src["windows"] for src in pending)
+            for take, name, job in zip(takes, names, jobs, strict=True):
+                held, size, kept = job.result()
+                given_back += take[held:]
+                windows = sum(src["windows"] for src in take[:held])
+                left -= windows
+                if first:
+                    ratio = max(size / (windows * window), 0.5)
+                part = PackedPart(name, out / f"{name}.s4pack", size, windows, windows * window / meta["sample_rate"] / 3600,
+                                  kept=kept, windows_left=left)
+                parts.append(part)
+                if on_part is not None:
+                    on_part(part)
+            pending[:0] = given_back
+            first = False
     write_json(out / INDEX, {"format": PACK_FORMAT, "dataset": str(root), "seed": seed, "part_mb": part_mb,
                              "parts": [{"name": p.name, "file": p.path.name, "bytes": p.bytes, "sha256": sha256_of(p.path),
                                         "windows": p.windows, "hours": round(p.hours, 4)} for p in parts]})
