@@ -24,6 +24,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from s4music.data.progress import time_left
+
 MIN_SECONDS = 20.0
 QUARTET = (40, 40, 41, 42)  # violin, violin, viola, cello
 VOCAL = {"bach", "palestrina", "monteverdi", "trecento", "josquin", "ciconia", "luca", "lusitano"}
@@ -140,8 +142,7 @@ def main() -> None:
             if elapsed - said >= 30 or i == len(todo):  # a line every 30 s: readable in a log file too
                 said = elapsed
                 left = elapsed / i * (len(todo) - i)
-                logging.info("%d/%d scores %s, %s left", done + i, len(jobs), counts,
-                             time.strftime("%H:%M:%S", time.gmtime(left)))
+                logging.info("%d/%d scores %s, %s left", done + i, len(jobs), counts, time_left(left))
     if not todo:
         logging.info("%d/%d scores done by an earlier run %s", done, len(jobs), counts)
 

@@ -337,16 +337,20 @@ def pack_command(
     """Pack a dataset as parts that travel: each a random sample of it, compressed losslessly."""
     from s4music.data.pack import pack
 
-    started, packed = time.monotonic(), [0]
+    from s4music.data.progress import time_left
+
+    clock = {"since": 0.0, "windows": 0}  # the rate of parts compressed after the first (which runs alone)
 
     def report(p) -> None:
-        if p.kept:
-            console.print(f"{p.path}: {p.bytes / 2**20:.1f} MiB, {p.hours:.2f} h (kept from an earlier run)", highlight=False)
+        said = f"{p.path}: {p.bytes / 2**20:.1f} MiB, {p.hours:.2f} h"
+        if p.kept or not clock["since"]:
+            clock["since"] = time.monotonic()
+            console.print(said + (" (kept from an earlier run)" if p.kept else ""), highlight=False)
             return
-        packed[0] += p.windows
-        left = (time.monotonic() - started) / packed[0] * p.windows_left
-        eta = "" if max_parts else f"; {time.strftime('%H:%M:%S', time.gmtime(left))} left"  # a line a part: logs read it too
-        console.print(f"{p.path}: {p.bytes / 2**20:.1f} MiB, {p.hours:.2f} h{eta}", highlight=False)
+        clock["windows"] += p.windows
+        left = (time.monotonic() - clock["since"]) / clock["windows"] * p.windows_left
+        eta = "" if max_parts else f"; {time_left(left)} left"  # a line a part: logs read it too
+        console.print(said + eta, highlight=False)
 
     parts = pack(dataset, out, part_mb=part_mb, seed=seed, max_parts=max_parts, workers=workers, on_part=report)
     total = sum(p.bytes for p in parts) / 2**20

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from s4music.data.format import SPLITS, DatasetError, committed, read_meta
-from s4music.files import atomic_path, sha256_of, write_json
+from s4music.files import DirectoryLock, atomic_path, remove_stale_temporaries, sha256_of, write_json
 
 PACK_FORMAT = "s4music-pack"
 INDEX = "pack.json"
@@ -108,6 +108,10 @@ def _kept_part(path: Path, meta: dict, take: list[dict], dealt: dict, limit: int
     header = _part_header(path)
     if header is None or header.get("dealt") != dealt:
         return None
+    try:
+        lzma.decompress(path.read_bytes())  # its CRC: a part damaged on disk is written afresh
+    except lzma.LZMAError:
+        return None
     sources = header["dataset"].get("sources", [])
     if not sources or _without_sources(header["dataset"]) != _without_sources(meta) or sources != take[: len(sources)]:
         return None
@@ -148,7 +152,7 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
     only the first `max_parts` (each a random sample of the whole) when given.
 
     The first part is written alone, and its compression ratio plans the rest, which `workers`
-    processes (default: one per core; about 0.7 GB each, for LZMA2 at preset 9e) compress at
+    processes (default: one per core; about 0.9 GB each, for LZMA2 at preset 9e) compress at
     once; sources a part gives back to fit go to parts after them. Any number of workers deals the
     same parts."""
     root, out = Path(dataset), Path(out)
@@ -163,7 +167,7 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
     order = sorted(meta["sources"], key=lambda s: s["id"])
     random.Random(seed).shuffle(order)
     out.mkdir(parents=True, exist_ok=True)
-    dealt = {"part_mb": part_mb, "seed": seed}
+    dealt = {"planner": 2, "part_mb": part_mb, "seed": seed}  # planner: the dealing below
     parts: list[PackedPart] = []
     pending = list(order)
     ratio = 0.75  # compressed bytes per raw byte, assumed until the first part is measured
@@ -180,33 +184,40 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
             takes.append(take)
         return takes
 
-    with ProcessPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1)) as pool:
-        first = True
-        while pending and (max_parts is None or len(parts) < max_parts):
-            room = 1 if first else None if max_parts is None else max_parts - len(parts)
-            takes = plan(room)
-            names = [f"part-{len(parts) + i:03d}" for i in range(len(takes))]
-            jobs = [pool.submit(_write_part, str(root), meta, take, {src["id"]: rows[src["id"]] for src in take},
-                                dealt, limit, str(out / f"{name}.s4pack")) for take, name in zip(takes, names, strict=True)]
-            given_back = []
-            left = sum(src["windows"] for take in takes for src in take) + sum(src["windows"] for src in pending)
-            for take, name, job in zip(takes, names, jobs, strict=True):
-                held, size, kept = job.result()
-                given_back += take[held:]
-                windows = sum(src["windows"] for src in take[:held])
-                left -= windows
-                if first:
-                    ratio = max(size / (windows * window), 0.5)
-                part = PackedPart(name, out / f"{name}.s4pack", size, windows, windows * window / meta["sample_rate"] / 3600,
-                                  kept=kept, windows_left=left)
-                parts.append(part)
-                if on_part is not None:
-                    on_part(part)
-            pending[:0] = given_back
-            first = False
-    write_json(out / INDEX, {"format": PACK_FORMAT, "dataset": str(root), "seed": seed, "part_mb": part_mb,
-                             "parts": [{"name": p.name, "file": p.path.name, "bytes": p.bytes, "sha256": sha256_of(p.path),
-                                        "windows": p.windows, "hours": round(p.hours, 4)} for p in parts]})
+    workers = max(1, workers or len(os.sched_getaffinity(0)))
+    with DirectoryLock(out, "pack"), ProcessPoolExecutor(max_workers=workers) as pool:
+        remove_stale_temporaries(out)  # what a killed run was writing
+        try:
+            first = True
+            while pending and (max_parts is None or len(parts) < max_parts):
+                room = 1 if first else None if max_parts is None else max_parts - len(parts)
+                takes = plan(room)
+                names = [f"part-{len(parts) + i:03d}" for i in range(len(takes))]
+                jobs = [pool.submit(_write_part, str(root), meta, take, {src["id"]: rows[src["id"]] for src in take},
+                                    dealt, limit, str(out / f"{name}.s4pack")) for take, name in zip(takes, names, strict=True)]
+                given_back = []
+                left = sum(src["windows"] for take in takes for src in take) + sum(src["windows"] for src in pending)
+                for take, name, job in zip(takes, names, jobs, strict=True):
+                    held, size, kept = job.result()
+                    given_back += take[held:]
+                    windows = sum(src["windows"] for src in take[:held])
+                    left -= windows
+                    if first:
+                        ratio = max(size / (windows * window), 0.5)
+                    part = PackedPart(name, out / f"{name}.s4pack", size, windows, windows * window / meta["sample_rate"] / 3600,
+                                      kept=kept, windows_left=left)
+                    parts.append(part)
+                    if on_part is not None:
+                        on_part(part)
+                pending[:0] = given_back
+                first = False
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # an error or Ctrl-C stops now, not after every queued part
+            raise
+        write_json(out / INDEX, {"format": PACK_FORMAT, "dataset": str(root), "seed": seed, "part_mb": part_mb,
+                                 "parts": [{"name": p.name, "file": p.path.name, "bytes": p.bytes,
+                                            "sha256": sha256_of(p.path), "windows": p.windows,
+                                            "hours": round(p.hours, 4)} for p in parts]})
     return parts
 
 

@@ -18,3 +18,9 @@ class FileCounter:
         self.done += 1
         if self.on_file is not None:
             self.on_file(path, status, self.done, self.total)
+
+
+def time_left(seconds: float) -> str:
+    """A duration as H:MM:SS, hours past 24 included."""
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
