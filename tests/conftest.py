@@ -2,6 +2,7 @@ import functools
 import http.server
 import io
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -17,6 +18,12 @@ DATA = Path(__file__).parent / "data"
 # Fixtures of real music (FluidSynth renders, music21 scores, recordings, a trained model): a test
 # that uses one is slow, and `make test-fast` leaves it out. Everything else runs on synthesized data.
 REAL_MUSIC_FIXTURES = {"music_dataset", "trained_model", "midi_corpus", "recordings", "short_recording"}
+
+
+def pytest_configure(config):
+    # A shell starts a background job with Ctrl-C ignored, and its children inherit that: the Ctrl-C
+    # tests would then test nothing. Python's own handler here is reset to the default in each child.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items):
