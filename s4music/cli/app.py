@@ -332,11 +332,10 @@ def pack_command(
     part_mb: float = typer.Option(30.0, help="Largest part, in MiB (a GPU machine's transfer limit, say)."),
     seed: int = typer.Option(0, help="Seed of the order sources are dealt to parts in."),
     max_parts: int = typer.Option(None, help="Write only the first N parts (each a random sample of the dataset)."),
-    workers: int = typer.Option(None, help="Parts compressed at once (default: one per core; about 0.7 GB each)."),
+    workers: int = typer.Option(None, help="Parts compressed at once (default: one per core; about 0.9 GB each)."),
 ):
     """Pack a dataset as parts that travel: each a random sample of it, compressed losslessly."""
     from s4music.data.pack import pack
-
     from s4music.data.progress import time_left
 
     clock = {"since": 0.0, "windows": 0}  # the rate of parts compressed after the first (which runs alone)

@@ -8,7 +8,8 @@ codes of music to about 4.7-5.3 bits a sample (about 35 MB an hour). A lossy cod
 refused (examples/corpus/README.md): Opus even at 64 kbit/s moved the bundled model's bits per
 sample by 0.2-0.4, far past the 0.02 allowed. `pack.json` lists each part with its size, SHA-256,
 windows and hours. A pack stopped part-way resumes: a part an earlier run wrote from the same
-dataset, with the same `part_mb` and seed, holding the sources next in order, is kept as it is.
+dataset, dealt the same way (planner, `part_mb`, seed), holding the sources planned for it and
+whole, is kept as it is.
 
 `unpack` checks every part it is given against its checksum first, then decompresses the parts in
 parallel (a process per core) into OUT/NAME/, each written to a temporary folder and renamed into
@@ -87,30 +88,28 @@ def _without_sources(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k not in ("sources", "splits")}
 
 
-def _part_header(path: Path) -> dict | None:
-    """The header of a part on disk, decompressing only as far as it; None if it cannot be read."""
+def _read_part(path: str | Path) -> tuple[dict, memoryview]:
+    """A part's header and its windows' bytes, decompressed (which checks its CRC)."""
     try:
-        with lzma.open(path) as f:
-            head = f.read(16)
-            if len(head) < 16 or head[:8] != _MAGIC:
-                return None
-            (size,) = struct.unpack("<Q", head[8:16])
-            return json.loads(f.read(size))
-    except (OSError, lzma.LZMAError, EOFError, ValueError):
-        return None
+        raw = lzma.decompress(Path(path).read_bytes())
+    except lzma.LZMAError as e:
+        raise PackError(f"{path}: damaged part ({e})") from None
+    if raw[:8] != _MAGIC:
+        raise PackError(f"{path}: not an s4music pack part")
+    (size,) = struct.unpack("<Q", raw[8:16])
+    return json.loads(raw[16 : 16 + size]), memoryview(raw)[16 + size :]
 
 
 def _kept_part(path: Path, meta: dict, take: list[dict], dealt: dict, limit: int) -> list[dict] | None:
     """The sources of a part an earlier run of the same pack wrote at `path`, if they begin `take`;
-    else None (the part is written afresh)."""
+    else None (the part is written afresh, as is one damaged on disk)."""
     if not path.is_file() or path.stat().st_size > limit:
         return None
-    header = _part_header(path)
-    if header is None or header.get("dealt") != dealt:
-        return None
     try:
-        lzma.decompress(path.read_bytes())  # its CRC: a part damaged on disk is written afresh
-    except lzma.LZMAError:
+        header, _ = _read_part(path)
+    except (PackError, OSError, ValueError):
+        return None
+    if header.get("dealt") != dealt:
         return None
     sources = header["dataset"].get("sources", [])
     if not sources or _without_sources(header["dataset"]) != _without_sources(meta) or sources != take[: len(sources)]:
@@ -233,16 +232,8 @@ def _read_index(index: Path) -> dict:
 
 def _unpack_one(path: str, dest: str) -> str:
     """Decompress one part into `dest` (through a temporary folder); returns dest."""
-    try:
-        raw = lzma.decompress(Path(path).read_bytes())
-    except lzma.LZMAError as e:
-        raise PackError(f"{path}: damaged part ({e})") from None
-    if raw[:8] != _MAGIC:
-        raise PackError(f"{path}: not an s4music pack part")
-    (size,) = struct.unpack("<Q", raw[8:16])
-    header = json.loads(raw[16 : 16 + size])
+    header, body = _read_part(path)
     meta, manifest = header["dataset"], header["manifest"]
-    body = memoryview(raw)[16 + size :]
     window = meta["window"]
     target = Path(dest)
     tmp = target.with_name(f".{target.name}.unpacking-{os.getpid()}")
