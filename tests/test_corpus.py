@@ -104,6 +104,9 @@ def test_export_lists_what_it_cannot_export_and_a_rerun_skips_it(tmp_path):
     # a score listed as not exported is not tried again
     (tmp_path / "b").mkdir()
     seeded = {"score": "joplin/maple_leaf_rag.mxl", "reason": "failed: x"}
-    (tmp_path / "b" / "not_exported.jsonl").write_text(json.dumps(seeded) + "\n")
+    # and a line a kill cut short is passed over
+    (tmp_path / "b" / "not_exported.jsonl").write_text(json.dumps(seeded) + "\n" + '{"score": "chopin/ma')
     run(tmp_path / "b")
     assert not (tmp_path / "b" / "piano" / "joplin").exists()
+    lines = (tmp_path / "b" / "not_exported.jsonl").read_text().splitlines()
+    assert lines[1] == '{"score": "chopin/ma' and all(json.loads(line)["score"] for line in lines[2:])

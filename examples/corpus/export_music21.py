@@ -113,7 +113,11 @@ def main() -> None:
     skipped_log = args.out / "not_exported.jsonl"
     skipped = {}
     if skipped_log.exists():
-        for line in skipped_log.read_text().splitlines():
+        text = skipped_log.read_text()
+        if text and not text.endswith("\n"):  # a kill cut the last line short: new lines start afresh
+            with skipped_log.open("a") as log:
+                log.write("\n")
+        for line in text.splitlines():
             with contextlib.suppress(ValueError, KeyError):  # a line cut short by a kill
                 row = json.loads(line)
                 skipped[row["score"]] = row["reason"]
