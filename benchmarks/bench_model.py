@@ -471,36 +471,35 @@ def main() -> None:
               "no floor for it; the FMA-peak row is. Before a new model's first read the reader packs its weights "
               f"({fused.get('bundled', {}).get('reader_s', float('nan')):.2f} s for the bundled model), and the "
               "kernel is built once per machine (`make install`).")
-    profiles = [(None, _child("read_profile", seconds_of_audio=audio_s, rounds=3)),
-                ({"OMP_NUM_THREADS": "1"}, _child("read_profile", env={"OMP_NUM_THREADS": "1"},
-                                                  seconds_of_audio=audio_s, rounds=3))]
-    if all("error" not in p for _, p in profiles):
+    profiles = [_child("read_profile", env=env, seconds_of_audio=audio_s, rounds=3)
+                for env in (None, {"OMP_NUM_THREADS": "1"})]
+    if all("error" not in p for p in profiles):
         print(f"\n#### Where the fused float32 read spends its time (bundled model, {audio_s:g} s prompt, best of 3)\n\n"
               "Each tier's bound: its linear maps' multiply-adds at torch's float32 matrix rate, measured in the "
               "same process.\n")
         print("| part | samples | " + " | ".join(f"{p['threads']} thread{'s' * (p['threads'] > 1)} s | vs bound"
-                                                  for _, p in profiles) + " |")
+                                                  for p in profiles) + " |")
         print("|---|---|" + "---|---|" * len(profiles))
-        first = profiles[0][1]
+        first = profiles[0]
         parts = [*first["bounds"], "decoder"]
         for part in parts:
             cells = []
-            for _, p in profiles:
+            for p in profiles:
                 sec, bound_s = p["seconds"].get(part, float("nan")), p["bounds"].get(part)
                 cells += [f"{sec:.2f}", f"{sec / bound_s:.2f}x" if bound_s else ""]
             print(f"| {part} | {first['lengths'].get(part, '')} | {' | '.join(cells)} |")
         cells = []
-        for _, p in profiles:
+        for p in profiles:
             rest = p["seconds"]["total"] - sum(v for k, v in p["seconds"].items() if k != "total")
             cells += [f"{rest:.2f}", ""]
         print(f"| the rest (PyTorch: encoder, pools, skips) | | {' | '.join(cells)} |")
         cells = []
-        for _, p in profiles:
+        for p in profiles:
             bound_s = sum(p["bounds"].values())
             cells += [f"{p['seconds']['total']:.2f}", f"{p['seconds']['total'] / bound_s:.2f}x"]
         print(f"| all | | {' | '.join(cells)} |")
         print("\nMatrix rates in these children: " + ", ".join(f"{p['rate_gflops']:.0f} GFLOP/s on {p['threads']}"
-                                                             for _, p in profiles) + ".")
+                                                             for p in profiles) + ".")
     b = _child("bf16_read", seconds_of_audio=audio_s, pieces=2 if args.quick else 7, rounds=3)
     if "error" in b:
         print(f"\nbf16 read: failed: {b['error']}")
