@@ -89,3 +89,7 @@ def test_a_pack_stopped_part_way_resumes_and_gives_the_same_parts(music_dataset,
     # another --part-mb or seed deals other parts: nothing is kept
     assert not any(p.kept for p in pack(music_dataset, tmp_path / "pack", part_mb=limit * 0.9, seed=0))
     assert not any(p.kept for p in pack(music_dataset, tmp_path / "pack", part_mb=limit * 0.9, seed=1))
+    # fewer, larger parts: the earlier pack's parts past them are removed
+    fewer = pack(music_dataset, tmp_path / "pack", part_mb=limit * 3, seed=1)
+    assert len(fewer) < len(whole)
+    assert sorted(p.name for p in (tmp_path / "pack").glob("*.s4pack")) == [p.path.name for p in fewer]

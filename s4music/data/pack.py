@@ -9,7 +9,8 @@ refused (examples/corpus/README.md): Opus even at 64 kbit/s moved the bundled mo
 sample by 0.2-0.4, far past the 0.02 allowed. `pack.json` lists each part with its size, SHA-256,
 windows and hours. A pack stopped part-way resumes: a part an earlier run wrote from the same
 dataset, dealt the same way (planner, `part_mb`, seed), holding the sources planned for it and
-whole, is kept as it is.
+whole, is kept as it is; once every source is dealt, part files an earlier pack wrote past the new
+count are removed.
 
 `unpack` checks every part it is given against its checksum first, then decompresses the parts in
 parallel (a process per core) into OUT/NAME/, each written to a temporary folder and renamed into
@@ -213,6 +214,11 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
         except BaseException:
             pool.shutdown(cancel_futures=True)  # an error or Ctrl-C stops now, not after every queued part
             raise
+        if not pending:  # the whole dataset is dealt: a part file past these is an earlier pack's
+            written = {p.path.name for p in parts}
+            for stale in out.glob("part-*.s4pack"):
+                if stale.name not in written:
+                    stale.unlink()
         write_json(out / INDEX, {"format": PACK_FORMAT, "dataset": str(root), "seed": seed, "part_mb": part_mb,
                                  "parts": [{"name": p.name, "file": p.path.name, "bytes": p.bytes,
                                             "sha256": sha256_of(p.path), "windows": p.windows,
