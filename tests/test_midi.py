@@ -165,3 +165,77 @@ def test_a_file_that_hangs_fluidsynth_is_stopped_and_the_rest_finish(midi_corpus
     listed = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
     assert [x["reason"] for x in listed] == [reason]
     assert not list((tmp_path / "out").glob(".render-*"))  # its temporary folder is gone
+
+
+# ------------------------------------------------------------------ compressed soundfonts (SF3)
+
+
+def _as_sf3(sf2, dest):
+    """TimGM6mb written as MuseScore writes an SF3: each sample an Ogg Vorbis stream, its start and
+    end byte offsets in the sample chunk (end at the next stream), loops counted from its start."""
+    import io
+
+    import numpy as np
+
+    from s4music.data.soundfont import SHDR, VORBIS, _chunks, _span, rebuilt
+
+    data = sf2.read_bytes()
+    top = _chunks(data, 12, len(data))
+    sdta, pdta = (_chunks(data, *_span(top[k])) for k in (b"sdta", b"pdta"))
+    smpl_at = sdta[b"smpl"][0]
+    shdr_at, shdr_size = pdta[b"shdr"]
+    streams, headers, filled = [], [], 0
+    for i in range(shdr_size // SHDR.size):
+        name, start, end, loop_start, loop_end, rate, pitch, corr, link, kind = SHDR.unpack_from(data, shdr_at + i * SHDR.size)
+        if i == shdr_size // SHDR.size - 1:
+            headers.append(SHDR.pack(name, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+            break
+        buf = io.BytesIO()
+        words = np.frombuffer(data, "<i2", end - start, smpl_at + 2 * start)
+        sf.write(buf, words, rate, format="OGG", subtype="VORBIS")
+        streams.append(buf.getvalue())
+        headers.append(SHDR.pack(name, filled, filled + len(streams[-1]), loop_start - start, loop_end - start,
+                                 rate, pitch, corr, link, kind | VORBIS))
+        filled += len(streams[-1])
+    dest.write_bytes(rebuilt(data, (3, 1), b"".join(streams), b"".join(headers)))
+    return dest
+
+
+def _fluidsynth(soundfont, midi, wav):
+    import subprocess
+
+    subprocess.run(["fluidsynth", "-ni", "-q", "-r", "16000", "-o", "synth.dynamic-sample-loading=1", "-T", "wav",
+                    "-F", str(wav), str(soundfont), str(midi)], check=True, capture_output=True)
+    return sf.read(str(wav), dtype="int16")[0].astype(int)
+
+
+def test_an_sf3_renders_as_the_sf2_decoded_from_it_once(midi_corpus, tmp_path, monkeypatch):
+    from s4music.data.soundfont import is_compressed, playable
+    from s4music.system import installed_soundfonts
+
+    tim = installed_soundfonts().get("timgm6mb")
+    need(tim is not None, "the timgm6mb soundfont (make test installs it)")
+    sf3 = _as_sf3(tim, tmp_path / "tim.sf3")
+    assert is_compressed(sf3) and not is_compressed(tim)
+    monkeypatch.setenv("S4MUSIC_CACHE", str(tmp_path / "cache"))
+    decoded = playable(sf3)
+    assert decoded.parent == tmp_path / "cache" / "soundfonts" and not is_compressed(decoded)
+    assert playable(sf3) == decoded and playable(tim) == tim  # decoded once; an SF2 is loaded as it is
+    # FluidSynth plays the decoded SF2 as it plays the SF3 (within a step of 16-bit rounding)
+    midi, _, _ = filter_midi(midi_corpus["chorale"], None, True, 6)
+    midi.save(str(tmp_path / "six.mid"))
+    from_sf3 = _fluidsynth(sf3, tmp_path / "six.mid", tmp_path / "sf3.wav")
+    from_sf2 = _fluidsynth(decoded, tmp_path / "six.mid", tmp_path / "sf2.wav")
+    assert from_sf3.shape == from_sf2.shape and abs(from_sf3).max() > 1000
+    assert abs(from_sf3 - from_sf2).max() <= 2
+    # render-midi loads it so, and records the soundfont it was asked for
+    report = render_midi([tmp_path / "six.mid"], tmp_path / "out", RenderOptions(soundfont=str(sf3), vary=True))
+    assert len(report.rendered) == 1
+    assert json.loads((tmp_path / "out" / "six.json").read_text())["soundfont"] == "tim.sf3"
+    # an SF3 whose sample lies past its data: one line naming the file, before any render
+    broken = bytearray(sf3.read_bytes())
+    at = broken.rindex(b"shdr") + 8 + 20 + 4  # the first sample's end
+    broken[at : at + 4] = (2**31).to_bytes(4, "little")
+    (tmp_path / "broken.sf3").write_bytes(bytes(broken))
+    with pytest.raises(RenderError, match=r"broken\.sf3: cannot read it as a soundfont \(.*outside the sample data\)$"):
+        render_midi([tmp_path / "six.mid"], tmp_path / "out2", RenderOptions(soundfont=str(tmp_path / "broken.sf3")))
