@@ -110,3 +110,46 @@ def test_export_lists_what_it_cannot_export_and_a_rerun_skips_it(tmp_path):
     assert not (tmp_path / "b" / "piano" / "joplin").exists()
     lines = (tmp_path / "b" / "not_exported.jsonl").read_text().splitlines()
     assert lines[1] == '{"score": "chopin/ma' and all(json.loads(line)["score"] for line in lines[2:])
+
+
+BOOK = """X:1
+T:Long enough
+M:4/4
+L:1/4
+Q:1/4=60
+K:C
+CDEF|GABc|cBAG|FEDC|CDEF|GABc|cBAG|FEDC|]
+
+X:2
+T:Too short
+M:4/4
+L:1/4
+Q:1/4=120
+K:C
+CDEF|GABc|]
+"""
+
+
+def test_a_book_becomes_a_folder_of_tunes_and_repeats_music21_cannot_unfold_play_once(tmp_path):
+    import importlib.util
+
+    pytest.importorskip("music21")
+    import mido
+    from music21 import corpus
+
+    spec = importlib.util.spec_from_file_location(
+        "export_music21", Path(__file__).resolve().parents[1] / "examples" / "corpus" / "export_music21.py")
+    exporter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exporter)
+    (tmp_path / "tunes.abc").write_text(BOOK)
+    out = tmp_path / "out"
+    assert exporter.export((str(tmp_path / "tunes.abc"), "folk/tunes.abc", str(out))) == ("folk/tunes.abc", "ok")
+    assert json.loads((out / "ensemble" / "folk" / "tunes" / "book.json").read_text()) == {"scores": 2, "ok": 1, "short": 1}
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.mid"))
+    assert written == ["ensemble/folk/tunes/0001.mid", "piano/folk/tunes/0001.mid"]
+    assert mido.MidiFile(str(out / "piano" / "folk" / "tunes" / "0001.mid")).length == pytest.approx(32, abs=1)
+    assert work_of("piano/folk/tunes/0001.wav") == work_of("ensemble/folk/tunes/0002.wav") == "folk/tunes"
+    # music21 cannot unfold this chorale's repeats: it is played once through, not lost
+    chorale = next(str(p) for p in corpus.getPaths() if p.as_posix().endswith("bach/bwv277.krn"))
+    assert exporter.export((chorale, "bach/bwv277.krn", str(out))) == ("bach/bwv277.krn", "once")
+    assert mido.MidiFile(str(out / "ensemble" / "bach" / "bwv277.mid")).length >= exporter.MIN_SECONDS

@@ -6,6 +6,10 @@ OUT/piano/COMPOSER/...mid      the score as it is (render-midi --program piano p
 OUT/ensemble/COMPOSER/...mid   each part on a General MIDI program of a small ensemble: strings for
                                quartets, a choir or an organ for vocal music, a mixed band otherwise
 
+A book (an ABC file of many tunes, such as O'Neill's 1850 tunes) becomes a folder of numbered tunes,
+`piano/oneills1850/0001-0050/0001.mid`, with ensemble/.../book.json written last. A score whose
+repeats music21 cannot unfold is played once through.
+
 Paths mirror the corpus (`bach/bwv66.6.mxl` -> `piano/bach/bwv66.6.mid`), so a re-run skips what is
 done and `s4music.data.corpus.work_of` finds each file's work. Scores too short or that music21
 cannot export are listed with the reason in OUT/not_exported.jsonl, and a re-run skips them too
@@ -68,30 +72,81 @@ def ensemble_path(job: tuple[str, str, str]) -> Path:
     return Path(out) / "ensemble" / Path(rel).with_suffix(".mid")
 
 
-def export(job: tuple[str, str, str]) -> tuple[str, str]:
-    """Export one score; (its path under the corpus, "ok", "short", or the reason it failed)."""
-    path, rel, out = job
+def book_path(job: tuple[str, str, str]) -> Path:
+    """The record a book's export writes last (a corpus file of many scores, such as an ABC book)."""
+    _, rel, out = job
+    return Path(out) / "ensemble" / Path(rel).with_suffix("") / "book.json"
+
+
+def _without_repeats(score) -> None:
+    """Drop the repeat signs music21 cannot unfold, so the score plays once through."""
+    from music21 import bar, repeat, spanner
+
+    for measure in score.recurse().getElementsByClass("Measure"):
+        for side in ("leftBarline", "rightBarline"):
+            if isinstance(getattr(measure, side), bar.Repeat):
+                setattr(measure, side, None)
+    for mark in list(score.recurse().getElementsByClass((repeat.RepeatExpression, spanner.RepeatBracket))):
+        mark.activeSite.remove(mark)
+
+
+def export_score(score, rel: str, out: str) -> str:
+    """Write one score's two MIDI files; "ok", "short", or "once" (played without its repeats, which
+    music21 could not unfold)."""
     import mido
-    from music21 import corpus
+    from music21 import repeat
 
     piano = Path(out) / "piano" / Path(rel).with_suffix(".mid")
-    ensemble = ensemble_path(job)
+    ensemble = Path(out) / "ensemble" / Path(rel).with_suffix(".mid")
+    piano.parent.mkdir(parents=True, exist_ok=True)
+    tmp = piano.with_suffix(".tmp.mid")
+    status = "ok"
     try:
-        score = corpus.parse(path)
-        piano.parent.mkdir(parents=True, exist_ok=True)
-        tmp = piano.with_suffix(".tmp.mid")
         score.write("midi", fp=str(tmp))
-        if mido.MidiFile(str(tmp)).length < MIN_SECONDS:
-            tmp.unlink()
-            return rel, "short"
-        tmp.replace(piano)
-        ensemble.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ensemble.with_suffix(".tmp.mid")
-        with_programs(piano, tmp, rel)
-        tmp.replace(ensemble)
-    except Exception as e:  # a score music21 cannot read or export is reported, not fatal
-        return rel, f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-    return rel, "ok"
+    except repeat.ExpanderException:
+        _without_repeats(score)
+        score.write("midi", fp=str(tmp))
+        status = "once"
+    if mido.MidiFile(str(tmp)).length < MIN_SECONDS:
+        tmp.unlink()
+        return "short"
+    tmp.replace(piano)
+    ensemble.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ensemble.with_suffix(".tmp.mid")
+    with_programs(piano, tmp, rel)
+    tmp.replace(ensemble)
+    return status
+
+
+def _reason(e: Exception) -> str:
+    return f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+
+
+def export(job: tuple[str, str, str]) -> tuple[str, str]:
+    """Export one corpus file; (its path under the corpus, "ok", "once", "short", or the reason it
+    failed). A book (an ABC file of many tunes) becomes a folder, a pair of files per tune."""
+    path, rel, out = job
+    from music21 import converter, stream
+
+    try:
+        score = converter.parse(path)
+        if not isinstance(score, stream.Opus):
+            return rel, export_score(score, rel, out)
+        counts: dict[str, int] = {}
+        for i, tune in enumerate(score.scores, 1):
+            try:
+                kind = export_score(tune, f"{Path(rel).with_suffix('')}/{i:04d}{Path(rel).suffix}", out)
+            except Exception as e:  # one tune music21 cannot export
+                kind = _reason(e).split(":")[0]
+            counts[kind] = counts.get(kind, 0) + 1
+        marker = book_path(job)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"scores": len(score.scores), **counts}) + "\n")
+    except Exception as e:  # a file music21 cannot read or export is reported, not fatal
+        return rel, _reason(e)
+    if counts.get("ok", 0) + counts.get("once", 0):
+        return rel, "ok"
+    return rel, "short" if counts.get("short") else f"failed: no tune of {len(score.scores)} exported"
 
 
 def main() -> None:
@@ -124,7 +179,8 @@ def main() -> None:
     counts: dict[str, int] = {}
     todo = []
     for job in jobs:
-        kind = "ok" if ensemble_path(job).exists() else skipped.get(job[1], "").split(":")[0]
+        done_before = ensemble_path(job).exists() or book_path(job).exists()
+        kind = "ok" if done_before else skipped.get(job[1], "").split(":")[0]
         if kind:
             counts[kind] = counts.get(kind, 0) + 1
         else:
@@ -137,7 +193,7 @@ def main() -> None:
             rel, status = future.result()
             kind = status.split(":")[0]
             counts[kind] = counts.get(kind, 0) + 1
-            if kind != "ok":
+            if kind not in ("ok", "once"):
                 log.write(json.dumps({"score": rel, "reason": status}) + "\n")
                 log.flush()
             if kind == "failed":
