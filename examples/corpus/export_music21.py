@@ -66,10 +66,15 @@ def with_programs(src: Path, dest: Path, rel: str) -> None:
     midi.save(str(dest))
 
 
+def midi_path(out: str, rendering: str, rel: str) -> Path:
+    """Where a score's MIDI for a rendering ("piano" or "ensemble") goes: its corpus path, mirrored."""
+    return Path(out) / rendering / Path(rel).with_suffix(".mid")
+
+
 def ensemble_path(job: tuple[str, str, str]) -> Path:
     """The last file a score's export writes: where it exists, the score is done."""
     _, rel, out = job
-    return Path(out) / "ensemble" / Path(rel).with_suffix(".mid")
+    return midi_path(out, "ensemble", rel)
 
 
 def book_path(job: tuple[str, str, str]) -> Path:
@@ -96,8 +101,7 @@ def export_score(score, rel: str, out: str) -> str:
     import mido
     from music21 import repeat
 
-    piano = Path(out) / "piano" / Path(rel).with_suffix(".mid")
-    ensemble = Path(out) / "ensemble" / Path(rel).with_suffix(".mid")
+    piano, ensemble = midi_path(out, "piano", rel), midi_path(out, "ensemble", rel)
     piano.parent.mkdir(parents=True, exist_ok=True)
     tmp = piano.with_suffix(".tmp.mid")
     status = "ok"

@@ -234,11 +234,12 @@ def filter_midi(src: Path, programs: set[int] | None, keep_drums: bool, max_seco
     return _to_midi(events, end), kept, now
 
 
-def render_file(src: Path, out: Path, options: RenderOptions, soundfonts: list[Path], programs: set[int] | None,
+def render_file(src: Path, out: Path, options: RenderOptions, soundfonts: list[tuple[Path, Path]], programs: set[int] | None,
                 keep_drums: bool, rel: Path | None = None) -> float | None:
     """Render one file to `out` (mono WAV, with a JSON sidecar when varied); returns its seconds, or
     None if nothing is left to play. `rel`, its path under its source, seeds its variation, which
-    also picks one of `soundfonts` (the first, without variation)."""
+    also picks one of `soundfonts` (the first, without variation): pairs of the soundfont asked for
+    and the file FluidSynth loads for it (`s4music.data.soundfont.playable`)."""
     events, notes, end = _read_events(src, programs, keep_drums, options.max_seconds)
     if notes == 0:
         return None
@@ -247,11 +248,11 @@ def render_file(src: Path, out: Path, options: RenderOptions, soundfonts: list[P
         variation = draw_variation(file_seed(options.seed, rel or src.name), _pitch_range(events), options.program)
     elif options.program is not None:
         variation = Variation(seed=0, program=PIANO_PROGRAMS[0] if options.program == "piano" else int(options.program))
-    soundfont = soundfonts[0]
+    soundfont, loaded = soundfonts[0]
     if variation is not None:
         events, end = _vary(events, end, variation)
         if options.vary:
-            soundfont = soundfonts[variation.seed % len(soundfonts)]
+            soundfont, loaded = soundfonts[variation.seed % len(soundfonts)]
     midi = _to_midi(events, end)
     with tempfile.TemporaryDirectory(prefix=".render-", dir=out.parent) as tmp:
         mid_path, wav_path = Path(tmp) / "in.mid", Path(tmp) / "out.wav"
@@ -261,7 +262,7 @@ def render_file(src: Path, out: Path, options: RenderOptions, soundfonts: list[P
         # SF2 decoded from it once (s4music.data.soundfont): the same sound, 1.7-4x faster.
         cmd = ["fluidsynth", "-ni", "-q", "-g", str(options.gain), "-r", str(options.sample_rate),
                "-o", "synth.dynamic-sample-loading=1", *settings,
-               "-T", "wav", "-F", str(wav_path), str(playable(soundfont)), str(mid_path)]
+               "-T", "wav", "-F", str(wav_path), str(loaded), str(mid_path)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=options.timeout)
         except subprocess.TimeoutExpired:
@@ -322,13 +323,15 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
     if None in soundfonts:
         raise RenderError("no General MIDI soundfont found; pass --soundfont or install one "
                           "(apt-get install fluid-soundfont-gm)")
+    loaded = []
     for soundfont in soundfonts:  # an SF3 is decoded here, once, not by every worker at once
         try:
-            loaded = playable(soundfont)
+            loaded.append(playable(soundfont))
         except (OSError, SoundfontFormatError) as e:
             raise RenderError(f"{soundfont}: cannot read it as a soundfont ({first_line(e)})") from None
-        if loaded != soundfont:
-            log.info("%s: FluidSynth loads its samples decoded once, from %s", soundfont, loaded)
+        if loaded[-1] != soundfont:
+            log.info("%s: FluidSynth loads its samples decoded once, from %s", soundfont, loaded[-1])
+    pairs = list(zip(soundfonts, loaded, strict=True))
     keep_drums = options.drums and (programs is None or named_drums)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,7 +357,7 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
     def one(job):
         src, out, rel = job
         try:
-            seconds = render_file(src, out, options, soundfonts, programs, keep_drums, rel)
+            seconds = render_file(src, out, options, pairs, programs, keep_drums, rel)
         except S4MusicError as e:
             return src, out, None, str(e)
         return src, out, seconds, None
