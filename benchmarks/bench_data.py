@@ -1,6 +1,8 @@
 """Audio-in throughput, as seconds of audio per wall-clock second.
 
-  render-midi: real MIDI from the music21 corpus through FluidSynth; baseline: 1 worker.
+  render-midi: real MIDI from the music21 corpus through FluidSynth; baseline: 1 worker. With
+               MuseScore General's SF3 (where installed), 1 worker, against FluidSynth loading the
+               SF3 itself for the same files (render-midi loads the SF2 decoded from it once).
   prepare:     real Ogg recordings (Debian's drascula-music) to a dataset; baseline: plain ffmpeg
                decoding and resampling of the same files to 16 kHz mono WAV (the conversion alone).
 """
@@ -44,6 +46,8 @@ def main() -> None:
         print(f"| render-midi | {workers} worker(s), {len(report.rendered)} files | {audio:.0f} | {wall:.1f} "
               f"| {rate:.1f} | {rate / base:.2f}x |")
 
+    render_sf3(midi, work)
+
     files = sorted(RECORDINGS.glob("*.ogg"))[:10]
     audio = sum(sf.info(str(f)).duration for f in files)
     t0 = time.perf_counter()
@@ -59,6 +63,36 @@ def main() -> None:
           f"| {ffmpeg_wall / wall:.2f}x |")
     print(f"| ffmpeg to 16 kHz mono WAV (baseline) | same files | {audio:.0f} | {ffmpeg_wall:.1f} "
           f"| {audio / ffmpeg_wall:.0f} | 1.00x |")
+
+
+def render_sf3(midi: Path, work: Path) -> None:
+    """render-midi with an SF3 against FluidSynth loading the SF3 itself, one file at a time."""
+    from s4music.data.midi import RenderOptions, filter_midi, render_midi
+    from s4music.data.soundfont import playable
+    from s4music.system import installed_soundfonts
+
+    sf3 = installed_soundfonts().get("musescore")
+    if sf3 is None or sf3.suffix != ".sf3":
+        print("| render-midi, SF3 | skipped: MuseScore General's SF3 is not installed | | | | |")
+        return
+    playable(sf3)  # decoded once, outside the timing, as a corpus build does before its first file
+    capped = work / "capped"  # at 120 s, as render-midi caps them, for both
+    capped.mkdir()
+    for f in sorted(midi.glob("*.mid")):
+        filter_midi(f, None, True, 120)[0].save(str(capped / f.name))
+    t0 = time.perf_counter()
+    for f in sorted(capped.glob("*.mid")):
+        subprocess.run(["fluidsynth", "-ni", "-q", "-r", "16000", "-o", "synth.dynamic-sample-loading=1", "-T", "wav",
+                        "-F", str(work / "sf3.wav"), str(sf3), str(f)], check=True, capture_output=True)
+    base_wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report = render_midi([capped], work / "render-sf3", RenderOptions(workers=1, soundfont="musescore", max_seconds=120))
+    wall = time.perf_counter() - t0
+    audio = sum(s for _, _, s in report.rendered)
+    print(f"| FluidSynth loading the SF3 (baseline) | 1 process at a time, {len(report.rendered)} files | {audio:.0f} "
+          f"| {base_wall:.1f} | {audio / base_wall:.1f} | 1.00x |")
+    print(f"| render-midi, MuseScore SF3 decoded once | 1 worker, {len(report.rendered)} files | {audio:.0f} "
+          f"| {wall:.1f} | {audio / wall:.1f} | {base_wall / wall:.2f}x |")
 
 
 if __name__ == "__main__":
