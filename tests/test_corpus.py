@@ -153,3 +153,13 @@ def test_a_book_becomes_a_folder_of_tunes_and_repeats_music21_cannot_unfold_play
     chorale = next(str(p) for p in corpus.getPaths() if p.as_posix().endswith("bach/bwv277.krn"))
     assert exporter.export((chorale, "bach/bwv277.krn", str(out))) == ("bach/bwv277.krn", "once")
     assert mido.MidiFile(str(out / "ensemble" / "bach" / "bwv277.mid")).length >= exporter.MIN_SECONDS
+
+    class FailsMidWrite:  # a tune music21 fails on after it began writing the file
+        def write(self, fmt, fp):
+            Path(fp).write_bytes(b"MThd")
+            raise IndexError("list index out of range")
+
+    before = sorted(out.rglob("*"))
+    with pytest.raises(IndexError):
+        exporter.export_score(FailsMidWrite(), "folk/tunes/0003.abc", str(out))
+    assert sorted(out.rglob("*")) == before  # no temporary left for render-midi to find

@@ -40,6 +40,7 @@ def test_render_a_collection_in_parallel_trimmed_and_capped(midi_corpus, tmp_pat
     src.mkdir(parents=True)
     for key in ("piano", "mixed", "stray_tail", "strings"):
         shutil.copy(midi_corpus[key], src / f"{key}.mid")
+    shutil.copy(midi_corpus["piano"], src / ".piano.1a2b.tmp.mid")  # an export in progress: not rendered
     report = render_midi([tmp_path / "lmd"], tmp_path / "out",
                          RenderOptions(instruments=["piano"], max_seconds=15, workers=2))
     rendered = {s.name: (o, secs) for s, o, secs in report.rendered}

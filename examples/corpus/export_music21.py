@@ -29,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from s4music.data.progress import time_left
+from s4music.files import AtomicFile, atomic_path
 
 MIN_SECONDS = 20.0
 QUARTET = (40, 40, 41, 42)  # violin, violin, viola, cello
@@ -101,24 +102,22 @@ def export_score(score, rel: str, out: str) -> str:
     import mido
     from music21 import repeat
 
-    piano, ensemble = midi_path(out, "piano", rel), midi_path(out, "ensemble", rel)
-    piano.parent.mkdir(parents=True, exist_ok=True)
-    tmp = piano.with_suffix(".tmp.mid")
-    status = "ok"
+    piano = AtomicFile(midi_path(out, "piano", rel))  # a hidden temporary, removed if the score fails
     try:
-        score.write("midi", fp=str(tmp))
-    except repeat.ExpanderException:
-        _without_repeats(score)
-        score.write("midi", fp=str(tmp))
-        status = "once"
-    if mido.MidiFile(str(tmp)).length < MIN_SECONDS:
-        tmp.unlink()
-        return "short"
-    tmp.replace(piano)
-    ensemble.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ensemble.with_suffix(".tmp.mid")
-    with_programs(piano, tmp, rel)
-    tmp.replace(ensemble)
+        status = "ok"
+        try:
+            score.write("midi", fp=str(piano.tmp))
+        except repeat.ExpanderException:
+            _without_repeats(score)
+            score.write("midi", fp=str(piano.tmp))
+            status = "once"
+        if mido.MidiFile(str(piano.tmp)).length < MIN_SECONDS:
+            return "short"
+        piano.commit()
+    finally:
+        piano.abort()
+    with atomic_path(midi_path(out, "ensemble", rel)) as tmp:
+        with_programs(piano.path, tmp, rel)
     return status
 
 

@@ -290,7 +290,9 @@ def find_midi(sources: list[str | Path]) -> list[tuple[Path, Path]]:
     for source in map(Path, sources):
         if source.is_dir():
             files = sorted(p for p in source.rglob("*") if p.suffix.lower() in MIDI_EXTENSIONS and p.is_file())
-            found += [(p, p.relative_to(source)) for p in files]
+            # hidden files and folders are temporaries (an export or a download in progress)
+            found += [(p, p.relative_to(source)) for p in files
+                      if not any(part.startswith(".") for part in p.relative_to(source).parts)]
         else:
             found.append((source, Path(source.name)))
     return found
