@@ -3,9 +3,9 @@ whose transfers are limited), and back.
 
 `pack` deals whole source files to parts in a seeded order, so every part is a random sample of
 the whole dataset, and writes each part as one complete small dataset (its dataset.json, manifest
-rows and split files) compressed losslessly: LZMA2 after a delta filter, which brings 8-bit mu-law
-codes of music to about 4.7-5.3 bits a sample (about 35 MB an hour). A lossy codec was measured and
-refused (examples/corpus/README.md): Opus even at 64 kbit/s moved the bundled model's bits per
+rows and split files) compressed losslessly: LZMA2 at preset 6 after a delta filter (preset 9e was
+no smaller, and 1.3x slower), which brings 8-bit mu-law codes of music to about 4.7-5.3 bits a
+sample (about 35 MB an hour). A lossy codec was measured and refused (examples/corpus/README.md): Opus even at 64 kbit/s moved the bundled model's bits per
 sample by 0.2-0.4, far past the 0.02 allowed. `pack.json` lists each part with its size, SHA-256,
 windows and hours. A pack stopped part-way resumes: a part an earlier run wrote from the same
 dataset, dealt the same way (planner, `part_mb`, seed), holding the sources planned for it and
@@ -39,7 +39,7 @@ from s4music.files import DirectoryLock, atomic_path, remove_stale_temporaries, 
 
 PACK_FORMAT = "s4music-pack"
 INDEX = "pack.json"
-_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1}, {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1}, {"id": lzma.FILTER_LZMA2, "preset": 6}]
 _MAGIC = b"S4MPACK1"
 
 
@@ -152,8 +152,8 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
     only the first `max_parts` (each a random sample of the whole) when given.
 
     The first part is written alone, and its compression ratio plans the rest, which `workers`
-    processes (default: one per core; about 0.9 GB each, for LZMA2 at preset 9e) compress at
-    once; sources a part gives back to fit go to parts after them. Any number of workers deals the
+    processes (default: one per core; each holds a part's codes, and LZMA2 at preset 6 about 100 MB
+    more) compress at once; sources a part gives back to fit go to parts after them. Any number of workers deals the
     same parts."""
     root, out = Path(dataset), Path(out)
     meta = read_meta(root)
