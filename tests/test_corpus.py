@@ -75,15 +75,22 @@ def test_make_splits_on_part_of_the_corpus_keeps_the_committed_file(tmp_path):
     for name in part:
         (audio / name).parent.mkdir(parents=True, exist_ok=True)
         (audio / name).touch()
+    # scores exported but not yet rendered are named by the WAV render-midi will make of each
+    midi = tmp_path / "midi"
+    for name in ("piano/newcomposer/opus2.mid", "ensemble/newcomposer/opus2.mid", "piano/newcomposer/.opus3.1a2b.tmp.mid"):
+        (midi / name).parent.mkdir(parents=True, exist_ok=True)
+        (midi / name).touch()
     out = tmp_path / "splits.json"
     shutil.copy(committed, out)
-    subprocess.run([sys.executable, str(repo / "examples" / "corpus" / "make_splits.py"), str(audio), "-o", str(out)],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, str(repo / "examples" / "corpus" / "make_splits.py"), str(midi), str(audio),
+                    "-o", str(out)], check=True, capture_output=True)
     after = json.loads(out.read_text())
     for split, names in listed.items():
         assert set(names) <= set(after[split]), f"{split} lost names"
-    assert sum(len(v) for v in after.values()) == sum(len(v) for v in listed.values()) + 1
-    assert "piano/newcomposer/opus1.wav" in sum(after.values(), [])
+    assert sum(len(v) for v in after.values()) == sum(len(v) for v in listed.values()) + 3
+    new = {"piano/newcomposer/opus1.wav", "piano/newcomposer/opus2.wav", "ensemble/newcomposer/opus2.wav"}
+    assert new <= set(sum(after.values(), []))
+    assert len({s for s, names in after.items() if {"piano/newcomposer/opus2.wav", "ensemble/newcomposer/opus2.wav"} & set(names)}) == 1
 
 
 def test_export_lists_what_it_cannot_export_and_a_rerun_skips_it(tmp_path):

@@ -6,9 +6,10 @@
 #   COMPOSERS=bach,palestrina bash examples/corpus/build.sh   # a part of the music21 corpus
 #
 # 1. the soundfont and the recordings' Debian packages; 2. every music21 score of 20 s or more, as
-# MIDI for a piano and for a small ensemble; 3. FluidSynth renders with a seeded player's
-# variation each; 4. the real recordings; 5. the split by work (examples/corpus/splits.json, kept in
-# the repository); 6. the dataset of 8.192 s windows; 7. packed in parts of PART_MB MiB.
+# MIDI for a piano and for a small ensemble; 3. the real recordings; 4. the split by work
+# (examples/corpus/splits.json, kept in the repository), fixed before anything is rendered;
+# 5. FluidSynth renders with a seeded player's variation each; 6. the dataset of 8.192 s windows;
+# 7. packed in parts of PART_MB MiB.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/corpus}
@@ -25,18 +26,19 @@ if [ -n "$missing" ]; then
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-echo "== 1/6 scores to MIDI"
+echo "== 1/7 scores to MIDI"
 $PY examples/corpus/export_music21.py "$WORK/midi" --workers "$WORKERS" ${COMPOSERS:+--composers "$COMPOSERS"}
-echo "== 2/6 piano renders ($SOUNDFONT)"
+echo "== 2/7 recordings"
+$PY examples/corpus/recordings.py "$WORK/audio/recordings"
+echo "== 3/7 split by work"
+$PY examples/corpus/make_splits.py "$WORK/midi" "$WORK/audio" -o examples/corpus/splits.json
+echo "== 4/7 piano renders ($SOUNDFONT)"
 $S4 render-midi "$WORK/midi/piano" -o "$WORK/audio/piano" --soundfont "$SOUNDFONT" --program piano --vary --seed 0 \
     --no-drums --max-seconds 600 --workers "$WORKERS"
-echo "== 3/6 ensemble renders ($SOUNDFONT)"
+echo "== 5/7 ensemble renders ($SOUNDFONT)"
 $S4 render-midi "$WORK/midi/ensemble" -o "$WORK/audio/ensemble" --soundfont "$SOUNDFONT" --vary --seed 1 \
     --no-drums --max-seconds 600 --workers "$WORKERS"
-echo "== 4/6 recordings"
-$PY examples/corpus/recordings.py "$WORK/audio/recordings"
-echo "== 5/6 split by work, and the dataset"
-$PY examples/corpus/make_splits.py "$WORK/audio" -o examples/corpus/splits.json
+echo "== 6/7 the dataset"
 $S4 prepare "$WORK/audio" -o "$WORK/data" --seconds 8.192 --splits examples/corpus/splits.json
-echo "== 6/6 packed"
+echo "== 7/7 packed"
 $S4 pack "$WORK/data" -o "$WORK/pack" --part-mb "$PART_MB"

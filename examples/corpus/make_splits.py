@@ -1,6 +1,10 @@
 """Write the corpus's split file: whole works to train, val or test (s4music.data.corpus).
 
-    python examples/corpus/make_splits.py AUDIO_DIR -o examples/corpus/splits.json
+    python examples/corpus/make_splits.py MIDI_DIR AUDIO_DIR -o examples/corpus/splits.json
+
+Files are named by their path under the folder given (as `prepare` names them), a MIDI file by the
+WAV `render-midi` makes of it (`MIDI_DIR/piano/bach/bwv66.6.mid` is `piano/bach/bwv66.6.wav`), so
+the split is fixed from the exported scores before a single one is rendered.
 
 The bundled model's chorale val and test pieces (examples/default_model_splits.json) keep their
 splits, so the old and new models are compared on the same held-out works. An existing split file
@@ -15,6 +19,7 @@ import json
 from pathlib import Path
 
 from s4music.data.corpus import split_by_work, work_of
+from s4music.data.midi import find_midi
 from s4music.data.prepare import find_audio
 from s4music.files import atomic_path
 
@@ -23,13 +28,14 @@ OLD_SPLITS = Path(__file__).resolve().parents[1] / "default_model_splits.json"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("audio", type=Path)
+    parser.add_argument("sources", type=Path, nargs="+", help="Folders of audio files, or of MIDI files to render.")
     parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--val", type=float, default=0.05)
     parser.add_argument("--test", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    names = [name for _, _, name in find_audio([args.audio])]
+    names = sorted({*(name for _, _, name in find_audio(args.sources)),
+                    *(rel.with_suffix(".wav").as_posix() for _, rel in find_midi(args.sources))})
     old = json.loads(OLD_SPLITS.read_text())
     # chorale/bwv254.wav was the music21 score bach/bwv254 (any rendering folder names the same work)
     pinned = {f"chorale/bach/{Path(n).name}": split for split in ("val", "test") for n in old[split]}
