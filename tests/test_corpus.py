@@ -137,17 +137,34 @@ CDEF|GABc|]
 """
 
 
-def test_a_book_becomes_a_folder_of_tunes_and_repeats_music21_cannot_unfold_play_once(tmp_path):
+def _exporter():
     import importlib.util
-
-    pytest.importorskip("music21")
-    import mido
-    from music21 import corpus
 
     spec = importlib.util.spec_from_file_location(
         "export_music21", Path(__file__).resolve().parents[1] / "examples" / "corpus" / "export_music21.py")
     exporter = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(exporter)
+    return exporter
+
+
+def test_the_exports_time_left_goes_by_each_formats_seconds_per_byte(tmp_path):
+    files = {"a.abc": 1000, "b.abc": 3000, "c.xml": 4000}
+    for name, size in files.items():
+        (tmp_path / name).write_bytes(b"x" * size)
+    left = _exporter().TimeLeft([str(tmp_path / n) for n in files], workers=2)
+    left.done(str(tmp_path / "a.abc"), 2.0)
+    # ABC at 2 ms a byte; no MusicXML read yet, so it goes at the rate of all so far
+    assert left() == pytest.approx((3000 * 0.002 + 4000 * 0.002) / 2)
+    left.done(str(tmp_path / "c.xml"), 1.0)
+    assert left() == pytest.approx(3000 * 0.002 / 2)
+
+
+def test_a_book_becomes_a_folder_of_tunes_and_repeats_music21_cannot_unfold_play_once(tmp_path):
+    pytest.importorskip("music21")
+    import mido
+    from music21 import corpus
+
+    exporter = _exporter()
     (tmp_path / "tunes.abc").write_text(BOOK)
     out = tmp_path / "out"
     assert exporter.export((str(tmp_path / "tunes.abc"), "folk/tunes.abc", str(out))) == ("folk/tunes.abc", "ok")

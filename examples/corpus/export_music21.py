@@ -23,8 +23,10 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import random
 import time
+from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -152,6 +154,35 @@ def export(job: tuple[str, str, str]) -> tuple[str, str]:
     return rel, "short" if counts.get("short") else f"failed: no tune of {len(score.scores)} exported"
 
 
+def timed_export(job: tuple[str, str, str]) -> tuple[str, str, float]:
+    """`export`, and the seconds it took."""
+    start = time.monotonic()
+    return (*export(job), time.monotonic() - start)
+
+
+class TimeLeft:
+    """How long the files not yet exported will take: each format's seconds per byte so far (a
+    MusicXML byte reads far faster than an ABC or Humdrum byte), shared among the workers."""
+
+    def __init__(self, paths: list[str], workers: int):
+        self.workers = workers
+        self.bytes_left: dict[str, int] = defaultdict(int)
+        self.spent: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # format -> [seconds, bytes]
+        for path in paths:
+            self.bytes_left[Path(path).suffix] += os.path.getsize(path)
+
+    def done(self, path: str, seconds: float) -> None:
+        size = os.path.getsize(path)
+        self.bytes_left[Path(path).suffix] -= size
+        self.spent[Path(path).suffix][0] += seconds
+        self.spent[Path(path).suffix][1] += size
+
+    def __call__(self) -> float:
+        overall = sum(s for s, _ in self.spent.values()) / max(1.0, sum(b for _, b in self.spent.values()))
+        per_byte = {f: s / b if b else overall for f, (s, b) in self.spent.items()}
+        return sum(n * per_byte.get(f, overall) for f, n in self.bytes_left.items()) / self.workers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
@@ -189,11 +220,16 @@ def main() -> None:
         else:
             todo.append(job)
     done = len(jobs) - len(todo)
+    # the largest first (a book of a thousand tunes takes minutes), so none is left to run alone at the end
+    todo.sort(key=lambda job: -os.path.getsize(job[0]))
+    time_to_go = TimeLeft([job[0] for job in todo], args.workers)
     start, said = time.monotonic(), 0.0
     args.out.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(args.workers) as pool, skipped_log.open("a") as log:
-        for i, future in enumerate(as_completed([pool.submit(export, job) for job in todo]), 1):
-            rel, status = future.result()
+        futures = {pool.submit(timed_export, job): job for job in todo}
+        for i, future in enumerate(as_completed(futures), 1):
+            rel, status, seconds = future.result()
+            time_to_go.done(futures[future][0], seconds)
             kind = status.split(":")[0]
             counts[kind] = counts.get(kind, 0) + 1
             if kind not in ("ok", "once"):
@@ -204,8 +240,7 @@ def main() -> None:
             elapsed = time.monotonic() - start
             if elapsed - said >= 30 or i == len(todo):  # a line every 30 s: readable in a log file too
                 said = elapsed
-                left = elapsed / i * (len(todo) - i)
-                logging.info("%d/%d scores %s, %s left", done + i, len(jobs), counts, time_left(left))
+                logging.info("%d/%d scores %s, %s left", done + i, len(jobs), counts, time_left(time_to_go()))
     if not todo:
         logging.info("%d/%d scores done by an earlier run %s", done, len(jobs), counts)
 
