@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -48,6 +49,35 @@ logging.getLogger("matplotlib.font_manager").info("generated new fontManager")
 logging.getLogger("s4music.extensions").debug("our debug line")
 logging.getLogger("s4music.extensions").info("our line")
 """
+
+
+def test_progress_in_a_log_file_is_a_line_now_and_then_with_the_time_left():
+    import io
+
+    from rich.console import Console
+
+    from s4music.cli.app import LoggedProgress, progress_bar
+
+    bar = progress_bar()
+    assert isinstance(bar, LoggedProgress)
+    log = io.StringIO()
+    bar = LoggedProgress(console=Console(file=log, force_terminal=False))
+    task = bar.add_task("rendering", total=200)
+    bar.update(task, completed=1)
+    assert log.getvalue() == ""  # a run shorter than `every` says nothing more than before
+    bar.every = 0.0
+    for done in (50, 100):
+        time.sleep(0.01)  # the time left comes from the speed between updates
+        bar.update(task, completed=done)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("rendering: 100/200 (50%)")
+    assert re.fullmatch(r"rendering: 100/200 \(50%\), \d+:\d\d:\d\d left", lines[1])
+    # a terminal gets rich's bar, not lines
+    tty = io.StringIO()
+    bar = LoggedProgress(console=Console(file=tty, force_terminal=True))
+    bar.every = 0.0
+    bar.update(bar.add_task("x", total=2), completed=1)
+    assert "x: 1/2" not in tty.getvalue()
 
 
 def test_other_libraries_log_only_warnings_unless_vv(tmp_path):

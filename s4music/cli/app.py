@@ -104,10 +104,40 @@ def main_options(verbose: int = typer.Option(0, "--verbose", "-v", count=True,
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+class LoggedProgress(Progress):
+    """A rich progress bar; where stderr is not a terminal (a log file, a batch job's output), which
+    rich leaves blank, a line every `every` seconds instead, from the first `every` seconds on."""
+
+    every = 30.0
+
+    def __init__(self, *columns, **kwargs):
+        super().__init__(*columns, **kwargs)
+        self._said: dict = {}  # task -> when its last line was printed (or it was added)
+
+    def add_task(self, *args, **kwargs):
+        task_id = super().add_task(*args, **kwargs)
+        self._said[task_id] = time.monotonic()
+        return task_id
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        if self.console.is_terminal or time.monotonic() - self._said[task_id] < self.every:
+            return
+        from s4music.data.progress import time_left
+
+        self._said[task_id] = time.monotonic()
+        task = self._tasks[task_id]
+        done = f"{task.completed:g}" + (f"/{task.total:g} ({task.percentage:.0f}%)" if task.total else "")
+        left = f", {time_left(task.time_remaining)} left" if task.time_remaining is not None else ""
+        info = f", {task.fields['info']}" if task.fields.get("info") else ""
+        self.console.print(f"{task.description}: {done}{left}{info}", highlight=False, soft_wrap=True)
+
+
 def progress_bar(info: bool = False) -> Progress:
-    """A rich progress bar with ETA, on stderr; `info` adds a column fed by the task field "info"."""
+    """A rich progress bar with ETA, on stderr (in a log file, a line every 30 s); `info` adds a
+    column fed by the task field "info"."""
     extra = (TextColumn("{task.fields[info]}"),) if info else ()
-    return Progress(
+    return LoggedProgress(
         TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *extra, TimeRemainingColumn(),
         console=console, transient=True,
     )
