@@ -3,9 +3,10 @@ whose transfers are limited), and back.
 
 `pack` deals whole source files to parts in a seeded order, so every part is a random sample of
 the whole dataset, and writes each part as one complete small dataset (its dataset.json, manifest
-rows and split files) compressed losslessly: LZMA2 at preset 6 after a delta filter (preset 9e was
-no smaller, and 1.3x slower), which brings 8-bit mu-law codes of music to about 4.7-5.3 bits a
-sample (about 35 MB an hour). A lossy codec was measured and refused (examples/corpus/README.md): Opus even at 64 kbit/s moved the bundled model's bits per
+rows and split files) compressed losslessly: LZMA2 at preset 6 after a delta filter, which brings
+8-bit mu-law codes of music to about 4.7-5.3 bits a sample (about 35 MB an hour) at about 60x real
+time a core. Preset 9e was no smaller and 1.4x slower; presets 0-1 were 3-7x faster and 10-12%
+larger, and size is what limits a lease (examples/corpus/README.md). A lossy codec was measured and refused (examples/corpus/README.md): Opus even at 64 kbit/s moved the bundled model's bits per
 sample by 0.2-0.4, far past the 0.02 allowed. `pack.json` lists each part with its size, SHA-256,
 windows and hours. A pack stopped part-way resumes: a part an earlier run wrote from the same
 dataset, dealt the same way (planner, `part_mb`, seed), holding the sources planned for it and
@@ -39,7 +40,8 @@ from s4music.files import DirectoryLock, atomic_path, remove_stale_temporaries, 
 
 PACK_FORMAT = "s4music-pack"
 INDEX = "pack.json"
-_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1}, {"id": lzma.FILTER_LZMA2, "preset": 6}]
+# lc=4, pb=0: the literal's context is the previous code's top 4 bits, not byte positions (1% smaller)
+_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1}, {"id": lzma.FILTER_LZMA2, "preset": 6, "lc": 4, "lp": 0, "pb": 0}]
 _MAGIC = b"S4MPACK1"
 
 
