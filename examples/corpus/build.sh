@@ -4,6 +4,7 @@
 #
 #   bash examples/corpus/build.sh                 # WORK=/tmp/corpus, all of it
 #   COMPOSERS=bach,palestrina bash examples/corpus/build.sh   # a part of the music21 corpus
+#   PARTS=20 bash examples/corpus/build.sh        # pack only 20 parts, each a random sample of all
 #
 # 1. the soundfont and the recordings' Debian packages; 2. every music21 score of 20 s or more, as
 # MIDI for a piano and for a small ensemble; 3. the real recordings; 4. the split by work
@@ -15,6 +16,7 @@ cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/corpus}
 SOUNDFONT=${SOUNDFONT:-musescore,fluidr3}  # one drawn per file (this order made the renders so far)
 PART_MB=${PART_MB:-30}
+PARTS=${PARTS:-}  # empty: every part (about 460 for the whole corpus, 3.4 h of packing on 2 cores)
 WORKERS=${WORKERS:-$(nproc)}
 S4=.venv/bin/s4music
 PY=.venv/bin/python
@@ -41,4 +43,4 @@ $S4 render-midi "$WORK/midi/ensemble" -o "$WORK/audio/ensemble" --soundfont "$SO
 echo "== 6/7 the dataset"
 $S4 prepare "$WORK/audio" -o "$WORK/data" --seconds 8.192 --splits examples/corpus/splits.json
 echo "== 7/7 packed"
-$S4 pack "$WORK/data" -o "$WORK/pack" --part-mb "$PART_MB"
+$S4 pack "$WORK/data" -o "$WORK/pack" --part-mb "$PART_MB" ${PARTS:+--max-parts "$PARTS"}
