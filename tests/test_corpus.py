@@ -90,7 +90,8 @@ def test_make_splits_on_part_of_the_corpus_keeps_the_committed_file(tmp_path):
     assert sum(len(v) for v in after.values()) == sum(len(v) for v in listed.values()) + 3
     new = {"piano/newcomposer/opus1.wav", "piano/newcomposer/opus2.wav", "ensemble/newcomposer/opus2.wav"}
     assert new <= set(sum(after.values(), []))
-    assert len({s for s, names in after.items() if {"piano/newcomposer/opus2.wav", "ensemble/newcomposer/opus2.wav"} & set(names)}) == 1
+    renderings = {"piano/newcomposer/opus2.wav", "ensemble/newcomposer/opus2.wav"}
+    assert len({split for split, names in after.items() if renderings & set(names)}) == 1
 
 
 def test_export_lists_what_it_cannot_export_and_a_rerun_skips_it(tmp_path):

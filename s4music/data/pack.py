@@ -6,8 +6,9 @@ the whole dataset, and writes each part as one complete small dataset (its datas
 rows and split files) compressed losslessly: LZMA2 at preset 6 after a delta filter, which brings
 8-bit mu-law codes of music to about 4.7-5.3 bits a sample (about 35 MB an hour) at about 60x real
 time a core. Preset 9e was no smaller and 1.4x slower; presets 0-1 were 3-7x faster and 10-12%
-larger, and size is what limits a lease (examples/corpus/README.md). A lossy codec was measured and refused (examples/corpus/README.md): Opus even at 64 kbit/s moved the bundled model's bits per
-sample by 0.2-0.4, far past the 0.02 allowed. `pack.json` lists each part with its size, SHA-256,
+larger, and size is what limits a lease. A lossy codec was measured and refused: Opus even at 64
+kbit/s moved the bundled model's bits per sample by 0.2-0.4, far past the 0.02 allowed (both in
+examples/corpus/README.md). `pack.json` lists each part with its size, SHA-256,
 windows and hours. A pack stopped part-way resumes: a part an earlier run wrote from the same
 dataset, dealt the same way (planner, `part_mb`, seed), holding the sources planned for it and
 whole, is kept as it is; once every source is dealt, part files an earlier pack wrote past the new
@@ -155,8 +156,8 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
 
     The first part is written alone, and its compression ratio plans the rest, which `workers`
     processes (default: one per core; each holds a part's codes, and LZMA2 at preset 6 about 100 MB
-    more) compress at once; sources a part gives back to fit go to parts after them. Any number of workers deals the
-    same parts."""
+    more) compress at once; sources a part gives back to fit go to parts after them. Any number of
+    workers deals the same parts."""
     root, out = Path(dataset), Path(out)
     meta = read_meta(root)
     if meta is None:
