@@ -349,8 +349,9 @@ def prepare(
     if report.unmatched_pins:
         missed = report.unmatched_pins
         console.print(f"[yellow]warning:[/] {splits}: {len(missed)} listed file(s) not found under the sources "
-                      f"({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''}); are the sources the "
-                      "directory the split file names files in?", highlight=False, soft_wrap=True)
+                      f"({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''}); expected in a build of "
+                      "part of what it lists, else check that the sources are the directory the split file "
+                      "names files in", highlight=False, soft_wrap=True)
     report_failures([(str(p), r) for p, r in report.failed], len(report.added) + report.unchanged,
                     "files in the dataset", any_failure_fails=False)
 
