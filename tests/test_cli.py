@@ -156,7 +156,14 @@ def test_prepare_reports_bad_files_and_builds_the_rest(tmp_path, short_recording
     pinned = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds3"), "--seconds", "2",
                                  "--splits", str(splits)])
     assert pinned.exit_code == 0, pinned.output
-    assert f"warning: {splits}: 2 listed file(s) not found under the sources (a.ogg, calm/gone.ogg)" in pinned.output
+    # some names found: the sources are right, and the rest are not in this build
+    assert f"warning: {splits}: 2 listed file(s) not found under the sources (a.ogg, calm/gone.ogg); expected in a " \
+        "build of part of what it lists" in " ".join(pinned.output.split())
+    splits.write_text('{"test": ["gone.ogg"], "train": ["a.ogg"]}')  # none found: named from another folder
+    elsewhere = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds4"), "--seconds", "2",
+                                    "--splits", str(splits)])
+    assert elsewhere.exit_code == 0 and "are the sources the directory the split file names files in?" in \
+        " ".join(elsewhere.output.split())
     splits.write_text('{"test": ["calm/a.ogg"], "val": ["calm/a.ogg"]}')
     twice = runner.invoke(app, ["prepare", str(tmp_path / "src"), "-o", str(tmp_path / "ds2"), "--splits", str(splits)])
     assert twice.exit_code == 1 and f"{splits}: calm/a.ogg is listed in both test and val" in twice.output

@@ -111,6 +111,7 @@ class LoggedProgress(Progress):
     every = 30.0
 
     def __init__(self, *columns, **kwargs):
+        kwargs.setdefault("speed_estimate_period", 120.0)  # rich's 30 s would leave no speed between lines
         super().__init__(*columns, **kwargs)
         self._said: dict = {}  # task -> when its last line was printed (or it was added)
 
@@ -127,7 +128,7 @@ class LoggedProgress(Progress):
 
         self._said[task_id] = time.monotonic()
         task = self._tasks[task_id]
-        done = f"{task.completed:g}" + (f"/{task.total:g} ({task.percentage:.0f}%)" if task.total else "")
+        done = f"{task.completed:,.0f}" + (f"/{task.total:,.0f} ({task.percentage:.0f}%)" if task.total else "")
         left = f", {time_left(task.time_remaining)} left" if task.time_remaining is not None else ""
         info = f", {task.fields['info']}" if task.fields.get("info") else ""
         self.console.print(f"{task.description}: {done}{left}{info}", highlight=False, soft_wrap=True)
@@ -322,6 +323,7 @@ def prepare(
             console.print(f"[red]damaged:[/] {problem}", highlight=False, soft_wrap=True)
         console.print(f"{verify}: {'whole' if not problems else f'{len(problems)} problem(s)'}", highlight=False)
         raise typer.Exit(1 if problems else 0)
+    pinned = read_pinned_splits(splits) if splits and not merge else {}
     if merge:
         if not sources or out is None or shard is not None:
             fail("--merge takes the shard directories as SOURCES and a new --out DIR (and no --shard)")
@@ -331,7 +333,7 @@ def prepare(
             fail("give the audio SOURCES and --out DIR (or --verify DIR to check a dataset)")
         options = PrepareOptions(seconds=seconds, sample_rate=sample_rate, quantization=quantization,
                                  val_fraction=val, test_fraction=test, seed=seed, tags=tag or [],
-                                 pinned=read_pinned_splits(splits) if splits else {}, shard=shard)
+                                 pinned=pinned, shard=shard)
         with progress_bar() as bar:
             task = bar.add_task("preparing", total=None)
             report = prepare_dataset(sources, out, options, on_file=lambda path, status, done, total: bar.update(
@@ -348,10 +350,13 @@ def prepare(
         console.print(f"{len(report.added)} files added, {report.unchanged} already in the dataset")
     if report.unmatched_pins:
         missed = report.unmatched_pins
+        # none found: the sources are likely not the folder the names are relative to, and every file
+        # would be split on its own, renderings of one work apart
+        why = ("are the sources the directory the split file names files in?" if len(missed) == len(pinned)
+               else "expected in a build of part of what it lists")
         console.print(f"[yellow]warning:[/] {splits}: {len(missed)} listed file(s) not found under the sources "
-                      f"({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''}); expected in a build of "
-                      "part of what it lists, else check that the sources are the directory the split file "
-                      "names files in", highlight=False, soft_wrap=True)
+                      f"({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''}); {why}",
+                      highlight=False, soft_wrap=True)
     report_failures([(str(p), r) for p, r in report.failed], len(report.added) + report.unchanged,
                     "files in the dataset", any_failure_fails=False)
 
@@ -363,7 +368,7 @@ def pack_command(
     part_mb: float = typer.Option(30.0, help="Largest part, in MiB (a GPU machine's transfer limit, say)."),
     seed: int = typer.Option(0, help="Seed of the order sources are dealt to parts in."),
     max_parts: int = typer.Option(None, help="Write only the first N parts (each a random sample of the dataset)."),
-    workers: int = typer.Option(None, help="Parts compressed at once (default: one per core; about 0.9 GB each)."),
+    workers: int = typer.Option(None, help="Parts compressed at once (default: one per core; a part and 100 MB more each)."),
 ):
     """Pack a dataset as parts that travel: each a random sample of it, compressed losslessly."""
     from s4music.data.pack import pack
