@@ -6,10 +6,10 @@
 #   COMPOSERS=bach,palestrina bash examples/corpus/build.sh   # a part of the music21 corpus
 #   PARTS=20 bash examples/corpus/build.sh        # pack only 20 parts, each a random sample of all
 #
-# 1. the soundfont and the recordings' Debian packages; 2. every music21 score of 20 s or more, as
-# MIDI for a piano and for a small ensemble; 3. the real recordings; 4. the split by work
-# (examples/corpus/splits.json, kept in the repository), fixed before anything is rendered;
-# 5. FluidSynth renders with a seeded player's variation each; 6. the dataset of 8.192 s windows;
+# First the soundfonts' and the recordings' Debian packages, then: 1. every music21 score of 20 s or
+# more, as MIDI for a piano and for a small ensemble; 2. the real recordings; 3. the split by work
+# (examples/corpus/splits.json, kept in the repository), fixed before anything is rendered; 4-5.
+# FluidSynth renders with a seeded player's variation each; 6. the dataset of 8.192 s windows;
 # 7. packed in parts of PART_MB MiB.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

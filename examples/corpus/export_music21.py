@@ -169,13 +169,13 @@ class TimeLeft:
         self.bytes_left: dict[str, int] = defaultdict(int)
         self.spent: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # format -> [seconds, bytes]
         for path in paths:
-            self.bytes_left[Path(path).suffix] += os.path.getsize(path)
+            self.bytes_left[Path(path).suffix.lower()] += os.path.getsize(path)
 
     def done(self, path: str, seconds: float) -> None:
-        size = os.path.getsize(path)
-        self.bytes_left[Path(path).suffix] -= size
-        self.spent[Path(path).suffix][0] += seconds
-        self.spent[Path(path).suffix][1] += size
+        size, kind = os.path.getsize(path), Path(path).suffix.lower()
+        self.bytes_left[kind] -= size
+        self.spent[kind][0] += seconds
+        self.spent[kind][1] += size
 
     def __call__(self) -> float:
         overall = sum(s for s, _ in self.spent.values()) / max(1.0, sum(b for _, b in self.spent.values()))

@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--test", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    for source in args.sources:  # a mistyped folder would add its own name to the file, for good
+        if not source.is_dir():
+            parser.error(f"{source}: not a folder")
     names = sorted({*(name for _, _, name in find_audio(args.sources)),
                     *(rel.with_suffix(".wav").as_posix() for _, rel in find_midi(args.sources))})
     old = json.loads(OLD_SPLITS.read_text())

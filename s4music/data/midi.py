@@ -285,7 +285,8 @@ def render_file(src: Path, out: Path, options: RenderOptions, soundfonts: list[t
 
 
 def find_midi(sources: list[str | Path]) -> list[tuple[Path, Path]]:
-    """(file, path relative to its source root) for each MIDI file, directories searched recursively."""
+    """(file, path relative to its source root) for each MIDI file, directories searched recursively
+    (hidden files and folders skipped)."""
     found = []
     for source in map(Path, sources):
         if source.is_dir():

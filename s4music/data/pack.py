@@ -5,14 +5,13 @@ whose transfers are limited), and back.
 the whole dataset, and writes each part as one complete small dataset (its dataset.json, manifest
 rows and split files) compressed losslessly: LZMA2 at preset 6 after a delta filter, which brings
 8-bit mu-law codes of music to about 4.7-5.3 bits a sample (about 35 MB an hour) at about 60x real
-time a core. Preset 9e was no smaller and 1.4x slower; presets 0-1 were 3-7x faster and 10-12%
+time a core. Preset 9e was 1% larger and 1.3-1.6x slower; presets 0-1 were 3-8x faster and 11-13%
 larger, and size is what limits a lease. A lossy codec was measured and refused: Opus even at 64
 kbit/s moved the bundled model's bits per sample by 0.2-0.4, far past the 0.02 allowed (both in
-examples/corpus/README.md). `pack.json` lists each part with its size, SHA-256,
-windows and hours. A pack stopped part-way resumes: a part an earlier run wrote from the same
-dataset, dealt the same way (planner, `part_mb`, seed), holding the sources planned for it and
-whole, is kept as it is; once every source is dealt, part files an earlier pack wrote past the new
-count are removed.
+examples/corpus/README.md). `pack.json` lists each part with its size, SHA-256, windows and hours.
+A pack stopped part-way resumes: a part an earlier run wrote from the same dataset, dealt the same
+way (planner, `part_mb`, seed), holding the sources planned for it and whole, is kept as it is;
+once every source is dealt, part files an earlier pack wrote past the new count are removed.
 
 `unpack` checks every part it is given against its checksum first, then decompresses the parts in
 parallel (a process per core) into OUT/NAME/, each written to a temporary folder and renamed into
@@ -41,7 +40,7 @@ from s4music.files import DirectoryLock, atomic_path, remove_stale_temporaries, 
 
 PACK_FORMAT = "s4music-pack"
 INDEX = "pack.json"
-# lc=4, pb=0: the literal's context is the previous code's top 4 bits, not byte positions (1% smaller)
+# lc=4, pb=0: a literal's context is the previous delta's top 4 bits, not byte positions (1% smaller)
 _FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1}, {"id": lzma.FILTER_LZMA2, "preset": 6, "lc": 4, "lp": 0, "pb": 0}]
 _MAGIC = b"S4MPACK1"
 
