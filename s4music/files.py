@@ -168,6 +168,14 @@ class DirectoryLock:
             self.fd = None
 
 
+def visible_files(folder: Path, suffixes: set[str]) -> list[Path]:
+    """The files under `folder`, searched recursively and sorted, whose suffix (in lower case) is one
+    of `suffixes`. Hidden files and folders are passed over: they are writers' temporaries (a
+    render, an export or a download in progress)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     """Remove what writers that died left in `directory` (files and directories named `.<name>.tmp...`
     or `.<name>.old-...`). Call it only as the directory's sole writer (holding its DirectoryLock)."""

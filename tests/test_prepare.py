@@ -97,6 +97,10 @@ def test_bad_files_are_reported_and_the_rest_is_built(music, tmp_path, short_rec
     (bad / "empty.wav").write_bytes(b"")
     (bad / "notes.mp3").write_text("not audio at all\n" * 100)
     (bad / "cut.ogg").write_bytes(short_recording.read_bytes()[:3000])
+    # writers' temporaries (a render or a download in progress) are not read at all
+    (bad / ".song.1a2b.tmp.wav").write_bytes(b"")
+    (bad / ".render-x").mkdir()
+    (bad / ".render-x" / "out.wav").write_bytes(b"")
     import soundfile as sf
 
     sf.write(str(bad / "silence.wav"), np.zeros(48000, dtype=np.float32), 16000)

@@ -40,7 +40,7 @@ from s4music.data.options import RenderOptions
 from s4music.data.progress import FileCounter, FileProgress
 from s4music.data.soundfont import SoundfontFormatError, playable
 from s4music.errors import S4MusicError, first_line
-from s4music.files import atomic_path, write_json
+from s4music.files import atomic_path, visible_files, write_json
 from s4music.options import Shard, parse_shard
 from s4music.system import SoundfontError, find_soundfont
 
@@ -290,10 +290,7 @@ def find_midi(sources: list[str | Path]) -> list[tuple[Path, Path]]:
     found = []
     for source in map(Path, sources):
         if source.is_dir():
-            files = sorted(p for p in source.rglob("*") if p.suffix.lower() in MIDI_EXTENSIONS and p.is_file())
-            # hidden files and folders are temporaries (an export or a download in progress)
-            found += [(p, p.relative_to(source)) for p in files
-                      if not any(part.startswith(".") for part in p.relative_to(source).parts)]
+            found += [(p, p.relative_to(source)) for p in visible_files(source, MIDI_EXTENSIONS)]
         else:
             found.append((source, Path(source.name)))
     return found

@@ -44,7 +44,8 @@ from s4music.data.options import PrepareOptions
 from s4music.data.progress import FileCounter, FileProgress
 from s4music.data.format import FORMAT, SPLITS, DatasetError, committed, read_meta, stratum_key, verify_dataset
 from s4music.errors import S4MusicError
-from s4music.files import DirectoryLock, atomic_directory, atomic_path, remove_stale_temporaries, write_json
+from s4music.files import (DirectoryLock, atomic_directory, atomic_path, remove_stale_temporaries, visible_files,
+                           write_json)
 from s4music.options import Shard
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,9 @@ def find_audio(sources: list[str | Path]) -> list[tuple[Path, str, str]]:
     found = []
     for source in map(Path, sources):
         if source.is_dir():
-            for p in sorted(source.rglob("*")):
+            for p in visible_files(source, AUDIO_EXTENSIONS):
                 rel = p.relative_to(source)
-                # hidden files and folders are temporaries (a render or a download in progress)
-                if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS and not any(s.startswith(".") for s in rel.parts):
-                    found.append((p, rel.parts[0] if len(rel.parts) > 1 else source.resolve().name, rel.as_posix()))
+                found.append((p, rel.parts[0] if len(rel.parts) > 1 else source.resolve().name, rel.as_posix()))
         else:
             found.append((source, source.resolve().parent.name, source.name))
     return found
