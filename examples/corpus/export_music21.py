@@ -166,16 +166,17 @@ class TimeLeft:
 
     def __init__(self, paths: list[str], workers: int):
         self.workers = workers
+        self.size = {path: os.path.getsize(path) for path in paths}
         self.bytes_left: dict[str, int] = defaultdict(int)
         self.spent: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # format -> [seconds, bytes]
-        for path in paths:
-            self.bytes_left[Path(path).suffix.lower()] += os.path.getsize(path)
+        for path, size in self.size.items():
+            self.bytes_left[Path(path).suffix.lower()] += size
 
     def done(self, path: str, seconds: float) -> None:
-        size, kind = os.path.getsize(path), Path(path).suffix.lower()
-        self.bytes_left[kind] -= size
+        kind = Path(path).suffix.lower()
+        self.bytes_left[kind] -= self.size[path]
         self.spent[kind][0] += seconds
-        self.spent[kind][1] += size
+        self.spent[kind][1] += self.size[path]
 
     def __call__(self) -> float:
         overall = sum(s for s, _ in self.spent.values()) / max(1.0, sum(b for _, b in self.spent.values()))
@@ -220,9 +221,9 @@ def main() -> None:
         else:
             todo.append(job)
     done = len(jobs) - len(todo)
-    # the largest first (a book of a thousand tunes takes minutes), so none is left to run alone at the end
-    todo.sort(key=lambda job: -os.path.getsize(job[0]))
     time_to_go = TimeLeft([job[0] for job in todo], args.workers)
+    # the largest first (a book of a thousand tunes takes minutes), so none is left to run alone at the end
+    todo.sort(key=lambda job: -time_to_go.size[job[0]])
     start, said = time.monotonic(), 0.0
     args.out.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(args.workers) as pool, skipped_log.open("a") as log:

@@ -28,6 +28,7 @@ from rich.table import Table
 # Options only: every command imports what does the work when it runs, so --help, `models` and a
 # mistyped option answer at once, without torch (tests/test_cli.py checks which modules load).
 from s4music.data.options import FetchOptions, PrepareOptions, RenderOptions
+from s4music.data.progress import time_left
 from s4music.errors import S4MusicError
 from s4music.eval_options import EvalOptions
 from s4music.generate.options import (GenerateOptions, GenerationError, Output, PromptSelection, Sampling,
@@ -124,8 +125,6 @@ class LoggedProgress(Progress):
         super().update(task_id, **kwargs)
         if self.console.is_terminal or time.monotonic() - self._said[task_id] < self.every:
             return
-        from s4music.data.progress import time_left
-
         self._said[task_id] = time.monotonic()
         task = self._tasks[task_id]
         done = f"{task.completed:,.0f}" + (f"/{task.total:,.0f} ({task.percentage:.0f}%)" if task.total else "")
@@ -372,7 +371,6 @@ def pack_command(
 ):
     """Pack a dataset as parts that travel: each a random sample of it, compressed losslessly."""
     from s4music.data.pack import pack
-    from s4music.data.progress import time_left
 
     clock = {"since": 0.0, "windows": 0}  # the rate of parts compressed after the first (which runs alone)
 
