@@ -92,6 +92,11 @@ def test_make_splits_on_part_of_the_corpus_keeps_the_committed_file(tmp_path):
     assert new <= set(sum(after.values(), []))
     renderings = {"piano/newcomposer/opus2.wav", "ensemble/newcomposer/opus2.wav"}
     assert len({split for split, names in after.items() if renderings & set(names)}) == 1
+    # a mistyped folder is a one-line error, and the split file is left as it was
+    typo = subprocess.run([sys.executable, str(repo / "examples" / "corpus" / "make_splits.py"), str(tmp_path / "midl"),
+                           "-o", str(out)], capture_output=True, text=True)
+    assert typo.returncode == 2 and typo.stderr.strip().endswith(f"{tmp_path / 'midl'}: not a folder")
+    assert json.loads(out.read_text()) == after
 
 
 def test_export_lists_what_it_cannot_export_and_a_rerun_skips_it(tmp_path):
