@@ -55,7 +55,7 @@ TRAINING_TENSORS, TRAINING_JSON = "training.safetensors", "training.json"
 
 # What may change when a run is resumed; every other key must be the run's own.
 RESUMABLE_CHANGES = ("steps", "eval_every", "eval_windows", "save_every", "keep_last", "log", "max_bad_steps",
-                     "max_minutes", "fast")
+                     "max_minutes", "fast", "conv_chunk")
 
 
 def check_resume_config(config: TrainConfig, out: Path) -> None:
@@ -508,7 +508,7 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         model.gradient_checkpointing = config.gradient_checkpointing
         model.to(device)  # before the optimizer, so its restored state lands beside the weights
         if config.fast:
-            model.fast_training()
+            model.fast_training(conv_chunk=config.conv_chunk)
         optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=(0.9, 0.999))
         scheduler = make_scheduler(optimizer, config)
         val_codes = validation_windows(mixture, config)

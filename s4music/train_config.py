@@ -49,6 +49,7 @@ class TrainConfig:
     clip: float = 1.0  # gradient norm clip (0: off)
     precision: str = "no"  # no, bf16 or fp16 (GPU only) autocast (the FFTs stay in fp32)
     fast: bool = False  # the fast training step (SaShiMi.fast_training): blocked S4D kernels, compiled fusion
+    conv_chunk: int = 0  # with fast: S4D convolutions as matrix products over chunks of this many samples (0: FFT)
     max_minutes: float | None = None  # plan the steps to fit in this many minutes, and stop in time
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -75,6 +76,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be at least 1")
+        if self.conv_chunk < 0:
+            raise TrainingError(f"conv_chunk={self.conv_chunk}: give a number of samples, or 0 for the FFT")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise TrainingError("max_minutes must be above 0")
 

@@ -64,3 +64,40 @@ def test_blocked_vandermonde_matches_reference_values_and_gradients(length):
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, (v, x), g), torch.autograd.grad(ref, (v, x), g), strict=True):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-8)
+
+
+def _direct_convolution(u: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """y[b, l, h] = sum_{j <= l} K[h, l - j] u[b, j, h], term by term, with K from the plain Vandermonde product."""
+    length = u.shape[1]
+    k = 2 * kernels.vandermonde_reference(v.unsqueeze(0), x, length)[0].real  # (H, L)
+    lag = torch.arange(length).unsqueeze(1) - torch.arange(length).unsqueeze(0)  # [l, j] = l - j
+    toeplitz = torch.where(lag >= 0, k[:, lag.clamp(min=0)], 0)  # (H, L, L)
+    return torch.einsum("hlj,bjh->blh", toeplitz, u)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 300, 1000])
+def test_chunked_convolution_matches_the_direct_sum_values_and_gradients(chunk):
+    """Chunks that divide the length, that do not (the last one padded), one chunk, and one sample."""
+    torch.manual_seed(0)
+    u = torch.randn(2, 300, 3, dtype=torch.float64, requires_grad=True)
+    x = (-torch.rand(3, 8) * 0.05 - 1j * torch.rand(3, 8) * 3).to(torch.cdouble).requires_grad_()
+    v = torch.randn(3, 8, dtype=torch.cdouble, requires_grad=True)
+    out = kernels.chunked_convolution(u, x, v, chunk=chunk)
+    ref = _direct_convolution(u, x, v)
+    assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (u, x, v), g), torch.autograd.grad(ref, (u, x, v), g), strict=True):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_chunked_convolution_in_bfloat16_stays_near_float32():
+    """The products in bfloat16 (as under autocast) and the carry in float32: within bfloat16's rounding."""
+    torch.manual_seed(0)
+    u = torch.randn(2, 1024, 4)
+    x = (-torch.rand(4, 8) * 0.01 - 1j * torch.rand(4, 8)).to(torch.cfloat)
+    v = torch.randn(4, 8, dtype=torch.cfloat)
+    full = kernels.chunked_convolution(u, x, v, chunk=128)
+    low = kernels.chunked_convolution(u, x, v, chunk=128, matmul_dtype=torch.bfloat16)
+    assert low.dtype == torch.bfloat16
+    error = (low.float() - full).norm() / full.norm()
+    assert 1e-4 < error < 2e-2, error  # rounded, as bfloat16 is, and no worse

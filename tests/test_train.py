@@ -146,6 +146,9 @@ def test_config_file_and_overrides(tmp_path):
         TrainConfig.load(None, ["steps"])
     with pytest.raises(TrainingError, match="--set 'model.d_model=4': model is not a mapping"):
         TrainConfig.load(None, ["data=[a]", "model=3", "model.d_model=4"])
+    assert TrainConfig.load(None, ["data=[a]"], conv_chunk=256).conv_chunk == 256
+    with pytest.raises(TrainingError, match=r"conv_chunk=-1: give a number of samples, or 0 for the FFT"):
+        TrainConfig.load(None, ["data=[a]", "conv_chunk=-1"])
 
 
 def test_yaml_no_is_the_string_no_in_files_and_overrides(tmp_path):
@@ -286,23 +289,33 @@ FAST_TINY = {"d_model": 16, "n_layers": 1, "pool": [4, 4], "s4": {"mode": "diag"
 
 
 @pytest.mark.slow
-def test_the_fast_step_gives_the_plain_steps_loss_and_gradients():
-    """Blocked S4D kernels and compiled element-wise chains: loss within 1e-5 (relative), every
-    gradient within 1e-3 of its largest entry (float32 sums in another order)."""
-    from s4music.model import SaShiMi, SaShiMiConfig
+@pytest.mark.parametrize("conv_chunk, compile", [(0, True), (100, False)], ids=["fft-compiled", "chunked"])
+def test_the_fast_step_gives_the_plain_steps_loss_and_gradients(conv_chunk, compile, monkeypatch):
+    """Blocked S4D kernels, compiled element-wise chains, and convolutions by FFT or in chunks (of 100
+    samples: each tier's length, 2048, 512 and 128, ends in a part-filled chunk; uncompiled, as
+    compiling is the other case's): loss within 1e-5 (relative), every gradient within 1e-3 of its
+    largest entry (float32 sums in another order)."""
+    from s4music.model import SaShiMi, SaShiMiConfig, kernels, s4
     from s4music.model.sashimi import code_bits
 
+    chunked = []  # each call's options
+    monkeypatch.setattr(s4, "chunked_convolution", lambda *a, **kw: chunked.append(kw) or kernels.chunked_convolution(*a, **kw))
     torch.manual_seed(0)
     plain = SaShiMi(SaShiMiConfig.from_dict(FAST_TINY)).train()
     fast = SaShiMi(SaShiMiConfig.from_dict(FAST_TINY)).train()
     fast.load_state_dict(plain.state_dict())
-    fast.fast_training()
+    fast.fast_training(compile=compile, conv_chunk=conv_chunk)
     codes = torch.randint(0, 256, (2, 2048))
     results = []
     for model in (plain, fast):
         loss = code_bits(model(model.shift_right(codes)), codes).mean()
         loss.backward()
         results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    assert len(chunked) == (len(fast.s4_blocks()) if conv_chunk else 0)  # each S4 block took the path asked for
+    if conv_chunk:  # in float32 here; in bfloat16 under bfloat16 autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast(fast.shift_right(codes))
+        assert chunked[0]["matmul_dtype"] is None and chunked[-1]["matmul_dtype"] == torch.bfloat16
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert abs(loss_a - loss_b) <= 1e-5 * loss_a
     for name, g in grads_a.items():

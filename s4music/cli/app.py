@@ -461,6 +461,9 @@ def train(
     fast: bool = typer.Option(None, "--fast/--plain", help="The fast training step: S4D kernels by a blocked matrix "
                                                             "product, element-wise chains fused by torch.compile (the "
                                                             "same function; compiles for a minute first)."),
+    conv_chunk: int = typer.Option(None, help="With --fast: S4D convolutions as matrix products over chunks of this "
+                                              "many samples, in bf16 under bf16 autocast (0: by FFT; the same "
+                                              "function, faster where matrix units are; try 256)."),
     max_minutes: float = typer.Option(None, help="Fit the run into this many minutes: time the first steps, plan "
                                                  "warm-up and cosine decay over the steps that fit, stop in time."),
     seed: int = typer.Option(None, help=default("Seed of initialization and data order.", TrainConfig.seed)),
@@ -480,7 +483,8 @@ def train(
     cfg = TrainConfig.load(
         config, overrides, resume=resume, data=data or None, out=str(out) if out else None, mode=mode, init=init,
         steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, precision=precision,
-        fast=fast, max_minutes=max_minutes, seed=seed, groups=groups, untie_pb=untie_pb, dt_per_state=dt_per_state)
+        fast=fast, conv_chunk=conv_chunk, max_minutes=max_minutes, seed=seed, groups=groups, untie_pb=untie_pb,
+        dt_per_state=dt_per_state)
     console.print(f"run {cfg.out}: {cfg.mode}, seed {cfg.seed}", highlight=False)
     with progress_bar(info=True) as bar:
         task = bar.add_task("training", total=cfg.steps, info="")

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from s4music.cuda import build
 from s4music.errors import first_line
@@ -215,3 +216,56 @@ def vandermonde(v: torch.Tensor, x: torch.Tensor, length: int, blocked: bool = F
     if blocked:
         return vandermonde_blocked(v, x, length)
     return _ChunkedVandermonde.apply(v, x, length)
+
+
+# --------------------------------------------------------------------------------------------
+# A diagonal SSM's causal convolution without the FFT:
+#   y[b, l, h] = sum_{j <= l} K[h, l - j] u[b, j, h],   K[h, l] = 2 Re(sum_n v[h, n] exp(x[h, n] l))
+
+# Samples per chunk of `chunked_convolution`: its (H, c, c) Toeplitz blocks and the log2(L / c) carry
+# passes trade against each other.
+CONV_CHUNK = 256
+
+
+def chunked_convolution(u: torch.Tensor, x: torch.Tensor, v: torch.Tensor, chunk: int = CONV_CHUNK,
+                        matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """u (B, L, H) real, x and v (H, N) complex -> y (B, L, H): S4D's convolution as matrix products,
+    differentiable through autograd. `fft_convolution` with the kernel of `vandermonde` is the same
+    function (tests hold this one to a direct sum).
+
+    The sequence goes in chunks of c samples. Within a chunk, y is a (c, c) Toeplitz product with the
+    kernel's first c taps (a Hankel one, as each chunk goes in reversed). Each chunk's input becomes
+    the state at its end, S_j = sum_s exp(x (c-1-s)) u_s, in one product; the states are carried
+    across chunks, S_j += exp(x c) S_(j-1), by doubling (log2 of the chunk count passes); and the state
+    before a chunk adds 2 Re(v exp(x (i+1)) S) to its sample i. The three products run in
+    `matmul_dtype` (bfloat16 for tensor cores under autocast; u's dtype when None), the carry in x's
+    precision; y comes out in the products' dtype.
+    """
+    batch, length, h = u.shape
+    n = x.shape[-1]
+    c = max(1, min(chunk, length))
+    chunks = -(-length // c)
+    dtype = matmul_dtype or u.dtype
+    powers = torch.exp(x.unsqueeze(-1) * torch.arange(c + 1, device=x.device, dtype=x.real.dtype))  # (H, N, c+1)
+    taps = 2 * torch.einsum("hn,hnk->hk", v, powers[..., :c]).real  # (H, c)
+    # Each chunk's samples go in reversed (the copy that puts time last does it), so that both matrices
+    # below are read straight off the taps and powers: sample a of a reversed chunk is c-1-a before its end.
+    hankel = F.pad(taps, (c - 1, 0)).unfold(-1, c, 1)  # (H, c, c): [a, i] = K[i - (c-1-a)], 0 below lag 0
+    ends = powers[..., :c]  # (H, N, c): reversed sample a reaches its chunk's end through exp(x a)
+    columns = torch.cat([ends.real, ends.imag], dim=1).transpose(1, 2)  # (H, c, 2N) as [real | imag]
+    reach = v.unsqueeze(-1) * powers[..., 1:]  # (H, N, c): the state before a chunk reaches its sample i
+    rows = 2 * torch.cat([reach.real, -reach.imag], dim=1)  # (H, 2N, c): 2 Re(reach S) as a real product
+
+    padded = F.pad(u.permute(2, 0, 1), (0, chunks * c - length))  # (H, B, chunks * c)
+    flat = padded.unflatten(-1, (chunks, c)).flip(-1).to(dtype).reshape(h, batch * chunks, c)
+    y = torch.bmm(flat, hankel.to(dtype))  # (H, B * chunks, c)
+    end = torch.bmm(flat, columns.to(dtype)).to(x.real.dtype)
+    state = torch.complex(end[..., :n], end[..., n:]).view(h, batch, chunks, n)
+    decay, span = powers[..., c].view(h, 1, 1, n), 1  # exp(x c)^span
+    while span < chunks:  # state j takes in the states before it, span at a time
+        state = torch.cat([state[:, :, :span], state[:, :, span:] + decay * state[:, :, :-span]], dim=2)
+        decay, span = decay * decay, 2 * span
+    before = torch.cat([torch.zeros_like(state[:, :, :1]), state[:, :, :-1]], dim=2)
+    before = torch.cat([before.real, before.imag], dim=-1).reshape(h, batch * chunks, 2 * n)
+    y = torch.baddbmm(y, before.to(dtype), rows.to(dtype))
+    return y.view(h, batch, chunks * c)[..., :length].permute(1, 2, 0)

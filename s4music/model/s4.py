@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from s4music.model.config import S4Config
-from s4music.model.kernels import cauchy, vandermonde
+from s4music.model.kernels import cauchy, chunked_convolution, vandermonde
 
 # The prompt scan folds this many samples into the state per matrix step.
 SCAN_CHUNK = 256
@@ -191,6 +191,13 @@ class S4Kernel(nn.Module):
         d_b = torch.linalg.solve(backward, (dt * b_f).unsqueeze(-1)).squeeze(-1)
         return d_a, d_b
 
+    def diagonal_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """S4D's kernel as K[l] = 2 Re(sum_n v exp(x l)): x = dt Lambda and v = C B (exp(x) - 1) / Lambda,
+        each (H, N/2) complex, differentiably (zero-order hold)."""
+        dt, lam, _, b, c = self.ssm()
+        dta = dt * lam
+        return dta, c * b * torch.expm1(dta) / lam
+
     # ---------------------------------------------------------------- C-tilde (dplr)
     @torch.no_grad()
     def attune(self, length: int) -> None:
@@ -219,10 +226,8 @@ class S4Kernel(nn.Module):
         and evaluation use `scan` instead.
         """
         if self.config.mode == "diag":
-            dt, lam, _, b, c = self.ssm()
-            dta = dt * lam
-            v = (c * b * torch.expm1(dta) / lam).unsqueeze(0)
-            return 2 * vandermonde(v, dta, length, blocked=self.blocked)[0].real
+            dta, v = self.diagonal_terms()
+            return 2 * vandermonde(v.unsqueeze(0), dta, length, blocked=self.blocked)[0].real
 
         self.attune(length)
         dt, lam, p, b, c = self.ssm()
@@ -473,6 +478,7 @@ class S4Block(nn.Module):
         self.D = nn.Parameter(torch.randn(1, d_model))
         self.output_linear = nn.Linear(d_model, 2 * d_model)
         self.compiled_out = None  # _out compiled by torch.compile (SaShiMi.fast_training)
+        self.conv_chunk = 0  # S4D training convolutions by kernels.chunked_convolution in chunks of this; 0: FFT
 
     def _out(self, y: torch.Tensor, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The D skip, GELU and the GLU output linear after the convolution: (..., H) -> (..., H)."""
@@ -486,12 +492,17 @@ class S4Block(nn.Module):
             if return_state:
                 state = self.kernel.initial_state(batch) if state is None else state
             return x, state if return_state else None
-        u = x.float()  # the convolution stays in float32 under autocast
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            if torch.is_grad_enabled():  # training: differentiable FFT convolution
+        u = x.float()  # the convolution stays in float32 under autocast (the chunked one's products follow it)
+        device = u.device.type
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        with torch.autocast(device_type=device, enabled=False):
+            if torch.is_grad_enabled():  # training: a differentiable convolution
                 if state is not None:
                     raise ValueError("S4Block: a starting state needs torch.no_grad() (it is for prompt reading)")
-                y = fft_convolution(u, self.kernel.conv_kernel(length))
+                if self.conv_chunk and self.kernel.config.mode == "diag":
+                    y = chunked_convolution(u, *self.kernel.diagonal_terms(), chunk=self.conv_chunk, matmul_dtype=low)
+                else:
+                    y = fft_convolution(u, self.kernel.conv_kernel(length))
                 if return_state:
                     state = self.kernel.scan(u)[1]
             else:  # prompt reading and evaluation: the same function, chunked
