@@ -104,21 +104,26 @@ def train_step(length: int, batch: int, mode: str, precision: str, steps: int) -
     return {"seconds": statistics.median(times), "peak_gb": _peak_gb()}
 
 
-def train_curve(length: int, batch: int, steps: int, fast: bool, max_seconds: float, profile: int = 0) -> dict:
+def train_curve(length: int, batch: int, steps: int, fast: bool, max_seconds: float, profile: int = 0,
+                conv_chunk: int = 0, device: str = "cuda") -> dict:
     """Train the bundled model's architecture from scratch (seed 0, bf16 autocast) for `steps` steps
-    or `max_seconds`, today's step or the fast one (SaShiMi.fast_training), on the windows of
-    S4MUSIC_BENCH_DATA (random codes without); the loss of every step, the step time and the peak
-    memory. `profile` steps of the plain step are profiled first (torch.profiler's top kernels)."""
+    or `max_seconds`, today's step or the fast one (SaShiMi.fast_training, with `conv_chunk`), on the
+    windows of S4MUSIC_BENCH_DATA (random codes without); the loss of every step, the step time and
+    the peak memory. Then `profile` more forward + backward passes are profiled (torch.profiler's top
+    kernels), after the timed steps so that they change nothing in them. `device` "cpu" is for a
+    smoke run of this function where there is no GPU."""
     import torch
 
     from s4music.data.dataset import PreparedDataset, WindowMixture
     from s4music.model import SaShiMi, SaShiMiConfig, S4Config
     from s4music.model.sashimi import code_bits
 
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
-    model = SaShiMi(SaShiMiConfig(s4=S4Config(mode="diag"))).cuda().train()
+    model = SaShiMi(SaShiMiConfig(s4=S4Config(mode="diag"))).to(device).train()
     if fast:
-        model.fast_training()
+        model.fast_training(conv_chunk=conv_chunk)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     data = [p for p in os.environ.get("S4MUSIC_BENCH_DATA", "").split(",") if p]
     mixture = WindowMixture([(PreparedDataset(p), 1.0) for p in data], length, "train", 0) if data else None
@@ -126,49 +131,47 @@ def train_curve(length: int, batch: int, steps: int, fast: bool, max_seconds: fl
 
     def codes():
         if mixture is not None:
-            return mixture.sample(batch).cuda(non_blocking=True)
-        return torch.randint(0, 256, (batch, length), generator=gen).cuda()
+            return mixture.sample(batch).to(device, non_blocking=True)
+        return torch.randint(0, 256, (batch, length), generator=gen).to(device)
+
+    def loss_of(x):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return code_bits(model(model.shift_right(x)), x).mean()
 
     def step(x):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = code_bits(model(model.shift_right(x)), x).mean()
+        loss = loss_of(x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    losses, times = [], []
+    started = time.perf_counter()
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        losses.append(step(codes()))
+        sync()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - started > max_seconds:
+            break
+    peak = _peak_gb() if cuda else 0.0
     table = None
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
-        scratch = SaShiMi(SaShiMiConfig(s4=S4Config(mode="diag"))).cuda().train()
         x = codes()
-        for _ in range(2):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                code_bits(scratch(scratch.shift_right(x)), x).mean().backward()
-        torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=activities) as prof:
             for _ in range(profile):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    code_bits(scratch(scratch.shift_right(x)), x).mean().backward()
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
-        del scratch
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    losses, times = [], []
-    started = time.perf_counter()
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        losses.append(step(codes()))
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - started > max_seconds:
-            break
+                loss_of(x).backward()
+            sync()
+        opt.zero_grad(set_to_none=True)
+        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25,
+                                          max_name_column_width=60)
     return {"losses": [float(v) for v in torch.stack(losses).cpu()], "first_s": times[0],
-            "seconds": statistics.median(times[3:] or times), "peak_gb": _peak_gb(), "profile": table}
+            "seconds": statistics.median(times[3:] or times), "peak_gb": peak, "profile": table}
 
 
 def prefill(seconds_of_audio: float) -> dict:
@@ -268,41 +271,57 @@ def train_table(quick: bool) -> None:
     print()
 
 
+def fast_legs() -> list[tuple[str, dict]]:
+    """The fast-step comparison's legs: today's step, the fast one, and the fast one with chunked
+    convolutions (S4MUSIC_BENCH_CHUNK samples a chunk, 256 by default; 0 leaves that leg out)."""
+    chunk = int(os.environ.get("S4MUSIC_BENCH_CHUNK", 256))
+    legs = [("today's", {"fast": False}), ("fast", {"fast": True})]
+    return legs + ([(f"fast, chunked {chunk}", {"fast": True, "conv_chunk": chunk})] if chunk else [])
+
+
 def fast_table(quick: bool) -> None:
-    """Today's training step against the fast one: speed, memory, and the loss curve from one seed."""
+    """Today's training step against the fast ones: speed, memory, the loss curve from one seed, and
+    where each spends its GPU time."""
     length, batch = (16384, 2) if quick else (65536, 8)
     steps = int(os.environ.get("S4MUSIC_BENCH_STEPS", 20 if quick else 300))
     cap = float(os.environ.get("S4MUSIC_BENCH_SECONDS", 150))
     data = os.environ.get("S4MUSIC_BENCH_DATA") or "random codes"
     print(f"### The fast training step against today's (bundled architecture, S4D, bf16 autocast; batch {batch} x "
           f"{length} samples; {steps} steps from seed 0, or {cap:g} s, on {data})\n")
-    today = _child("curve", length=length, batch=batch, steps=steps, fast=False, max_seconds=cap, profile=3)
-    fast = _child("curve", length=length, batch=batch, steps=steps, fast=True, max_seconds=cap)
+    runs = {name: _child("curve", length=length, batch=batch, steps=steps, max_seconds=cap, profile=3, **leg)
+            for name, leg in fast_legs()}
+    today = runs["today's"]
     print("| step | s/step (median) | audio s per s | first step s (compiles) | peak GB | vs today |")
     print("|---|---|---|---|---|---|")
-    for name, r in (("today's", today), ("fast", fast)):
+    for name, r in runs.items():
         if "error" in r:
             print(f"| {name} | failed: {r['error']} | | | | |")
             continue
         ratio = "" if "error" in today else f"{today['seconds'] / r['seconds']:.2f}x"
         print(f"| {name} | {r['seconds']:.4f} | {batch * length / SAMPLE_RATE / r['seconds']:.0f} | {r['first_s']:.1f} "
               f"| {r['peak_gb']:.1f} | {ratio} |")
-    if "error" not in today and "error" not in fast:
-        n = min(len(today["losses"]), len(fast["losses"]))
+    done = {name: r for name, r in runs.items() if "error" not in r}
+    if "today's" in done and len(done) > 1:
+        n = min(len(r["losses"]) for r in done.values())
         block = max(1, n // 6)
-        print(f"\nMean training loss (bits/sample) over blocks of {block} steps, the same windows in the same order:\n")
-        print("| steps | today's | fast | difference |")
-        print("|---|---|---|---|")
+        others = [name for name in done if name != "today's"]
+        print(f"\nMean training loss (bits/sample) over blocks of {block} steps, the same windows in the same order, "
+              "and each fast step's difference from today's:\n")
+        print("| steps | today's | " + " | ".join(others) + " |")
+        print("|---|---|" + "---|" * len(others))
         for start in range(0, n - block + 1, block):
-            a = statistics.mean(today["losses"][start : start + block])
-            b = statistics.mean(fast["losses"][start : start + block])
-            print(f"| {start + 1}-{start + block} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
-        if os.environ.get("S4MUSIC_BENCH_JSON"):
-            with open(os.environ["S4MUSIC_BENCH_JSON"], "w") as f:
-                json.dump({"today": today, "fast": fast, "batch": batch, "length": length}, f)
-    if today.get("profile"):
-        print("\nProfile of today's step (3 forward + backward passes, torch.profiler, by CUDA time):\n")
-        print("```\n" + today["profile"] + "\n```")
+            mean = {name: statistics.mean(r["losses"][start : start + block]) for name, r in done.items()}
+            base = mean["today's"]
+            cells = [f"{mean[name]:.4f} ({mean[name] - base:+.4f})" for name in others]
+            print(f"| {start + 1}-{start + block} | {base:.4f} | " + " | ".join(cells) + " |")
+    if os.environ.get("S4MUSIC_BENCH_JSON"):
+        with open(os.environ["S4MUSIC_BENCH_JSON"], "w") as f:
+            json.dump({"runs": runs, "legs": dict(fast_legs()), "batch": batch, "length": length}, f)
+    for name, r in done.items():
+        if r.get("profile"):
+            print(f"\nProfile of the {name} step (3 forward + backward passes after its timed steps, torch.profiler, "
+                  "by CUDA time):\n")
+            print("```\n" + r["profile"] + "\n```")
     print()
 
 

@@ -9,11 +9,12 @@ A lease carries at most 64 MiB a call, the working tree included, so the corpus 
 parts (`s4music pack`), one or two a call; `unpack` decompresses what a call carried into the data
 folder, which stays while the machine is warm. `run` then:
   1. unpacks the parts given with --pack, if any (with none at all, it stops: train on data);
-  2. compares today's training step with the fast one (benchmarks/bench_gpu.py --only fast), but
-     only if benchmarks/RESULTS.md records no such comparison for this GPU model;
+  2. compares today's training step with the fast ones, by FFT and by chunked convolutions
+     (benchmarks/bench_gpu.py --only fast), and chooses the faster convolution; but only if
+     benchmarks/RESULTS.md records no such comparison, and its choice, for this GPU model;
   3. fine-tunes the best model so far (models/wip if it exists, else the bundled model) for the
      minutes left: a warm restart with a fresh optimizer, a short warm-up and a cosine decay planned
-     by `--max-minutes`, the fast step, bf16 autocast;
+     by `--max-minutes`, the fast step with the chosen convolution, bf16 autocast;
   4. writes the best weights (by validation bits/sample) to OUT in files of at most 16 MiB, with the
      run's log and its figures (lease.json).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,7 +37,8 @@ DATA = Path(os.environ.get("S4MUSIC_LEASE_DATA", "/tmp/s4music-lease/data"))
 WIP = ROOT / "models" / "wip"
 BUNDLED = ROOT / "s4music" / "assets" / "default-model"
 SHARD_BYTES = 15 * 2**20  # under the 16 MiB a returned file may hold
-MARKER = "<!-- fast-train: {gpu} -->"
+# Where RESULTS.md records a GPU model's comparison, and the convolution it chose for training there.
+MARKER = "<!-- fast-train v2: {gpu}; conv_chunk {chunk} -->"
 
 
 def log(msg: str) -> None:
@@ -56,20 +59,47 @@ def datasets() -> list[Path]:
     return sorted(p for p in DATA.glob("part-*") if (p / "dataset.json").exists())
 
 
-def compare(gpu: str, out: Path, data: list[Path], seconds: float) -> None:
-    """The part-1 comparison, once per GPU model: its table goes to OUT/bench_fast.md."""
+def choose_conv_chunk(figures: dict) -> int:
+    """The fast step's convolution from the comparison's figures (bench_fast.json): the chunked one
+    where it ran faster than the FFT and its loss over the steps both ran is at most 0.05 bits/sample
+    higher (the same function, in bf16 products: more would be a fault); else 0, the FFT."""
+    import statistics
+
+    runs, legs = figures["runs"], figures["legs"]
+    fft = runs.get("fast", {})
+    best, chunk = fft.get("seconds", float("inf")), 0
+    for name, leg in legs.items():
+        r = runs.get(name, {})
+        if not leg.get("conv_chunk") or "error" in r or "error" in fft:
+            continue
+        n = min(len(r["losses"]), len(fft["losses"]))
+        excess = statistics.mean(r["losses"][:n]) - statistics.mean(fft["losses"][:n])
+        if r["seconds"] < best and excess <= 0.05:
+            best, chunk = r["seconds"], leg["conv_chunk"]
+    return chunk
+
+
+def compare(gpu: str, out: Path, data: list[Path], seconds: float) -> int:
+    """The part-1 comparison, once per GPU model: its table goes to OUT/bench_fast.md, headed by the
+    marker that records the chosen convolution. Returns that choice (conv_chunk), recorded or new."""
     results = ROOT / "benchmarks" / "RESULTS.md"
-    if results.exists() and MARKER.format(gpu=gpu) in results.read_text():
-        log(f"the fast-step comparison is recorded for {gpu}; skipped")
-        return
+    pattern = re.escape(MARKER.format(gpu=gpu, chunk="@")).replace("@", r"(\d+)")
+    recorded = re.search(pattern, results.read_text()) if results.exists() else None
+    if recorded:
+        log(f"the fast-step comparison is recorded for {gpu}: conv_chunk {recorded.group(1)}")
+        return int(recorded.group(1))
+    figures_path = out / "bench_fast.json"
     env = {**os.environ, "S4MUSIC_BENCH_DATA": ",".join(map(str, data[:2])), "S4MUSIC_BENCH_SECONDS": str(seconds),
-           "S4MUSIC_BENCH_JSON": str(out / "bench_fast.json"), "PYTHONPATH": str(ROOT)}
-    log("comparing today's training step with the fast one")
+           "S4MUSIC_BENCH_JSON": str(figures_path), "PYTHONPATH": str(ROOT)}
+    log("comparing today's training step with the fast ones")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--only", "fast"],
                           capture_output=True, text=True, env=env)
-    text = MARKER.format(gpu=gpu) + "\n" + proc.stdout + (f"\nstderr:\n{proc.stderr[-3000:]}" if proc.returncode else "")
-    (out / "bench_fast.md").write_text(text)
+    chunk = choose_conv_chunk(json.loads(figures_path.read_text())) if figures_path.exists() else 0
+    text = MARKER.format(gpu=gpu, chunk=chunk) + "\n" + proc.stdout
+    (out / "bench_fast.md").write_text(text + (f"\nstderr:\n{proc.stderr[-3000:]}" if proc.returncode else ""))
     print(proc.stdout[-6000:], flush=True)
+    log(f"conv_chunk {chunk} chosen for training")
+    return chunk
 
 
 def write_shards(model_dir: Path, out: Path) -> list[Path]:
@@ -129,8 +159,10 @@ def run(args: argparse.Namespace) -> None:
     data = datasets()
     if not data:
         sys.exit(f"no datasets under {DATA}: carry packed parts and give --pack, or unpack them first")
+    chunk = args.conv_chunk
     if args.compare_seconds > 0:
-        compare(gpu, out, data, args.compare_seconds)
+        chosen = compare(gpu, out, data, args.compare_seconds)
+        chunk = chosen if chunk is None else chunk
 
     from s4music.model.registry import load_model
     from s4music.train import TrainConfig, train
@@ -143,7 +175,7 @@ def run(args: argparse.Namespace) -> None:
     config = TrainConfig(
         data=[str(p) for p in data], out=str(run_dir), mode="finetune", init=str(init), seq_len=args.seq_len,
         batch_size=args.batch, steps=10**6, lr=args.lr, ssm_lr=args.lr / 4, warmup=args.warmup, schedule="cosine",
-        clip=1.0, precision="bf16", fast=not args.plain, max_minutes=minutes, seed=args.seed,
+        clip=1.0, precision="bf16", fast=not args.plain, conv_chunk=chunk or 0, max_minutes=minutes, seed=args.seed,
         eval_every=args.eval_every, eval_windows=args.eval_windows, save_every=10**6, keep_last=1,
         domain=before.get("domain"))
     last = [0.0]
@@ -177,7 +209,7 @@ def run(args: argparse.Namespace) -> None:
     figures = {"gpu": gpu, "torch": torch.__version__, "init": shown,
                "steps": result.step, "batch": args.batch, "seq_len": args.seq_len, "hours_seen": round(hours, 2),
                "train_seconds": round(seconds, 1), "best_val_bits": load_model(best).summary.get("val_bits"),
-               "datasets": [p.name for p in data], "fast": config.fast}
+               "datasets": [p.name for p in data], "fast": config.fast, "conv_chunk": config.conv_chunk}
     (out / "lease.json").write_text(json.dumps(figures, indent=2) + "\n")
     log(f"done: {json.dumps(figures)}")
 
@@ -193,7 +225,8 @@ def main() -> None:
     p.add_argument("--pack", help="parts carried by this call, unpacked first")
     p.add_argument("--init", help="checkpoint to continue (default: models/wip, else the bundled model)")
     p.add_argument("--run-dir", default="/tmp/s4music-lease/run")
-    p.add_argument("--compare-seconds", type=float, default=45.0, help="cap on each leg of the comparison (0: none)")
+    p.add_argument("--compare-seconds", type=float, default=30.0, help="cap on each leg of the comparison (0: none)")
+    p.add_argument("--conv-chunk", type=int, help="the fast step's convolution (0: FFT; default: the comparison's choice)")
     p.add_argument("--margin", type=float, default=0.6, help="minutes kept for writing the results")
     p.add_argument("--seq-len", type=int, default=65536, help="the comparison's, so its compiled kernels are reused")
     p.add_argument("--batch", type=int, default=8)
