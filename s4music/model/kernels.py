@@ -227,6 +227,19 @@ def vandermonde(v: torch.Tensor, x: torch.Tensor, length: int, blocked: bool = F
 CONV_CHUNK = 256
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose gradient is made contiguous: a batched product's gradient may arrive in
+    any layout, and a CPU product then goes matrix by matrix."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def chunked_convolution(u: torch.Tensor, x: torch.Tensor, v: torch.Tensor, chunk: int = CONV_CHUNK,
                         matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """u (B, L, H) real, x and v (H, N) complex -> y (B, L, H): S4D's convolution as matrix products,
@@ -247,18 +260,19 @@ def chunked_convolution(u: torch.Tensor, x: torch.Tensor, v: torch.Tensor, chunk
     chunks = -(-length // c)
     dtype = matmul_dtype or u.dtype
     powers = torch.exp(x.unsqueeze(-1) * torch.arange(c + 1, device=x.device, dtype=x.real.dtype))  # (H, N, c+1)
-    taps = 2 * torch.einsum("hn,hnk->hk", v, powers[..., :c]).real  # (H, c)
+    weighted = v.unsqueeze(-1) * powers  # (H, N, c+1): v exp(x k)
+    taps = 2 * weighted[..., :c].sum(1).real  # (H, c)
     # Each chunk's samples go in reversed (the copy that puts time last does it), so that both matrices
     # below are read straight off the taps and powers: sample a of a reversed chunk is c-1-a before its end.
     hankel = F.pad(taps, (c - 1, 0)).unfold(-1, c, 1)  # (H, c, c): [a, i] = K[i - (c-1-a)], 0 below lag 0
     ends = powers[..., :c]  # (H, N, c): reversed sample a reaches its chunk's end through exp(x a)
     columns = torch.cat([ends.real, ends.imag], dim=1).transpose(1, 2)  # (H, c, 2N) as [real | imag]
-    reach = v.unsqueeze(-1) * powers[..., 1:]  # (H, N, c): the state before a chunk reaches its sample i
+    reach = weighted[..., 1:]  # (H, N, c): the state before a chunk reaches its sample i
     rows = 2 * torch.cat([reach.real, -reach.imag], dim=1)  # (H, 2N, c): 2 Re(reach S) as a real product
 
     padded = F.pad(u.permute(2, 0, 1), (0, chunks * c - length))  # (H, B, chunks * c)
-    flat = padded.unflatten(-1, (chunks, c)).flip(-1).to(dtype).reshape(h, batch * chunks, c)
-    y = torch.bmm(flat, hankel.to(dtype))  # (H, B * chunks, c)
+    flat = padded.unflatten(-1, (chunks, c)).flip(-1).to(dtype).contiguous().view(h, batch * chunks, c)
+    y = torch.bmm(flat, hankel.to(dtype).contiguous())  # (H, B * chunks, c); its overlapping rows copied once
     end = torch.bmm(flat, columns.to(dtype)).to(x.real.dtype)
     state = torch.complex(end[..., :n], end[..., n:]).view(h, batch, chunks, n)
     decay, span = powers[..., c].view(h, 1, 1, n), 1  # exp(x c)^span
@@ -267,5 +281,5 @@ def chunked_convolution(u: torch.Tensor, x: torch.Tensor, v: torch.Tensor, chunk
         decay, span = decay * decay, 2 * span
     before = torch.cat([torch.zeros_like(state[:, :, :1]), state[:, :, :-1]], dim=2)
     before = torch.cat([before.real, before.imag], dim=-1).reshape(h, batch * chunks, 2 * n)
-    y = torch.baddbmm(y, before.to(dtype), rows.to(dtype))
+    y = _ContiguousGrad.apply(torch.baddbmm(y, before.to(dtype), rows.to(dtype)))
     return y.view(h, batch, chunks * c)[..., :length].permute(1, 2, 0)
