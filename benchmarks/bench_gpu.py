@@ -163,13 +163,21 @@ def train_curve(length: int, batch: int, steps: int, fast: bool, max_seconds: fl
 
         x = codes()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        sync()
+        t0 = time.perf_counter()
         with torch_profile(activities=activities) as prof:
             for _ in range(profile):
                 loss_of(x).backward()
             sync()
+        wall = time.perf_counter() - t0
         opt.zero_grad(set_to_none=True)
-        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25,
-                                          max_name_column_width=60)
+        averages = prof.key_averages()
+        table = averages.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25,
+                               max_name_column_width=60)
+        # The kernels' own time against the wall time: far below it, the step waits on launches
+        # (what CUDA graphs remove); near it, on the kernels themselves.
+        busy = sum(getattr(e, "self_device_time_total", 0) for e in averages) / 1e6
+        table = f"GPU busy {1e3 * busy:.0f} ms of {1e3 * wall:.0f} ms wall (profiled)\n" + table
     return {"losses": [float(v) for v in torch.stack(losses).cpu()], "first_s": times[0],
             "seconds": statistics.median(times[3:] or times), "peak_gb": peak, "profile": table}
 
