@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ BUNDLED = ROOT / "s4music" / "assets" / "default-model"
 SHARD_BYTES = 15 * 2**20  # under the 16 MiB a returned file may hold
 # Where RESULTS.md records a GPU model's comparison, and the convolution it chose for training there.
 MARKER = "<!-- fast-train v2: {gpu}; conv_chunk {chunk} -->"
+MIN_STEPS = 10  # timed steps each fast leg needs before its speed decides anything
 
 
 def log(msg: str) -> None:
@@ -59,18 +61,19 @@ def datasets() -> list[Path]:
     return sorted(p for p in DATA.glob("part-*") if (p / "dataset.json").exists())
 
 
-def choose_conv_chunk(figures: dict) -> int:
+def choose_conv_chunk(figures: dict) -> int | None:
     """The fast step's convolution from the comparison's figures (bench_fast.json): the chunked one
-    where it ran faster than the FFT and its loss over the steps both ran is at most 0.05 bits/sample
-    higher (the same function, in bf16 products: more would be a fault); else 0, the FFT."""
-    import statistics
-
+    where it ran faster than the FFT over at least MIN_STEPS steps each and its loss over the steps
+    both ran is at most 0.05 bits/sample higher (the same function, in bf16 products: more would be a
+    fault); else 0, the FFT. None when the FFT leg itself failed: nothing was compared."""
     runs, legs = figures["runs"], figures["legs"]
-    fft = runs.get("fast", {})
-    best, chunk = fft.get("seconds", float("inf")), 0
+    fft = runs.get("fast", {"error": "not run"})
+    if "error" in fft:
+        return None
+    best, chunk = fft["seconds"], 0
     for name, leg in legs.items():
-        r = runs.get(name, {})
-        if not leg.get("conv_chunk") or "error" in r or "error" in fft:
+        r = runs.get(name, {"error": "not run"})
+        if not leg.get("conv_chunk") or "error" in r or min(len(r["losses"]), len(fft["losses"])) < MIN_STEPS:
             continue
         n = min(len(r["losses"]), len(fft["losses"]))
         excess = statistics.mean(r["losses"][:n]) - statistics.mean(fft["losses"][:n])
@@ -79,26 +82,28 @@ def choose_conv_chunk(figures: dict) -> int:
     return chunk
 
 
-def compare(gpu: str, out: Path, data: list[Path], seconds: float) -> int:
-    """The part-1 comparison, once per GPU model: its table goes to OUT/bench_fast.md, headed by the
-    marker that records the chosen convolution. Returns that choice (conv_chunk), recorded or new."""
+def recorded_conv_chunk(gpu: str) -> int | None:
+    """The convolution RESULTS.md records as chosen on this GPU model; None if no comparison is recorded."""
     results = ROOT / "benchmarks" / "RESULTS.md"
     pattern = re.escape(MARKER.format(gpu=gpu, chunk="@")).replace("@", r"(\d+)")
     recorded = re.search(pattern, results.read_text()) if results.exists() else None
-    if recorded:
-        log(f"the fast-step comparison is recorded for {gpu}: conv_chunk {recorded.group(1)}")
-        return int(recorded.group(1))
+    return int(recorded.group(1)) if recorded else None
+
+
+def compare(gpu: str, out: Path, data: list[Path], seconds: float) -> int | None:
+    """The part-1 comparison, for a GPU model RESULTS.md has none for: its table goes to
+    OUT/bench_fast.md, headed by the marker that records the chosen convolution (only when the
+    comparison ran). Returns that choice (conv_chunk), or None when it did not run."""
     figures_path = out / "bench_fast.json"
     env = {**os.environ, "S4MUSIC_BENCH_DATA": ",".join(map(str, data[:2])), "S4MUSIC_BENCH_SECONDS": str(seconds),
            "S4MUSIC_BENCH_JSON": str(figures_path), "PYTHONPATH": str(ROOT)}
     log("comparing today's training step with the fast ones")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--only", "fast"],
                           capture_output=True, text=True, env=env)
-    chunk = choose_conv_chunk(json.loads(figures_path.read_text())) if figures_path.exists() else 0
-    text = MARKER.format(gpu=gpu, chunk=chunk) + "\n" + proc.stdout
+    chunk = choose_conv_chunk(json.loads(figures_path.read_text())) if figures_path.exists() else None
+    text = ("" if chunk is None else MARKER.format(gpu=gpu, chunk=chunk) + "\n") + proc.stdout
     (out / "bench_fast.md").write_text(text + (f"\nstderr:\n{proc.stderr[-3000:]}" if proc.returncode else ""))
     print(proc.stdout[-6000:], flush=True)
-    log(f"conv_chunk {chunk} chosen for training")
     return chunk
 
 
@@ -159,10 +164,16 @@ def run(args: argparse.Namespace) -> None:
     data = datasets()
     if not data:
         sys.exit(f"no datasets under {DATA}: carry packed parts and give --pack, or unpack them first")
-    chunk = args.conv_chunk
-    if args.compare_seconds > 0:
-        chosen = compare(gpu, out, data, args.compare_seconds)
-        chunk = chosen if chunk is None else chunk
+    chunk = recorded_conv_chunk(gpu)
+    if chunk is not None:
+        log(f"the fast-step comparison is recorded for {gpu}: conv_chunk {chunk}")
+    elif args.compare_seconds > 0 and not args.plain:
+        chunk = compare(gpu, out, data, args.compare_seconds)
+    if args.plain:
+        chunk = 0
+    elif args.conv_chunk is not None:  # given: it overrides the comparison
+        chunk = args.conv_chunk
+    chunk = chunk or 0  # nothing compared: the FFT
 
     from s4music.model.registry import load_model
     from s4music.train import TrainConfig, train
@@ -170,12 +181,13 @@ def run(args: argparse.Namespace) -> None:
     init = Path(args.init) if args.init else (WIP if (WIP / "config.json").exists() else BUNDLED)
     before = load_model(init).summary
     minutes = (deadline - time.perf_counter()) / 60 - args.margin
-    log(f"training {init} on {len(data)} datasets for {minutes:.1f} minutes")
+    step_name = "plain" if args.plain else f"fast, conv_chunk {chunk}"
+    log(f"training {init} on {len(data)} datasets for {minutes:.1f} minutes ({step_name} step)")
     run_dir = Path(args.run_dir)
     config = TrainConfig(
         data=[str(p) for p in data], out=str(run_dir), mode="finetune", init=str(init), seq_len=args.seq_len,
         batch_size=args.batch, steps=10**6, lr=args.lr, ssm_lr=args.lr / 4, warmup=args.warmup, schedule="cosine",
-        clip=1.0, precision="bf16", fast=not args.plain, conv_chunk=chunk or 0, max_minutes=minutes, seed=args.seed,
+        clip=1.0, precision="bf16", fast=not args.plain, conv_chunk=chunk, max_minutes=minutes, seed=args.seed,
         eval_every=args.eval_every, eval_windows=args.eval_windows, save_every=10**6, keep_last=1,
         domain=before.get("domain"))
     last = [0.0]
@@ -188,16 +200,21 @@ def run(args: argparse.Namespace) -> None:
                 f"{(s.eta_seconds or 0) / 60:.1f} min left")
 
     started = time.perf_counter()
-    try:
-        result = train(config, on_step=on_step)
-    except Exception as e:  # the fast step failed to build here: the rest of the lease trains the plain one
-        if not config.fast or (run_dir / "log.csv").exists() and len((run_dir / "log.csv").read_text().splitlines()) > 1:
-            raise
-        log(f"the fast step failed ({type(e).__name__}: {str(e)[:300]}); training the plain step instead")
-        config.fast, config.out = False, str(run_dir.with_name(run_dir.name + "-plain"))
-        config.max_minutes = (deadline - time.perf_counter()) / 60 - args.margin
-        run_dir = Path(config.out)
-        result = train(config, on_step=on_step)
+    # If a step fails before its first logged step (it failed to build here), the rest of the lease
+    # trains the next one: the fast step by FFT after the chunked one, then the plain step.
+    fallbacks = ([("fast-fft", True, 0)] if config.conv_chunk else []) + ([("plain", False, 0)] if config.fast else [])
+    while True:
+        try:
+            result = train(config, on_step=on_step)
+            break
+        except Exception as e:
+            logged = (run_dir / "log.csv").exists() and len((run_dir / "log.csv").read_text().splitlines()) > 1
+            if logged or not fallbacks:
+                raise
+            suffix, config.fast, config.conv_chunk = fallbacks.pop(0)
+            log(f"that step failed ({type(e).__name__}: {str(e)[:300]}); training the {suffix} step instead")
+            run_dir = run_dir.with_name(f"{Path(args.run_dir).name}-{suffix}")
+            config.out, config.max_minutes = str(run_dir), (deadline - time.perf_counter()) / 60 - args.margin
     seconds = time.perf_counter() - started
     best = result.best or result.model
     write_shards(best, out)

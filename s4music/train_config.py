@@ -78,6 +78,8 @@ class TrainConfig:
                 raise TrainingError(f"{name} must be at least 1")
         if self.conv_chunk < 0:
             raise TrainingError(f"conv_chunk={self.conv_chunk}: give a number of samples, or 0 for the FFT")
+        if self.conv_chunk and not self.fast:
+            raise TrainingError(f"conv_chunk={self.conv_chunk} is an option of the fast step: add --fast")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise TrainingError("max_minutes must be above 0")
 

@@ -75,9 +75,10 @@ def _direct_convolution(u: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> to
     return torch.einsum("hlj,bjh->blh", toeplitz, u)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 300, 1000])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 75, 300, 1000])
 def test_chunked_convolution_matches_the_direct_sum_values_and_gradients(chunk):
-    """Chunks that divide the length, that do not (the last one padded), one chunk, and one sample."""
+    """One sample a chunk; chunks that do not divide the length (the last one padded); four that do,
+    as a lease's 65,536 / 256 do; one chunk; and one longer than the sequence."""
     torch.manual_seed(0)
     u = torch.randn(2, 300, 3, dtype=torch.float64, requires_grad=True)
     x = (-torch.rand(3, 8) * 0.05 - 1j * torch.rand(3, 8) * 3).to(torch.cdouble).requires_grad_()
@@ -93,11 +94,15 @@ def test_chunked_convolution_matches_the_direct_sum_values_and_gradients(chunk):
 def test_chunked_convolution_in_bfloat16_stays_near_float32():
     """The products in bfloat16 (as under autocast) and the carry in float32: within bfloat16's rounding."""
     torch.manual_seed(0)
-    u = torch.randn(2, 1024, 4)
-    x = (-torch.rand(4, 8) * 0.01 - 1j * torch.rand(4, 8)).to(torch.cfloat)
-    v = torch.randn(4, 8, dtype=torch.cfloat)
+    u = torch.randn(2, 1024, 4, requires_grad=True)
+    x = (-torch.rand(4, 8) * 0.01 - 1j * torch.rand(4, 8)).to(torch.cfloat).requires_grad_()
+    v = torch.randn(4, 8, dtype=torch.cfloat, requires_grad=True)
     full = kernels.chunked_convolution(u, x, v, chunk=128)
     low = kernels.chunked_convolution(u, x, v, chunk=128, matmul_dtype=torch.bfloat16)
     assert low.dtype == torch.bfloat16
-    error = (low.float() - full).norm() / full.norm()
-    assert 1e-4 < error < 2e-2, error  # rounded, as bfloat16 is, and no worse
+    relative = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert 1e-4 < relative(low.float(), full) < 2e-2  # rounded, as bfloat16 is, and no worse
+    g = torch.randn_like(full)
+    for a, b in zip(torch.autograd.grad(low, (u, x, v), g.bfloat16()), torch.autograd.grad(full, (u, x, v), g),
+                    strict=True):
+        assert a.dtype == b.dtype and relative(a, b) < 2e-2  # the parameters' gradients in their own precision

@@ -1,6 +1,8 @@
 """The GPU lease script's choices that run on the CPU: which convolution the fast step trains with."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,20 +10,34 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def lease():
-    spec = importlib.util.spec_from_file_location("gpu_lease", ROOT / "examples" / "gpu_lease.py")
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _figures(fft_s: float, chunked_s: float, chunked_excess: float = 0.0, error: bool = False) -> dict:
+@pytest.fixture(scope="module")
+def lease():
+    return _load("gpu_lease", ROOT / "examples" / "gpu_lease.py")
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # bench_gpu imports its sibling `common`
+    yield _load("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    sys.modules.pop("common", None)
+
+
+LOSSES = [8.0 - 0.1 * i for i in range(12)]
+
+
+def _figures(fft_s: float, chunked_s: float, chunked_excess: float = 0.0, error: bool = False,
+             steps: int = len(LOSSES)) -> dict:
     """bench_gpu.py's fast-step JSON, cut to what the choice reads."""
-    losses = [8.0, 7.5, 7.0, 6.5]
     chunked = {"error": "out of memory"} if error else {"seconds": chunked_s,
-                                                         "losses": [x + chunked_excess for x in losses]}
-    return {"runs": {"today's": {"seconds": 0.3, "losses": losses}, "fast": {"seconds": fft_s, "losses": losses},
+                                                         "losses": [x + chunked_excess for x in LOSSES[:steps]]}
+    return {"runs": {"today's": {"seconds": 0.3, "losses": LOSSES}, "fast": {"seconds": fft_s, "losses": LOSSES},
                      "fast, chunked 256": chunked},
             "legs": {"today's": {"fast": False}, "fast": {"fast": True},
                      "fast, chunked 256": {"fast": True, "conv_chunk": 256}}}
@@ -32,13 +48,39 @@ def test_the_lease_trains_with_the_chunked_convolution_only_where_it_ran_faster_
     assert lease.choose_conv_chunk(_figures(0.16, 0.20)) == 0  # slower there
     assert lease.choose_conv_chunk(_figures(0.16, 0.08, chunked_excess=0.2)) == 0  # a higher loss: a fault
     assert lease.choose_conv_chunk(_figures(0.16, 0.08, error=True)) == 0  # it failed to run
+    assert lease.choose_conv_chunk(_figures(0.16, 0.08, steps=3)) == 0  # too few steps to judge
+    failed = _figures(0.16, 0.08)
+    failed["runs"]["fast"] = {"error": "the compiler failed"}
+    assert lease.choose_conv_chunk(failed) is None  # nothing to compare with: no choice to record
 
 
-def test_a_recorded_comparison_gives_its_choice_and_is_not_run_again(lease, tmp_path, monkeypatch):
+def test_the_choice_reads_what_the_benchmark_writes(bench, lease, tmp_path, monkeypatch):
+    """fast_table's JSON, from legs whose runs stand in for a GPU's, is what choose_conv_chunk reads."""
+    speeds = {(False, 0): 0.30, (True, 0): 0.16, (True, 256): 0.08}
+
+    def run(kind, env=None, fast=False, conv_chunk=0, **kw):
+        return {"seconds": speeds[fast, conv_chunk], "losses": LOSSES, "first_s": 30.0, "peak_gb": 27.0,
+                "profile": "GPU busy 100 ms of 200 ms wall (profiled)"}
+
+    monkeypatch.setattr(bench, "_child", run)
+    monkeypatch.setenv("S4MUSIC_BENCH_JSON", str(tmp_path / "bench_fast.json"))
+    bench.fast_table(quick=True)
+    assert lease.choose_conv_chunk(json.loads((tmp_path / "bench_fast.json").read_text())) == 256
+
+
+def test_a_recorded_choice_is_found_and_the_first_lease_marker_is_not_one(lease, tmp_path, monkeypatch):
     results = tmp_path / "benchmarks" / "RESULTS.md"
     results.parent.mkdir()
-    results.write_text("## leases\n" + lease.MARKER.format(gpu="NVIDIA H200", chunk=256) + "\n| table |\n")
+    results.write_text("<!-- fast-train: NVIDIA H100 80GB HBM3 -->\n"  # lease 1's, before the chunked leg
+                       + lease.MARKER.format(gpu="NVIDIA H200", chunk=256) + "\n| table |\n")
     monkeypatch.setattr(lease, "ROOT", tmp_path)
-    monkeypatch.setattr(lease.subprocess, "run", lambda *a, **kw: pytest.fail("ran the comparison again"))
-    assert lease.compare("NVIDIA H200", tmp_path, [], 30.0) == 256
-    assert not (tmp_path / "bench_fast.md").exists()
+    assert lease.recorded_conv_chunk("NVIDIA H200") == 256
+    assert lease.recorded_conv_chunk("NVIDIA H100 80GB HBM3") is None
+
+
+def test_a_comparison_that_did_not_run_records_no_choice(lease, tmp_path):
+    """Here there is no GPU: the benchmark says so and writes no figures, and no marker is written
+    that would stop a later lease from comparing."""
+    assert lease.compare("no GPU", tmp_path, [], 30.0) is None
+    report = (tmp_path / "bench_fast.md").read_text()
+    assert "No CUDA device" in report and "fast-train" not in report

@@ -222,8 +222,8 @@ def vandermonde(v: torch.Tensor, x: torch.Tensor, length: int, blocked: bool = F
 # A diagonal SSM's causal convolution without the FFT:
 #   y[b, l, h] = sum_{j <= l} K[h, l - j] u[b, j, h],   K[h, l] = 2 Re(sum_n v[h, n] exp(x[h, n] l))
 
-# Samples per chunk of `chunked_convolution`: its (H, c, c) Toeplitz blocks and the log2(L / c) carry
-# passes trade against each other.
+# Samples per chunk of `chunked_convolution`: its (H, c, c) matrices and the log2(L / c) carry passes
+# trade against each other.
 CONV_CHUNK = 256
 
 

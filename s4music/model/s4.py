@@ -492,15 +492,16 @@ class S4Block(nn.Module):
             if return_state:
                 state = self.kernel.initial_state(batch) if state is None else state
             return x, state if return_state else None
-        u = x.float()  # the convolution stays in float32 under autocast (the chunked one's products follow it)
+        u = x.float()  # the convolution stays in float32 under autocast (the chunked one's products: bf16 under bf16)
         device = u.device.type
-        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
         with torch.autocast(device_type=device, enabled=False):
             if torch.is_grad_enabled():  # training: a differentiable convolution
                 if state is not None:
                     raise ValueError("S4Block: a starting state needs torch.no_grad() (it is for prompt reading)")
                 if self.conv_chunk and self.kernel.config.mode == "diag":
-                    y = chunked_convolution(u, *self.kernel.diagonal_terms(), chunk=self.conv_chunk, matmul_dtype=low)
+                    y = chunked_convolution(u, *self.kernel.diagonal_terms(), chunk=self.conv_chunk,
+                                            matmul_dtype=torch.bfloat16 if bf16 else None)
                 else:
                     y = fft_convolution(u, self.kernel.conv_kernel(length))
                 if return_state:
