@@ -175,7 +175,9 @@ def load_extension(name: str, sources: list[Path], cflags: list[str] | None = No
         ldflags += [f"-L{cuda_home / 'lib'}", f"-L{cuda_home / 'lib64'}"]
     inputs = build_inputs([*sources, *headers], cflags, ldflags, cuda, key_extra)
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-    build_dir = cache_home() / "extensions" / f"{name}-{key}"
+    # Resolved: a cache reached through a symlink (as tests share the machine's builds) must name the
+    # same paths, or ninja sees a changed command line and rebuilds.
+    build_dir = (cache_home() / "extensions").resolve() / f"{name}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
     module_name = f"{name}_{key}"
     with _directory_lock(build_dir, what):
