@@ -1,16 +1,14 @@
-// Cauchy product for S4 DPLR kernels, forward and backward.
+// Cauchy product for S4 DPLR kernels, forward and backward: the kernels and their launches.
 //   out[k, h, l] = sum_n v[k, h, n] / (z[l] - w[h, n])
 // v (K, H, N) complex64, z (L) complex64, w (H, N) complex64.
-// The reference is s4music/model/kernels.py (cauchy_reference); tests compare the two.
-#include <torch/extension.h>
-#include <c10/cuda/CUDAStream.h>
+// The reference is s4music/model/kernels.py (cauchy_reference); tests compare the two. The tensors'
+// side is cauchy.cpp: nvcc never reads torch's headers, which makes the build minutes shorter.
+#include <cuda_runtime.h>
 #include <c10/util/complex.h>
 
-using cfloat = c10::complex<float>;
+#include "cauchy.h"
 
-constexpr int kMaxN = 256;  // state entries per channel held in shared memory
-constexpr int kMaxK = 8;    // (B, C) products per channel
-constexpr int kThreads = 256;
+using cfloat = c10::complex<float>;
 
 __global__ void cauchy_forward_kernel(const cfloat* __restrict__ v, const cfloat* __restrict__ z,
                                       const cfloat* __restrict__ w, cfloat* __restrict__ out,
@@ -79,46 +77,18 @@ __global__ void cauchy_backward_kernel(const cfloat* __restrict__ grad, const cf
   if (threadIdx.x == 0) grad_w[h * N + n] = total;
 }
 
-static void check_inputs(const torch::Tensor& v, const torch::Tensor& z, const torch::Tensor& w) {
-  TORCH_CHECK(v.is_cuda() && z.is_cuda() && w.is_cuda(), "cauchy: tensors must be on CUDA");
-  TORCH_CHECK(v.scalar_type() == torch::kComplexFloat && z.scalar_type() == torch::kComplexFloat &&
-                  w.scalar_type() == torch::kComplexFloat,
-              "cauchy: tensors must be complex64");
-  TORCH_CHECK(v.dim() == 3 && w.dim() == 2 && z.dim() == 1, "cauchy: shapes v (K,H,N), w (H,N), z (L)");
-  TORCH_CHECK(v.size(1) == w.size(0) && v.size(2) == w.size(1), "cauchy: v and w disagree");
-  TORCH_CHECK(v.size(0) <= kMaxK && v.size(2) <= kMaxN, "cauchy: K or N too large for this kernel");
-}
-
-torch::Tensor cauchy_forward(torch::Tensor v, torch::Tensor z, torch::Tensor w) {
-  check_inputs(v, z, w);
-  v = v.contiguous(); z = z.contiguous(); w = w.contiguous();
-  const int K = v.size(0), H = v.size(1), N = v.size(2), L = z.size(0);
-  auto out = torch::empty({K, H, L}, v.options());
+void cauchy_forward_launch(const void* v, const void* z, const void* w, void* out, int K, int H, int N, int L,
+                           cudaStream_t stream) {
   const dim3 grid((L + kThreads - 1) / kThreads, H);
-  cauchy_forward_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const cfloat*>(v.data_ptr()), reinterpret_cast<const cfloat*>(z.data_ptr()),
-      reinterpret_cast<const cfloat*>(w.data_ptr()), reinterpret_cast<cfloat*>(out.data_ptr()), K, H, N, L);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  cauchy_forward_kernel<<<grid, kThreads, 0, stream>>>(
+      static_cast<const cfloat*>(v), static_cast<const cfloat*>(z), static_cast<const cfloat*>(w),
+      static_cast<cfloat*>(out), K, H, N, L);
 }
 
-std::vector<torch::Tensor> cauchy_backward(torch::Tensor grad, torch::Tensor v, torch::Tensor z,
-                                           torch::Tensor w) {
-  check_inputs(v, z, w);
-  grad = grad.contiguous(); v = v.contiguous(); z = z.contiguous(); w = w.contiguous();
-  const int K = v.size(0), H = v.size(1), N = v.size(2), L = z.size(0);
-  auto grad_v = torch::empty_like(v);
-  auto grad_w = torch::empty_like(w);
+void cauchy_backward_launch(const void* grad, const void* v, const void* z, const void* w, void* grad_v, void* grad_w,
+                            int K, int H, int N, int L, cudaStream_t stream) {
   const dim3 grid(N, H);
-  cauchy_backward_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const cfloat*>(grad.data_ptr()), reinterpret_cast<const cfloat*>(v.data_ptr()),
-      reinterpret_cast<const cfloat*>(z.data_ptr()), reinterpret_cast<const cfloat*>(w.data_ptr()),
-      reinterpret_cast<cfloat*>(grad_v.data_ptr()), reinterpret_cast<cfloat*>(grad_w.data_ptr()), K, H, N, L);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {grad_v, grad_w};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &cauchy_forward, "Cauchy product (CUDA)");
-  m.def("backward", &cauchy_backward, "Cauchy product gradients (CUDA)");
+  cauchy_backward_kernel<<<grid, kThreads, 0, stream>>>(
+      static_cast<const cfloat*>(grad), static_cast<const cfloat*>(v), static_cast<const cfloat*>(z),
+      static_cast<const cfloat*>(w), static_cast<cfloat*>(grad_v), static_cast<cfloat*>(grad_w), K, H, N, L);
 }
