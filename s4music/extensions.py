@@ -114,7 +114,9 @@ def build_inputs(sources: list[Path], cflags: list[str], ldflags: list[str], cud
     inputs = {
         "sources": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sources},
         "flags": " ".join(cflags + ldflags),
-        "torch": f"{torch.__version__} cuda {torch.version.cuda}",
+        # Where torch is, too: its headers' path is in the compile command, so a second environment
+        # sharing this cache (a CI clone's) would otherwise make ninja rebuild each time it alternates.
+        "torch": f"{torch.__version__} cuda {torch.version.cuda} at {Path(torch.__file__).parent}",
         "compiler": compiler_version(os.environ.get("CXX", "c++")),
         "extra": hashlib.sha256(extra.encode()).hexdigest()[:16],
     }
