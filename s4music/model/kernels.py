@@ -270,8 +270,11 @@ def chunked_convolution(u: torch.Tensor, x: torch.Tensor, v: torch.Tensor, chunk
     reach = weighted[..., 1:]  # (H, N, c): the state before a chunk reaches its sample i
     rows = 2 * torch.cat([reach.real, -reach.imag], dim=1)  # (H, 2N, c): 2 Re(reach S) as a real product
 
-    padded = F.pad(u.permute(2, 0, 1), (0, chunks * c - length))  # (H, B, chunks * c)
-    flat = padded.unflatten(-1, (chunks, c)).flip(-1).to(dtype).contiguous().view(h, batch * chunks, c)
+    # The cast, then one copy that puts time last; an end pad only when the chunks overrun; and the
+    # flip of that contiguous tensor comes out contiguous, as the products need.
+    timed = u.to(dtype).permute(2, 0, 1).contiguous()  # (H, B, L)
+    padded = F.pad(timed, (0, chunks * c - length)) if chunks * c > length else timed
+    flat = padded.unflatten(-1, (chunks, c)).flip(-1).view(h, batch * chunks, c)
     y = torch.bmm(flat, hankel.to(dtype).contiguous())  # (H, B * chunks, c); its overlapping rows copied once
     end = torch.bmm(flat, columns.to(dtype)).to(x.real.dtype)
     state = torch.complex(end[..., :n], end[..., n:]).view(h, batch, chunks, n)
