@@ -300,8 +300,9 @@ def fast_table(quick: bool) -> None:
     data = os.environ.get("S4MUSIC_BENCH_DATA") or "random codes"
     print(f"### The fast training step against today's (bundled architecture, S4D, bf16 autocast; batch {batch} x "
           f"{length} samples; {steps} steps from seed 0, or {cap:g} s, on {data})\n")
+    legs = dict(fast_legs())
     runs = {name: _child("curve", length=length, batch=batch, steps=steps, max_seconds=cap, profile=3, **leg)
-            for name, leg in fast_legs()}
+            for name, leg in legs.items()}
     today = runs["today's"]
     print("| step | s/step (median) | audio s per s | first step s (compiles) | peak GB | vs today |")
     print("|---|---|---|---|---|---|")
@@ -328,7 +329,7 @@ def fast_table(quick: bool) -> None:
             print(f"| {start + 1}-{start + block} | {base:.4f} | " + " | ".join(cells) + " |")
     if os.environ.get("S4MUSIC_BENCH_JSON"):
         with open(os.environ["S4MUSIC_BENCH_JSON"], "w") as f:
-            json.dump({"runs": runs, "legs": dict(fast_legs()), "batch": batch, "length": length}, f)
+            json.dump({"runs": runs, "legs": legs, "batch": batch, "length": length}, f)
     for name, r in done.items():
         if r.get("profile"):
             print(f"\nProfile of the {name} step (3 forward + backward passes after its timed steps, torch.profiler, "

@@ -73,9 +73,11 @@ def choose_conv_chunk(figures: dict) -> int | None:
     best, chunk = fft["seconds"], 0
     for name, leg in legs.items():
         r = runs.get(name, {"error": "not run"})
-        if not leg.get("conv_chunk") or "error" in r or min(len(r["losses"]), len(fft["losses"])) < MIN_STEPS:
+        if not leg.get("conv_chunk") or "error" in r:
             continue
         n = min(len(r["losses"]), len(fft["losses"]))
+        if n < MIN_STEPS:
+            continue
         excess = statistics.mean(r["losses"][:n]) - statistics.mean(fft["losses"][:n])
         if r["seconds"] < best and excess <= 0.05:
             best, chunk = r["seconds"], leg["conv_chunk"]

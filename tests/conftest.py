@@ -60,6 +60,16 @@ def cli(capsys):
     return run
 
 
+def load_script(path: Path):
+    """A script of the repository's (examples/, benchmarks/), imported as a module by its file name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def perturbed(model, scale=0.05):
     """Move every parameter off its init so tests exercise trained-like values."""
     with torch.no_grad():

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from s4music.data.corpus import split_by_work, work_of
 
@@ -144,13 +145,7 @@ CDEF|GABc|]
 
 
 def _exporter():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "export_music21", Path(__file__).resolve().parents[1] / "examples" / "corpus" / "export_music21.py")
-    exporter = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(exporter)
-    return exporter
+    return load_script(Path(__file__).resolve().parents[1] / "examples" / "corpus" / "export_music21.py")
 
 
 def test_the_exports_time_left_goes_by_each_formats_seconds_per_byte(tmp_path):

@@ -1,31 +1,24 @@
 """The GPU lease script's choices that run on the CPU: which convolution the fast step trains with."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def lease():
-    return _load("gpu_lease", ROOT / "examples" / "gpu_lease.py")
+    return load_script(ROOT / "examples" / "gpu_lease.py")
 
 
 @pytest.fixture
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # bench_gpu imports its sibling `common`
-    yield _load("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    yield load_script(ROOT / "benchmarks" / "bench_gpu.py")
     sys.modules.pop("common", None)
 
 

@@ -1,8 +1,9 @@
 """The CUDA Cauchy kernel's sources and its build.
 
 `build()` compiles `cauchy_kernel.cu` (forward and backward of the Cauchy product) and `cauchy.cpp`
-(its tensors and bindings) through `s4music.extensions` and imports it. Whether the build is used is decided by the kernel layer
-(`s4music.model.kernels.cuda_cauchy`), which checks it against the PyTorch path first.
+(its tensors and bindings) through `s4music.extensions` and imports it. Whether the build is used
+is decided by the kernel layer (`s4music.model.kernels.cuda_cauchy`), which checks it against the
+PyTorch path first.
 """
 
 from __future__ import annotations
