@@ -5,6 +5,9 @@
                SF3 itself for the same files (render-midi loads the SF2 decoded from it once).
   prepare:     real Ogg recordings (Debian's drascula-music) to a dataset; baseline: plain ffmpeg
                decoding and resampling of the same files to 16 kHz mono WAV (the conversion alone).
+  pack:        that dataset's codes compressed as `s4music pack` compresses a part, one core, best
+               of three; baseline: the LZMA2 setting it used before (preset 6's binary-tree match
+               finder), on the same bytes, the rounds alternating. Then `pack` itself, 1 worker.
 """
 
 from __future__ import annotations
@@ -63,6 +66,38 @@ def main() -> None:
           f"| {ffmpeg_wall / wall:.2f}x |")
     print(f"| ffmpeg to 16 kHz mono WAV (baseline) | same files | {audio:.0f} | {ffmpeg_wall:.1f} "
           f"| {audio / ffmpeg_wall:.0f} | 1.00x |")
+    pack_codes(work / "dataset", work / "pack")
+
+
+def pack_codes(dataset: Path, out: Path) -> None:
+    """Compression of a dataset's codes, with pack's LZMA2 filters against the ones it used before."""
+    import lzma
+
+    import numpy as np
+
+    from s4music.data.pack import LZMA_FILTERS, pack
+
+    before = [LZMA_FILTERS[0], {"id": lzma.FILTER_LZMA2, "preset": 6, "lc": 4, "lp": 0, "pb": 0}]
+    codes = b"".join(np.fromfile(f, dtype=np.uint8).tobytes() for f in sorted(dataset.glob("*.u8")))
+    audio = len(codes) / 16000
+    best = {"used": float("inf"), "before": float("inf")}
+    bits = {}
+    for _ in range(3):
+        for name, filters in (("before", before), ("used", LZMA_FILTERS)):
+            t0 = time.perf_counter()
+            size = len(lzma.compress(codes, format=lzma.FORMAT_XZ, filters=filters))
+            best[name] = min(best[name], time.perf_counter() - t0)
+            bits[name] = 8 * size / len(codes)
+    print(f"| pack's LZMA2, preset 6's match finder (baseline) | {bits['before']:.3f} bits a sample | {audio:.0f} "
+          f"| {best['before']:.1f} | {audio / best['before']:.0f} | 1.00x |")
+    print(f"| pack's LZMA2, 3-byte hash chain (used) | {bits['used']:.3f} bits a sample | {audio:.0f} "
+          f"| {best['used']:.1f} | {audio / best['used']:.0f} | {best['before'] / best['used']:.2f}x |")
+    t0 = time.perf_counter()
+    parts = pack(dataset, out, part_mb=30, workers=1)
+    wall = time.perf_counter() - t0
+    packed = sum(p.hours for p in parts) * 3600
+    print(f"| `pack` | 1 worker, {len(parts)} part(s), {sum(p.bytes for p in parts) / 2**20:.1f} MiB | {packed:.0f} "
+          f"| {wall:.1f} | {packed / wall:.0f} | |")
 
 
 def render_sf3(midi: Path, work: Path) -> None:

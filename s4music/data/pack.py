@@ -3,10 +3,11 @@ whose transfers are limited), and back.
 
 `pack` deals whole source files to parts in a seeded order, so every part is a random sample of
 the whole dataset, and writes each part as one complete small dataset (its dataset.json, manifest
-rows and split files) compressed losslessly: LZMA2 at preset 6 after a delta filter, which brings
-8-bit mu-law codes of music to about 4.7-5.3 bits a sample (about 35 MB an hour) at about 60x real
-time a core. Preset 9e was 1% larger and 1.3-1.6x slower; presets 0-1 were 3-8x faster and 11-13%
-larger, and size is what limits a lease. A lossy codec was measured and refused: Opus even at 64
+rows and split files) compressed losslessly: LZMA2 after a delta filter, which brings 8-bit mu-law
+codes of music to about 4.7-5.3 bits a sample (about 35 MB an hour) at about 200x real time a core.
+Its match finder (a 3-byte hash chain, one link deep) is 3x faster than preset 6's for 0.6% more
+size; preset 9e was 1% smaller than preset 6 and 1.3-1.6x slower, presets 0-1 11-13% larger, and
+size is what limits a lease. A lossy codec was measured and refused: Opus even at 64
 kbit/s moved the bundled model's bits per sample by 0.2-0.4, far past the 0.02 allowed (both in
 examples/corpus/README.md). `pack.json` lists each part with its size, SHA-256, windows and hours.
 A pack stopped part-way resumes: a part an earlier run wrote from the same dataset, dealt the same
@@ -40,8 +41,12 @@ from s4music.files import DirectoryLock, atomic_path, remove_stale_temporaries, 
 
 PACK_FORMAT = "s4music-pack"
 INDEX = "pack.json"
-# lc=4, pb=0: a literal's context is the previous delta's top 4 bits, not byte positions (1% smaller)
-_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1}, {"id": lzma.FILTER_LZMA2, "preset": 6, "lc": 4, "lp": 0, "pb": 0}]
+# lc=4, pb=0: a literal's context is the previous delta's top 4 bits, not byte positions (1% smaller).
+# A 3-byte hash chain followed one link deep: audio codes rarely repeat for long, so preset 6's binary
+# tree and 64-byte matches cost 3x the time to save 0.6% of the size (benchmarks/bench_data.py).
+LZMA_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1},
+                {"id": lzma.FILTER_LZMA2, "preset": 6, "lc": 4, "lp": 0, "pb": 0, "mf": lzma.MF_HC3, "nice_len": 8,
+                 "depth": 1}]
 _MAGIC = b"S4MPACK1"
 
 
@@ -83,7 +88,7 @@ def _encode_part(meta: dict, sources: list[dict], rows: dict[str, list[dict]], s
             part_meta["splits"][split] += 1
     header = json.dumps({"format": PACK_FORMAT, "dataset": part_meta, "manifest": manifest, "dealt": dealt}).encode()
     body = b"".join(np.stack(blobs[s]).tobytes() if blobs[s] else b"" for s in SPLITS)
-    return lzma.compress(_MAGIC + struct.pack("<Q", len(header)) + header + body, format=lzma.FORMAT_XZ, filters=_FILTERS)
+    return lzma.compress(_MAGIC + struct.pack("<Q", len(header)) + header + body, format=lzma.FORMAT_XZ, filters=LZMA_FILTERS)
 
 
 def _without_sources(meta: dict) -> dict:
@@ -154,8 +159,8 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
     only the first `max_parts` (each a random sample of the whole) when given.
 
     The first part is written alone, and its compression ratio plans the rest, which `workers`
-    processes (default: one per core; each holds a part's codes, and LZMA2 at preset 6 about 100 MB
-    more) compress at once; sources a part gives back to fit go to parts after them. Any number of
+    processes (default: one per core; each holds a part's codes, and LZMA2 under 100 MB more)
+    compress at once; sources a part gives back to fit go to parts after them. Any number of
     workers deals the same parts."""
     root, out = Path(dataset), Path(out)
     meta = read_meta(root)
