@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/corpus}
 SOUNDFONT=${SOUNDFONT:-musescore,fluidr3}  # one drawn per file (this order made the renders so far)
-PART_MB=${PART_MB:-30}
+PART_MB=${PART_MB:-27}  # a GPU lease's call carries 64 MiB with the working tree (34 MiB with models/wip)
 PARTS=${PARTS:-}  # empty: every part (about 460 for the whole corpus, 3.4 h of packing on 2 cores)
 WORKERS=${WORKERS:-$(nproc)}
 S4=.venv/bin/s4music
