@@ -12,7 +12,7 @@ APT_PACKAGES := ffmpeg fluidsynth timgm6mb-soundfont libportaudio2
 TEST_APT_PACKAGES := drascula-music chromium fluid-soundfont-gm
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test test-fast test-sweep demo studio bench lint clean
+.PHONY: install system-deps test test-fast test-sweep demo studio bench corpus lint clean
 
 install: system-deps $(STAMP)
 
@@ -70,8 +70,13 @@ studio: install
 bench: install
 	$(BIN)/python benchmarks/run.py
 
+# The training corpus (examples/corpus/README.md): hours on a small machine, resumable after a kill;
+# WORK, COMPOSERS, PARTS, PART_MB and WORKERS pass through to examples/corpus/build.sh.
+corpus: install
+	bash examples/corpus/build.sh
+
 lint: install
-	$(BIN)/python -m ruff check s4music tests benchmarks
+	$(BIN)/python -m ruff check s4music tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info demo
