@@ -6,7 +6,7 @@ nothing of ours (run from the repository root, which travels to it).
     python examples/gpu_lease.py join LEASE_FILES models/wip --half   # here, afterwards: the checkpoint
 
 A lease carries at most 64 MiB a call, the working tree included, so the corpus travels as packed
-parts (`s4music pack`), one or two a call; `unpack` decompresses what a call carried into the data
+parts (`s4music pack`), one a call; `unpack` decompresses what a call carried into the data
 folder, which stays while the machine is warm. `run` then:
   1. unpacks the parts given with --pack, if any (with none at all, it stops: train on data);
   2. compares today's training step with the fast ones, by FFT and by chunked convolutions

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/corpus}
 SOUNDFONT=${SOUNDFONT:-musescore,fluidr3}  # one drawn per file (this order made the renders so far)
 PART_MB=${PART_MB:-27}  # a GPU lease's call carries 64 MiB with the working tree (34 MiB with models/wip)
-PARTS=${PARTS:-}  # empty: every part (about 460 for the whole corpus, 3.4 h of packing on 2 cores)
+PARTS=${PARTS:-}  # empty: every part (about 500 for the whole corpus; examples/corpus/README.md)
 WORKERS=${WORKERS:-$(nproc)}
 S4=.venv/bin/s4music
 PY=.venv/bin/python
@@ -43,4 +43,4 @@ $S4 render-midi "$WORK/midi/ensemble" -o "$WORK/audio/ensemble" --soundfont "$SO
 echo "== 6/7 the dataset"
 $S4 prepare "$WORK/audio" -o "$WORK/data" --seconds 8.192 --splits examples/corpus/splits.json
 echo "== 7/7 packed"
-$S4 pack "$WORK/data" -o "$WORK/pack" --part-mb "$PART_MB" ${PARTS:+--max-parts "$PARTS"}
+$S4 pack "$WORK/data" -o "$WORK/pack" --part-mb "$PART_MB" --workers "$WORKERS" ${PARTS:+--max-parts "$PARTS"}

@@ -367,7 +367,8 @@ def pack_command(
     part_mb: float = typer.Option(30.0, help="Largest part, in MiB (a GPU machine's transfer limit, say)."),
     seed: int = typer.Option(0, help="Seed of the order sources are dealt to parts in."),
     max_parts: int = typer.Option(None, help="Write only the first N parts (each a random sample of the dataset)."),
-    workers: int = typer.Option(None, help="Parts compressed at once (default: one per core; a part and 100 MB more each)."),
+    workers: int = typer.Option(None, help="Parts compressed at once (default: one per core; each holds a part "
+                                           "and under 100 MB more)."),
 ):
     """Pack a dataset as parts that travel: each a random sample of it, compressed losslessly."""
     from s4music.data.pack import pack

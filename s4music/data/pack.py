@@ -5,10 +5,10 @@ whose transfers are limited), and back.
 the whole dataset, and writes each part as one complete small dataset (its dataset.json, manifest
 rows and split files) compressed losslessly: LZMA2 after a delta filter, which brings 8-bit mu-law
 codes of music to about 4.7-5.3 bits a sample (about 35 MB an hour) at about 200x real time a core.
-Its match finder (a 3-byte hash chain, one link deep) is 3x faster than preset 6's for 0.6% more
-size; preset 9e was 1% smaller than preset 6 and 1.3-1.6x slower, presets 0-1 11-13% larger, and
-size is what limits a lease. A lossy codec was measured and refused: Opus even at 64
-kbit/s moved the bundled model's bits per sample by 0.2-0.4, far past the 0.02 allowed (both in
+Its match finder (a 3-byte hash chain, one link deep) is 3x faster than preset 6's for 0.6-0.9%
+more size; preset 9e was 1% larger than preset 6 and 1.3-1.6x slower, presets 0-1 11-13% larger,
+and size is what limits a lease. A lossy codec was measured and refused: Opus even at 64 kbit/s
+moved the bundled model's bits per sample by 0.2-0.4, far past the 0.02 allowed (both in
 examples/corpus/README.md). `pack.json` lists each part with its size, SHA-256, windows and hours.
 A pack stopped part-way resumes: a part an earlier run wrote from the same dataset, dealt the same
 way (planner, `part_mb`, seed), holding the sources planned for it and whole, is kept as it is;
@@ -43,7 +43,7 @@ PACK_FORMAT = "s4music-pack"
 INDEX = "pack.json"
 # lc=4, pb=0: a literal's context is the previous delta's top 4 bits, not byte positions (1% smaller).
 # A 3-byte hash chain followed one link deep: audio codes rarely repeat for long, so preset 6's binary
-# tree and 64-byte matches cost 3x the time to save 0.6% of the size (benchmarks/bench_data.py).
+# tree and 64-byte matches cost 3x the time to save 0.6-0.9% of the size (benchmarks/bench_data.py).
 LZMA_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1},
                 {"id": lzma.FILTER_LZMA2, "preset": 6, "lc": 4, "lp": 0, "pb": 0, "mf": lzma.MF_HC3, "nice_len": 8,
                  "depth": 1}]
