@@ -74,16 +74,14 @@ def pack_codes(dataset: Path, out: Path) -> None:
     """Compression of a dataset's codes, with pack's LZMA2 filters against the ones it used before."""
     import lzma
 
-    import numpy as np
-
     from s4music.data.format import read_meta
     from s4music.data.pack import LZMA_FILTERS, pack
 
     before = [LZMA_FILTERS[0], {"id": lzma.FILTER_LZMA2, "preset": 6, "lc": 4, "lp": 0, "pb": 0}]
-    codes = b"".join(np.fromfile(f, dtype=np.uint8).tobytes() for f in sorted(dataset.glob("*.u8")))
+    codes = b"".join(f.read_bytes() for f in sorted(dataset.glob("*.u8")))
     audio = len(codes) / read_meta(dataset)["sample_rate"]
     settings = [("before", before), ("used", LZMA_FILTERS)]
-    best = {"used": float("inf"), "before": float("inf")}
+    best = {name: float("inf") for name, _ in settings}
     bits = {}
     for r in range(3):
         for name, filters in settings[::-1] if r % 2 else settings:
