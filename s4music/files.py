@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 
@@ -185,6 +188,33 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
         return removed
     for entry in directory.iterdir():
         if entry.name.startswith(".") and (".tmp" in entry.name or ".old-" in entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def scratch_directory(path: str | Path):
+    """Yield a temporary directory beside `path` for the work that makes it, removed afterwards (one a
+    killed writer left, `remove_stale_temporaries_of(path)` removes)."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-scratch-", dir=path.parent) as tmp:
+        yield Path(tmp)
+
+
+def remove_stale_temporaries_of(path: str | Path) -> list[Path]:
+    """Remove what a killed writer of `path` left beside it (its `atomic_path` file, its
+    `scratch_directory`) and nothing of another file's: for a directory several processes fill, each
+    with files of its own (render-midi's shards). Call it only as `path`'s sole writer."""
+    path = Path(path)
+    own = re.compile(rf"\.{re.escape(path.stem)}\.[0-9a-f]{{8}}\.tmp{re.escape(path.suffix)}"
+                     rf"|\.{re.escape(path.name)}\.tmp-scratch-\w{{8}}")
+    removed = []
+    for entry in path.parent.glob(f".{glob.escape(path.stem)}.*") if path.parent.is_dir() else []:
+        if own.fullmatch(entry.name):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -83,6 +83,23 @@ def test_bad_files_are_reported_and_the_batch_finishes_then_resumes(midi_corpus,
 
 
 
+def test_a_killed_render_s_temporaries_go_when_its_file_is_rendered_again(midi_corpus, tmp_path):
+    src, out = tmp_path / "midi", tmp_path / "out"
+    src.mkdir()
+    shutil.copy(midi_corpus["chorale"], src / "bwv99.mid")
+    # as a kill leaves them: the WAV and sidecar being written, the scratch folder; and another
+    # file's (bwv99.6, rendered by another shard at the same time), which must stay
+    out.mkdir()
+    own = [out / ".bwv99.2e672253.tmp.wav", out / ".bwv99.0badc0de.tmp.json", out / ".bwv99.wav.tmp-scratch-k3x_9a0q"]
+    other = [out / ".bwv99.6.1a2b3c4d.tmp.wav", out / ".bwv99.6.wav.tmp-scratch-abcdefgh"]
+    for path in own + other:
+        path.mkdir() if "scratch" in path.name else path.write_bytes(b"half")
+    report = render_midi([src], out, RenderOptions(max_seconds=5, vary=True))
+    assert [s.name for s, _, _ in report.rendered] == ["bwv99.mid"]
+    assert not any(p.exists() for p in own) and all(p.exists() for p in other)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["bwv99.json", "bwv99.wav", "render.json"]
+
+
 def test_unknown_instrument_is_a_clear_error(tmp_path):
     with pytest.raises(RenderError, match="unknown instrument 'kazoo'"):
         render_midi([tmp_path], tmp_path / "out", RenderOptions(instruments=["kazoo"]))

@@ -28,7 +28,6 @@ import logging
 import random
 import shutil
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from s4music.data.options import RenderOptions
 from s4music.data.progress import FileCounter, FileProgress
 from s4music.data.soundfont import SoundfontFormatError, playable
 from s4music.errors import S4MusicError, first_line
-from s4music.files import atomic_path, visible_files, write_json
+from s4music.files import atomic_path, remove_stale_temporaries_of, scratch_directory, visible_files, write_json
 from s4music.options import Shard, parse_shard
 from s4music.system import SoundfontError, find_soundfont
 
@@ -254,8 +253,10 @@ def render_file(src: Path, out: Path, options: RenderOptions, soundfonts: list[t
         if options.vary:
             soundfont, loaded = soundfonts[variation.seed % len(soundfonts)]
     midi = _to_midi(events, end)
-    with tempfile.TemporaryDirectory(prefix=".render-", dir=out.parent) as tmp:
-        mid_path, wav_path = Path(tmp) / "in.mid", Path(tmp) / "out.wav"
+    for path in (out, out.with_suffix(".json")):  # what a killed render of this file left
+        remove_stale_temporaries_of(path)
+    with scratch_directory(out) as tmp:
+        mid_path, wav_path = tmp / "in.mid", tmp / "out.wav"
         midi.save(str(mid_path))
         settings = [arg for item in (variation.settings() if options.vary else []) for arg in ("-o", item)]
         # Dynamic sample loading reads only the samples the file plays, and an SF3 is loaded as the
