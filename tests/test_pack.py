@@ -93,3 +93,30 @@ def test_a_pack_stopped_part_way_resumes_and_gives_the_same_parts(music_dataset,
     fewer = pack(music_dataset, tmp_path / "pack", part_mb=limit * 3, seed=1)
     assert len(fewer) < len(whole)
     assert sorted(p.name for p in (tmp_path / "pack").glob("*.s4pack")) == [p.path.name for p in fewer]
+
+
+def test_a_part_whose_sources_compress_worse_than_planned_still_fits(music_dataset, tmp_path):
+    from s4music.data.format import read_meta
+    from s4music.data.pack import _read_part, _rows_by_source, _write_part
+
+    meta = read_meta(music_dataset)
+    size = sum((music_dataset / f"{s}.u8").stat().st_size for s in ("train", "val", "test"))
+    limit = size // 4
+    # a planned ratio of 1%: the first sources look as if they fit, overshoot, and are encoded again
+    held, written, kept = _write_part(str(music_dataset), meta, meta["sources"], _rows_by_source(music_dataset, meta),
+                                      {}, limit, 0.01, str(tmp_path / "part.s4pack"))
+    assert written == (tmp_path / "part.s4pack").stat().st_size <= limit and not kept
+    assert 1 <= len(held) < len(meta["sources"])
+    header, body = _read_part(tmp_path / "part.s4pack")
+    assert [src["id"] for src in header["dataset"]["sources"]] == held
+    assert len(body) == len(header["manifest"]) * meta["window"]
+
+
+def test_pack_command_ends_with_the_hours_and_the_sizes(music_dataset, tmp_path, cli):
+    size = sum((music_dataset / f"{s}.u8").stat().st_size for s in ("train", "val", "test"))
+    code, out, err = cli("pack", music_dataset, "-o", tmp_path / "pack", "--part-mb", f"{size / 3 / 2**20:.3f}")
+    assert code in (0, None)
+    table = out.split("stratum", 1)[1]  # the table on stdout, the messages on stderr
+    assert "train" in table and "test" in table
+    parts = json.loads((tmp_path / "pack" / "pack.json").read_text())["parts"]
+    assert f"{len(parts)} parts, {sum(p['bytes'] for p in parts) / 2**20:.1f} MiB" in err.split(parts[-1]["file"])[-1]

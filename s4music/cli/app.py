@@ -143,6 +143,16 @@ def progress_bar(info: bool = False) -> Progress:
     )
 
 
+def print_hours(dataset: Path, summary: dict[tuple[str, str], float]) -> None:
+    """A dataset's hours of audio per split and stratum, as a table."""
+    table = Table(title=f"{dataset}: hours of audio")
+    for column in ("split", "stratum", "hours"):
+        table.add_column(column)
+    for (split, stratum), hours in summary.items():
+        table.add_row(split, stratum, f"{hours:.3f}")
+    Console().print(table)
+
+
 def report_failures(failures: list[tuple[str, str]], done: int, what: str, any_failure_fails: bool) -> None:
     """A batch's summary: failures one per line. Exit 1 if any failed (`any_failure_fails`) or none succeeded."""
     for _, reason in failures:
@@ -337,12 +347,7 @@ def prepare(
             task = bar.add_task("preparing", total=None)
             report = prepare_dataset(sources, out, options, on_file=lambda path, status, done, total: bar.update(
                 task, completed=done, total=total))
-    table = Table(title=f"{out}: hours of audio")
-    for column in ("split", "stratum", "hours"):
-        table.add_column(column)
-    for (split, stratum), hours in report.summary.items():
-        table.add_row(split, stratum, f"{hours:.3f}")
-    Console().print(table)
+    print_hours(out, report.summary)
     if merge:
         console.print(f"{len(report.added)} files merged from {len(sources)} shards into {out}", highlight=False)
     else:
@@ -371,7 +376,9 @@ def pack_command(
                                            "and under 100 MB more)."),
 ):
     """Pack a dataset as parts that travel: each a random sample of it, compressed losslessly."""
+    from s4music.data.format import read_meta
     from s4music.data.pack import pack
+    from s4music.data.prepare import summarize
 
     clock = {"since": 0.0, "windows": 0}  # the rate of parts compressed after the first (which runs alone)
 
@@ -387,6 +394,7 @@ def pack_command(
         console.print(said + eta, highlight=False)
 
     parts = pack(dataset, out, part_mb=part_mb, seed=seed, max_parts=max_parts, workers=workers, on_part=report)
+    print_hours(dataset, summarize(read_meta(dataset)))
     total = sum(p.bytes for p in parts) / 2**20
     console.print(f"{len(parts)} parts, {total:.1f} MiB, {sum(p.hours for p in parts):.2f} h; index {out / 'pack.json'}")
 

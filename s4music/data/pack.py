@@ -2,8 +2,10 @@
 whose transfers are limited), and back.
 
 `pack` deals whole source files to parts in a seeded order, so every part is a random sample of
-the whole dataset, and writes each part as one complete small dataset (its dataset.json, manifest
-rows and split files) compressed losslessly: LZMA2 after a delta filter, which brings 8-bit mu-law
+the whole dataset, and writes each part as one complete small dataset (its windows, manifest rows
+and dataset.json) compressed in one pass: a part takes the sources offered to it while the bytes
+compressed so far say the next one fits, so parts come out nearly full and are compressed once.
+The compression is lossless: LZMA2 after a delta filter, which brings 8-bit mu-law
 codes of music to about 4.7-5.3 bits a sample (about 35 MB an hour) at about 200x real time a core.
 Its match finder (a 3-byte hash chain, one link deep) is 3x faster than preset 6's for 0.6-0.9%
 more size; preset 9e was 1% larger than preset 6 and 1.3-1.6x slower, presets 0-1 11-13% larger,
@@ -11,7 +13,7 @@ and size is what limits a lease. A lossy codec was measured and refused: Opus ev
 moved the bundled model's bits per sample by 0.2-0.4, far past the 0.02 allowed (both in
 examples/corpus/README.md). `pack.json` lists each part with its size, SHA-256, windows and hours.
 A pack stopped part-way resumes: a part an earlier run wrote from the same dataset, dealt the same
-way (planner, `part_mb`, seed), holding the sources planned for it and whole, is kept as it is;
+way (planner, `part_mb`, seed), holding sources offered to it, and whole, is kept as it is;
 once every source is dealt, part files an earlier pack wrote past the new count are removed.
 
 `unpack` checks every part it is given against its checksum first, then decompresses the parts in
@@ -47,7 +49,9 @@ INDEX = "pack.json"
 LZMA_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1},
                 {"id": lzma.FILTER_LZMA2, "preset": 6, "lc": 4, "lp": 0, "pb": 0, "mf": lzma.MF_HC3, "nice_len": 8,
                  "depth": 1}]
-_MAGIC = b"S4MPACK1"
+_MAGIC = b"S4MPACK2"
+_OFFER = 1.25  # a part is offered sources for this many parts, by the ratio so far, and gives back the rest
+_ENCODER_LAG = 2**17  # compressed bytes LZMA2 may hold back (its chunks are at most 64 KiB)
 
 
 class PackError(DatasetError):
@@ -75,20 +79,39 @@ def _rows_by_source(root: Path, meta: dict) -> dict[str, list[dict]]:
     return rows
 
 
-def _encode_part(meta: dict, sources: list[dict], rows: dict[str, list[dict]], splits: dict[str, np.ndarray],
-                 dealt: dict) -> bytes:
-    """One part: a header (its dataset.json, manifest, and how parts were dealt) and its split files, compressed."""
-    part_meta = {**meta, "sources": sources, "splits": {s: 0 for s in SPLITS}}
-    manifest, blobs = [], {s: [] for s in SPLITS}
-    for src in sources:
-        for row in sorted(rows[src["id"]], key=lambda r: r["offset"]):
-            split = row["split"]
-            blobs[split].append(splits[split][row["offset"]])
-            manifest.append({**row, "offset": part_meta["splits"][split]})
-            part_meta["splits"][split] += 1
-    header = json.dumps({"format": PACK_FORMAT, "dataset": part_meta, "manifest": manifest, "dealt": dealt}).encode()
-    body = b"".join(np.stack(blobs[s]).tobytes() if blobs[s] else b"" for s in SPLITS)
-    return lzma.compress(_MAGIC + struct.pack("<Q", len(header)) + header + body, format=lzma.FORMAT_XZ, filters=LZMA_FILTERS)
+def _encode_part(meta: dict, take: list[dict], rows: dict[str, list[dict]], splits: dict[str, np.ndarray],
+                 dealt: dict, limit: int, ratio: float) -> tuple[bytes, list[dict]]:
+    """Compress the sources of `take` that fit in `limit` bytes, in one pass: a source is fed to the
+    compressor while the bytes out so far, the ratio so far (`ratio` before 2 MiB are in) and a margin
+    say it fits, and skipped otherwise. (The part, the sources it holds.)
+
+    A part is its windows, source by source, then its header (its dataset.json, manifest and how
+    parts were dealt) and the header's length, so the header can list what was fed."""
+    window = meta["window"]
+    compressor = lzma.LZMACompressor(format=lzma.FORMAT_XZ, filters=LZMA_FILTERS)
+    out = [compressor.compress(_MAGIC)]
+    produced, consumed = len(out[0]), 0
+    held, manifest, counts = [], [], {s: 0 for s in SPLITS}
+    header = len(json.dumps({"dataset": meta, "dealt": dealt}))  # a bound on its compressed size, as it grows
+    for src in take:
+        src_rows = sorted(rows[src["id"]], key=lambda r: r["offset"])
+        raw = len(src_rows) * window
+        more = sum(len(json.dumps(r)) for r in src_rows) + len(json.dumps(src))
+        so_far = produced / consumed if consumed >= 2**21 else ratio
+        if held and produced + _ENCODER_LAG + header + more + 1.1 * so_far * raw > limit:
+            continue  # a smaller source later in `take` may still fit
+        for row in src_rows:
+            produced += len(chunk := compressor.compress(splits[row["split"]][row["offset"]]))
+            out.append(chunk)
+            manifest.append({**row, "offset": counts[row["split"]]})
+            counts[row["split"]] += 1
+        consumed += raw
+        header += more
+        held.append(src)
+    part_meta = {**meta, "sources": held, "splits": counts}
+    head = json.dumps({"format": PACK_FORMAT, "dataset": part_meta, "manifest": manifest, "dealt": dealt}).encode()
+    out += [compressor.compress(head + struct.pack("<Q", len(head))), compressor.flush()]
+    return b"".join(out), held
 
 
 def _without_sources(meta: dict) -> dict:
@@ -97,20 +120,20 @@ def _without_sources(meta: dict) -> dict:
 
 
 def _read_part(path: str | Path) -> tuple[dict, memoryview]:
-    """A part's header and its windows' bytes, decompressed (which checks its CRC)."""
+    """A part's header and its windows' bytes (in manifest order), decompressed (which checks its CRC)."""
     try:
         raw = lzma.decompress(Path(path).read_bytes())
     except lzma.LZMAError as e:
         raise PackError(f"{path}: damaged part ({e})") from None
-    if raw[:8] != _MAGIC:
+    if raw[:8] != _MAGIC or len(raw) < 16:
         raise PackError(f"{path}: not an s4music pack part")
-    (size,) = struct.unpack("<Q", raw[8:16])
-    return json.loads(raw[16 : 16 + size]), memoryview(raw)[16 + size :]
+    (size,) = struct.unpack("<Q", raw[-8:])
+    return json.loads(raw[-8 - size : -8]), memoryview(raw)[8 : -8 - size]
 
 
 def _kept_part(path: Path, meta: dict, take: list[dict], dealt: dict, limit: int) -> list[dict] | None:
-    """The sources of a part an earlier run of the same pack wrote at `path`, if they begin `take`;
-    else None (the part is written afresh, as is one damaged on disk)."""
+    """The sources of a part an earlier run of the same pack wrote at `path`, if they are drawn, in
+    order, from `take`; else None (the part is written afresh, as is one damaged on disk)."""
     if not path.is_file() or path.stat().st_size > limit:
         return None
     try:
@@ -120,37 +143,32 @@ def _kept_part(path: Path, meta: dict, take: list[dict], dealt: dict, limit: int
     if header.get("dealt") != dealt:
         return None
     sources = header["dataset"].get("sources", [])
-    if not sources or _without_sources(header["dataset"]) != _without_sources(meta) or sources != take[: len(sources)]:
+    offered = iter(take)
+    if not sources or _without_sources(header["dataset"]) != _without_sources(meta) or \
+            not all(any(src == other for other in offered) for src in sources):
         return None
     return sources
 
 
 def _write_part(root: str, meta: dict, take: list[dict], rows: dict[str, list[dict]], dealt: dict, limit: int,
-                path: str) -> tuple[int, int, bool]:
-    """Write the sources `take` as the part at `path`, or keep the one an earlier run wrote there;
-    sources from the end of `take` are given back until it fits. (How many sources it holds, its
-    bytes, whether it was kept.) Runs in a worker process."""
+                ratio: float, path: str) -> tuple[list[str], int, bool]:
+    """Write the sources of `take` that fit as the part at `path`, or keep the one an earlier run wrote
+    there. (The ids of the sources it holds, its bytes, whether it was kept.) Runs in a worker process."""
     path = Path(path)
     kept = _kept_part(path, meta, take, dealt, limit)
     if kept is not None:
-        return len(kept), path.stat().st_size, True
+        return [src["id"] for src in kept], path.stat().st_size, True
     window = meta["window"]
     splits = {s: np.memmap(Path(root) / f"{s}.u8", dtype=np.uint8, mode="r").reshape(-1, window)
               if meta["splits"][s] else np.zeros((0, window), np.uint8) for s in SPLITS}
-    take = list(take)
-    raw = sum(src["windows"] for src in take) * window
-    blob = _encode_part(meta, take, rows, splits, dealt)
-    while len(blob) > limit and len(take) > 1:
-        # a guess too bold: give back as many sources as this attempt's own ratio says, then retry
-        measured = len(blob) / raw
-        while len(take) > 1 and raw * measured > 0.97 * limit:
-            raw -= take.pop()["windows"] * window
-        blob = _encode_part(meta, take, rows, splits, dealt)
+    blob, held = _encode_part(meta, take, rows, splits, dealt, limit, ratio)
+    while len(blob) > limit and len(held) > 1:  # a source compressed worse than its margin: rare, so encode again
+        blob, held = _encode_part(meta, held[:-1], rows, splits, dealt, limit, ratio)
     if len(blob) > limit:
-        raise PackError(f"{take[0]['name']}: one file compresses to {len(blob) / 2**20:.1f} MiB, over --part-mb")
+        raise PackError(f"{held[0]['name']}: one file compresses to {len(blob) / 2**20:.1f} MiB, over --part-mb")
     with atomic_path(path) as tmp:
         tmp.write_bytes(blob)
-    return len(take), len(blob), False
+    return [src["id"] for src in held], len(blob), False
 
 
 def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int = 0, max_parts: int | None = None,
@@ -158,10 +176,11 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
     """Write `dataset` as parts of at most `part_mb` MiB each under `out`, with `out`/pack.json;
     only the first `max_parts` (each a random sample of the whole) when given.
 
-    The first part is written alone, and its compression ratio plans the rest, which `workers`
-    processes (default: one per core; each holds a part's codes, and LZMA2 under 100 MB more)
-    compress at once; sources a part gives back to fit go to parts after them. Any number of
-    workers deals the same parts."""
+    Sources are dealt in a seeded order, each part offered a quarter more than the compression ratio so
+    far says fits; what a part cannot hold goes to the parts dealt after it. The first part is
+    written alone to measure the ratio; then `workers` processes (default: one per core; each holds
+    a part's codes, and LZMA2 under 100 MB more) compress parts at once. Any number of workers deals
+    the same parts."""
     root, out = Path(dataset), Path(out)
     meta = read_meta(root)
     if meta is None:
@@ -174,21 +193,24 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
     order = sorted(meta["sources"], key=lambda s: s["id"])
     random.Random(seed).shuffle(order)
     out.mkdir(parents=True, exist_ok=True)
-    dealt = {"planner": 2, "part_mb": part_mb, "seed": seed}  # planner: the dealing below
+    dealt = {"planner": 3, "part_mb": part_mb, "seed": seed}  # planner: the dealing below
     parts: list[PackedPart] = []
     pending = list(order)
     ratio = 0.75  # compressed bytes per raw byte, assumed until the first part is measured
 
     def plan(room: int | None) -> list[list[dict]]:
-        """Deal `pending` into parts at `ratio`, as many as `room` allows."""
-        takes = []
+        """Deal `pending` into offers for parts, as many as `room` allows. A short last offer waits
+        for the sources the others give back, unless it is all there is."""
+        takes, raw = [], 0
         while pending and (room is None or len(takes) < room):
             take = [pending.pop(0)]
             raw = take[0]["windows"] * window
-            while pending and (raw + pending[0]["windows"] * window) * ratio <= 0.97 * limit:
+            while pending and (raw + pending[0]["windows"] * window) * ratio <= _OFFER * limit:
                 raw += pending[0]["windows"] * window
                 take.append(pending.pop(0))
             takes.append(take)
+        if room is None and len(takes) > 1 and raw * ratio < limit:
+            pending[:0] = takes.pop()
         return takes
 
     workers = max(1, workers or len(os.sched_getaffinity(0)))
@@ -201,22 +223,22 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
                 takes = plan(room)
                 names = [f"part-{len(parts) + i:03d}" for i in range(len(takes))]
                 jobs = [pool.submit(_write_part, str(root), meta, take, {src["id"]: rows[src["id"]] for src in take},
-                                    dealt, limit, str(out / f"{name}.s4pack")) for take, name in zip(takes, names, strict=True)]
+                                    dealt, limit, ratio, str(out / f"{name}.s4pack"))
+                        for take, name in zip(takes, names, strict=True)]
                 given_back = []
                 left = sum(src["windows"] for take in takes for src in take) + sum(src["windows"] for src in pending)
                 for take, name, job in zip(takes, names, jobs, strict=True):
                     held, size, kept = job.result()
-                    given_back += take[held:]
-                    windows = sum(src["windows"] for src in take[:held])
+                    given_back += [src for src in take if src["id"] not in held]
+                    windows = sum(src["windows"] for src in take if src["id"] in held)
                     left -= windows
-                    if first:
-                        ratio = max(size / (windows * window), 0.5)
                     part = PackedPart(name, out / f"{name}.s4pack", size, windows, windows * window / meta["sample_rate"] / 3600,
                                       kept=kept, windows_left=left)
                     parts.append(part)
                     if on_part is not None:
                         on_part(part)
                 pending[:0] = given_back
+                ratio = max(sum(p.bytes for p in parts) / (sum(p.windows for p in parts) * window), 0.1)
                 first = False
         except BaseException:
             pool.shutdown(cancel_futures=True)  # an error or Ctrl-C stops now, not after every queued part
@@ -248,18 +270,17 @@ def _unpack_one(path: str, dest: str) -> str:
     header, body = _read_part(path)
     meta, manifest = header["dataset"], header["manifest"]
     window = meta["window"]
+    if len(body) != len(manifest) * window:
+        raise PackError(f"{path}: {len(body)} bytes of windows where its header counts {len(manifest) * window}")
     target = Path(dest)
     tmp = target.with_name(f".{target.name}.unpacking-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    start = 0
     for split in SPLITS:
-        n = meta["splits"][split] * window
-        (tmp / f"{split}.u8").write_bytes(body[start : start + n])
-        start += n
-    if start != len(body):
-        shutil.rmtree(tmp)
-        raise PackError(f"{path}: {len(body)} bytes of windows where its header counts {start}")
+        with open(tmp / f"{split}.u8", "wb") as f:
+            for i, row in enumerate(manifest):
+                if row["split"] == split:
+                    f.write(body[i * window : (i + 1) * window])
     (tmp / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in manifest))
     write_json(tmp / "dataset.json", meta)
     if target.exists():
