@@ -100,6 +100,17 @@ def test_a_killed_render_s_temporaries_go_when_its_file_is_rendered_again(midi_c
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["bwv99.json", "bwv99.wav", "render.json"]
 
 
+def test_two_files_that_would_render_to_one_wav_the_second_is_reported(midi_corpus, tmp_path):
+    src = tmp_path / "midi"
+    src.mkdir()
+    shutil.copy(midi_corpus["chorale"], src / "tune.mid")
+    shutil.copy(midi_corpus["chorale"], src / "tune.midi")
+    report = render_midi([src], tmp_path / "out", RenderOptions(max_seconds=3))
+    assert [s.name for s, _, _ in report.rendered] == ["tune.mid"]
+    assert report.failed == [(src / "tune.midi", f"{src / 'tune.midi'}: renders to {tmp_path / 'out' / 'tune.wav'}, "
+                                                 f"as {src / 'tune.mid'} does")]
+
+
 def test_unknown_instrument_is_a_clear_error(tmp_path):
     with pytest.raises(RenderError, match="unknown instrument 'kazoo'"):
         render_midi([tmp_path], tmp_path / "out", RenderOptions(instruments=["kazoo"]))

@@ -339,13 +339,19 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
     report = RenderReport()
     todo = []
     found = find_midi(sources)
+    claimed: dict[Path, Path] = {}  # output -> the first file that renders to it (a.mid beside a.midi)
+    for src, rel in found:
+        claimed.setdefault(out_dir / rel.with_suffix(".wav"), src)
     if shard is not None:
         found = [item for position, item in enumerate(found) if shard.owns(position)]
     progress = FileCounter(on_file, len(found))
 
     for src, rel in found:
         out = out_dir / rel.with_suffix(".wav")
-        if out.exists():
+        if claimed[out] != src:
+            report.failed.append((src, f"{src}: renders to {out}, as {claimed[out]} does"))
+            progress(src, "failed")
+        elif out.exists():
             report.already.append(src)
             progress(src, "already")
         elif not src.is_file():
@@ -361,6 +367,8 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
             seconds = render_file(src, out, options, pairs, programs, keep_drums, rel)
         except S4MusicError as e:
             return src, out, None, str(e)
+        except OSError as e:  # a full disk, or another run writing the same folder
+            return src, out, None, f"{src}: {first_line(e)}"
         return src, out, seconds, None
 
     with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
