@@ -160,6 +160,14 @@ def test_the_exports_time_left_goes_by_each_formats_seconds_per_byte(tmp_path):
     assert left() == pytest.approx(3000 * 0.002 / 2)
 
 
+def test_a_work_the_corpus_holds_twice_is_exported_once_from_musicxml():
+    corpus = ["bach/bwv277.krn", "bach/bwv277.mxl", "bach/bwv1.6.mxl", "bach/bwv1.krn", "trecento/k.xml",
+              "trecento/k.mxl", "bach/bwv66.6.rntxt", "mozart/k80.mxl"]
+    jobs = _exporter().corpus_jobs([f"/m21/corpus/{rel}" for rel in corpus[::-1]], "/out", {"bach", "trecento"})
+    assert [rel for _, rel, _ in jobs] == ["bach/bwv1.6.mxl", "bach/bwv1.krn", "bach/bwv277.mxl", "trecento/k.mxl"]
+    assert all(path == f"/m21/corpus/{rel}" and out == "/out" for path, rel, out in jobs)
+
+
 def test_a_book_becomes_a_folder_of_tunes_and_repeats_music21_cannot_unfold_play_once(tmp_path):
     pytest.importorskip("music21")
     import mido

@@ -13,7 +13,8 @@ repeats music21 cannot unfold is played once through.
 Paths mirror the corpus (`bach/bwv66.6.mxl` -> `piano/bach/bwv66.6.mid`), so a re-run skips what is
 done and `s4music.data.corpus.work_of` finds each file's work. Scores too short or that music21
 cannot export are listed with the reason in OUT/not_exported.jsonl, and a re-run skips them too
-(delete the file to try them again). The scores are public domain;
+(delete the file to try them again). Eight works are in the corpus twice, as Humdrum and as
+MusicXML (or in two MusicXML files): each is exported once, from MusicXML. The scores are public domain;
 music21's corpus is distributed under its own open license.
 """
 
@@ -34,6 +35,7 @@ from s4music.data.progress import time_left
 from s4music.files import AtomicFile, atomic_path
 
 MIN_SECONDS = 20.0
+ENCODINGS = (".mxl", ".musicxml", ".xml")  # of a work the corpus holds twice, the one exported: MusicXML first
 QUARTET = (40, 40, 41, 42)  # violin, violin, viola, cello
 VOCAL = {"bach", "palestrina", "monteverdi", "trecento", "josquin", "ciconia", "luca", "lusitano"}
 VOICES = (52, 53)  # choir aahs, voice oohs
@@ -184,6 +186,20 @@ class TimeLeft:
         return sum(n * per_byte.get(f, overall) for f, n in self.bytes_left.items()) / self.workers
 
 
+def corpus_jobs(paths: list[Path], out: str, wanted: set[str]) -> list[tuple[str, str, str]]:
+    """(path, its corpus path, out) for each score of the `wanted` folders (all if empty), in order
+    of corpus path. A work the corpus holds twice (bach/bwv277.krn and .mxl) would write one MIDI
+    from whichever finished last: it is exported once, from the first of ENCODINGS it is in."""
+    jobs = {}
+    rank = {suffix: i for i, suffix in enumerate(ENCODINGS)}
+    for p in sorted(map(Path, paths), key=lambda p: (rank.get(p.suffix, len(ENCODINGS)), str(p))):
+        rel = str(p).split("/corpus/", 1)[1]
+        if rel.endswith(".rntxt") or (wanted and rel.split("/", 1)[0] not in wanted):
+            continue  # roman-numeral analyses are not scores
+        jobs.setdefault(midi_path(out, "piano", rel), (str(p), rel, out))
+    return sorted(jobs.values(), key=lambda job: job[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
@@ -193,13 +209,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from music21 import corpus
 
-    wanted = set(filter(None, args.composers.split(",")))
-    jobs = []
-    for p in sorted(corpus.getPaths()):
-        rel = str(p).split("/corpus/", 1)[1]
-        if rel.endswith(".rntxt") or (wanted and rel.split("/", 1)[0] not in wanted):
-            continue  # roman-numeral analyses are not scores
-        jobs.append((str(p), rel, str(args.out)))
+    jobs = corpus_jobs(corpus.getPaths(), str(args.out), set(filter(None, args.composers.split(","))))
     skipped_log = args.out / "not_exported.jsonl"
     skipped = {}
     if skipped_log.exists():
