@@ -119,4 +119,30 @@ def test_pack_command_ends_with_the_hours_and_the_sizes(music_dataset, tmp_path,
     table = out.split("stratum", 1)[1]  # the table on stdout, the messages on stderr
     assert "train" in table and "test" in table
     parts = json.loads((tmp_path / "pack" / "pack.json").read_text())["parts"]
-    assert f"{len(parts)} parts, {sum(p['bytes'] for p in parts) / 2**20:.1f} MiB" in err.split(parts[-1]["file"])[-1]
+    summary = f"{len(parts)}parts,{sum(p['bytes'] for p in parts) / 2**20:.1f}MiB"
+    flat = "".join(err.split())  # as rich wrapped it or not
+    assert flat.rindex(summary) > flat.rindex(parts[-1]["file"])  # after the last part's line
+
+
+def test_the_first_parts_of_a_pack_are_the_parts_of_a_shorter_one(music_dataset, tmp_path):
+    size = sum((music_dataset / f"{s}.u8").stat().st_size for s in ("train", "val", "test"))
+    whole = pack(music_dataset, tmp_path / "whole", part_mb=size / 5 / 2**20, seed=0)
+    assert len(whole) >= 4
+    for n in range(1, len(whole)):
+        first = pack(music_dataset, tmp_path / f"first{n}", part_mb=size / 5 / 2**20, seed=0, max_parts=n)
+        assert [p.path.read_bytes() for p in first] == [p.path.read_bytes() for p in whole[:n]]
+
+
+def test_a_part_is_kept_only_for_the_offer_it_was_written_from(music_dataset, tmp_path):
+    from s4music.data.format import read_meta
+    from s4music.data.pack import _kept_part, _rows_by_source, _write_part
+
+    meta = read_meta(music_dataset)
+    size = sum((music_dataset / f"{s}.u8").stat().st_size for s in ("train", "val", "test"))
+    limit, offer, path = size // 3, meta["sources"][:6], tmp_path / "part.s4pack"
+    held, _, _ = _write_part(str(music_dataset), meta, offer, _rows_by_source(music_dataset, meta), {}, limit, 0.5,
+                             str(path))
+    assert [src["id"] for src in _kept_part(path, meta, offer, {}, limit)] == held
+    assert _kept_part(path, meta, offer[::-1], {}, limit) is None  # another order
+    assert _kept_part(path, meta, [src for src in offer if src["id"] != held[-1]], {}, limit) is None  # one held, missing
+    assert _kept_part(path, meta, offer, {"seed": 1}, limit) is None  # dealt another way

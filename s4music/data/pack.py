@@ -3,8 +3,10 @@ whose transfers are limited), and back.
 
 `pack` deals whole source files to parts in a seeded order, so every part is a random sample of
 the whole dataset, and writes each part as one complete small dataset (its windows, manifest rows
-and dataset.json) compressed in one pass: a part takes the sources offered to it while the bytes
-compressed so far say the next one fits, so parts come out nearly full and are compressed once.
+and dataset.json) compressed as it is filled: a part takes each source offered to it that the bytes
+compressed so far say still fits, and skips the rest, so parts come out nearly full and are
+compressed once (again, without its last source, in the rare case one compressed worse than its
+margin allowed).
 The compression is lossless: LZMA2 after a delta filter, which brings 8-bit mu-law
 codes of music to about 4.7-5.3 bits a sample (about 35 MB an hour) at about 200x real time a core.
 Its match finder (a 3-byte hash chain, one link deep) is 3x faster than preset 6's for 0.6-0.9%
@@ -92,7 +94,7 @@ def _encode_part(meta: dict, take: list[dict], rows: dict[str, list[dict]], spli
     out = [compressor.compress(_MAGIC)]
     produced, consumed = len(out[0]), 0
     held, manifest, counts = [], [], {s: 0 for s in SPLITS}
-    header = len(json.dumps({"dataset": meta, "dealt": dealt}))  # a bound on its compressed size, as it grows
+    header = len(json.dumps({"dataset": _without_sources(meta), "dealt": dealt}))  # bounds its compressed size, as it grows
     for src in take:
         src_rows = sorted(rows[src["id"]], key=lambda r: r["offset"])
         raw = len(src_rows) * window
@@ -125,9 +127,13 @@ def _read_part(path: str | Path) -> tuple[dict, memoryview]:
         raw = lzma.decompress(Path(path).read_bytes())
     except lzma.LZMAError as e:
         raise PackError(f"{path}: damaged part ({e})") from None
+    if raw[:8] == b"S4MPACK1":
+        raise PackError(f"{path}: packed by an earlier s4music, which put the header first; pack the dataset again")
     if raw[:8] != _MAGIC or len(raw) < 16:
         raise PackError(f"{path}: not an s4music pack part")
     (size,) = struct.unpack("<Q", raw[-8:])
+    if size > len(raw) - 16:
+        raise PackError(f"{path}: its header's length, {size} bytes, is more than the part holds")
     return json.loads(raw[-8 - size : -8]), memoryview(raw)[8 : -8 - size]
 
 
@@ -143,8 +149,8 @@ def _kept_part(path: Path, meta: dict, take: list[dict], dealt: dict, limit: int
     if header.get("dealt") != dealt:
         return None
     sources = header["dataset"].get("sources", [])
-    offered = iter(take)
-    if not sources or _without_sources(header["dataset"]) != _without_sources(meta) or \
+    offered = iter(take)  # a part always holds the first source offered to it, then some of the rest in order
+    if not sources or sources[0] != take[0] or _without_sources(header["dataset"]) != _without_sources(meta) or \
             not all(any(src == other for other in offered) for src in sources):
         return None
     return sources
@@ -177,7 +183,8 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
     only the first `max_parts` (each a random sample of the whole) when given.
 
     Sources are dealt in a seeded order, each part offered a quarter more than the compression ratio so
-    far says fits; what a part cannot hold goes to the parts dealt after it. The first part is
+    far says fits; what a part cannot hold goes to the parts dealt after it, as does a short last
+    offer while other parts may still give sources back. The first part is
     written alone to measure the ratio; then `workers` processes (default: one per core; each holds
     a part's codes, and LZMA2 under 100 MB more) compress parts at once. Any number of workers deals
     the same parts."""
@@ -209,7 +216,7 @@ def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int 
                 raw += pending[0]["windows"] * window
                 take.append(pending.pop(0))
             takes.append(take)
-        if room is None and len(takes) > 1 and raw * ratio < limit:
+        if not pending and len(takes) > 1 and raw * ratio < limit:
             pending[:0] = takes.pop()
         return takes
 
