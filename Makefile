@@ -71,7 +71,7 @@ bench: install
 	$(BIN)/python benchmarks/run.py
 
 # The training corpus (examples/corpus/README.md): hours on a small machine, resumable after a kill;
-# WORK, COMPOSERS, SOUNDFONT, PARTS, PART_MB and WORKERS pass through to examples/corpus/build.sh.
+# WORK, COMPOSERS, SHARD, SOUNDFONT, PARTS, PART_MB and WORKERS pass through to examples/corpus/build.sh.
 corpus: install
 	bash examples/corpus/build.sh
 

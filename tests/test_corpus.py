@@ -166,6 +166,18 @@ def test_a_work_the_corpus_holds_twice_is_exported_once_from_musicxml():
     jobs = _exporter().corpus_jobs([f"/m21/corpus/{rel}" for rel in corpus[::-1]], "/out", {"bach", "trecento"})
     assert [rel for _, rel, _ in jobs] == ["bach/bwv1.6.mxl", "bach/bwv1.krn", "bach/bwv277.mxl", "trecento/k.mxl"]
     assert all(path == f"/m21/corpus/{rel}" and out == "/out" for path, rel, out in jobs)
+    # shards of the export add up to it, each an even share of every folder
+    from s4music.options import Shard
+    shards = [_exporter().corpus_jobs([f"/m21/corpus/{rel}" for rel in corpus], "/out", {"bach", "trecento"}, Shard(i, 2))
+              for i in (1, 2)]
+    assert sorted(shards[0] + shards[1]) == jobs and len(shards[0]) == len(shards[1]) == 2
+
+
+def test_export_shard_spec_errors_are_one_line():
+    script = Path(__file__).resolve().parents[1] / "examples" / "corpus" / "export_music21.py"
+    for spec in ("3/2", "0/0"):
+        done = subprocess.run([sys.executable, str(script), "/nonexistent", "--shard", spec], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.startswith(f"--shard {spec!r}: ") and done.stderr.count("\n") == 1
 
 
 def test_a_book_becomes_a_folder_of_tunes_and_repeats_music21_cannot_unfold_play_once(tmp_path):

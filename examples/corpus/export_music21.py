@@ -1,6 +1,6 @@
 """Export every score of the music21 corpus that plays for at least 20 s to MIDI, twice.
 
-    python examples/corpus/export_music21.py OUT [--composers bach,mozart] [--workers 2]
+    python examples/corpus/export_music21.py OUT [--composers bach,mozart] [--workers 2] [--shard 1/20]
 
 OUT/piano/COMPOSER/...mid      the score as it is (render-midi --program piano plays it on a piano)
 OUT/ensemble/COMPOSER/...mid   each part on a General MIDI program of a small ensemble: strings for
@@ -33,6 +33,7 @@ from pathlib import Path
 
 from s4music.data.progress import time_left
 from s4music.files import AtomicFile, atomic_path
+from s4music.options import OptionError, Shard, parse_shard
 
 MIN_SECONDS = 20.0
 ENCODINGS = (".mxl", ".musicxml", ".xml")  # of a work the corpus holds twice, the one exported: MusicXML first
@@ -186,10 +187,11 @@ class TimeLeft:
         return sum(n * per_byte.get(f, overall) for f, n in self.bytes_left.items()) / self.workers
 
 
-def corpus_jobs(paths: list[Path], out: str, wanted: set[str]) -> list[tuple[str, str, str]]:
+def corpus_jobs(paths: list[Path], out: str, wanted: set[str], shard: Shard | None = None) -> list[tuple[str, str, str]]:
     """(path, its corpus path, out) for each score of the `wanted` folders (all if empty), in order
-    of corpus path. A work the corpus holds twice (bach/bwv277.krn and .mxl) would write one MIDI
-    from whichever finished last: it is exported once, from the first of ENCODINGS it is in."""
+    of corpus path; with `shard`, only those at its positions. A work the corpus holds twice
+    (bach/bwv277.krn and .mxl) would write one MIDI from whichever finished last: it is exported
+    once, from the first of ENCODINGS it is in."""
     jobs = {}
     rank = {suffix: i for i, suffix in enumerate(ENCODINGS)}
     for p in sorted(map(Path, paths), key=lambda p: (rank.get(p.suffix, len(ENCODINGS)), str(p))):
@@ -197,7 +199,8 @@ def corpus_jobs(paths: list[Path], out: str, wanted: set[str]) -> list[tuple[str
         if rel.endswith(".rntxt") or (wanted and rel.split("/", 1)[0] not in wanted):
             continue  # roman-numeral analyses are not scores
         jobs.setdefault(midi_path(out, "piano", rel), (str(p), rel, out))
-    return sorted(jobs.values(), key=lambda job: job[1])
+    ordered = sorted(jobs.values(), key=lambda job: job[1])
+    return [job for position, job in enumerate(ordered) if shard is None or shard.owns(position)]
 
 
 def main() -> None:
@@ -205,11 +208,17 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--composers", default="", help="Comma-separated corpus folders (default: all).")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--shard", help="i/n: only every n-th score from the i-th, in corpus order (a quick sample "
+                                        "of the whole; shards add up to it)")
     args = parser.parse_args()
+    try:
+        shard = parse_shard(args.shard) if args.shard else None
+    except OptionError as e:
+        parser.exit(2, f"{e}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from music21 import corpus
 
-    jobs = corpus_jobs(corpus.getPaths(), str(args.out), set(filter(None, args.composers.split(","))))
+    jobs = corpus_jobs(corpus.getPaths(), str(args.out), set(filter(None, args.composers.split(","))), shard)
     skipped_log = args.out / "not_exported.jsonl"
     skipped = {}
     if skipped_log.exists():
