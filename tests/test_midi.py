@@ -1,6 +1,7 @@
 """`render-midi` on real MIDI (music21 corpus) with FluidSynth and a real General MIDI soundfont."""
 
 import json
+import os
 import shutil
 
 import mido
@@ -109,6 +110,33 @@ def test_two_files_that_would_render_to_one_wav_the_second_is_reported(midi_corp
     assert [s.name for s, _, _ in report.rendered] == ["tune.mid"]
     assert report.failed == [(src / "tune.midi", f"{src / 'tune.midi'}: renders to {tmp_path / 'out' / 'tune.wav'}, "
                                                  f"as {src / 'tune.mid'} does")]
+    # one file listed twice renders once
+    twice = render_midi([src / "tune.mid", src / "tune.mid"], tmp_path / "twice", RenderOptions(max_seconds=3, workers=2))
+    assert len(twice.rendered) == 1 and [reason.split(": ", 1)[1] for _, reason in twice.failed] == [
+        f"renders to {tmp_path / 'twice' / 'tune.wav'}, as {src / 'tune.mid'} does"]
+
+
+def test_a_full_disk_stops_the_batch_and_another_os_error_is_reported(midi_corpus, tmp_path, monkeypatch):
+    import errno
+
+    from s4music.data import midi
+
+    src = tmp_path / "midi"
+    src.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(midi_corpus["chorale"], src / f"{name}.mid")
+
+    def failing(code):
+        def write(path, *args, **kwargs):
+            raise OSError(code, os.strerror(code), str(path))
+        return write
+
+    monkeypatch.setattr(midi, "write_audio", failing(errno.EACCES))
+    report = render_midi([src], tmp_path / "out", RenderOptions(max_seconds=3))
+    assert [s.name for s, _ in report.failed] == ["a.mid", "b.mid"] and "Permission denied" in report.failed[0][1]
+    monkeypatch.setattr(midi, "write_audio", failing(errno.ENOSPC))
+    with pytest.raises(RenderError, match=f"^{tmp_path / 'out'}: no space left for the renders"):
+        render_midi([src], tmp_path / "out", RenderOptions(max_seconds=3))
 
 
 def test_unknown_instrument_is_a_clear_error(tmp_path):

@@ -6,8 +6,10 @@ chosen instruments (General MIDI programs or families; drums are channel 10) and
 it with a General MIDI soundfont (a file, or an installed one by name: musescore, fluidr3, timgm6mb;
 an SF3 is loaded as the SF2 decoded from it once, `s4music.data.soundfont`); leading and trailing
 silence is trimmed and the result is written as mono WAV at the toolkit's rate. Output paths mirror
-the sources, so a re-run skips what is done. A file that cannot be read, or that FluidSynth fails or
-hangs on (a time limit per file), is reported and never stops the batch.
+the sources, so a re-run skips what is done; of files that would write one output (a.mid beside
+a.midi, or a file listed twice), the first listed renders and the rest are reported. A file that
+cannot be read, or that FluidSynth fails or hangs on (a time limit per file), is reported and never
+stops the batch; a full disk stops it.
 
 A `shard` ("i/n", see `s4music.options.Shard`) renders only the files at sorted positions i-1,
 i-1+n, ...: n processes (a cluster's array job) share one collection and one output directory with
@@ -22,6 +24,7 @@ The same seed gives the same bytes, and each output's sidecar (`name.json`) reco
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -338,18 +341,19 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
     out_dir.mkdir(parents=True, exist_ok=True)
     report = RenderReport()
     todo = []
-    found = find_midi(sources)
-    claimed: dict[Path, Path] = {}  # output -> the first file that renders to it (a.mid beside a.midi)
-    for src, rel in found:
-        claimed.setdefault(out_dir / rel.with_suffix(".wav"), src)
+    found = list(enumerate(find_midi(sources)))
+    claimed: dict[Path, tuple[int, Path]] = {}  # output -> the first file listed that renders to it (a.mid, a.midi)
+    for position, (src, rel) in found:
+        claimed.setdefault(out_dir / rel.with_suffix(".wav"), (position, src))
     if shard is not None:
-        found = [item for position, item in enumerate(found) if shard.owns(position)]
+        found = [(position, item) for position, item in found if shard.owns(position)]
     progress = FileCounter(on_file, len(found))
 
-    for src, rel in found:
+    for position, (src, rel) in found:
         out = out_dir / rel.with_suffix(".wav")
-        if claimed[out] != src:
-            report.failed.append((src, f"{src}: renders to {out}, as {claimed[out]} does"))
+        first, first_src = claimed[out]
+        if first != position:
+            report.failed.append((src, f"{src}: renders to {out}, as {first_src} does"))
             progress(src, "failed")
         elif out.exists():
             report.already.append(src)
@@ -367,7 +371,9 @@ def render_midi(sources: list[str | Path], out_dir: str | Path, options: RenderO
             seconds = render_file(src, out, options, pairs, programs, keep_drums, rel)
         except S4MusicError as e:
             return src, out, None, str(e)
-        except OSError as e:  # a full disk, or another run writing the same folder
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # every file after it would fail too: stop
+                raise RenderError(f"{out.parent}: no space left for the renders ({first_line(e)})") from None
             return src, out, None, f"{src}: {first_line(e)}"
         return src, out, seconds, None
 
