@@ -5,7 +5,7 @@
 #   bash examples/corpus/build.sh                 # WORK=/tmp/corpus, all of it
 #   COMPOSERS=bach,palestrina bash examples/corpus/build.sh   # a part of the music21 corpus
 #   PARTS=20 bash examples/corpus/build.sh        # pack only 20 parts, each a random sample of all
-#   SHARD=1/20 bash examples/corpus/build.sh      # every 20th score (and every recording): minutes, not hours
+#   SHARD=1/20 WORK=/tmp/corpus-1 bash examples/corpus/build.sh  # every 20th score, every recording: minutes
 #
 # First the soundfonts' and the recordings' Debian packages, then: 1. every music21 score of 20 s or
 # more, as MIDI for a piano and for a small ensemble; 2. the real recordings; 3. the split by work
@@ -18,7 +18,7 @@ WORK=${WORK:-/tmp/corpus}
 SOUNDFONT=${SOUNDFONT:-musescore,fluidr3}  # one drawn per file (this order made the renders so far)
 PART_MB=${PART_MB:-27}  # a GPU lease's call carries 64 MiB with the working tree (34 MiB with models/wip)
 PARTS=${PARTS:-}  # empty: every part (about 500 for the whole corpus; examples/corpus/README.md)
-SHARD=${SHARD:-}  # i/n: export only every n-th score from the i-th; later shards add to the same WORK
+SHARD=${SHARD:-}  # i/n: export only every n-th score from the i-th (a WORK of its own for each shard)
 WORKERS=${WORKERS:-$(nproc)}
 S4=.venv/bin/s4music
 PY=.venv/bin/python

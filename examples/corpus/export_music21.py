@@ -208,8 +208,8 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--composers", default="", help="Comma-separated corpus folders (default: all).")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--shard", help="i/n: only every n-th score from the i-th, in corpus order (a quick sample "
-                                        "of the whole; shards add up to it)")
+    parser.add_argument("--shard", help="i/n: only every n-th score from the i-th, in corpus order (within the "
+                                        "--composers folders): a quick sample of the whole; the shards add up to it")
     args = parser.parse_args()
     try:
         shard = parse_shard(args.shard) if args.shard else None
