@@ -1,13 +1,14 @@
 """Grow the model on a GPU lease: one prepared entry for a fresh GPU machine that has torch and
 nothing of ours (run from the repository root, which travels to it).
 
-    python examples/gpu_lease.py unpack .lease/pack            # parts carried by this call, kept in /tmp
+    python examples/gpu_lease.py unpack .lease/pack            # parts carried by this call, into the data folder
     python examples/gpu_lease.py run --out $OUT --minutes 8     # (compare,) train, write the weights
     python examples/gpu_lease.py join LEASE_FILES models/wip --half   # here, afterwards: the checkpoint
 
 A lease carries at most 64 MiB a call, the working tree included, so the corpus travels as packed
-parts (`s4music pack`), one a call; `unpack` decompresses what a call carried into the data
-folder, which stays while the machine is warm. `run` then:
+parts (`s4music pack`), one a call, each in a folder beside a copy of its pack.json; `unpack`
+decompresses what a call carried into the data folder (/tmp/s4music-lease/data, or
+$S4MUSIC_LEASE_DATA), which stays while the machine is warm. `run` then:
   1. unpacks the parts given with --pack, if any (with none at all, it stops: train on data);
   2. compares today's training step with the fast ones, by FFT and by chunked convolutions
      (benchmarks/bench_gpu.py --only fast), and chooses the faster convolution; but only if
@@ -51,8 +52,13 @@ def unpack_parts(pack: Path) -> list[Path]:
     """The parts this call carried (those present beside the index), into the data folder."""
     from s4music.data.pack import unpack
 
+    from s4music.data.pack import PackError
+
+    carried = sorted(p.stem for p in pack.glob("part-*.s4pack"))
+    if not carried:
+        raise PackError(f"{pack}: no part-*.s4pack here (a call carries its parts beside their pack.json)")
     started = time.perf_counter()
-    done = unpack(pack, DATA, only=sorted(p.stem for p in pack.glob("part-*.s4pack")))
+    done = unpack(pack, DATA, only=carried)
     log(f"unpacked {len(done)} parts from {pack} in {time.perf_counter() - started:.1f} s: {[p.name for p in done]}")
     return done
 
@@ -237,7 +243,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("unpack", help="decompress carried parts into the data folder")
-    p.add_argument("pack", type=Path)
+    p.add_argument("pack", type=Path, help="the folder this call carried: pack.json and one or more of its parts")
     p = sub.add_parser("run", help="compare (once per GPU model), train, write the weights")
     p.add_argument("--out", required=True)
     p.add_argument("--minutes", type=float, required=True, help="wall time for all of it")
@@ -260,12 +266,17 @@ def main() -> None:
     p.add_argument("dest", type=Path)
     p.add_argument("--half", action="store_true", help="float16 but for the S4 parameters: half the size")
     args = parser.parse_args()
-    if args.verb == "unpack":
-        unpack_parts(args.pack)
-    elif args.verb == "join":
-        join(args.files, args.dest, args.half)
-    else:
-        run(args)
+    from s4music.errors import S4MusicError, first_line
+
+    try:
+        if args.verb == "unpack":
+            unpack_parts(args.pack)
+        elif args.verb == "join":
+            join(args.files, args.dest, args.half)
+        else:
+            run(args)
+    except S4MusicError as e:  # a missing or damaged part, say: one line, not a traceback
+        parser.exit(1, f"error: {first_line(e)}\n")
 
 
 if __name__ == "__main__":

@@ -77,3 +77,33 @@ def test_a_comparison_that_did_not_run_records_no_choice(lease, tmp_path):
     assert lease.compare("no GPU", tmp_path, [], 30.0) is None
     report = (tmp_path / "bench_fast.md").read_text()
     assert "No CUDA device" in report and "fast-train" not in report
+
+
+def test_what_a_call_carried_is_unpacked_and_a_bad_carry_is_one_line(music_dataset, tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    from s4music.data.pack import pack
+
+    size = sum((music_dataset / f"{s}.u8").stat().st_size for s in ("train", "val", "test"))
+    parts = pack(music_dataset, tmp_path / "pack", part_mb=size / 3 / 2**20)
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    shutil.copy(tmp_path / "pack" / "pack.json", carried)
+    env = {**os.environ, "S4MUSIC_LEASE_DATA": str(tmp_path / "data")}
+
+    def unpack_carried():
+        return subprocess.run([sys.executable, str(ROOT / "examples" / "gpu_lease.py"), "unpack", str(carried)],
+                              capture_output=True, text=True, env=env)
+
+    nothing = unpack_carried()
+    assert nothing.returncode == 1 and nothing.stderr == f"error: {carried}: no part-*.s4pack here (a call carries " \
+                                                          "its parts beside their pack.json)\n"
+    shutil.copy(parts[1].path, carried)
+    assert unpack_carried().returncode == 0 and [p.name for p in (tmp_path / "data").iterdir()] == [parts[1].name]
+    damaged = bytearray(parts[1].path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    (carried / parts[1].path.name).write_bytes(bytes(damaged))
+    bad = unpack_carried()
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "checksum mismatch" in bad.stderr
