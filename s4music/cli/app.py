@@ -369,7 +369,8 @@ def prepare(
 def pack_command(
     dataset: Path = typer.Argument(..., help="A prepared dataset (built by `s4music prepare`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the parts and their index, pack.json."),
-    part_mb: float = typer.Option(30.0, help="Largest part, in MiB (a GPU machine's transfer limit, say)."),
+    part_mb: float = typer.Option(27.0, help="Largest part, in MiB (27: one fits a GPU lease's 64 MiB call beside "
+                                             "this repository's tree)."),
     seed: int = typer.Option(0, help="Seed of the order sources are dealt to parts in."),
     max_parts: int = typer.Option(None, help="Write only the first N parts (each a random sample of the dataset)."),
     workers: int = typer.Option(None, help="Parts compressed at once (default: one per core; each holds a part "
@@ -406,12 +407,12 @@ def unpack_command(
     workers: int = typer.Option(None, help="Parts decompressed at once (default: every core)."),
     part: list[str] = typer.Option(None, "--part", help="Only this part (part-003, say); repeatable."),
 ):
-    """Rebuild the datasets of a pack, checksums first; train on them with --data OUT/part-*."""
+    """Rebuild the datasets of a pack, checksums first; train on them with --data OUT/part-000 --data OUT/part-001 ..."""
     from s4music.data.pack import unpack
 
     done = unpack(index, out, workers=workers, only=part or None,
                   on_part=lambda p: console.print(f"unpacked {p}", highlight=False))
-    console.print(f"{len(done)} datasets under {out}", highlight=False)
+    console.print(f"{len(done)} dataset{'' if len(done) == 1 else 's'} under {out}", highlight=False)
 
 
 @command(name="fetch-dataset", exits=("1 error, or every file failed",))

@@ -21,7 +21,7 @@ once every source is dealt, part files an earlier pack wrote past the new count 
 `unpack` checks every part it is given against its checksum first, then decompresses the parts in
 parallel (a process per core) into OUT/NAME/, each written to a temporary folder and renamed into
 place: a missing or damaged part is a one-line error that names it, and nothing half-written is
-left. Training reads the unpacked parts as a mixture (`--data OUT/part-000 OUT/part-001 ...`).
+left. Training reads the unpacked parts as a mixture (`--data OUT/part-000 --data OUT/part-001 ...`).
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _write_part(root: str, meta: dict, take: list[dict], rows: dict[str, list[di
     return [src["id"] for src in held], len(blob), False
 
 
-def pack(dataset: str | Path, out: str | Path, part_mb: float = 30.0, seed: int = 0, max_parts: int | None = None,
+def pack(dataset: str | Path, out: str | Path, part_mb: float = 27.0, seed: int = 0, max_parts: int | None = None,
          workers: int | None = None, on_part: Callable[[PackedPart], None] | None = None) -> list[PackedPart]:
     """Write `dataset` as parts of at most `part_mb` MiB each under `out`, with `out`/pack.json;
     only the first `max_parts` (each a random sample of the whole) when given.
@@ -309,7 +309,8 @@ def unpack(index: str | Path, out: str | Path, workers: int | None = None, only:
     jobs = []
     unknown = sorted(set(only or []) - {p["name"] for p in data["parts"]})
     if unknown:
-        raise PackError(f"{index}: lists no part {unknown[0]}")
+        names = [p["name"] for p in data["parts"]]
+        raise PackError(f"{index}: lists no part {unknown[0]} (its parts are {names[0]} to {names[-1]})")
     for part in data["parts"]:
         if only is not None and part["name"] not in only:
             continue
