@@ -50,9 +50,7 @@ def log(msg: str) -> None:
 
 def unpack_parts(pack: Path) -> list[Path]:
     """The parts this call carried (those present beside the index), into the data folder."""
-    from s4music.data.pack import unpack
-
-    from s4music.data.pack import PackError
+    from s4music.data.pack import PackError, unpack
 
     carried = sorted(p.stem for p in pack.glob("part-*.s4pack"))
     if not carried:

@@ -188,12 +188,17 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
         return removed
     for entry in directory.iterdir():
         if entry.name.startswith(".") and (".tmp" in entry.name or ".old-" in entry.name):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry)
+            removed.append(_remove(entry))
     return removed
+
+
+def _remove(entry: Path) -> Path:
+    """Remove a file, a link or a directory tree; returns it."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+    return entry
 
 
 @contextlib.contextmanager
@@ -215,11 +220,7 @@ def remove_stale_temporaries_of(path: str | Path) -> list[Path]:
     removed = []
     for entry in path.parent.glob(f".{glob.escape(path.stem)}.*") if path.parent.is_dir() else []:
         if own.fullmatch(entry.name):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry)
+            removed.append(_remove(entry))
     return removed
 
 
