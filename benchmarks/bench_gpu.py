@@ -5,7 +5,8 @@ Ratios are against baselines measured in the same run:
   - training: the same step with the PyTorch Cauchy path (DPLR), and in float32 (bf16 rows);
   - the fast training step: today's step (the bundled model's architecture, S4D, bf16 autocast),
     both trained from the same seed on the same windows (S4MUSIC_BENCH_DATA: prepared datasets,
-    comma-separated; random codes without), with the loss after each block of steps;
+    comma-separated; random codes without), with the loss after each block of steps, and the fast
+    step from a second seed: the noise its difference from today's is judged against;
   - generation: the plain step at batch 1.
 Each configuration runs in a fresh subprocess so its peak GPU memory is its own. Without a GPU
 this prints one line saying so.
@@ -105,8 +106,9 @@ def train_step(length: int, batch: int, mode: str, precision: str, steps: int) -
 
 
 def train_curve(length: int, batch: int, steps: int, fast: bool, max_seconds: float, profile: int = 0,
-                conv_chunk: int = 0, device: str = "cuda") -> dict:
-    """Train the bundled model's architecture from scratch (seed 0, bf16 autocast) for `steps` steps,
+                conv_chunk: int = 0, device: str = "cuda", seed: int = 0) -> dict:
+    """Train the bundled model's architecture from scratch (initialised from `seed`, bf16 autocast;
+    the windows and their order are the same for every seed) for `steps` steps,
     or for `max_seconds` after the first (compiling) one: today's step or the fast one
     (SaShiMi.fast_training, with `conv_chunk`), on the windows of S4MUSIC_BENCH_DATA (random codes
     without). Returns the loss of every step, the step time and the peak memory. Then `profile` more
@@ -120,7 +122,7 @@ def train_curve(length: int, batch: int, steps: int, fast: bool, max_seconds: fl
 
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = SaShiMi(SaShiMiConfig(s4=S4Config(mode="diag"))).to(device).train()
     if fast:
         model.fast_training(conv_chunk=conv_chunk)
@@ -280,20 +282,46 @@ def train_table(quick: bool) -> None:
     print()
 
 
+# The noise reference: the fast step again from another initialisation, on the same windows. Two
+# runs of one function part by this much; a fast step that is today's function parts from it by no more.
+NOISE_LEG = "fast, init seed 1"
+
+
 def fast_legs() -> list[tuple[str, dict]]:
-    """The fast-step comparison's legs: today's step, the fast one, and the fast one with chunked
+    """The fast-step comparison's legs: today's step, the fast one, the fast one with chunked
     convolutions (S4MUSIC_BENCH_CHUNK samples a chunk, kernels.CONV_CHUNK by default; 0 leaves that
-    leg out)."""
+    leg out), and the noise reference (NOISE_LEG)."""
     from s4music.model.kernels import CONV_CHUNK
 
     chunk = int(os.environ.get("S4MUSIC_BENCH_CHUNK", CONV_CHUNK))
     legs = [("today's", {"fast": False}), ("fast", {"fast": True})]
-    return legs + ([(f"fast, chunked {chunk}", {"fast": True, "conv_chunk": chunk})] if chunk else [])
+    legs += [(f"fast, chunked {chunk}", {"fast": True, "conv_chunk": chunk})] if chunk else []
+    return legs + [(NOISE_LEG, {"fast": True, "seed": 1})]
+
+
+def loss_blocks(runs: dict) -> dict | None:
+    """The loss curves side by side: mean bits/sample over 6 blocks of the steps every leg ran; the
+    noise, the mean absolute difference of NOISE_LEG's blocks from the fast step's; and each fast
+    leg's mean difference from today's, within noise when no larger than that. None without today's
+    and the fast step."""
+    done = {name: r for name, r in runs.items() if "error" not in r}
+    if "today's" not in done or "fast" not in done:
+        return None
+    n = min(len(r["losses"]) for r in done.values())
+    block = max(1, n // 6)
+    starts = range(0, n - block + 1, block)
+    means = {name: [statistics.mean(r["losses"][i : i + block]) for i in starts] for name, r in done.items()}
+    noise = (statistics.mean(abs(a - b) for a, b in zip(means[NOISE_LEG], means["fast"], strict=True))
+             if NOISE_LEG in means else None)
+    differences = {name: statistics.mean(a - b for a, b in zip(m, means["today's"], strict=True))
+                   for name, m in means.items() if name not in ("today's", NOISE_LEG)}
+    return {"block": block, "starts": list(starts), "means": means, "noise": noise, "differences": differences,
+            "within_noise": {name: noise is not None and abs(d) <= noise for name, d in differences.items()}}
 
 
 def fast_table(quick: bool) -> None:
-    """Today's training step against the fast ones: speed, memory, the loss curve from one seed, and
-    where each spends its GPU time."""
+    """Today's training step against the fast ones: speed, memory, the loss curves from one
+    initialisation beside the noise between two, and where each spends its GPU time."""
     length, batch = (16384, 2) if quick else (65536, 8)
     steps = int(os.environ.get("S4MUSIC_BENCH_STEPS", 20 if quick else 300))
     cap = float(os.environ.get("S4MUSIC_BENCH_SECONDS", 150))
@@ -301,7 +329,8 @@ def fast_table(quick: bool) -> None:
     print(f"### The fast training step against today's (bundled architecture, S4D, bf16 autocast; batch {batch} x "
           f"{length} samples; {steps} steps from seed 0, or {cap:g} s, on {data})\n")
     legs = dict(fast_legs())
-    runs = {name: _child("curve", length=length, batch=batch, steps=steps, max_seconds=cap, profile=3, **leg)
+    runs = {name: _child("curve", length=length, batch=batch, steps=steps, max_seconds=cap,
+                         profile=0 if name == NOISE_LEG else 3, **leg)
             for name, leg in legs.items()}
     today = runs["today's"]
     print("| step | s/step (median) | audio s per s | first step s (compiles) | peak GB | vs today |")
@@ -313,24 +342,28 @@ def fast_table(quick: bool) -> None:
         ratio = "" if "error" in today else f"{today['seconds'] / r['seconds']:.2f}x"
         print(f"| {name} | {r['seconds']:.4f} | {batch * length / SAMPLE_RATE / r['seconds']:.0f} | {r['first_s']:.1f} "
               f"| {r['peak_gb']:.1f} | {ratio} |")
-    done = {name: r for name, r in runs.items() if "error" not in r}
-    if "today's" in done and len(done) > 1:
-        n = min(len(r["losses"]) for r in done.values())
-        block = max(1, n // 6)
-        others = [name for name in done if name != "today's"]
-        print(f"\nMean training loss (bits/sample) over blocks of {block} steps, the same windows in the same order, "
-              "and each fast step's difference from today's:\n")
+    blocks = loss_blocks(runs)
+    if blocks:
+        block, means = blocks["block"], blocks["means"]
+        others = [name for name in means if name != "today's"]
+        print(f"\nMean training loss (bits/sample) over blocks of {block} steps, the same windows in the same order; "
+              f"each fast step's difference from today's, and {NOISE_LEG}'s from the fast step's:\n")
         print("| steps | today's | " + " | ".join(others) + " |")
         print("|---|---|" + "---|" * len(others))
-        for start in range(0, n - block + 1, block):
-            mean = {name: statistics.mean(r["losses"][start : start + block]) for name, r in done.items()}
-            base = mean["today's"]
-            cells = [f"{mean[name]:.4f} ({mean[name] - base:+.4f})" for name in others]
-            print(f"| {start + 1}-{start + block} | {base:.4f} | " + " | ".join(cells) + " |")
+        today_means = means["today's"]
+        against = {name: means["fast"] if name == NOISE_LEG else today_means for name in others}
+        for k, start in enumerate(blocks["starts"]):
+            cells = [f"{means[name][k]:.4f} ({means[name][k] - against[name][k]:+.4f})" for name in others]
+            print(f"| {start + 1}-{start + block} | {today_means[k]:.4f} | " + " | ".join(cells) + " |")
+        noise = blocks["noise"]
+        said = "no noise reference ran" if noise is None else f"noise {noise:.4f} (mean absolute block difference)"
+        print(f"\nMean difference from today's over these blocks, against the {said}: " + "; ".join(
+            f"{name} {d:+.4f} ({'within' if blocks['within_noise'][name] else 'outside'})"
+            for name, d in blocks["differences"].items()) + ".")
     if os.environ.get("S4MUSIC_BENCH_JSON"):
         with open(os.environ["S4MUSIC_BENCH_JSON"], "w") as f:
-            json.dump({"runs": runs, "legs": legs, "batch": batch, "length": length}, f)
-    for name, r in done.items():
+            json.dump({"runs": runs, "legs": legs, "batch": batch, "length": length, "blocks": blocks}, f)
+    for name, r in runs.items():
         if r.get("profile"):
             print(f"\nProfile of the {name} step (3 forward + backward passes after its timed steps, torch.profiler, "
                   "by CUDA time):\n")

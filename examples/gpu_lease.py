@@ -10,8 +10,9 @@ parts (`s4music pack`), one a call, each in a folder beside a copy of its pack.j
 decompresses what a call carried into the data folder (/tmp/s4music-lease/data, or
 $S4MUSIC_LEASE_DATA), which stays while the machine is warm. `run` then:
   1. unpacks the parts given with --pack, if any (with none at all, it stops: train on data);
-  2. compares today's training step with the fast ones, by FFT and by chunked convolutions
-     (benchmarks/bench_gpu.py --only fast), and chooses the faster convolution; but only if
+  2. compares today's training step with the fast ones, by FFT and by chunked convolutions, over
+     300 steps beside the noise between two initialisations of the fast step (benchmarks/bench_gpu.py
+     --only fast), and chooses the faster convolution; but only if
      benchmarks/RESULTS.md records no such comparison, and its choice, for this GPU model;
   3. fine-tunes the best model so far (models/wip if it exists, else the bundled model) for the
      minutes left: a warm restart with a fresh optimizer, a short warm-up and a cosine decay planned
@@ -248,7 +249,9 @@ def main() -> None:
     p.add_argument("--pack", help="parts carried by this call, unpacked first")
     p.add_argument("--init", help="checkpoint to continue (default: models/wip, else the bundled model)")
     p.add_argument("--run-dir", default="/tmp/s4music-lease/run")
-    p.add_argument("--compare-seconds", type=float, default=30.0, help="cap on each leg of the comparison (0: none)")
+    p.add_argument("--compare-seconds", type=float, default=120.0,
+                   help="cap on each leg of the comparison after its first step: 120 s lets today's step run the "
+                        "300 steps the loss curves are compared over (0: no comparison)")
     p.add_argument("--conv-chunk", type=int, help="the fast step's convolution (0: FFT; default: the comparison's choice)")
     p.add_argument("--margin", type=float, default=0.6, help="minutes kept for writing the results")
     p.add_argument("--seq-len", type=int, default=65536, help="the comparison's, so its compiled kernels are reused")

@@ -61,6 +61,35 @@ def test_the_choice_reads_what_the_benchmark_writes(bench, lease, tmp_path, monk
     assert lease.choose_conv_chunk(json.loads((tmp_path / "bench_fast.json").read_text())) == 256
 
 
+def test_a_fast_step_is_within_noise_only_where_it_parts_from_today_s_by_no_more_than_two_seeds_do(bench):
+    """The loss curves are judged by block: the noise is how far the fast step from a second seed runs
+    from the first; a leg whose mean difference from today's is larger is outside it."""
+    wobble = [0.03 * (-1) ** i for i in range(len(LOSSES))]
+    runs = {"today's": {"losses": LOSSES}, "fast": {"losses": [x + 0.01 for x in LOSSES]},
+            "fast, chunked 256": {"losses": [x + 0.2 for x in LOSSES]},
+            bench.NOISE_LEG: {"losses": [x + 0.01 + 0.05 for x in LOSSES]}}
+    blocks = bench.loss_blocks(runs)
+    assert blocks["block"] == 2 and len(blocks["means"]["today's"]) == 6
+    assert blocks["noise"] == pytest.approx(0.05)
+    assert blocks["differences"]["fast"] == pytest.approx(0.01)
+    assert blocks["within_noise"] == {"fast": True, "fast, chunked 256": False}
+    runs[bench.NOISE_LEG] = {"losses": [x + w for x, w in zip(runs["fast"]["losses"], wobble, strict=True)]}
+    assert bench.loss_blocks(runs)["noise"] < 1e-9  # within a block, the wobble averages out
+    del runs[bench.NOISE_LEG]
+    assert bench.loss_blocks(runs)["noise"] is None
+    assert not any(bench.loss_blocks(runs)["within_noise"].values())  # no reference: nothing is within it
+    runs["fast"] = {"error": "the compiler failed"}
+    assert bench.loss_blocks(runs) is None
+
+
+def test_the_benchmark_s_seed_changes_the_start_and_the_same_seed_repeats(bench):
+    """The noise leg starts from another initialisation (its windows come from their own seed)."""
+    curve = dict(length=256, batch=1, steps=2, fast=False, max_seconds=60.0, device="cpu")
+    first, again, other = (bench.train_curve(**curve, seed=s)["losses"] for s in (0, 0, 1))
+    assert first == again
+    assert first[0] != other[0]
+
+
 def test_a_recorded_choice_is_found_and_the_first_lease_marker_is_not_one(lease, tmp_path, monkeypatch):
     results = tmp_path / "benchmarks" / "RESULTS.md"
     results.parent.mkdir()
