@@ -319,8 +319,9 @@ def loss_blocks(runs: dict) -> dict | None:
 
     noise = statistics.mean(map(abs, gaps(NOISE_LEG, "fast"))) if NOISE_LEG in means else None
     legs = [name for name in means if name not in ("today's", NOISE_LEG)]
-    differences = {name: statistics.mean(gaps(name, "today's")) for name in legs}
-    apart = {name: statistics.mean(map(abs, gaps(name, "today's"))) for name in legs}
+    from_today = {name: gaps(name, "today's") for name in legs}
+    differences = {name: statistics.mean(g) for name, g in from_today.items()}
+    apart = {name: statistics.mean(map(abs, g)) for name, g in from_today.items()}
     return {"block": block, "starts": list(starts), "means": means, "noise": noise, "differences": differences,
             "apart": apart, "within_noise": {name: None if noise is None else apart[name] <= noise for name in legs}}
 

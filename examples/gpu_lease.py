@@ -126,9 +126,11 @@ def compare(gpu: str, out: Path, data: list[Path], seconds: float) -> int | None
                           capture_output=True, text=True, env=env)
     figures = json.loads(figures_path.read_text()) if figures_path.exists() else None
     chunk = None if figures is None else choose_conv_chunk(figures)
-    if chunk is not None:
+    if chunk is not None:  # atomically: a call cut off mid-write leaves no half file for the next one
+        from s4music.files import write_json
+
         COMPARED.parent.mkdir(parents=True, exist_ok=True)
-        COMPARED.write_text(json.dumps({"gpu": gpu, "conv_chunk": chunk}))
+        write_json(COMPARED, {"gpu": gpu, "conv_chunk": chunk})
     text = ("" if chunk is None else MARKER.format(gpu=gpu, chunk=chunk) + "\n") + proc.stdout
     (out / "bench_fast.md").write_text(text + (f"\nstderr:\n{proc.stderr[-3000:]}" if proc.returncode else ""))
     print(proc.stdout[-6000:], flush=True)
