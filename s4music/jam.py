@@ -238,7 +238,8 @@ class Jam:
 
     def _end_answer(self, why: str, end: int) -> None:
         info = self.answer_info
-        self.state, self.code = self.answer.state, self.answer.code.cpu()  # it heard its own answer
+        state, code = self.answer.variations()  # it heard its own answer (not guidance's free row)
+        self.state, self.code = state, code.cpu()
         self.answer = None
         bits = -info["logprob"] / max(1, info["samples"]) / math.log(2)
         turn = Turn(info["index"], info["seed"], info["silence"] / self.sr, info["start"] / self.sr, end / self.sr,

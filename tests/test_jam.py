@@ -150,6 +150,24 @@ def test_an_answer_is_guided_by_what_the_player_just_played(tiny_model):
     assert jam.recent.numel() <= int(1.1 * SR) and jam.recent[-1] == jam.code[0]  # it ends with the next input
 
 
+def test_a_guided_answer_hands_back_the_state_that_heard_it_and_the_jam_goes_on(tiny_model):
+    """A guided answer steps two rows (prompt, free); when the player returns, the jam follows
+    the input again from the prompt row alone, and answers the next pause too (it crashed the
+    fused step with both rows)."""
+    from s4music.generate import Sampling
+
+    jam = Jam(load_model(tiny_model), JamOptions(seed=1, wait=0.1, sampling=Sampling(guidance=2.0, guidance_seconds=0.0),
+                                                 step=StepOptions(device="cpu")))
+    music = synthesized_music(seconds=1.0)[:, 0]
+    pause = np.zeros(SR // 2, np.float32)
+    for block in blocks_of(np.concatenate([music, pause, music, pause, music])):
+        jam.feed(block)
+        if jam.answer is not None:
+            assert jam.answer.pairs and jam.answer.rows == 2
+    assert [turn.ended for turn in jam.turns] == ["player returned", "player returned"]
+    assert all(x.shape[0] == 1 for x in jam.state.s4) and jam.code.shape == (1,)
+
+
 def test_input_the_model_finds_surprising_is_answered_with_its_rule_for_unfamiliar_prompts(tiny_model):
     music = synthesized_music(seconds=1.0)[:, 0]
     answers, heard = {}, None
@@ -289,6 +307,7 @@ def test_a_real_recording_at_real_time_pace_gets_two_answers_in_its_two_silences
     jam = subprocess.run([*S4MUSIC, "jam", "--input", "-", "--no-play", "--seed", "0", "--record",
                           str(tmp_path / "jam.wav"), "--log", str(tmp_path / "turns.jsonl")],
                          stdin=ffmpeg.stdout, capture_output=True, text=True)
+    ffmpeg.stdout.close()  # a jam that died early leaves ffmpeg writing to no one: it must not hang the test
     ffmpeg.wait()
     assert jam.returncode == 0, jam.stderr
     turns = [json.loads(line) for line in (tmp_path / "turns.jsonl").read_text().splitlines()]

@@ -133,6 +133,13 @@ class Sampler:
         self.since_anchor = 0
         self.anchors = 0  # re-anchorings so far
 
+    def variations(self) -> tuple[SaShiMiState, torch.Tensor]:
+        """Each variation's own state (V, ...) and next input (V,), without guidance's free rows:
+        what heard the prompt and the codes drawn so far."""
+        if not self.pairs:
+            return self.state, self.code
+        return self.state.rows(slice(0, None, 2)), self.code[0::2]
+
     def _free_state(self, state: SaShiMiState, heard: torch.Tensor | None) -> SaShiMiState | None:
         """The state after the last guidance_seconds of `heard` alone, from rest, rounded up to the
         pools' phase of `state`; None when nothing was heard (nothing to contrast with)."""

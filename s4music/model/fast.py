@@ -268,6 +268,10 @@ class FusedStep:
         Returns codes (B, n) and their log-probabilities (B, n); with `forced` (B, n) codes as the
         inputs instead of samples, also the logits (B, n, V). mu: Mirostat's bounds (B,) float64,
         updated in place."""
+        rows = codes.shape[0]
+        if uniforms.shape[0] != rows or any(x.shape[0] != rows for g in (state.s4, state.down, state.up) for x in g):
+            raise ValueError(f"the fused step takes one row of state and uniforms per input code: {rows} codes, "
+                             f"{uniforms.shape[0]} rows of uniforms, a state of {state.s4[0].shape[0]} rows")
         # The kernel updates the state tensors in place, so they must be contiguous CPU tensors.
         for group in (state.s4, state.down, state.up):
             group[:] = [x.detach().cpu().contiguous() for x in group]

@@ -194,6 +194,11 @@ class SaShiMiState:
         rep = lambda ts: [x.repeat_interleave(n, dim=0) for x in ts]  # noqa: E731
         return SaShiMiState(self.t, rep(self.s4), rep(self.down), rep(self.up))
 
+    def rows(self, index: slice) -> SaShiMiState:
+        """Some of the batch's rows, as a state of their own: (B, ...) -> (len(index), ...)."""
+        pick = lambda ts: [x[index].contiguous() for x in ts]  # noqa: E731
+        return SaShiMiState(self.t, pick(self.s4), pick(self.down), pick(self.up))
+
     @staticmethod
     def join(states: list[SaShiMiState], device: torch.device) -> SaShiMiState:
         """States after the same number of samples, one batch: [(B_i, ...)] -> (sum B_i, ...) on `device`."""
