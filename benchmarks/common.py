@@ -44,13 +44,13 @@ def parse_args(functions: dict[str, Callable[..., dict]], sections: list[str] | 
     return args
 
 
-# The soundfont the bundled model's data was rendered with (its card): held-out pieces must be
+# The soundfont the chorale model's data was rendered with (models/chorales): held-out pieces must be
 # rendered with it too, or the model hears another piano (render-midi's default is the best installed).
-BUNDLED_SOUNDFONT = "timgm6mb"
+CHORALE_SOUNDFONT = "timgm6mb"
 
 
 def rendered_pieces(split: str, n: int) -> list[Path]:
-    """The first n pieces of a split of the bundled model's data (examples/default_model_splits.json),
+    """The first n pieces of a split of the chorale model's data (examples/default_model_splits.json),
     rendered from the music21 corpus on the General MIDI piano of its soundfont, as its training data
     was: WAV files, rendered once into the cache."""
     from music21 import corpus
@@ -58,7 +58,7 @@ def rendered_pieces(split: str, n: int) -> list[Path]:
     from s4music.data.midi import RenderOptions, render_midi
     from s4music.extensions import cache_home
 
-    cache = cache_home() / "bundled-split" / BUNDLED_SOUNDFONT
+    cache = cache_home() / "bundled-split" / CHORALE_SOUNDFONT
     names = json.loads((ROOT / "examples" / "default_model_splits.json").read_text())[split][:n]
     out = []
     for name in names:
@@ -70,7 +70,7 @@ def rendered_pieces(split: str, n: int) -> list[Path]:
             if not midi.exists():
                 corpus.parse(f"bach/{stem}").write("midi", fp=str(midi))
             render_midi([midi], cache / "audio", RenderOptions(instruments=["piano"], max_seconds=120.0,
-                                                               soundfont=BUNDLED_SOUNDFONT))
+                                                               soundfont=CHORALE_SOUNDFONT))
         out.append(audio)
     return out
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The exact recipe of the bundled model (s4music/assets/default-model) and the example prompt.
+# The exact recipe of the chorale model (models/chorales) and the example prompt: the bundled
+# model's first two stages. GPU leases fine-tune it further (examples/gpu_lease.py).
 # Run from the repository root after `make install`, on a machine with a CUDA GPU for the two
 # training stages (about 8 minutes each on one H100; the data steps run on any CPU).
 #
@@ -32,15 +33,15 @@ save_model(m, sys.argv[2], summary=m.summary, dtype=torch.float16)" "$WORK/run/b
 $S4 train --config examples/default_model_long.yaml --from "$WORK/run/best16" --data "$WORK/data8" --out "$WORK/run-long"
 $S4 eval "$WORK/run-long/best" --data "$WORK/data" --split test --record --json > "$WORK/eval.json"
 
-# 3. Ship: the best checkpoint (by validation NLL), its recommended sampling (chosen by the spectral
+# 3. Keep: the best checkpoint (by validation NLL), its recommended sampling (chosen by the spectral
 #    flatness of continuations), a 5 s prompt from a held-out test piece, and the model card,
 #    written from the recorded figures.
-rm -rf s4music/assets/default-model
-cp -r "$WORK/run-long/best" s4music/assets/default-model
-.venv/bin/python -c "from s4music.model.checkpoint import update_summary as u; \
-u('s4music/assets/default-model', {'sampling': {'temperature': ${TEMPERATURE:-0.8}}})"
+MODEL=models/chorales
+rm -rf "$MODEL"
+cp -r "$WORK/run-long/best" "$MODEL"
+.venv/bin/python -c "import sys; from s4music.model.checkpoint import update_summary as u; \
+u(sys.argv[1], {'sampling': {'temperature': ${TEMPERATURE:-0.8}}})" "$MODEL"
 ffmpeg -v error -y -i "$WORK/audio/chorale/bwv124.6.wav" -t 5 -ar 16000 -ac 1 examples/prompt.wav
-make demo
-cp demo/continuation.png examples/continuation.png
-.venv/bin/python examples/write_model_card.py s4music/assets/default-model "$WORK/run" "$WORK/run-long" --demo demo/continuation.wav \
+$S4 continue examples/prompt.wav -o "$WORK/demo.wav" --model "$MODEL" --seconds 10 --seed 0
+.venv/bin/python examples/write_model_card.py "$MODEL" "$WORK/run" "$WORK/run-long" --demo "$WORK/demo.wav" \
     --hardware "$HARDWARE"

@@ -1,4 +1,5 @@
-"""Write the bundled model's card from what the recipe recorded: no figure is typed by hand.
+"""Write the chorale model's card (models/chorales, the bundled model's first two stages) from
+what its recipe recorded: no figure is typed by hand.
 
     python examples/write_model_card.py MODEL_DIR RUN_DIR... [--hardware TEXT] [--demo WAV] [--variations N]
 
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("runs", type=Path, nargs="+", help="the training runs, in order (each fine-tunes the last)")
     parser.add_argument("--hardware", default="unknown")
-    parser.add_argument("--demo", type=Path, help="the demo output (`make demo`), whose continuation is measured")
+    parser.add_argument("--demo", type=Path, help="a continuation of the example prompt (10 s, seed 0) to measure")
     parser.add_argument("--prompt-seconds", type=float, default=5.0, help="length of the prompt at its start")
     parser.add_argument("--variations", type=int, default=8,
                         help="continuations of the example prompt (seeds 0..N-1) whose flatness the card reports")
@@ -83,16 +84,17 @@ def main() -> None:
     if args.demo is not None:
         wave, sample_rate = sf.read(str(args.demo), dtype="float32")
         demo_flat = spectral_flatness(torch.from_numpy(wave[int(args.prompt_seconds * sample_rate):]))
-        demo = f"The continuation part of the demo (`make demo`, seed 0) has a spectral flatness of {demo_flat:.4f}."
+        demo = f"Its continuation of the example prompt (10 s, seed 0) has a spectral flatness of {demo_flat:.4f}."
         sidecar = json.loads(args.demo.with_suffix(".json").read_text())
         drift = (f" (the demo's had reached {sidecar['outputs'][0]['dc_offset_removed']:+.2f} of full scale "
                  f"after {sidecar['options']['seconds']:g} s)")
     if args.variations > 0:
         spread = continuation_flatness(args.model, args.variations, flat)
-    card = f"""# s4music default model
+    card = f"""# models/chorales: the chorale model
 
 The SaShiMi architecture of the paper, trained from scratch with this toolkit's own commands on
-one GPU, so that `make demo` works on a laptop CPU with nothing downloaded. The exact recipe is
+one GPU: the first two stages of the bundled model, which GPU leases fine-tune further
+(`examples/gpu_lease.py`). The exact recipe is
 `examples/train_default_model.sh` with `examples/default_model.yaml` and
 `examples/default_model_long.yaml`; this card is written by `examples/write_model_card.py` from
 what that recipe recorded.

@@ -171,8 +171,9 @@ DEGENERACIES = {"silence": "collapsed into silence", "noise": "ran away into noi
                 "offset": "stuck at a DC offset",
                 "drone": "settled into a drone: no onsets and a steady level over its second half"}
 # A take is hiss when its flatness is this many times the flattest (hissiest) window of the audio the
-# model was tested on (`eval --record` keeps the band): the bundled model's test windows reach 0.0076,
-# its takes that drift stay near that, and a take that turned to hiss measured 0.095.
+# model was tested on (`eval --record` keeps the band): the chorale model's (models/chorales) test
+# windows reach 0.0076, its takes that drift stay near that, and a take that turned to hiss measured
+# 0.095. The bundled model's test audio has recordings up to 0.12: 4x that is past NOISE_FLATNESS.
 HISS_FACTOR = 4.0
 # A take is a drone when over its second half it has fewer onsets than this a second and a steadier
 # level than this (`measures.liveliness`): rendered chorales and the corpus recordings measured 3-8

@@ -34,7 +34,7 @@ def test_bundled_model_is_small_complete_and_evaluated():
     card = (DEFAULT_MODEL / "MODEL_CARD.md").read_text()
     assert f"{summary['test_bits']:.3f}" in card  # the card quotes the recorded evaluation
     readme = (ROOT / "README.md").read_text()
-    assert f"{summary['test_bits']:.2f} bits/sample on held-out chorales" in readme  # so does the README
+    assert f"({summary['test_bits']:.2f} bits/sample on held-out" in readme  # so does the README
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/corpus}
 SOUNDFONT=${SOUNDFONT:-musescore,fluidr3}  # one drawn per file (this order made the renders so far)
-PART_MB=${PART_MB:-27}  # a GPU lease's call carries 64 MiB with the working tree (34 MiB with models/wip)
+PART_MB=${PART_MB:-27}  # a GPU lease's call carries 64 MiB with the working tree (26 MiB; 35 with a models/wip)
 PARTS=${PARTS:-}  # empty: every part (about 500 for the whole corpus; examples/corpus/README.md)
 SHARD=${SHARD:-}  # i/n: export only every n-th score from the i-th (a WORK of its own for each shard)
 WORKERS=${WORKERS:-$(nproc)}

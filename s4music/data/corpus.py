@@ -5,7 +5,7 @@ source). `work_of` strips the rendering folder and the movement: `piano/bach/bwv
 `ensemble/bach/bwv66.4.wav` are both the cantata `bach/bwv66`; `*/beethoven/opus18no1/movement3.wav`
 is `beethoven/opus18no1`; Palestrina's `Kyrie_12_b` belongs to mass 12. `split_by_work` assigns whole
 works to val and test by a seeded order, keeps the works a pinned split file names where it put
-them (the bundled model's chorale test split stays test), and writes the file a `prepare --splits`
+them (the chorale model's test split stays test), and writes the file a `prepare --splits`
 reads, so the split is fixed in the repository once and for all.
 """
 

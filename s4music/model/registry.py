@@ -121,8 +121,8 @@ def load_model(spec: str | Path | None = None, device: str | torch.device = "cpu
 def list_models() -> list[dict]:
     """Every name, with where it comes from and whether it is here already (no network)."""
     size = sum(f.stat().st_size for f in DEFAULT_MODEL.iterdir()) / 1e6 if DEFAULT_MODEL.is_dir() else None
-    rows = [{"name": DEFAULT_NAME, "source": "bundled with s4music", "about": "4.75M SaShiMi on Bach chorales "
-             "(General MIDI piano); see its MODEL_CARD.md", "cached": "yes", "size_mb": size}]
+    rows = [{"name": DEFAULT_NAME, "source": "bundled with s4music", "about": "4.75M SaShiMi on piano renders "
+             "and game-soundtrack recordings; see its MODEL_CARD.md", "cached": "yes", "size_mb": size}]
     for m in NAMED.values():
         pt = hub.cached(m.repo, m.filename, m.revision)
         converted = pt is not None and (cache_root() / f"{m.name}-{_commit_of(pt)}" / "config.json").exists()
