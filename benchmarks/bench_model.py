@@ -54,6 +54,43 @@ def train_step(length: int, path: str, steps: int, checkpointing: bool = False, 
     return {"seconds": min(times[1:]), "peak_gb": _peak_gb()}
 
 
+def s4d_train_steps(batch: int, length: int, rounds: int) -> dict:
+    """Training steps of the bundled model's architecture (S4D, float32) from scratch: S4 kernels by
+    the reference's chunked exp per sample, by the blocked matrix product every step now takes, and
+    the fast step (`--fast`: that and compiled element-wise chains), interleaved in one process after
+    a first step each (the fast one's compiles), best of `rounds`: seconds a step."""
+    import torch
+
+    from s4music.model import S4Config, SaShiMi, SaShiMiConfig
+    from s4music.model.sashimi import code_bits
+
+    models = {}
+    for name in ("reference", "blocked", "fast"):
+        torch.manual_seed(0)
+        model = SaShiMi(SaShiMiConfig(s4=S4Config(mode="diag"))).train()
+        for block in model.s4_blocks():
+            block.kernel.blocked = name != "reference"
+        if name == "fast":
+            model.fast_training()
+        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    x = torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(0))
+
+    def step(name: str) -> float:
+        model, opt = models[name]
+        t0 = time.perf_counter()
+        code_bits(model(model.shift_right(x)), x).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    first = {name: step(name) for name in models}
+    best = dict.fromkeys(models, float("inf"))
+    for r in range(rounds):
+        for name in list(models) if r % 2 == 0 else list(models)[::-1]:
+            best[name] = min(best[name], step(name))
+    return {"best": best, "first": first}
+
+
 def train_precision(length: int, rounds: int) -> dict:
     """bf16 autocast against float32 training steps of the default model, interleaved in one process
     (best of `rounds` each), and the float32 step's profile: the share of its time in the S4 kernel's
@@ -391,7 +428,8 @@ def _child(kind: str, env: dict | None = None, **kw) -> dict:
 
 def main() -> None:
     args = parse_args({"train": train_step, "precision": train_precision, "gen": generation, "prefill": prefill,
-                       "bound": linear_bound, "isa_steps": steps_by_instruction_set, "bf16_read": bf16_read,
+                       "bound": linear_bound, "s4d_train": s4d_train_steps,
+                       "isa_steps": steps_by_instruction_set, "bf16_read": bf16_read,
                        "against_chorales": against_chorales,
                        "read_profile": read_profile})
     if args is None:
@@ -423,6 +461,20 @@ def main() -> None:
         print(f"| {lengths[0]} | naive | {naive['seconds']:.2f} | {lengths[0] / SAMPLE_RATE / naive['seconds']:.3f} "
               f"| {naive['peak_gb']:.2f} | 1.0x |")
     print(f"| {lengths[1]} | naive | not run: its (K, H, N, L) tensors need far more than this machine's memory | | | |")
+
+    batch, length = (1, 2048) if args.quick else (2, 4096)
+    s4d = _child("s4d_train", batch=batch, length=length, rounds=2 if args.quick else 3)
+    print(f"\n#### The bundled model's architecture (S4D), {batch} x {length} samples, float32 (interleaved, best of "
+          "each)\n")
+    if "error" in s4d:
+        print(f"failed: {s4d['error']}")
+    else:
+        ref = s4d["best"]["reference"]
+        print("| S4 kernels | s/step | first step s | vs reference |\n|---|---|---|---|")
+        for name, label in (("reference", "reference: chunked, an exp per sample"),
+                            ("blocked", "blocked matrix product (every step's)"),
+                            ("fast", "blocked, element-wise chains compiled (`--fast`)")):
+            print(f"| {label} | {s4d['best'][name]:.3f} | {s4d['first'][name]:.1f} | {ref / s4d['best'][name]:.1f}x |")
 
     ab = _child("precision", length=lengths[0], rounds=2 if args.quick else 4)
     if "error" in ab:

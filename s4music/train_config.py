@@ -48,7 +48,7 @@ class TrainConfig:
     plateau_patience: int = 3  # evaluations without improvement before the LR halves
     clip: float = 1.0  # gradient norm clip (0: off)
     precision: str = "no"  # no, bf16 or fp16 (GPU only) autocast (the FFTs stay in fp32)
-    fast: bool = False  # the fast training step (SaShiMi.fast_training): blocked S4D kernels, compiled fusion
+    fast: bool = False  # the fast training step (SaShiMi.fast_training): element-wise chains compiled
     conv_chunk: int = 0  # with fast: S4D convolutions as matrix products over chunks of this many samples (0: FFT)
     max_minutes: float | None = None  # plan the steps to fit in this many minutes, and stop in time
     gradient_checkpointing: bool = False

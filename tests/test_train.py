@@ -293,9 +293,10 @@ FAST_TINY = {"d_model": 16, "n_layers": 1, "pool": [4, 4], "s4": {"mode": "diag"
 @pytest.mark.slow
 @pytest.mark.parametrize("conv_chunk, compile", [(0, False), (100, True)], ids=["fft", "chunked-compiled"])
 def test_the_fast_step_gives_the_plain_steps_loss_and_gradients(conv_chunk, compile, monkeypatch):
-    """Blocked S4D kernels, and convolutions by FFT, or in chunks (of 100 samples: each tier's length,
-    2048, 512 and 128, ends in a part-filled chunk) with the element-wise chains compiled, as a
-    lease trains: loss within 1e-5 (relative), every gradient within 1e-3 of its largest entry
+    """Blocked S4D kernels (every step's now), and convolutions by FFT, or in chunks (of 100 samples:
+    each tier's length, 2048, 512 and 128, ends in a part-filled chunk) with the element-wise chains
+    compiled, as a lease trains, against the reference: S4D kernels by the chunked exp per sample,
+    no compile. Loss within 1e-5 (relative), every gradient within 1e-3 of its largest entry
     (float32 sums in another order)."""
     from s4music.model import SaShiMi, SaShiMiConfig, kernels, s4
     from s4music.model.sashimi import code_bits
@@ -304,7 +305,10 @@ def test_the_fast_step_gives_the_plain_steps_loss_and_gradients(conv_chunk, comp
     monkeypatch.setattr(s4, "chunked_convolution", lambda *a, **kw: chunked.append(kw) or kernels.chunked_convolution(*a, **kw))
     torch.manual_seed(0)
     plain = SaShiMi(SaShiMiConfig.from_dict(FAST_TINY)).train()
+    for block in plain.s4_blocks():
+        block.kernel.blocked = False
     fast = SaShiMi(SaShiMiConfig.from_dict(FAST_TINY)).train()
+    assert all(block.kernel.blocked for block in fast.s4_blocks())  # the default
     fast.load_state_dict(plain.state_dict())
     fast.fast_training(compile=compile, conv_chunk=conv_chunk)
     codes = torch.randint(0, 256, (2, 2048))

@@ -468,9 +468,9 @@ def train(
     lr: float = typer.Option(None, help=default(f"Learning rate (SSM parameters use ssm_lr, {TrainConfig.ssm_lr}).",
                                                 TrainConfig.lr)),
     precision: str = typer.Option(None, help=default("no, bf16, or fp16 (GPU only) autocast.", TrainConfig.precision)),
-    fast: bool = typer.Option(None, "--fast/--plain", help="The fast training step: S4D kernels by a blocked matrix "
-                                                            "product, element-wise chains fused by torch.compile (the "
-                                                            "same function; compiles for a minute first)."),
+    fast: bool = typer.Option(None, "--fast/--plain", help="The fast training step: element-wise chains fused by "
+                                                            "torch.compile (the same function; compiles for up to a "
+                                                            "minute first, cached after)."),
     conv_chunk: int = typer.Option(None, help="With --fast: S4D convolutions as matrix products over chunks of this "
                                               "many samples, in bf16 under bf16 autocast (0: by FFT; the same "
                                               "function, faster where matrix units are; try 256)."),

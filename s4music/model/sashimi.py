@@ -268,14 +268,13 @@ class SaShiMi(nn.Module):
 
     def fast_training(self, compile: bool = True, conv_chunk: int = 0) -> SaShiMi:
         """Switch to the fast training step; the same function as the plain one (tests hold the loss
-        and gradients to it). S4D kernels come from one blocked complex matrix product
-        (`kernels.vandermonde_blocked`) instead of an exp per sample; with `compile`, each layer's
-        chain of element-wise work (the pre-norm, the D skip, GELU, the GLU output linear; the whole
-        feed-forward residual) is fused by torch.compile. With `conv_chunk`, S4D convolutions are
-        matrix products over chunks of that many samples (`kernels.chunked_convolution`, in bf16
-        under bf16 autocast) instead of FFTs. Returns the model."""
+        and gradients to it). With `compile`, each layer's chain of element-wise work (the pre-norm,
+        the D skip, GELU, the GLU output linear; the whole feed-forward residual) is fused by
+        torch.compile. With `conv_chunk`, S4D convolutions are matrix products over chunks of that
+        many samples (`kernels.chunked_convolution`, in bf16 under bf16 autocast) instead of FFTs.
+        (S4D kernels come from one blocked complex matrix product in every step: S4Kernel.blocked.)
+        Returns the model."""
         for block in self.s4_blocks():
-            block.kernel.blocked = True
             block.conv_chunk = conv_chunk
             if compile:
                 block.compiled_out = torch.compile(block._out, dynamic=False)
