@@ -56,9 +56,14 @@ class Sampling:
     def resolved(self, summary: dict, unfamiliar: bool = False) -> Sampling:
         """Unset values from the checkpoint's recommendation, then the neutral ones. For a prompt the
         model finds surprising (`unfamiliar`), its summary's "sampling_unfamiliar" overrides
-        "sampling" (the long-form benchmark chooses both on validation prompts)."""
+        "sampling" (the long-form benchmark chooses both on validation prompts). Guidance and
+        re-anchoring exclude each other (`problems`): a recommended one gives way to the other set here."""
         recommended = {**(summary.get("sampling") or {}), **((summary.get("sampling_unfamiliar") or {})
                                                              if unfamiliar else {})}
+        if self.context_seconds:
+            recommended.pop("guidance", None)
+        if self.guidance not in (None, 1):
+            recommended.pop("context_seconds", None)
         return Sampling(**{k: v if (v := getattr(self, k)) is not None else recommended.get(k, neutral)
                            for k, neutral in self.NEUTRAL.items()})
 

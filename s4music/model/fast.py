@@ -268,10 +268,11 @@ class FusedStep:
         Returns codes (B, n) and their log-probabilities (B, n); with `forced` (B, n) codes as the
         inputs instead of samples, also the logits (B, n, V). mu: Mirostat's bounds (B,) float64,
         updated in place."""
-        rows = codes.shape[0]
-        if uniforms.shape[0] != rows or any(x.shape[0] != rows for g in (state.s4, state.down, state.up) for x in g):
-            raise ValueError(f"the fused step takes one row of state and uniforms per input code: {rows} codes, "
-                             f"{uniforms.shape[0]} rows of uniforms, a state of {state.s4[0].shape[0]} rows")
+        rows = {"input codes": {codes.shape[0]}, "uniforms": {uniforms.shape[0]}}
+        rows.update({f"state.{name}": {x.shape[0] for x in getattr(state, name)} for name in ("s4", "down", "up")})
+        if len(set().union(*rows.values())) > 1:
+            raise ValueError("the fused step takes one row of each per input code: "
+                             + ", ".join(f"{name} {'/'.join(map(str, sorted(n)))}" for name, n in rows.items() if n))
         # The kernel updates the state tensors in place, so they must be contiguous CPU tensors.
         for group in (state.s4, state.down, state.up):
             group[:] = [x.detach().cpu().contiguous() for x in group]
@@ -295,9 +296,9 @@ class FusedReader:
 
     bf16: the residual layers' linear maps take their inputs and weights in bfloat16 (float32 sums)
     where the CPU has AVX512-BF16, twice the multiply-adds an instruction; elsewhere, and for the
-    S4 recurrences, pools and decoder always, float32. `precision` says what is in effect. It moves
-    the bundled model's bits/sample by under 1e-3 (+4.7e-4 on examples/prompt.wav, +4.5e-4 on its
-    test split: benchmarks/RESULTS.md), so prompts are read so (generate, jam) where it measured
+    S4 recurrences, pools and decoder always, float32. `precision` says what is in effect. It moved
+    the chorale model's bits/sample by +4.7e-4 on examples/prompt.wav and +4.5e-4 on its test split
+    (benchmarks/RESULTS.md; tests hold the bundled model's to 1e-3), so prompts are read so (generate, jam) where it measured
     faster on the machine (`reader`); scoring (eval, validation) stays float32.
     """
 

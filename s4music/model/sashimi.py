@@ -195,7 +195,7 @@ class SaShiMiState:
         return SaShiMiState(self.t, rep(self.s4), rep(self.down), rep(self.up))
 
     def rows(self, index: slice) -> SaShiMiState:
-        """Some of the batch's rows, as a state of their own: (B, ...) -> (len(index), ...)."""
+        """The batch rows `index` picks, as a state of their own: (B, ...) -> (B', ...)."""
         pick = lambda ts: [x[index].contiguous() for x in ts]  # noqa: E731
         return SaShiMiState(self.t, pick(self.s4), pick(self.down), pick(self.up))
 
