@@ -272,7 +272,7 @@ def train_table(quick: bool) -> None:
     print("|---|---|---|---|---|---|---|")
     no_ext = {"S4MUSIC_NO_CUDA_EXT": "1"}
     rows = [("dplr", "pytorch", "no", no_ext), ("dplr", "cuda", "no", None), ("dplr", "cuda", "bf16", None),
-            ("diag", "none (Vandermonde)", "no", None), ("diag", "none (Vandermonde)", "bf16", None)]
+            ("diag", "none (blocked Vandermonde)", "no", None), ("diag", "none (blocked Vandermonde)", "bf16", None)]
     base = None
     for mode, path, precision, env in rows:
         r = _child("train", env=env, length=length, batch=batch, mode=mode, precision=precision, steps=steps)

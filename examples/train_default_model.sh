@@ -33,14 +33,16 @@ save_model(m, sys.argv[2], summary=m.summary, dtype=torch.float16)" "$WORK/run/b
 $S4 train --config examples/default_model_long.yaml --from "$WORK/run/best16" --data "$WORK/data8" --out "$WORK/run-long"
 $S4 eval "$WORK/run-long/best" --data "$WORK/data" --split test --record --json > "$WORK/eval.json"
 
-# 3. Keep: the best checkpoint (by validation NLL), its recommended sampling (chosen by the spectral
-#    flatness of continuations), a 5 s prompt from a held-out test piece, and the model card,
-#    written from the recorded figures.
+# 3. Keep: the best checkpoint (by validation NLL) in float16 but for the S4 parameters, its
+#    recommended sampling (the temperature chosen by the spectral flatness of continuations; typical
+#    0.9 for unfamiliar prompts, chosen later by benchmarks/bench_longform.py), a 5 s prompt from a
+#    held-out test piece, and the model card, written from the recorded figures.
 MODEL=models/chorales
 rm -rf "$MODEL"
-cp -r "$WORK/run-long/best" "$MODEL"
+.venv/bin/python -c "import sys, torch; from s4music.model import load_model, save_model; m = load_model(sys.argv[1]); \
+save_model(m, sys.argv[2], summary=m.summary, dtype=torch.float16)" "$WORK/run-long/best" "$MODEL"
 .venv/bin/python -c "import sys; from s4music.model.checkpoint import update_summary as u; \
-u(sys.argv[1], {'sampling': {'temperature': ${TEMPERATURE:-0.8}}})" "$MODEL"
+u(sys.argv[1], {'sampling': {'temperature': ${TEMPERATURE:-0.8}}, 'sampling_unfamiliar': {'typical': 0.9}})" "$MODEL"
 ffmpeg -v error -y -i "$WORK/audio/chorale/bwv124.6.wav" -t 5 -ar 16000 -ac 1 examples/prompt.wav
 $S4 continue examples/prompt.wav -o "$WORK/demo.wav" --model "$MODEL" --seconds 10 --seed 0
 .venv/bin/python examples/write_model_card.py "$MODEL" "$WORK/run" "$WORK/run-long" --demo "$WORK/demo.wav" \

@@ -104,9 +104,10 @@ what that recipe recorded.
   tier, pooling {model['pool']}, expand {model['expand']}, S4 mode `{model['s4']['mode']}` (S4D), state size
   {model['s4']['d_state']}.
 - Audio: {meta['audio']['sample_rate']} Hz, 8-bit `{meta['audio']['quantization']}` codes.
-- Weights: float32 safetensors, {sum(f.stat().st_size for f in args.model.iterdir() if f.suffix == '.safetensors') / 1e6:.1f} MB.
-  They stay in float32: stored in float16, the S4 parameters lose enough to cost a clear part of
-  a bit per sample.
+- Weights: float16 safetensors but for the S4 layers' own parameters (float32), \
+{sum(f.stat().st_size for f in args.model.iterdir() if f.suffix == '.safetensors') / 1e6:.1f} MB: in float16
+  those lose enough to cost a clear part of a bit per sample; the rest moved the example prompt's
+  bits/sample by under 1e-4.
 - Recommended sampling (used by `continue`/`generate` unless overridden): {summary.get('sampling')}, chosen by
   the spectral flatness of continuations of the example prompt at temperatures 0.7 to 1; for a
   prompt the model finds surprising (more than 0.75 bits/sample above its test figure), {summary.get('sampling_unfamiliar')}
@@ -162,7 +163,7 @@ typical sampling; before them temperatures 0.7 to 0.9, a falling temperature, to
 re-anchoring) keeps more than a few percent of the windows in band, or more than 7% of takes nearer
 their prompt than the model's own music.
 
-![median flatness per 3 s window after the seam, per sampling rule](../../../benchmarks/longform-intel-xeon-avx-512-amx-bf16.png)
+![median flatness per 3 s window after the seam, per sampling rule](../../benchmarks/longform-intel-xeon-avx-512-amx-bf16.png)
 
 ## Known limits
 - Continuations have the piano's timbre, its attacks and decays, and chords in the prompt's

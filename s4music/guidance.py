@@ -84,12 +84,13 @@ def describe_signal(audio: Audio, source: str, trimmed_from: float | None = None
         dc_offset=float(x.mean()) if x.numel() else 0.0, flatness=spectral_flatness(x))
 
 
-# What fine-tuning has cost and given, as measured (benchmarks/RESULTS.md, the H200 lease and the CPU
-# training step), for the advice on a prompt the model finds surprising.
+# What fine-tuning has cost and given, as measured (benchmarks/RESULTS.md: GPU lease 1, which made the
+# bundled model from the chorale model, and the S4D training step on a CPU, 2 x 4,096 samples in
+# 0.871 s), for the advice on a prompt the model finds surprising.
 FINETUNE_MEASURED = {
-    "hours": 25.2, "steps": 2768, "window_s": 4.096, "batch": 8, "gpu": "an H200", "gpu_s": 543,
+    "hours": 3.88, "seen_hours": 25.2, "steps": 2768, "window_s": 4.096, "batch": 8, "gpu": "an H200", "gpu_s": 543,
     "before_bits": 5.556, "after_bits": 3.518,  # held-out piano renders through soundfonts it had not heard
-    "cpu": "2 AMD EPYC cores", "cpu_audio_s_per_s": 0.11,
+    "cpu": "2 AMD EPYC cores", "cpu_audio_s_per_s": 0.59,
 }
 
 
@@ -99,11 +100,12 @@ def finetune_advice(model: str | None) -> str:
     m, name = FINETUNE_MEASURED, model or "default"
     cpu_hours = 3600 / m["cpu_audio_s_per_s"] / 3600
     return (f"to continue music like this well, fine-tune on some of it. Measured: {m['hours']:g} h of new "
-            f"music, {m['steps']:,} steps of {m['batch']} x {m['window_s']:g} s windows, {m['gpu_s'] / 60:.0f} min "
-            f"on {m['gpu']}, took the bundled model from {m['before_bits']:.2f} to {m['after_bits']:.2f} "
+            f"music, {m['steps']:,} steps of {m['batch']} x {m['window_s']:g} s windows ({m['seen_hours']:g} h "
+            f"seen), {m['gpu_s'] / 60:.0f} min "
+            f"on {m['gpu']}, took the chorale model to the bundled one, from {m['before_bits']:.2f} to {m['after_bits']:.2f} "
             f"bits/sample on music of that kind it had not heard. Gather an hour or more of similar audio (the "
             f"measured run had {m['hours']:g} h); on a CPU ({m['cpu']}: {m['cpu_audio_s_per_s']:g} audio s per s) "
-            f"one pass over an hour takes about {cpu_hours:.0f} h, so use a GPU: `s4music prepare YOUR_FILES "
+            f"one pass over an hour takes about {cpu_hours:.0f} h, so use a GPU if you can: `s4music prepare YOUR_FILES "
             f"-o data/mine`, then `s4music train --mode finetune --from {name} --data data/mine --fast "
             f"--max-minutes 10`")
 

@@ -558,7 +558,7 @@ def test_guidance_says_what_the_model_knows_and_how_to_get_a_model_that_knows_mo
     # what fine-tuning costs, as measured, and the commands with the model named
     advice = " ".join(judge(describe_signal(audio, "orchestra.wav"), 4.5, summary, "runs/mine/best").advice)
     assert "--from runs/mine/best" in advice and "MODEL" not in advice
-    for measured in ("25.2 h", "2,768 steps", "H200", "5.56 to 3.52", "0.11 audio s per s", "about 9 h"):
+    for measured in ("3.88 h", "25.2 h seen", "2,768 steps", "H200", "5.56 to 3.52", "0.59 audio s per s", "about 2 h"):
         assert measured in advice, measured
     # a model's rule for unfamiliar prompts is named, whatever its values
     rule = {"typical": 0.9, "surprise": "auto"}
@@ -587,7 +587,7 @@ def test_degeneracy_detection():
     wander = 0.5 * music + torch.linspace(0, -0.2, 32000)  # a slow drift under a lively signal: not stuck
     assert degeneracy(wander, 16000) is None
     # hiss, relative to the model: far flatter than its test audio, though far from white noise
-    band = {"p5": 0.0009, "p95": 0.0041, "max": 0.0076}  # the bundled model's recorded band
+    band = {"p5": 0.0009, "p95": 0.0041, "max": 0.0076}  # the chorale model's recorded band
     hiss = music + torch.from_numpy(rng.normal(0, 0.06, 32000)).float()
     flatness = spectral_flatness(hiss)
     assert 4 * band["max"] < flatness < 0.35  # between the relative and the absolute thresholds

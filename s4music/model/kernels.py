@@ -199,8 +199,8 @@ def vandermonde_blocked(v: torch.Tensor, x: torch.Tensor, length: int) -> torch.
     """The Vandermonde product as one batched matrix product, through autograd: with l = a c + b,
     exp(x l) = exp(x c a) exp(x b), so out[k, h, a, b] = sum_n (v exp(x c a))[k, h, n, a] exp(x b)[h, n, b].
     Its tables are (H, N, about sqrt(L)), so memory stays bounded without chunks or a hand-written
-    backward, and the work is one complex GEMM rather than an exp per (h, n, l): the fast training
-    step's path (several times faster on a GPU; `benchmarks/bench_gpu.py`)."""
+    backward, and the work is one complex GEMM rather than an exp per (h, n, l): every training
+    step's path (S4Kernel.blocked; 6.9x faster steps on a 2-core CPU, `benchmarks/bench_model.py`)."""
     c = 1 << max(0, math.ceil(math.log2(max(1, length)) / 2))
     a = -(-length // c)
     steps = torch.arange(max(a, c), device=x.device, dtype=x.real.dtype)

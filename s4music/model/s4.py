@@ -150,7 +150,7 @@ class S4Kernel(nn.Module):
             self.P = nn.Parameter(torch.view_as_real(p.repeat(1, s, 1)).contiguous())
             self.register_buffer("l_kernel", torch.tensor(0))
         self._cached: dict[str, tuple[tuple, object]] = {}  # name -> (weights_version, value): see _kept
-        # S4D's training kernel by one blocked matrix product (7.5x faster training steps on a 2-core
+        # S4D's training kernel by one blocked matrix product (6.9x faster training steps on a 2-core
         # CPU); False: the chunked exp per sample it is tested against (`kernels.vandermonde`)
         self.blocked = True
 
