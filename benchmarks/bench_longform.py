@@ -33,7 +33,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import kind, kind_slug, parse_args, rendered_pieces, run_child
+from common import fused_speeds, kind, kind_slug, parse_args, rendered_pieces, run_child
 
 from s4music.extensions import cache_home
 
@@ -180,8 +180,6 @@ def rule_cost(rules: list[str], variations: int, seconds: float, rounds: int) ->
     """Each rule's speed in the fused step as `continue` runs it (fp16 weights, `variations` takes;
     guided rules step a prompt row and a free row for each; a rule for unfamiliar prompts as it runs
     on one), interleaved in one process, best of `rounds`: audio seconds of the takes per wall second."""
-    import time
-
     import torch
 
     from s4music.generate import Sampling
@@ -190,22 +188,13 @@ def rule_cost(rules: list[str], variations: int, seconds: float, rounds: int) ->
 
     net = load_model(os.environ.get("S4MUSIC_LONGFORM_MODEL", "default"))
     step = FusedStep(net, half=True)
-    chosen = {}
+    legs = {}
     for name in rules:
         rule = Sampling().resolved(as_summary(name), unfamiliar=True).with_surprise_of(net.summary.get("test_bits")).rule()
         rows = variations * (2 if rule.pairs else 1)
         _, state = net.prefill(torch.randint(0, 256, (rows, 4096)))
-        chosen[name] = (rule, rows, state)
-    n = int(seconds * SR)
-    best = dict.fromkeys(rules, 0.0)
-    for r in range(rounds):
-        for name in rules if r % 2 == 0 else rules[::-1]:
-            rule, rows, state = chosen[name]
-            s = state.repeat(1)
-            t0 = time.perf_counter()
-            step.run(torch.full((rows,), 128), s, torch.rand(rows, n), rule, rule.first_mu(rows))
-            best[name] = max(best[name], variations * seconds / (time.perf_counter() - t0))
-    return best
+        legs[name] = (step, rule, rows, state)
+    return {name: variations * speed for name, speed in fused_speeds(legs, seconds, rounds).items()}
 
 
 def collapsed(window: dict, band: dict) -> bool:
@@ -298,7 +287,7 @@ def main() -> None:
     head = ("| sampling rule | in band | lively | takes nearer their prompt than the model's own music | "
             "collapsed windows | bits/sample |\n|---|---|---|---|---|---|")
     print(f"## Long-form continuations, {model} ({seconds:g} s, {seeds} seeds a prompt)\n")
-    print(f"Windows from {FROM_S:g} s after the seam: flatness in the test band, lively (not a drone), "
+    print(f"Windows from {FROM_S:g} s after the seam: flatness in the held-out chorale band, lively (not a drone), "
           "collapsed (silent, a drone or clipped); takes: adherence (module docstring). "
           f"Validation: {len(val)} prompts ({', '.join(Path(p).name for p in val)}).\n")
     print(head)

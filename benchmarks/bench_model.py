@@ -18,7 +18,7 @@ import resource
 import time
 from pathlib import Path
 
-from common import cpu, parse_args, run_child
+from common import cpu, fused_speeds, parse_args, run_child
 
 SAMPLE_RATE = 16000
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,16 +313,8 @@ def steps_by_instruction_set(batch: int, seconds: float, rounds: int) -> dict:
 
     model = _model("bundled")
     _, state = model.prefill(torch.randint(0, 256, (batch, 4096)))
-    steps = {isa: FusedStep(model, half=True, isa=isa) for isa in instruction_sets()}
-    code, n = torch.full((batch,), 128), int(seconds * SAMPLE_RATE)
-    best = dict.fromkeys(steps, 0.0)
-    for r in range(rounds):
-        for isa in list(steps) if r % 2 == 0 else list(steps)[::-1]:
-            s = state.repeat(1)
-            t0 = time.perf_counter()
-            steps[isa].run(code, s, torch.rand(batch, n), Rule(0.8))
-            best[isa] = max(best[isa], batch * n / (time.perf_counter() - t0) / SAMPLE_RATE)
-    return best
+    legs = {isa: (FusedStep(model, half=True, isa=isa), Rule(0.8), batch, state) for isa in instruction_sets()}
+    return {isa: batch * speed for isa, speed in fused_speeds(legs, seconds, rounds).items()}
 
 
 def against_chorales(seconds: float, rounds: int) -> dict:
@@ -345,16 +337,7 @@ def against_chorales(seconds: float, rounds: int) -> dict:
         rows = 2 if rule.pairs else 1
         _, state = model.prefill(torch.randint(0, 256, (rows, 4096)))
         prepared[name] = (FusedStep(model, half=True), rule, rows, state)
-    n = int(seconds * SAMPLE_RATE)
-    best = dict.fromkeys(legs, 0.0)
-    for r in range(rounds):
-        for name in list(legs) if r % 2 == 0 else list(legs)[::-1]:
-            step, rule, rows, state = prepared[name]
-            s = state.repeat(1)
-            t0 = time.perf_counter()
-            step.run(torch.full((rows,), 128), s, torch.rand(rows, n), rule, rule.first_mu(rows))
-            best[name] = max(best[name], seconds / (time.perf_counter() - t0))
-    return {**best, "recommended": str(bundled.summary.get("sampling"))}
+    return {**fused_speeds(prepared, seconds, rounds), "recommended": str(bundled.summary.get("sampling"))}
 
 
 def arithmetic_peak() -> dict:

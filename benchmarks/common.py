@@ -27,6 +27,26 @@ def run_child(script: str, kind: str, env: dict | None = None, **kw) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def fused_speeds(legs: dict[str, tuple], seconds: float, rounds: int) -> dict[str, float]:
+    """Each leg, (FusedStep, Rule, rows, state), stepped `seconds` of audio from a copy of its state,
+    interleaved in one process (every other round in reverse order), best of `rounds`: × real time
+    of one take (a guided rule's rows are a take's prompt and free rows)."""
+    import time
+
+    import torch
+
+    best = dict.fromkeys(legs, 0.0)
+    n = int(seconds * 16000)
+    for r in range(rounds):
+        for name in list(legs) if r % 2 == 0 else list(legs)[::-1]:
+            step, rule, rows, state = legs[name]
+            s = state.repeat(1)
+            t0 = time.perf_counter()
+            step.run(torch.full((rows,), 128), s, torch.rand(rows, n), rule, rule.first_mu(rows))
+            best[name] = max(best[name], seconds / (time.perf_counter() - t0))
+    return best
+
+
 def parse_args(functions: dict[str, Callable[..., dict]], sections: list[str] | None = None) -> argparse.Namespace | None:
     """The command line of a benchmark script. In a child, run the function it names, print its
     result as JSON and return None; otherwise return the parsed arguments (`--quick`, and `--only`
