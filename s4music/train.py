@@ -514,9 +514,15 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         val_codes = validation_windows(mixture, config)
 
         step, best, bad_steps = 0, math.inf, 0
+        start_bits = None  # a run from weights: the starting model's validation, which best/ must beat
         if checkpoint is not None:
             step, best = restore_training_state(read_state(checkpoint), optimizer, scheduler, mixture, scaler)
             log.info("resumed %s at step %d", checkpoint, step)
+        elif config.init and val_codes is not None:
+            start_bits = best = mean_bits(model, val_codes)
+            run.save_best(model, run.summary(0, start_bits, world, added))
+            log.info("step 0 (%s as it starts): val %.4f bits/sample; best/ keeps it until a step beats it",
+                     config.init, start_bits)
 
         ddp_model = accelerator.prepare(model)
         run.begin(step, world, gather_object([{"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}]))
@@ -586,9 +592,14 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
             extra = time.perf_counter() - stepped
             if on_step is not None and accelerator.is_main_process:
                 per_step = budget.per_step if budget is not None and budget.per_step else time.perf_counter() - started
-                on_step(StepInfo(step, config.steps, train_bits, lr, rate, val_bits, (config.steps - step) * per_step))
+                eta = (config.steps - step) * per_step
+                on_step(StepInfo(step, config.steps, train_bits, lr, rate, val_bits,
+                                 eta if budget is None else min(eta, max(0.0, budget.left()))))
             accelerator.wait_for_everyone()
 
+        if start_bits is not None and best >= start_bits:
+            log.warning("%s: no step beat the model it started from on validation (%.4f bits/sample), so best/ is "
+                        "that model; try a lower --lr, more --warmup or more data", out, start_bits)
         final = run.finish(model, run.summary(step, val_bits, world, added))
         accelerator.wait_for_everyone()
         accelerator.end_training()

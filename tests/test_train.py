@@ -64,6 +64,21 @@ def test_finetune_from_an_official_checkpoint(music_dataset, tmp_path):
     assert moved, "fine-tuning changed nothing"
 
 
+def test_a_finetune_that_makes_the_model_worse_leaves_the_starting_model_as_best(music_dataset, tmp_path, caplog):
+    """best/ starts as the model the run starts from (validated at step 0): a learning rate that
+    wrecks the model leaves it there, with a warning, and `eval` of best/ is the starting model's."""
+    official = DATA / "official" / "small_v4.pt"
+    source = import_official(official)
+    with caplog.at_level("INFO", logger="s4music"):
+        result = train(tiny(music_dataset, tmp_path / "ft", mode="finetune", init=str(official), steps=2,
+                            model={}, lr=0.5, warmup=0, clip=0))
+    best = load_model(result.best)
+    assert best.summary["step"] == 0
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in best.state_dict().items())
+    assert load_model(result.model).summary["val_bits"] > best.summary["val_bits"]  # the run did get worse
+    assert any("no step beat the model it started from" in r.getMessage() for r in caplog.records)
+
+
 def test_reparam_preserves_the_function_and_reports_added_parameters(tmp_path, music_dataset):
     source = perturbed(import_official(DATA / "official" / "small_v4.pt"))
     x = torch.randint(0, 256, (2, 200))
