@@ -142,7 +142,8 @@ def load_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
     """
     path = Path(path)
     if not path.is_file():
-        raise AudioError(f"{path}: no such file")
+        why = "a directory, not an audio file" if path.is_dir() else "not a regular file" if path.exists() else "no such file"
+        raise AudioError(f"{path}: {why}")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file")
     if path.suffix.lower() in FFMPEG_FIRST and shutil.which("ffmpeg") is not None:

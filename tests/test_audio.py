@@ -66,6 +66,10 @@ def test_bad_files_are_clear_errors(tmp_path, content, reason):
         load_audio(path)
     with pytest.raises(AudioError, match="no such file"):
         load_audio(tmp_path / "absent.wav")
+    with pytest.raises(AudioError, match="a directory, not an audio file"):
+        load_audio(tmp_path)
+    with pytest.raises(AudioError, match="/dev/null: not a regular file"):
+        load_audio("/dev/null")
 
 
 def test_write_is_atomic(tmp_path):
