@@ -56,7 +56,7 @@ class Turn:
     silence_s: float  # when the quiet it answers began
     start_s: float
     end_s: float
-    ended: str  # "player returned", "max answer" or "input ended"
+    ended: str  # "player returned", "max answer", "input ended" or "stopped" (Ctrl-C)
     bits_per_sample: float
 
     def to_dict(self) -> dict:
@@ -248,10 +248,10 @@ class Jam:
         self.on_event(JamEvent("turn", turn.end_s, f"answer {turn.index + 1}: {turn.start_s:.2f}-{turn.end_s:.2f} s, "
                                                    f"{why}, {bits:.2f} bits/sample", turn))
 
-    def finish(self) -> None:
-        """The input has ended: close an answer that was playing."""
+    def finish(self, why: str = "input ended") -> None:
+        """The input has ended, or the jam was stopped: close an answer that was playing."""
         if self.answer is not None:
-            self._end_answer("input ended", self.clock)
+            self._end_answer(why, self.clock)
 
     def _guidance(self) -> None:
         """A one-line verdict on how well the model knows the input, first after guidance_after
@@ -316,15 +316,20 @@ def run_jam(source: Iterator[np.ndarray], model: str | Path | SaShiMi | None = N
         device = DeviceSink(sr) if play else None
         if device is not None:
             stack.callback(device.abort)  # does nothing once it has closed
-        for block in source:
-            answer = jam.feed(block)
-            if recording.output is not None:
-                recording.output.write(np.stack([block, answer], axis=1))
-            if not recording.started:  # the jam has begun: from here its outputs are kept however it stops
-                recording.started = turns.started = True
-                event(JamEvent("listening", jam.clock / sr, "listening"))
-            if device is not None:
-                device.write(answer)
+        try:
+            for block in source:
+                answer = jam.feed(block)
+                if recording.output is not None:
+                    recording.output.write(np.stack([block, answer], axis=1))
+                if not recording.started:  # the jam has begun: from here its outputs are kept however it stops
+                    recording.started = turns.started = True
+                    event(JamEvent("listening", jam.clock / sr, "listening"))
+                if device is not None:
+                    device.write(answer)
+        except KeyboardInterrupt:
+            with interrupts_deferred():  # the answer in progress goes into the log as it stopped
+                jam.finish("stopped")
+            raise
         jam.finish()
         if device is not None:
             device.close()  # what is queued plays to its end

@@ -169,6 +169,21 @@ def test_a_guided_answer_hands_back_the_state_that_heard_it_and_the_jam_goes_on(
     assert all(x.shape[0] == 1 for x in jam.state.s4) and jam.code.shape == (1,)
 
 
+def test_a_ctrl_c_during_an_answer_logs_the_answer_as_stopped(tiny_model, tmp_path):
+    music = synthesized_music(seconds=1.0)[:, 0]
+
+    def played():
+        yield from blocks_of(np.concatenate([music, np.zeros(SR, np.float32)]))  # the answer starts in the pause
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_jam(played(), tiny_model, JamOptions(seed=2, wait=0.2), record=tmp_path / "j.wav",
+                log=tmp_path / "t.jsonl", play=False)
+    (turn,) = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert turn["ended"] == "stopped" and turn["end_s"] == pytest.approx(2.0, abs=0.021)
+    assert sf.info(str(tmp_path / "j.wav")).duration == pytest.approx(2.0, abs=0.021)
+
+
 def test_input_the_model_finds_surprising_is_answered_with_its_rule_for_unfamiliar_prompts(tiny_model):
     music = synthesized_music(seconds=1.0)[:, 0]
     answers, heard = {}, None
