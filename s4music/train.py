@@ -518,11 +518,6 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         if checkpoint is not None:
             step, best = restore_training_state(read_state(checkpoint), optimizer, scheduler, mixture, scaler)
             log.info("resumed %s at step %d", checkpoint, step)
-        elif config.init and val_codes is not None:
-            start_bits = best = mean_bits(model, val_codes)
-            run.save_best(model, run.summary(0, start_bits, world, added))
-            log.info("step 0 (%s as it starts): val %.4f bits/sample; best/ keeps it until a step beats it",
-                     config.init, start_bits)
 
         ddp_model = accelerator.prepare(model)
         run.begin(step, world, gather_object([{"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}]))
@@ -532,6 +527,11 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         samples_per_step = config.batch_size * config.grad_accum * config.seq_len
         val_bits = None
         budget = Budget(config.max_minutes, config.eval_every) if config.max_minutes else None
+        if checkpoint is None and config.init and val_codes is not None:  # inside the budget's minutes
+            start_bits = best = mean_bits(model, val_codes)
+            run.save_best(model, run.summary(0, start_bits, world, added))
+            log.info("step 0 (%s as it starts): val %.4f bits/sample; best/ keeps it until a step beats it",
+                     config.init, start_bits)
         extra = 0.0  # seconds the last step spent validating and saving
         ddp_model.train()
         while step < config.steps:

@@ -375,14 +375,16 @@ def test_a_guided_continuation_records_its_rule_and_bad_rules_are_named(tiny_mod
             GenerateOptions(sampling=bad).check()
 
 
-def test_a_recommended_guidance_gives_way_to_context_seconds_asked_for(tiny_model, synth_prompt, tmp_path):
+def test_a_recommended_guidance_gives_way_to_context_seconds_asked_for(tiny_model, synth_prompt, tmp_path, caplog):
     """The bundled model recommends guidance; --context-seconds excludes it, so asking for
     re-anchoring drops the recommended guidance (it crashed the fused step), and the other way round.
     From nothing there is no prompt to guide by, and the sidecar says guidance was off."""
     net = load_model(tiny_model)
     net.summary = {**net.summary, "sampling": {"temperature": 0.8, "guidance": 2.0, "guidance_seconds": 0.0}}
-    result = continue_prompt(synth_prompt, tmp_path / "c.wav", net,
-                             GenerateOptions(seconds=1.2, seed=1, sampling=Sampling(context_seconds=0.5)))
+    with caplog.at_level("INFO", logger="s4music"):
+        result = continue_prompt(synth_prompt, tmp_path / "c.wav", net,
+                                 GenerateOptions(seconds=1.2, seed=1, sampling=Sampling(context_seconds=0.5)))
+    assert any("recommended guidance is off" in r.getMessage() for r in caplog.records)  # and it says so
     recorded = json.loads(result.sidecar.read_text())["sampling"]
     assert recorded["guidance"] == 1.0 and recorded["context_seconds"] == 0.5 and recorded["temperature"] == 0.8
     improvised = improvise(tmp_path / "i.wav", net, GenerateOptions(seconds=0.3, seed=1))

@@ -11,9 +11,12 @@ command-line option it comes from.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 from s4music.errors import S4MusicError
+
+log = logging.getLogger(__name__)
 
 MAX_SECONDS = 3600.0  # one take; longer runs would hold hours of codes for the degeneracy checks
 MAX_VARIATIONS = 1024
@@ -60,8 +63,8 @@ class Sampling:
         re-anchoring exclude each other (`problems`): a recommended one gives way to the other set here."""
         recommended = {**(summary.get("sampling") or {}), **((summary.get("sampling_unfamiliar") or {})
                                                              if unfamiliar else {})}
-        if self.context_seconds:
-            recommended.pop("guidance", None)
+        if self.context_seconds and recommended.pop("guidance", 1) != 1:
+            log.info("the model's recommended guidance is off: --context-seconds excludes it")
         if self.guidance not in (None, 1):
             recommended.pop("context_seconds", None)
         return Sampling(**{k: v if (v := getattr(self, k)) is not None else recommended.get(k, neutral)

@@ -11,7 +11,6 @@ The stages it runs, each in its own module:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -25,8 +24,6 @@ from s4music.generate.stream import Generation, ProgressFn
 from s4music.guidance import PromptReport
 from s4music.model.registry import load_model, resolve_model
 from s4music.model.sashimi import SaShiMi
-
-log = logging.getLogger(__name__)
 
 
 def open_model(spec: str | Path | None, device: str = "auto") -> tuple[SaShiMi, str]:
@@ -83,8 +80,6 @@ def _generation(net: SaShiMi, options: GenerateOptions, read: ReadPrompt | None,
     sampling = options.sampling.resolved(net.summary, unfamiliar=read is not None and read.report.unfamiliar)
     if read is None and sampling.guidance != 1:  # from nothing there is no prompt to guide by: say it is off
         sampling = dataclasses.replace(sampling, guidance=1.0)
-    elif options.sampling.context_seconds and (net.summary.get("sampling") or {}).get("guidance", 1) != 1:
-        log.info("the model's recommended guidance is off: --context-seconds excludes it")
     generation = Generation(stepper.net, stepper, options, sampling, seeds, read, on_progress, started=started)
     generation.timings.prefill_s = read.seconds if read else 0.0
     generation.timings.load_s = time.perf_counter() - started - generation.timings.prefill_s
