@@ -344,6 +344,36 @@ def test_the_fast_step_gives_the_plain_steps_loss_and_gradients(conv_chunk, comp
         assert abs(bits.item() - loss_a) < 0.01 * loss_a
 
 
+COMPILED_AGAINST_PLAIN = f"""
+import torch
+from s4music.model import SaShiMi, SaShiMiConfig
+from s4music.model.sashimi import code_bits
+torch.manual_seed(0)
+plain = SaShiMi(SaShiMiConfig.from_dict({FAST_TINY!r})).eval()
+fast = SaShiMi(SaShiMiConfig.from_dict({FAST_TINY!r})).eval()
+fast.load_state_dict(plain.state_dict())
+fast.fast_training(compile=True)
+codes = torch.randint(0, 256, (1, 512))
+with torch.no_grad():
+    a, b = (code_bits(m(m.shift_right(codes)), codes) for m in (plain, fast))
+print((a - b).abs().max().item())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs a CPU with AVX-512")
+def test_a_compiled_step_is_not_reused_at_another_vector_width(tmp_path):
+    """Inductor's FX-graph cache leaves the CPU vector width out of its key. A fast step compiled at
+    AVX-512, then loaded from the same cache with ATen capped at AVX2 (as `make test-sweep` runs),
+    gave NaN. compile_options names the width, so each gets its own graph."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    for capability in ("AVX512", "AVX2"):
+        env["ATEN_CPU_CAPABILITY"] = capability.lower()
+        out = subprocess.run([sys.executable, "-c", COMPILED_AGAINST_PLAIN], env=env, capture_output=True,
+                             text=True, check=True).stdout
+        assert float(out.split()[-1]) < 1e-4, (capability, out)
+
+
 @pytest.mark.slow
 def test_a_fast_run_resumes_exactly_as_it_would_have_gone_on(music_dataset, tmp_path):
     common = dict(model=FAST_TINY, fast=True, schedule="constant", eval_every=2, save_every=2)

@@ -175,6 +175,16 @@ def code_bits(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().transpose(1, 2), codes, reduction="none") / math.log(2)
 
 
+def compile_options() -> dict:
+    """torch.compile's inductor options for the fast training step. The CPU vector width ATen runs
+    at (ATEN_CPU_CAPABILITY can lower it) is named, so it enters inductor's FX-graph cache key: the
+    key leaves it out, and a graph compiled at one width, loaded at another, gave NaN or a corrupt
+    heap (tests/test_train.py, the fast step under each capability)."""
+    widths = {"AVX512": 512, "AVX2": 256}
+    width = widths.get(torch.backends.cpu.get_cpu_capability())
+    return {} if width is None else {"cpp.simdlen": width}
+
+
 @dataclass
 class SaShiMiState:
     """Everything `step` needs to continue after `t` samples.
@@ -274,17 +284,18 @@ class SaShiMi(nn.Module):
         many samples (`kernels.chunked_convolution`, in bf16 under bf16 autocast) instead of FFTs.
         (S4D kernels come from one blocked complex matrix product in every step: S4Kernel.blocked.)
         Returns the model."""
+        options = {"dynamic": False, "options": compile_options()}
         for block in self.s4_blocks():
             block.conv_chunk = conv_chunk
             if compile:
-                block.compiled_out = torch.compile(block._out, dynamic=False)
+                block.compiled_out = torch.compile(block._out, **options)
         if compile:
             for tier in self.tiers():
                 for layer in tier:
                     if layer.is_s4:
-                        layer.norm.compile(dynamic=False)
+                        layer.norm.compile(**options)
                     else:
-                        layer.compile(dynamic=False)
+                        layer.compile(**options)
         return self
 
     # ------------------------------------------------------------------ parallel
