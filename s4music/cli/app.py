@@ -47,7 +47,28 @@ def exit_codes(*own: str) -> str:
 
 EXIT_CODES = exit_codes("1 error", f"{FAR} (check, continue --strict)")
 
+class PlainFlags:
+    """Help that leaves the type column empty beside a flag: typer 0.29 writes `<bool>` there, as if
+    a flag took a value."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(PlainFlags, typer.core.TyperCommand):
+    pass
+
+
+class Group(PlainFlags, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=Group,
     add_completion=False,
     no_args_is_help=True,
     help="Continue music with SaShiMi, a multi-scale S4 state-space model over raw 16 kHz audio.\n\n" + EXIT_CODES,
@@ -84,7 +105,7 @@ def command(fn=None, *, name: str | None = None, inference: bool = False, exits:
             except S4MusicError as e:
                 fail(str(e), getattr(e, "exit_code", 1))
 
-        return app.command(name, epilog=exit_codes(*exits))(wrapper)
+        return app.command(name, cls=Command, epilog=exit_codes(*exits))(wrapper)
 
     return register(fn) if fn is not None else register
 
