@@ -10,7 +10,7 @@ import torch
 from s4music.audio import encode, load_audio
 from s4music.data.dataset import PreparedDataset, WindowMixture
 from s4music.data.format import DatasetError
-from s4music.data.prepare import PrepareOptions, prepare
+from s4music.data.prepare import PrepareOptions, assign_splits, prepare
 
 OPTS = dict(seconds=2.0)
 
@@ -53,6 +53,17 @@ def test_prepare_splits_by_source_stratified_and_reproducible(music, tmp_path):
     assert sorted((p.name, s) for p, s, _ in other_seed.added) != sorted((p.name, s) for p, s, _ in report.added)
     hours = sum(report.summary.values())
     assert hours == pytest.approx(sum(ds.count(s) for s in ("train", "val", "test")) * 2 / 3600)
+
+
+@pytest.mark.parametrize("files, test_fraction, warned", [(3, 0.06, " or give --test 0"), (3, 0.0, "add files"),
+                                                         (20, 0.06, None)])
+def test_a_small_collection_is_told_how_much_val_and_test_take(files, test_fraction, warned, caplog):
+    """Val and test take a file each however few there are: with 3 files, 2 of 3 are held out."""
+    new = [{"name": f"{i}.wav", "strata": {"folder": "mine"}} for i in range(files)]
+    with caplog.at_level("WARNING", logger="s4music"):
+        assign_splits([], new, PrepareOptions(test_fraction=test_fraction))
+    said = [r.getMessage() for r in caplog.records if "held out" in r.getMessage()]
+    assert said == [] if warned is None else said[0].endswith(warned), said
 
 
 def test_a_split_file_pins_the_files_it_lists(music, tmp_path):

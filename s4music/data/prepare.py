@@ -114,6 +114,11 @@ def assign_splits(existing: list[dict], new: list[dict], options: PrepareOptions
             short = [s for s in ("test", "val", "train") if have[s] < target[s]]
             src["split"] = short[0] if short else "train"
             have[src["split"]] += 1
+        held, n = have["val"] + have["test"], sum(have.values())
+        if free and held > 2 * (options.val_fraction + options.test_fraction) * n:
+            log.warning("%s: %d of its %d files are held out for val and test, which take at least one file "
+                        "each; for more to train on, add files%s", key or "the dataset", held, n,
+                        " or give --test 0" if options.test_fraction else "")
 
 
 def read_pinned_splits(path: str | Path) -> dict[str, str]:
