@@ -21,6 +21,14 @@ class TrainingError(S4MusicError):
     pass
 
 
+SCRATCH_LR = 4e-3  # the official SaShiMi learning rate
+# From trained weights the scratch rate undoes them: fine-tuning the bundled model at the default
+# batch on 0.36 h of recordings, 4e-3 with no warm-up took its validation bits from 3.12 to 19.7 in
+# 5 steps; 3e-4 after a warm-up moved them least of the rates tried (benchmarks/RESULTS.md).
+WEIGHTS_LR = 3e-4
+WEIGHTS_WARMUP = 20
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on; saved as config.yaml beside it."""
@@ -40,11 +48,11 @@ class TrainConfig:
     batch_size: int = 4  # windows per micro-batch, over all processes
     grad_accum: int = 1  # micro-batches per optimizer step
     steps: int = 1000  # optimizer steps
-    lr: float = 4e-3  # the official SaShiMi learning rate
-    ssm_lr: float = 1e-3  # A, P, B, dt: the official S4 group (no weight decay)
+    lr: float | None = None  # None: SCRATCH_LR from scratch, WEIGHTS_LR from weights (--from)
+    ssm_lr: float | None = None  # A, P, B, dt (no weight decay); None: lr / 4, as the official 4e-3 and 1e-3
     weight_decay: float = 0.0
     schedule: str = "cosine"  # cosine, plateau or constant
-    warmup: int = 0  # linear warm-up steps
+    warmup: int | None = None  # linear warm-up steps; None: none from scratch, WEIGHTS_WARMUP from weights
     plateau_patience: int = 3  # evaluations without improvement before the LR halves
     clip: float = 1.0  # gradient norm clip (0: off)
     precision: str = "no"  # no, bf16 or fp16 (GPU only) autocast (the FFTs stay in fp32)
@@ -71,6 +79,13 @@ class TrainConfig:
                 raise TrainingError(f"{name}={value!r}: use one of {', '.join(allowed)}")
         if self.mode != "scratch" and not self.init:
             raise TrainingError(f"mode {self.mode} needs a checkpoint to start from (--from)")
+        scratch = self.mode == "scratch"
+        if self.lr is None:
+            self.lr = SCRATCH_LR if scratch else WEIGHTS_LR
+        if self.ssm_lr is None:
+            self.ssm_lr = self.lr / 4
+        if self.warmup is None:
+            self.warmup = 0 if scratch else WEIGHTS_WARMUP
         if not self.data:
             raise TrainingError("no training data: give --data DATASET (built by `s4music prepare`)")
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "keep_last"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import DATA, perturbed
 from safetensors.torch import load_file
 
@@ -51,6 +52,22 @@ def test_scratch_training_beats_the_unigram_baseline(music_dataset, tmp_path):
     saved = TrainConfig.load(tmp_path / "run" / "config.yaml")
     assert saved == config
     assert load_model(result.model).summary["seed"] == 0
+
+
+def test_a_run_from_weights_takes_a_gentler_learning_rate_than_one_from_scratch(music_dataset, tmp_path):
+    """From --from: 3e-4 with a 20-step warm-up; from scratch the official 4e-3, no warm-up; the S4
+    group a quarter of either; what is given is kept, and the resolved values are what config.yaml
+    keeps, so a resume trains on at the same rates."""
+    official = str(DATA / "official" / "small_v4.pt")
+    rates = lambda c: (c.lr, c.ssm_lr, c.warmup)  # noqa: E731
+    assert rates(tiny(music_dataset, tmp_path / "a")) == (4e-3, 1e-3, 0)
+    assert rates(tiny(music_dataset, tmp_path / "b", mode="finetune", init=official)) == (3e-4, 7.5e-5, 20)
+    assert rates(tiny(music_dataset, tmp_path / "c", mode="reparam", init=official)) == (3e-4, 7.5e-5, 20)
+    given = tiny(music_dataset, tmp_path / "d", mode="finetune", init=official, lr=2e-3, ssm_lr=1e-4, warmup=5)
+    assert rates(given) == (2e-3, 1e-4, 5)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(given.to_dict()))
+    assert rates(TrainConfig.load(path)) == (2e-3, 1e-4, 5)
 
 
 def test_finetune_from_an_official_checkpoint(music_dataset, tmp_path):

@@ -35,7 +35,7 @@ from s4music.generate.options import (GenerateOptions, GenerationError, Output, 
                                       StepOptions)
 from s4music.jam_options import JamOptions
 from s4music.model.registry import DEFAULT_NAME
-from s4music.train_config import TrainConfig
+from s4music.train_config import SCRATCH_LR, WEIGHTS_LR, WEIGHTS_WARMUP, TrainConfig
 
 FAR = "2 prompt judged far from the model's music"
 
@@ -486,8 +486,10 @@ def train(
     batch_size: int = typer.Option(None, help=default("Windows per micro-batch over all processes.",
                                                       TrainConfig.batch_size)),
     grad_accum: int = typer.Option(None, help=default("Micro-batches per optimizer step.", TrainConfig.grad_accum)),
-    lr: float = typer.Option(None, help=default(f"Learning rate (SSM parameters use ssm_lr, {TrainConfig.ssm_lr}).",
-                                                TrainConfig.lr)),
+    lr: float = typer.Option(None, help=f"Learning rate; the S4 parameters take a quarter of it (ssm_lr). "
+                                        f"[default: {SCRATCH_LR:g} from scratch, {WEIGHTS_LR:g} from --from]"),
+    warmup: int = typer.Option(None, help=f"Steps of linear learning-rate warm-up. "
+                                          f"[default: 0 from scratch, {WEIGHTS_WARMUP} from --from]"),
     precision: str = typer.Option(None, help=default("no, bf16, or fp16 (GPU only) autocast.", TrainConfig.precision)),
     fast: bool = typer.Option(None, "--fast/--plain", help="The fast training step: element-wise chains fused by "
                                                             "torch.compile (the same function; compiles for up to a "
@@ -513,9 +515,9 @@ def train(
 
     cfg = TrainConfig.load(
         config, overrides, resume=resume, data=data or None, out=str(out) if out else None, mode=mode, init=init,
-        steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, precision=precision,
-        fast=fast, conv_chunk=conv_chunk, max_minutes=max_minutes, seed=seed, groups=groups, untie_pb=untie_pb,
-        dt_per_state=dt_per_state)
+        steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
+        precision=precision, fast=fast, conv_chunk=conv_chunk, max_minutes=max_minutes, seed=seed, groups=groups,
+        untie_pb=untie_pb, dt_per_state=dt_per_state)
     console.print(f"run {cfg.out}: {cfg.mode}, seed {cfg.seed}", highlight=False)
     with progress_bar(info=True) as bar:
         task = bar.add_task("training", total=cfg.steps, info="")
