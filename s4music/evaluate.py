@@ -27,6 +27,7 @@ import torch
 from s4music.audio import decode, spectral_flatness
 from s4music.data.dataset import PreparedDataset
 from s4music.data.format import stratum_key
+from s4music.dsp import dbfs, loudness_lufs
 from s4music.errors import S4MusicError
 from s4music.eval_options import EvalOptions
 from s4music.model.fast import reader
@@ -61,12 +62,13 @@ class EvalReport:
     overall: StratumResult
     interval: tuple[float, float]  # bootstrap 95% interval of the overall model bits/sample
     flatness: dict[str, float] = field(default_factory=dict)  # spectral flatness of the windows: FLATNESS_QUANTILES
+    level: dict[str, float | None] = field(default_factory=dict)  # the windows' loudness: audio_level
     per_source: dict[str, tuple[float, int]] = field(default_factory=dict)  # source -> (bits sum, samples)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "dataset": self.dataset, "split": self.split, "context": self.context,
                 "strata": [asdict(r) for r in self.strata], "overall": asdict(self.overall),
-                "interval_95": list(self.interval), "flatness": self.flatness}
+                "interval_95": list(self.interval), "flatness": self.flatness, "level": self.level}
 
 
 def entropy_bits(counts: np.ndarray) -> float:
@@ -150,11 +152,23 @@ def evaluate(model_path: str | Path, data: str | Path, options: EvalOptions | No
         sources[row["source"]].append(i)
     per_source = {s: (float(model_sums[idx].sum()), len(idx) * width) for s, idx in sources.items()}
     interval = bootstrap_interval(list(per_source.values()), options.bootstrap, options.seed)
-    flat = [spectral_flatness(decode(torch.from_numpy(np.array(w)), dataset.quantization)) for w in windows]
+    waves = [decode(torch.from_numpy(np.array(w)), dataset.quantization) for w in windows]
+    flat = [spectral_flatness(w) for w in waves]
     quantiles = np.percentile(flat, list(FLATNESS_QUANTILES.values()))
     return EvalReport(model=str(model_path), dataset=str(dataset.root), split=split, context=context,
                       strata=strata, overall=overall, interval=interval, per_source=per_source,
-                      flatness={k: float(v) for k, v in zip(FLATNESS_QUANTILES, quantiles, strict=True)})
+                      flatness={k: float(v) for k, v in zip(FLATNESS_QUANTILES, quantiles, strict=True)},
+                      level=audio_level(waves, dataset.sample_rate))
+
+
+def audio_level(waves: list[torch.Tensor], sample_rate: int) -> dict[str, float | None]:
+    """How loud the scored audio is, for `generate` to set an improvisation's gain by: integrated
+    loudness (LUFS) of the windows one after another, and the median window's peak (dBFS; the
+    loudest window's peak is nearly full scale in 8-bit mu-law, whatever the music)."""
+    peaks = [float(w.abs().max()) for w in waves]
+    peak = float(np.median(peaks)) if peaks else 0.0
+    return {"lufs": loudness_lufs(torch.cat(waves), sample_rate) if waves else None,
+            "peak_dbfs": dbfs(peak) if peak > 0 else None}
 
 
 def bootstrap_interval(units: list[tuple[float, int]], rounds: int, seed: int) -> tuple[float, float]:
@@ -179,5 +193,5 @@ def record_result(checkpoint: str | Path, report: EvalReport) -> None:
     update_summary(checkpoint, {"test_bits": o.model_bits, "eval": {
         "dataset": Path(report.dataset).name, "split": report.split, "context": report.context, "windows": o.windows,
         "model_bits": o.model_bits, "unigram_bits": o.unigram_bits, "bigram_bits": o.bigram_bits,
-        "interval_95": list(report.interval), "flatness": report.flatness,
+        "interval_95": list(report.interval), "flatness": report.flatness, "level": report.level,
         "strata": [vars(r) for r in report.strata]}})

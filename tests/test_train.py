@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from s4music.data.prepare import PrepareOptions, prepare
 from s4music.eval_options import EvalOptions
 from s4music.evaluate import EvalError, evaluate
+from s4music.generate.stream import TARGET_LUFS, Level
 from s4music.model import import_official, load_model, save_model
 from s4music.model.reparam import untie
 from s4music.options import OptionError
@@ -299,6 +300,12 @@ def test_eval_reports_strata_baselines_and_interval(music_dataset, tmp_path):
     flatness = [report["flatness"][k] for k in ("min", "p5", "median", "p95", "max")]
     assert 0 < flatness[0] and flatness == sorted(flatness) and flatness[-1] < 0.35  # rendered music, not noise
     assert summary["eval"]["flatness"] == report["flatness"]
+    # how loud the test audio is: `generate` sets an improvisation's gain by it
+    assert -40 < report["level"]["lufs"] < -5 and -30 < report["level"]["peak_dbfs"] <= 0
+    assert summary["eval"]["level"] == report["level"]
+    level = Level.choose("loudness", load_model(result.model), None)
+    assert level.reference == "model's test audio (loudness)"
+    assert level.gain_db == pytest.approx(TARGET_LUFS - report["level"]["lufs"])
 
 
 def test_missing_dataset_or_checkpoint_is_one_line_and_leaves_no_run(tmp_path, music_dataset):
