@@ -16,6 +16,7 @@ independent, so resampling windows would understate the uncertainty).
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -152,22 +153,27 @@ def evaluate(model_path: str | Path, data: str | Path, options: EvalOptions | No
         sources[row["source"]].append(i)
     per_source = {s: (float(model_sums[idx].sum()), len(idx) * width) for s, idx in sources.items()}
     interval = bootstrap_interval(list(per_source.values()), options.bootstrap, options.seed)
-    waves = [decode(torch.from_numpy(np.array(w)), dataset.quantization) for w in windows]
-    flat = [spectral_flatness(w) for w in waves]
+    flat, lufs, peaks = [], [], []
+    for w in windows:  # one window decoded at a time: a test split can hold hours
+        wave = decode(torch.from_numpy(np.array(w)), dataset.quantization)
+        flat.append(spectral_flatness(wave))
+        lufs.append(loudness_lufs(wave, dataset.sample_rate))
+        peaks.append(float(wave.abs().max()))
     quantiles = np.percentile(flat, list(FLATNESS_QUANTILES.values()))
     return EvalReport(model=str(model_path), dataset=str(dataset.root), split=split, context=context,
                       strata=strata, overall=overall, interval=interval, per_source=per_source,
                       flatness={k: float(v) for k, v in zip(FLATNESS_QUANTILES, quantiles, strict=True)},
-                      level=audio_level(waves, dataset.sample_rate))
+                      level=audio_level(lufs, peaks))
 
 
-def audio_level(waves: list[torch.Tensor], sample_rate: int) -> dict[str, float | None]:
-    """How loud the scored audio is, for `generate` to set an improvisation's gain by: integrated
-    loudness (LUFS) of the windows one after another, and the median window's peak (dBFS; the
-    loudest window's peak is nearly full scale in 8-bit mu-law, whatever the music)."""
-    peaks = [float(w.abs().max()) for w in waves]
+def audio_level(lufs: list[float | None], peaks: list[float]) -> dict[str, float | None]:
+    """How loud the scored audio is, for `generate` to set an improvisation's gain by, from each
+    window's integrated loudness (None where silent) and peak: the power mean of the loudness
+    (LUFS) and the median window's peak (dBFS; the loudest window's peak is near full scale in 8-bit
+    mu-law, whatever the music)."""
+    powers = [10 ** (v / 10) for v in lufs if v is not None]
     peak = float(np.median(peaks)) if peaks else 0.0
-    return {"lufs": loudness_lufs(torch.cat(waves), sample_rate) if waves else None,
+    return {"lufs": 10 * math.log10(sum(powers) / len(powers)) if powers else None,
             "peak_dbfs": dbfs(peak) if peak > 0 else None}
 
 
