@@ -18,7 +18,7 @@ S4=.venv/bin/s4music
 # 1. Open data: public-domain scores from the music21 corpus, rendered on the GM piano (TimGM6mb),
 #    cut into 4 s windows (stage 1, evaluation) and 8 s windows (stage 2) of the same split.
 .venv/bin/python examples/corpus_midi.py "$WORK/midi" --chorales 150
-$S4 render-midi "$WORK/midi" -o "$WORK/audio" --instrument piano --max-seconds 120
+$S4 render-midi "$WORK/midi" -o "$WORK/audio" --instrument piano --soundfont timgm6mb --max-seconds 120
 $S4 prepare "$WORK/audio" -o "$WORK/data" --seconds 4.096 --val 0.05 --test 0.05 --seed 0 \
     --splits examples/default_model_splits.json
 $S4 prepare "$WORK/audio" -o "$WORK/data8" --seconds 8.192 --val 0.05 --test 0.05 --seed 0 \
