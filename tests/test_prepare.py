@@ -55,13 +55,22 @@ def test_prepare_splits_by_source_stratified_and_reproducible(music, tmp_path):
     assert hours == pytest.approx(sum(ds.count(s) for s in ("train", "val", "test")) * 2 / 3600)
 
 
-@pytest.mark.parametrize("files, test_fraction, warned", [(3, 0.06, " or give --test 0"), (3, 0.0, "add files"),
-                                                         (20, 0.06, None)])
-def test_a_small_collection_is_told_how_much_val_and_test_take(files, test_fraction, warned, caplog):
+@pytest.mark.parametrize("files, test_fraction, pinned, before, warned", [
+    (3, 0.06, 0, 0, "val and test take at least one file each; for more to train on, add files or give --test 0"),
+    (3, 0.0, 0, 0, "val takes at least one file each; for more to train on, add files"),
+    (20, 0.06, 0, 0, None),  # 6% of 20 rounds to a file: the fractions as asked
+    (2, 0.06, 0, 0, None),  # under 3 files all train
+    (3, 0.06, 1, 0, None),  # a split file decides
+    (1, 0.06, 0, 3, None),  # said when the stratum was new, not again for each file added
+])
+def test_a_small_collection_is_told_how_much_val_and_test_take(files, test_fraction, pinned, before, warned, caplog):
     """Val and test take a file each however few there are: with 3 files, 2 of 3 are held out."""
     new = [{"name": f"{i}.wav", "strata": {"folder": "mine"}} for i in range(files)]
+    existing = [{"name": f"old{i}.wav", "strata": {"folder": "mine"}, "split": s}
+                for i, s in enumerate(["train", "val", "test"][:before])]
+    options = PrepareOptions(test_fraction=test_fraction, pinned={f"{i}.wav": "test" for i in range(pinned)})
     with caplog.at_level("WARNING", logger="s4music"):
-        assign_splits([], new, PrepareOptions(test_fraction=test_fraction))
+        assign_splits(existing, new, options)
     said = [r.getMessage() for r in caplog.records if "held out" in r.getMessage()]
     assert said == [] if warned is None else said[0].endswith(warned), said
 

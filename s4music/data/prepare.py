@@ -114,11 +114,13 @@ def assign_splits(existing: list[dict], new: list[dict], options: PrepareOptions
             short = [s for s in ("test", "val", "train") if have[s] < target[s]]
             src["split"] = short[0] if short else "train"
             have[src["split"]] += 1
-        held, n = have["val"] + have["test"], sum(have.values())
-        if free and held > 2 * (options.val_fraction + options.test_fraction) * n:
-            log.warning("%s: %d of its %d files are held out for val and test, which take at least one file "
-                        "each; for more to train on, add files%s", key or "the dataset", held, n,
-                        " or give --test 0" if options.test_fraction else "")
+        n, held = sum(have.values()), have["val"] + have["test"]
+        forced = [s for s, f in (("val", options.val_fraction), ("test", options.test_fraction))
+                  if f > 0 and round(n * f) == 0]
+        if forced and held and len(free) == n:  # a new stratum, split by the fractions alone
+            log.warning("%s: %d of its %d files are held out, as %s take%s at least one file each; for more to "
+                        "train on, add files%s", key, held, n, " and ".join(forced),
+                        "" if len(forced) > 1 else "s", " or give --test 0" if "test" in forced else "")
 
 
 def read_pinned_splits(path: str | Path) -> dict[str, str]:
