@@ -196,11 +196,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=config.plateau_patience)
 
     def factor(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
+        # a run fitted into minutes warms up over at most a fifth of the steps that fit
+        warmup = config.warmup if config.max_minutes is None else min(config.warmup, config.steps // 5)
+        if step < warmup:
+            return (step + 1) / warmup
         if config.schedule == "constant":
             return 1.0
-        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        progress = (step - warmup) / max(1, config.steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -35,7 +35,7 @@ class TrainConfig:
 
     data: list[str] = field(default_factory=list)  # prepared datasets, "path" or "path:weight"
     out: str = "runs/s4music"
-    mode: str = "scratch"
+    mode: str | None = None  # scratch, finetune or reparam; None: finetune with init, scratch without
     init: str | None = None  # the checkpoint finetune and reparam start from (--from)
     model: dict[str, Any] = field(default_factory=dict)  # SaShiMiConfig fields, for scratch
     domain: str | None = None  # what the data is, in words; prompt guidance quotes it in its advice
@@ -70,6 +70,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
 
     def __post_init__(self) -> None:
+        if self.mode is None:
+            self.mode = "finetune" if self.init else "scratch"
         checks = {
             "mode": (self.mode, MODES), "schedule": (self.schedule, ("cosine", "plateau", "constant")),
             "precision": (self.precision, ("no", "bf16", "fp16")), "log": (self.log, ("csv", "tensorboard")),
@@ -79,6 +81,9 @@ class TrainConfig:
                 raise TrainingError(f"{name}={value!r}: use one of {', '.join(allowed)}")
         if self.mode != "scratch" and not self.init:
             raise TrainingError(f"mode {self.mode} needs a checkpoint to start from (--from)")
+        if self.mode == "scratch" and self.init:
+            raise TrainingError(f"mode scratch starts from nothing, not {self.init}: leave out --mode (or give "
+                                "--mode finetune) to start from it")
         scratch = self.mode == "scratch"
         if self.lr is None:
             self.lr = SCRATCH_LR if scratch else WEIGHTS_LR

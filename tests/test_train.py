@@ -55,20 +55,39 @@ def test_scratch_training_beats_the_unigram_baseline(music_dataset, tmp_path):
     assert load_model(result.model).summary["seed"] == 0
 
 
-def test_a_run_from_weights_takes_a_gentler_learning_rate_than_one_from_scratch(music_dataset, tmp_path):
-    """From --from: 3e-4 with a 20-step warm-up; from scratch the official 4e-3, no warm-up; the S4
-    group a quarter of either; what is given is kept, and the resolved values are what config.yaml
-    keeps, so a resume trains on at the same rates."""
+def test_a_run_from_weights_takes_a_gentler_learning_rate_than_one_from_scratch(tmp_path):
+    """--from alone fine-tunes, at 3e-4 with a 20-step warm-up; from scratch the official 4e-3, no
+    warm-up; the S4 group a quarter of either; what is given is kept, and config.yaml keeps the
+    resolved values, so a resume trains on at the same rates."""
     official = str(DATA / "official" / "small_v4.pt")
-    rates = lambda c: (c.lr, c.ssm_lr, c.warmup)  # noqa: E731
-    assert rates(tiny(music_dataset, tmp_path / "a")) == (4e-3, 1e-3, 0)
-    assert rates(tiny(music_dataset, tmp_path / "b", mode="finetune", init=official)) == (3e-4, 7.5e-5, 20)
-    assert rates(tiny(music_dataset, tmp_path / "c", mode="reparam", init=official)) == (3e-4, 7.5e-5, 20)
-    given = tiny(music_dataset, tmp_path / "d", mode="finetune", init=official, lr=2e-3, ssm_lr=1e-4, warmup=5)
-    assert rates(given) == (2e-3, 1e-4, 5)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(given.to_dict()))
-    assert rates(TrainConfig.load(path)) == (2e-3, 1e-4, 5)
+    rates = lambda c: (c.mode, c.lr, c.ssm_lr, c.warmup)  # noqa: E731
+    assert rates(TrainConfig(data=["d"])) == ("scratch", 4e-3, 1e-3, 0)
+    tuned = TrainConfig(data=["d"], init=official)
+    assert rates(tuned) == ("finetune", 3e-4, 7.5e-5, 20)
+    assert rates(TrainConfig(data=["d"], mode="reparam", init=official)) == ("reparam", 3e-4, 7.5e-5, 20)
+    given = TrainConfig(data=["d"], init=official, lr=2e-3, ssm_lr=1e-4, warmup=5)
+    assert rates(given) == ("finetune", 2e-3, 1e-4, 5)
+    for config in (tuned, given):
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config.to_dict()))
+        assert TrainConfig.load(path) == config
+    with pytest.raises(TrainingError, match="mode scratch starts from nothing"):
+        TrainConfig(data=["d"], mode="scratch", init=official)
+
+
+def test_a_run_fitted_into_minutes_warms_up_over_at_most_a_fifth_of_its_steps():
+    def first_factors(**kw):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = make_scheduler(optimizer, TrainConfig(data=["d"], warmup=20, steps=10, **kw))
+        factors = []
+        for _ in range(3):
+            factors.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return factors
+
+    assert first_factors() == pytest.approx([1 / 20, 2 / 20, 3 / 20])  # as asked
+    assert first_factors(max_minutes=1.0)[:2] == pytest.approx([1 / 2, 1.0])  # 2 of the 10 steps
 
 
 def test_finetune_from_an_official_checkpoint(music_dataset, tmp_path):

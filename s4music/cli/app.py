@@ -476,7 +476,7 @@ def train(
     data: list[str] = typer.Option(None, "--data", "-d",
                                    help="Prepared dataset, optionally with a mixture weight: path[:weight]. Repeatable."),
     out: Path = typer.Option(None, "--out", "-o", help=default("Run directory.", TrainConfig.out)),
-    mode: str = typer.Option(None, help=default("scratch, finetune or reparam.", TrainConfig.mode)),
+    mode: str = typer.Option(None, help="scratch, finetune or reparam. [default: finetune with --from, else scratch]"),
     init: str = typer.Option(None, "--from", help="Checkpoint to start from: a model name, an s4music directory "
                                                   "or an official .pt."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML training config; options given here override it."),
@@ -486,7 +486,7 @@ def train(
     batch_size: int = typer.Option(None, help=default("Windows per micro-batch over all processes.",
                                                       TrainConfig.batch_size)),
     grad_accum: int = typer.Option(None, help=default("Micro-batches per optimizer step.", TrainConfig.grad_accum)),
-    lr: float = typer.Option(None, help=f"Learning rate; the S4 parameters take a quarter of it (ssm_lr). "
+    lr: float = typer.Option(None, help=f"Learning rate; the S4 parameters take a quarter of it unless ssm_lr is set. "
                                         f"[default: {SCRATCH_LR:g} from scratch, {WEIGHTS_LR:g} from --from]"),
     warmup: int = typer.Option(None, help=f"Steps of linear learning-rate warm-up. "
                                           f"[default: 0 from scratch, {WEIGHTS_WARMUP} from --from]"),
