@@ -47,6 +47,7 @@ def exit_codes(*own: str) -> str:
 
 EXIT_CODES = exit_codes("1 error", f"{FAR} (check, continue --strict)")
 
+
 class PlainFlags:
     """Help that leaves the type column empty beside a flag: typer 0.29 writes `<bool>` there, as if
     a flag took a value."""
