@@ -186,7 +186,7 @@ def report_failures(failures: list[tuple[str, str]], done: int, what: str, any_f
 
 def default(text: str, value) -> str:
     """Help text that states the library's default."""
-    return f"{text} [default: {value}]"
+    return f"{text} \\[default: {value}]"  # escaped: typer reads help as rich markup, where [...] is a style
 
 
 SHARD_HELP = ("Only shard i of n, 1-based (1/n to n/n): the files at sorted positions i-1, i-1+n, ... "
@@ -477,7 +477,7 @@ def train(
     data: list[str] = typer.Option(None, "--data", "-d",
                                    help="Prepared dataset, optionally with a mixture weight: path[:weight]. Repeatable."),
     out: Path = typer.Option(None, "--out", "-o", help=default("Run directory.", TrainConfig.out)),
-    mode: str = typer.Option(None, help="scratch, finetune or reparam. [default: finetune with --from, else scratch]"),
+    mode: str = typer.Option(None, help=r"scratch, finetune or reparam. \[default: finetune with --from, else scratch]"),
     init: str = typer.Option(None, "--from", help="Checkpoint to start from: a model name, an s4music directory "
                                                   "or an official .pt."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML training config; options given here override it."),
@@ -487,10 +487,10 @@ def train(
     batch_size: int = typer.Option(None, help=default("Windows per micro-batch over all processes.",
                                                       TrainConfig.batch_size)),
     grad_accum: int = typer.Option(None, help=default("Micro-batches per optimizer step.", TrainConfig.grad_accum)),
-    lr: float = typer.Option(None, help=f"Learning rate; the S4 parameters take a quarter of it unless ssm_lr is set. "
-                                        f"[default: {SCRATCH_LR:g} from scratch, {WEIGHTS_LR:g} from --from]"),
-    warmup: int = typer.Option(None, help=f"Steps of linear learning-rate warm-up. "
-                                          f"[default: 0 from scratch, {WEIGHTS_WARMUP} from --from]"),
+    lr: float = typer.Option(None, help="Learning rate; the S4 parameters take a quarter of it unless ssm_lr is set. "
+                                        rf"\[default: {SCRATCH_LR:g} from scratch, {WEIGHTS_LR:g} from --from]"),
+    warmup: int = typer.Option(None, help="Steps of linear learning-rate warm-up. "
+                                          rf"\[default: 0 from scratch, {WEIGHTS_WARMUP} from --from]"),
     precision: str = typer.Option(None, help=default("no, bf16, or fp16 (GPU only) autocast.", TrainConfig.precision)),
     fast: bool = typer.Option(None, "--fast/--plain", help="The fast training step: element-wise chains fused by "
                                                             "torch.compile (the same function; compiles for up to a "
