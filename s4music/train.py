@@ -347,6 +347,10 @@ class Budget:
 # ---------------------------------------------------------------------------------- the run directory
 
 
+# What a run from weights keeps of its starting model's summary: the sampling rules chosen for it.
+CARRIED = ("sampling", "sampling_unfamiliar")
+
+
 class RunDirectory:
     """A run's folder and its chores, apart from the loop: one writer at a time (the main process;
     the others hold and write nothing), what a killed writer left half-written removed, the
@@ -356,6 +360,7 @@ class RunDirectory:
     def __init__(self, config: TrainConfig, main: bool):
         self.out, self.config, self.main = Path(config.out), config, main
         self.runlog: RunLog | None = None
+        self.carried: dict = {}  # summary keys of the starting model that its saves keep (CARRIED)
         self._lock = DirectoryLock(self.out, "training run") if main else contextlib.nullcontext()
 
     def __enter__(self) -> RunDirectory:
@@ -394,10 +399,13 @@ class RunDirectory:
         self.runlog = RunLog(self.out, self.config.log, step)
 
     def summary(self, step: int, val_bits: float | None, world: int, added: int) -> dict:
-        """What a saved model records about the run."""
+        """What a saved model records about the run, and the sampling rules of the model it started
+        from (`carried`): without them a fine-tune, even best/ at step 0, would sample at the neutral
+        rule, not at the one chosen for those weights."""
         c = self.config
         return {"mode": c.mode, "from": c.init, "data": c.data, "step": step, "seed": c.seed, "val_bits": val_bits,
-                "world_size": world, "added_parameters": added, **({"domain": c.domain} if c.domain else {})}
+                "world_size": world, "added_parameters": added, **({"domain": c.domain} if c.domain else {}),
+                **self.carried}
 
     def record(self, row: dict) -> None:
         if self.runlog is not None:
@@ -507,6 +515,7 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         if checkpoint is not None:
             model = load_model(checkpoint).train()
             added = model.summary.get("added_parameters", 0)
+        run.carried = {k: model.summary[k] for k in CARRIED if k in model.summary}
         model.gradient_checkpointing = config.gradient_checkpointing
         model.to(device)  # before the optimizer, so its restored state lands beside the weights
         if config.fast:
@@ -569,8 +578,11 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
                 plans = accelerator.gather(mine) if world > 1 else mine
                 planned = int(plans[plans >= 0].min().item()) if (plans >= 0).any() else -1
                 if planned >= 0 and planned != config.steps:  # every rank plans alike (the slowest's figure)
-                    log.info("step %d: %.2f s a step; %d steps fit in %g minutes", step, budget.per_step,
-                             int(planned), config.max_minutes)
+                    if budget.per_step is None:  # out of time before the first steps were timed
+                        log.info("step %d: out of the %g minutes; stopping", step, config.max_minutes)
+                    else:
+                        log.info("step %d: %.2f s a step; %d steps fit in %g minutes", step, budget.per_step,
+                                 int(planned), config.max_minutes)
                     config.steps = int(planned)  # the cosine schedule reads config.steps
             val_bits = None
             if val_codes is not None and (step % config.eval_every == 0 or step == config.steps):
@@ -601,7 +613,7 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
 
         if start_bits is not None and best >= start_bits:
             log.warning("%s: no step beat the model it started from on validation (%.4f bits/sample), so best/ is "
-                        "that model; try a lower --lr, more --warmup or more data", out, start_bits)
+                        "that model; try more steps or minutes, more data, or a lower --lr", out, start_bits)
         final = run.finish(model, run.summary(step, val_bits, world, added))
         accelerator.wait_for_everyone()
         accelerator.end_training()

@@ -116,6 +116,25 @@ def test_a_finetune_that_makes_the_model_worse_leaves_the_starting_model_as_best
     assert any("no step beat the model it started from" in r.getMessage() for r in caplog.records)
 
 
+def test_a_finetune_keeps_the_sampling_rules_of_the_model_it_started_from(music_dataset, tmp_path):
+    """best/ at step 0 is the starting model's weights: it should sample as that model does, and so
+    should what the run makes of them, until a rule is chosen for it."""
+    rules = {"sampling": {"temperature": 0.8, "guidance": 2.0}, "sampling_unfamiliar": {"typical": 0.9}}
+    start = save_model(perturbed(import_official(DATA / "official" / "small_v4.pt")), tmp_path / "start",
+                       summary={**rules, "test_bits": 3.0})
+    result = train(tiny(music_dataset, tmp_path / "ft", init=str(start), steps=2, model={}))
+    for saved in (result.best, result.model):
+        summary = load_model(saved).summary
+        assert {k: summary.get(k) for k in rules} == rules and "test_bits" not in summary, saved
+
+
+def test_a_budget_spent_before_the_first_steps_are_timed_stops_and_saves(music_dataset, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="s4music.train"):
+        result = train(tiny(music_dataset, tmp_path / "run", steps=10**6, max_minutes=1e-4, save_every=10**6))
+    assert result.step < 5 and (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert any("out of the 0.0001 minutes" in r.getMessage() for r in caplog.records)
+
+
 def test_reparam_preserves_the_function_and_reports_added_parameters(tmp_path, music_dataset):
     source = perturbed(import_official(DATA / "official" / "small_v4.pt"))
     x = torch.randint(0, 256, (2, 200))
