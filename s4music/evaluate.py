@@ -118,7 +118,9 @@ def evaluate(model_path: str | Path, data: str | Path, options: EvalOptions | No
     if max_windows is not None:
         windows, rows = windows[:max_windows], rows[:max_windows]
     if len(windows) == 0:
-        raise EvalError(f"{dataset.root}: the {split} split is empty")
+        others = [s for s in ("test", "val", "train") if s != split and dataset.count(s)]
+        hint = f"; score another with --split {others[0]}" if others else ""
+        raise EvalError(f"{dataset.root}: the {split} split is empty{hint}")
     context = options.context or dataset.window
     if context < 1:
         raise EvalError(f"context must be positive, not {context}")

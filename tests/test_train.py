@@ -344,6 +344,13 @@ def test_eval_reports_strata_baselines_and_interval(music_dataset, tmp_path):
     level = Level.choose("loudness", load_model(result.model), None)
     assert level.reference == "model's test audio (loudness)"
     assert level.gain_db == pytest.approx(TARGET_LUFS - report["level"]["lufs"])
+    # two steps from scratch have learned nothing: the table says so; a run directory is not a model
+    table = subprocess.run([*S4MUSIC, "eval", str(result.model), "--data", str(music_dataset), "--context", "4096"],
+                           capture_output=True, text=True)
+    assert overall["model_bits"] > overall["bigram_bits"] and "no better here than the bigram" in table.stderr
+    run = subprocess.run([*S4MUSIC, "eval", str(tmp_path / "run"), "--data", str(music_dataset)],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and f"its models are {tmp_path / 'run' / 'best'}" in " ".join(run.stderr.split())
 
 
 def test_missing_dataset_or_checkpoint_is_one_line_and_leaves_no_run(tmp_path, music_dataset):

@@ -570,8 +570,13 @@ def eval_command(
         table.add_row(r.stratum, str(r.windows), f"{r.model_bits:.4f}", f"{r.unigram_bits:.4f}", f"{r.bigram_bits:.4f}")
     Console().print(table)
     lo, hi = report.interval
-    Console().print(f"model: {report.overall.model_bits:.4f} bits/sample, 95% interval [{lo:.4f}, {hi:.4f}] "
-                    f"(bootstrap over {len(report.per_source)} source files)")
+    sources = len(report.per_source)
+    spread = (f"95% interval [{lo:.4f}, {hi:.4f}] (bootstrap over {sources} source files)" if sources > 1 else
+              "no interval: the split holds one source file")
+    Console().print(f"model: {report.overall.model_bits:.4f} bits/sample, {spread}", highlight=False)
+    if report.overall.model_bits >= report.overall.bigram_bits:
+        console.print("[yellow]warning:[/] the model is no better here than the bigram baseline (each code "
+                      "predicted from the one before it): it has not learned this music", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------- generation

@@ -122,7 +122,9 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     try:
         meta = json.loads((directory / CONFIG).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{directory}: no {CONFIG}; not an s4music checkpoint") from None
+        runs = [f"{directory / d}" for d in ("best", "model") if (directory / d / CONFIG).exists()]
+        hint = f" (a training run: its models are {' and '.join(runs)})" if runs else ""
+        raise CheckpointError(f"{directory}: no {CONFIG}; not an s4music checkpoint{hint}") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{directory / CONFIG}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
