@@ -263,3 +263,23 @@ def test_continue_and_eval_build_their_options_by_name_with_the_librarys_default
     cli("eval", "--data", tmp_path, "--split", "val", "--context", "100", "--batch-size", "3", "--max-windows", "5",
         "--device", "cuda")
     assert seen["eval"] == EvalOptions(split="val", context=100, batch_size=3, max_windows=5, device="cuda")
+
+
+def test_a_known_time_left_stands_in_for_the_rate_so_far():
+    """A run fitted into minutes knows its time left better than its first steps' rate does (it
+    said 1:28:29 left of a 2-minute run): the field "eta" is shown, in the bar and in a log's lines."""
+    import io
+
+    from rich.console import Console
+
+    from s4music.cli.app import LoggedProgress, TimeLeftColumn
+
+    log = io.StringIO()
+    bar = LoggedProgress(TimeLeftColumn(), console=Console(file=log, force_terminal=False))
+    bar.every = 0.0
+    task = bar.add_task("training", total=1000)
+    bar.update(task, completed=5, eta=90.0)
+    assert TimeLeftColumn().render(bar.tasks[0]).plain == "0:01:30"
+    assert "training: 5/1,000 (0%), 0:01:30 left" in log.getvalue()
+    bar.add_task("reading", total=10)  # no eta: rich's estimate, none yet
+    assert TimeLeftColumn().render(bar.tasks[1]).plain == "-:--:--"

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 # Options only: every command imports what does the work when it runs, so --help, `models` and a
 # mistyped option answer at once, without torch (tests/test_cli.py checks which modules load).
@@ -150,9 +151,20 @@ class LoggedProgress(Progress):
         self._said[task_id] = time.monotonic()
         task = self._tasks[task_id]
         done = f"{task.completed:,.0f}" + (f"/{task.total:,.0f} ({task.percentage:.0f}%)" if task.total else "")
-        left = f", {time_left(task.time_remaining)} left" if task.time_remaining is not None else ""
+        remaining = task.fields.get("eta", task.time_remaining)
+        left = f", {time_left(remaining)} left" if remaining is not None else ""
         info = f", {task.fields['info']}" if task.fields.get("info") else ""
         self.console.print(f"{task.description}: {done}{left}{info}", highlight=False, soft_wrap=True)
+
+
+class TimeLeftColumn(TimeRemainingColumn):
+    """The time left: the task field "eta" (seconds) where the work knows it better than the rate so
+    far does (a run fitted into minutes), else rich's estimate."""
+
+    def render(self, task) -> Text:
+        if task.fields.get("eta") is None:
+            return super().render(task)
+        return Text(time_left(task.fields["eta"]), style="progress.remaining")
 
 
 def progress_bar(info: bool = False) -> Progress:
@@ -160,7 +172,7 @@ def progress_bar(info: bool = False) -> Progress:
     column fed by the task field "info"."""
     extra = (TextColumn("{task.fields[info]}"),) if info else ()
     return LoggedProgress(
-        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *extra, TimeRemainingColumn(),
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *extra, TimeLeftColumn(),
         console=console, transient=True,
     )
 
@@ -525,7 +537,7 @@ def train(
 
         def on_step(s) -> None:
             val = f" val {s.val_bits:.3f}" if s.val_bits is not None else ""
-            bar.update(task, completed=s.step, total=s.steps,
+            bar.update(task, completed=s.step, total=s.steps, eta=s.eta_seconds,
                        info=f"{s.bits:.3f} bits{val}  lr {s.lr:.2e}  {s.audio_seconds_per_second:.1f} audio s/s")
             if s.val_bits is not None:
                 bar.console.print(f"step {s.step}: train {s.bits:.4f}, val {s.val_bits:.4f} bits/sample", highlight=False)
