@@ -150,6 +150,9 @@ def evaluate(model_path: str | Path, data: str | Path, options: EvalOptions | No
 
     strata = [result(name, idx) for name, idx in sorted(groups.items())]
     overall = result("all", list(range(len(windows))))
+    if dataset.count("train") and overall.model_bits >= overall.bigram_bits:  # a bigram of the scored codes would flatter itself
+        log.warning("%s: the model is no better here than the bigram baseline (each code predicted from the one "
+                    "before it, counted on the train split): it has not learned this music", dataset.root)
     sources: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
         sources[row["source"]].append(i)

@@ -4,6 +4,7 @@ from the loop in `s4music.train`, so the command line reads its defaults without
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from s4music.model.config import read_yaml
 from s4music.options import split_assignment
 
 MODES = ("scratch", "finetune", "reparam")
+
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(S4MusicError):
@@ -138,6 +142,10 @@ class TrainConfig:
                 raise TrainingError(f"{path}: cannot read the config ({e})") from None
             if not isinstance(data, dict):
                 raise TrainingError(f"{path}: a config must be a YAML mapping")
+            if data.get("mode") == "scratch" and data.get("init"):  # saved before --from implied finetune
+                log.warning("%s: mode scratch ignored init %s, so that run trained from scratch; resuming it so",
+                            path, data["init"])
+                data["init"] = None
         data.update({k: v for k, v in values.items() if v is not None})
         for item in overrides or []:
             apply_override(data, item)

@@ -73,6 +73,9 @@ def test_a_run_from_weights_takes_a_gentler_learning_rate_than_one_from_scratch(
         assert TrainConfig.load(path) == config
     with pytest.raises(TrainingError, match="mode scratch starts from nothing"):
         TrainConfig(data=["d"], mode="scratch", init=official)
+    # a run saved before --from implied finetune trained from scratch: it resumes as it was
+    path.write_text(yaml.safe_dump({"data": ["d"], "mode": "scratch", "init": official}))
+    assert TrainConfig.load(path).init is None
 
 
 def test_a_run_fitted_into_minutes_warms_up_over_at_most_a_fifth_of_its_steps():

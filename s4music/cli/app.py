@@ -151,7 +151,7 @@ class LoggedProgress(Progress):
         self._said[task_id] = time.monotonic()
         task = self._tasks[task_id]
         done = f"{task.completed:,.0f}" + (f"/{task.total:,.0f} ({task.percentage:.0f}%)" if task.total else "")
-        remaining = task.fields.get("eta", task.time_remaining)
+        remaining = task.time_remaining if task.fields.get("eta") is None else task.fields["eta"]
         left = f", {time_left(remaining)} left" if remaining is not None else ""
         info = f", {task.fields['info']}" if task.fields.get("info") else ""
         self.console.print(f"{task.description}: {done}{left}{info}", highlight=False, soft_wrap=True)
@@ -537,7 +537,8 @@ def train(
 
         def on_step(s) -> None:
             val = f" val {s.val_bits:.3f}" if s.val_bits is not None else ""
-            bar.update(task, completed=s.step, total=s.steps, eta=s.eta_seconds,
+            # a budgeted run's own ETA; otherwise rich's, which averages the steps over two minutes
+            bar.update(task, completed=s.step, total=s.steps, eta=s.eta_seconds if cfg.max_minutes else None,
                        info=f"{s.bits:.3f} bits{val}  lr {s.lr:.2e}  {s.audio_seconds_per_second:.1f} audio s/s")
             if s.val_bits is not None:
                 bar.console.print(f"step {s.step}: train {s.bits:.4f}, val {s.val_bits:.4f} bits/sample", highlight=False)
@@ -586,9 +587,6 @@ def eval_command(
     spread = (f"95% interval [{lo:.4f}, {hi:.4f}] (bootstrap over {sources} source files)" if sources > 1 else
               "no interval: the split holds one source file")
     Console().print(f"model: {report.overall.model_bits:.4f} bits/sample, {spread}", highlight=False)
-    if report.overall.model_bits >= report.overall.bigram_bits:
-        console.print("[yellow]warning:[/] the model is no better here than the bigram baseline (each code "
-                      "predicted from the one before it): it has not learned this music", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------- generation
