@@ -283,3 +283,11 @@ def test_a_known_time_left_stands_in_for_the_rate_so_far():
     assert "training: 5/1,000 (0%), 0:01:30 left" in log.getvalue()
     bar.add_task("reading", total=10)  # no eta: rich's estimate, none yet
     assert TimeLeftColumn().render(bar.tasks[1]).plain == "-:--:--"
+
+
+def test_a_file_name_with_brackets_is_said_whole(tmp_path):
+    """Music files are often named "song [live].mp3"; rich read the brackets as markup, so the error
+    said "song .wav", and a "[/...]" in a name raised MarkupError instead of the one-line error."""
+    for name in ("song [live].wav", "song [/live].wav"):
+        result = runner.invoke(app, ["check", str(tmp_path / name)], terminal_width=200)
+        assert result.exit_code == 1 and f"{tmp_path / name}: no such file" in result.output, result.output

@@ -22,6 +22,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -86,7 +87,7 @@ class Quiet(Exception):
 
 
 def fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -190,7 +191,7 @@ def print_hours(dataset: Path, summary: dict[tuple[str, str], float]) -> None:
 def report_failures(failures: list[tuple[str, str]], done: int, what: str, any_failure_fails: bool) -> None:
     """A batch's summary: failures one per line. Exit 1 if any failed (`any_failure_fails`) or none succeeded."""
     for _, reason in failures:
-        console.print(f"[red]failed:[/] {reason}", highlight=False, soft_wrap=True)
+        console.print(f"[red]failed:[/] {escape(reason)}", highlight=False, soft_wrap=True)
     console.print(f"{done} {what}, {len(failures)} failed")
     if failures and (any_failure_fails or not done):
         raise typer.Exit(1)
@@ -243,7 +244,7 @@ def convert(
     from s4music.model.checkpoint import convert_official
 
     path = convert_official(checkpoint, out, dtype=torch.bfloat16 if bf16 else None)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {escape(str(path))}", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -282,7 +283,7 @@ def fetch(
 
         def on_result(url: str, item, error: str | None) -> None:
             if item is not None:
-                bar.console.print(f"[green]ok[/] {item.audio} ({item.seconds:.1f} s)", highlight=False)
+                bar.console.print(f"[green]ok[/] {escape(str(item.audio))} ({item.seconds:.1f} s)", highlight=False)
 
         report = fetch_urls(urls, out, options, on_progress=on_progress, on_result=on_result)
     report_failures(report.failed, len(report.fetched), "fetched", any_failure_fails=True)
@@ -323,7 +324,7 @@ def render_midi_command(
         report = render_midi(sources, out, options,
                              on_file=lambda src, status, done, total: bar.update(task, completed=done, total=total))
     for _, reason in report.skipped:
-        console.print(f"[yellow]skipped:[/] {reason}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]skipped:[/] {escape(reason)}", highlight=False, soft_wrap=True)
     minutes = sum(s for _, _, s in report.rendered) / 60
     console.print(f"{len(report.already)} already rendered; {minutes:.1f} min of new audio")
     report_failures([(str(s), r) for s, r in report.failed], len(report.rendered) + len(report.already),
@@ -363,7 +364,7 @@ def prepare(
     if verify is not None:
         problems = verify_dataset(verify)
         for problem in problems:
-            console.print(f"[red]damaged:[/] {problem}", highlight=False, soft_wrap=True)
+            console.print(f"[red]damaged:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
         console.print(f"{verify}: {'whole' if not problems else f'{len(problems)} problem(s)'}", highlight=False)
         raise typer.Exit(1 if problems else 0)
     pinned = read_pinned_splits(splits) if splits and not merge else {}
@@ -531,7 +532,7 @@ def train(
         steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
         precision=precision, fast=fast, conv_chunk=conv_chunk, max_minutes=max_minutes, seed=seed, groups=groups,
         untie_pb=untie_pb, dt_per_state=dt_per_state)
-    console.print(f"run {cfg.out}: {cfg.mode}, seed {cfg.seed}", highlight=False)
+    console.print(f"run {escape(cfg.out)}: {cfg.mode}, seed {cfg.seed}", highlight=False)
     with progress_bar(info=True) as bar:
         task = bar.add_task("training", total=cfg.steps, info="")
 
@@ -601,9 +602,9 @@ def print_guidance(report, continuing: bool = True) -> None:
     label = "[bold yellow]warning:[/] " if report.far and continuing else ""
     console.print(f"{label}verdict: [{colour}]{report.verdict}[/]", highlight=False, soft_wrap=True)
     for reason in report.reasons:
-        console.print(f"  - {reason}", highlight=False, soft_wrap=True)
+        console.print(f"  - {escape(reason)}", highlight=False, soft_wrap=True)
     for advice in report.advice:
-        console.print(f"  advice: {advice}", highlight=False, soft_wrap=True)
+        console.print(f"  advice: {escape(advice)}", highlight=False, soft_wrap=True)
     if report.far and continuing:
         console.print("  continuing anyway (--strict refuses such a prompt)", highlight=False, soft_wrap=True)
 
@@ -635,11 +636,11 @@ def generation_run(run, what: str) -> None:
     for take in result.takes:
         flag = f" [red]degenerate: {DEGENERACIES[take.degenerate]}[/]" if take.degenerate else ""
         where = take.path if take.path is not None else "standard output"
-        console.print(f"wrote {where} (seed {take.seed}, {take.bits:.2f} bits/sample){flag}", highlight=False)
+        console.print(f"wrote {escape(str(where))} (seed {take.seed}, {take.bits:.2f} bits/sample){flag}", highlight=False)
     if result.underruns:
         console.print(f"[yellow]the sound device ran dry {result.underruns} time(s)[/]", highlight=False)
     if result.sidecar is not None:
-        console.print(f"settings and timings: {result.sidecar}", highlight=False, soft_wrap=True)
+        console.print(f"settings and timings: {escape(str(result.sidecar))}", highlight=False, soft_wrap=True)
 
 
 # Options that continue and generate share; defaults are the library's.
