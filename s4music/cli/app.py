@@ -180,11 +180,11 @@ def progress_bar(info: bool = False) -> Progress:
 
 def print_hours(dataset: Path, summary: dict[tuple[str, str], float]) -> None:
     """A dataset's hours of audio per split and stratum, as a table."""
-    table = Table(title=f"{dataset}: hours of audio")
+    table = Table(title=escape(f"{dataset}: hours of audio"))
     for column in ("split", "stratum", "hours"):
         table.add_column(column)
     for (split, stratum), hours in summary.items():
-        table.add_row(split, stratum, f"{hours:.3f}")
+        table.add_row(split, escape(stratum), f"{hours:.3f}")
     Console().print(table)
 
 
@@ -384,7 +384,7 @@ def prepare(
                 task, completed=done, total=total))
     print_hours(out, report.summary)
     if merge:
-        console.print(f"{len(report.added)} files merged from {len(sources)} shards into {out}", highlight=False)
+        console.print(f"{len(report.added)} files merged from {len(sources)} shards into {escape(str(out))}", highlight=False)
     else:
         console.print(f"{len(report.added)} files added, {report.unchanged} already in the dataset")
     if report.unmatched_pins:
@@ -432,7 +432,8 @@ def pack_command(
     parts = pack(dataset, out, part_mb=part_mb, seed=seed, max_parts=max_parts, workers=workers, on_part=report)
     print_hours(dataset, summarize(read_meta(dataset)))
     total = sum(p.bytes for p in parts) / 2**20
-    console.print(f"{len(parts)} parts, {total:.1f} MiB, {sum(p.hours for p in parts):.2f} h; index {out / 'pack.json'}")
+    console.print(f"{len(parts)} parts, {total:.1f} MiB, {sum(p.hours for p in parts):.2f} h; "
+                  f"index {escape(str(out / 'pack.json'))}")
 
 
 @command(name="unpack")
@@ -446,8 +447,8 @@ def unpack_command(
     from s4music.data.pack import unpack
 
     done = unpack(index, out, workers=workers, only=part or None,
-                  on_part=lambda p: console.print(f"unpacked {p}", highlight=False))
-    console.print(f"{len(done)} dataset{'' if len(done) == 1 else 's'} under {out}", highlight=False)
+                  on_part=lambda p: console.print(f"unpacked {escape(str(p))}", highlight=False))
+    console.print(f"{len(done)} dataset{'' if len(done) == 1 else 's'} under {escape(str(out))}", highlight=False)
 
 
 @command(name="fetch-dataset", exits=("1 error, or every file failed",))
@@ -463,7 +464,7 @@ def fetch_dataset_command(
         result = fetch_dataset(name, out, on_file=lambda path, status, done, total: bar.update(task, completed=done,
                                                                                                total=total))
     splits = ", ".join(f"{n} {s}" for s, n in result.splits.items())
-    console.print(f"{out}: {result.files} files ({splits}), official split; "
+    console.print(f"{escape(str(out))}: {result.files} files ({splits}), official split; "
                   f"{len(result.report.failed)} failed", highlight=False)
     report_failures([(str(p), r) for p, r in result.report.failed], len(result.report.added) + result.report.unchanged,
                     "files in the dataset", any_failure_fails=False)
@@ -547,7 +548,7 @@ def train(
         result = run_training(cfg, resume=resume, on_step=on_step)
     if result.added_parameters:
         console.print(f"reparam added {result.added_parameters:,} parameters ({result.parameters:,} in all)")
-    console.print(f"done: step {result.step}, {result.world_size} process(es); model in {result.model}",
+    console.print(f"done: step {result.step}, {result.world_size} process(es); model in {escape(str(result.model))}",
                   highlight=False)
 
 
