@@ -226,7 +226,7 @@ def doctor():
     checks = run_checks()
     for c in checks:
         status = "[green]ok[/]" if c.ok else ("[red]missing[/]" if c.required else "[yellow]absent[/]")
-        table.add_row(c.name, status, c.detail)
+        table.add_row(c.name, status, escape(c.detail))
     Console().print(table)
     if not all(c.ok for c in checks if c.required):
         raise typer.Exit(1)
@@ -582,7 +582,7 @@ def eval_command(
     for column in ("stratum", "windows", "model", "unigram", "bigram"):
         table.add_column(column)
     for r in [*report.strata, report.overall]:
-        table.add_row(r.stratum, str(r.windows), f"{r.model_bits:.4f}", f"{r.unigram_bits:.4f}", f"{r.bigram_bits:.4f}")
+        table.add_row(escape(r.stratum), str(r.windows), f"{r.model_bits:.4f}", f"{r.unigram_bits:.4f}", f"{r.bigram_bits:.4f}")
     Console().print(table)
     lo, hi = report.interval
     sources = len(report.per_source)
