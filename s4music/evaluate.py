@@ -116,6 +116,8 @@ def evaluate(model_path: str | Path, data: str | Path, options: EvalOptions | No
     windows = dataset.windows(split)
     rows = dataset.manifest(split)
     if max_windows is not None:
+        if max_windows < 1:
+            raise EvalError(f"max_windows must be at least 1, not {max_windows}")
         windows, rows = windows[:max_windows], rows[:max_windows]
     if len(windows) == 0:
         others = [s for s in ("test", "val", "train") if s != split and dataset.count(s)]

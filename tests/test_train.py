@@ -354,6 +354,9 @@ def test_eval_reports_strata_baselines_and_interval(music_dataset, tmp_path):
     run = subprocess.run([*S4MUSIC, "eval", str(tmp_path / "run"), "--data", str(music_dataset)],
                          capture_output=True, text=True)
     assert run.returncode == 1 and f"its models are {tmp_path / 'run' / 'best'}" in " ".join(run.stderr.split())
+    none = subprocess.run([*S4MUSIC, "eval", str(result.model), "--data", str(music_dataset), "--max-windows", "0"],
+                          capture_output=True, text=True)
+    assert none.returncode == 1 and "max_windows must be at least 1" in none.stderr  # not "the split is empty"
 
 
 def test_missing_dataset_or_checkpoint_is_one_line_and_leaves_no_run(tmp_path, music_dataset):
