@@ -477,3 +477,11 @@ def test_max_minutes_plans_the_schedule_over_the_steps_that_fit(music_dataset, t
     lrs = [s.lr for s in seen]
     assert lrs[0] < lrs[2] and lrs[-1] < 0.05 * max(lrs)
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_an_empty_split_is_named_with_one_to_score_instead(tiny_model, synth_dataset, tmp_path):
+    """`prepare --test 0` leaves no test split: eval says so and names a split it can score."""
+    held_none = tmp_path / "no-test"
+    prepare([synth_dataset.parent / "audio"], held_none, PrepareOptions(seconds=0.512, test_fraction=0))
+    with pytest.raises(EvalError, match=r"the test split is empty; score another with --split val$"):
+        evaluate(tiny_model, held_none, EvalOptions(split="test"))
