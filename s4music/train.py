@@ -532,8 +532,8 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
 
         ddp_model = accelerator.prepare(model)
         run.begin(step, world, gather_object([{"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}]))
-        log.info("seed %d; %d process(es); %s parameters%s", config.seed, world, f"{model.num_parameters():,}",
-                 f" ({added:,} added by reparam)" if added else "")
+        log.info("run %s: %s, seed %d; %d process(es); %s parameters%s", out, config.mode, config.seed, world,
+                 f"{model.num_parameters():,}", f" ({added:,} added by reparam)" if added else "")
 
         samples_per_step = config.batch_size * config.grad_accum * config.seq_len
         val_bits = None

@@ -533,7 +533,6 @@ def train(
         steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
         precision=precision, fast=fast, conv_chunk=conv_chunk, max_minutes=max_minutes, seed=seed, groups=groups,
         untie_pb=untie_pb, dt_per_state=dt_per_state)
-    console.print(f"run {escape(cfg.out)}: {cfg.mode}, seed {cfg.seed}", highlight=False)
     with progress_bar(info=True) as bar:
         task = bar.add_task("training", total=cfg.steps, info="")
 
