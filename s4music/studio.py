@@ -39,7 +39,7 @@ from s4music.generate import (GenerateOptions, Output, PromptSelection, Sampling
                               plot_continuation, stream_continuation, stream_improvisation, write_generation)
 from s4music.generate.prompt import load_prompt
 from s4music.guidance import PromptReport
-from s4music.model.registry import DEFAULT_NAME, NAMED, load_model, resolve_model
+from s4music.model.registry import DEFAULT_NAME, NAMED, checkpoints_under, load_model, resolve_model
 from s4music.model.sashimi import SaShiMi
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,7 @@ class Studio:
         if self.default_model not in choices:
             choices.insert(0, self.default_model)
         for root in self.model_dirs:
-            for depth in ("*", "*/*", "*/*/*"):
-                choices += sorted(str(c.parent.relative_to(root)) for c in root.glob(f"{depth}/config.json"))
+            choices += [str(c.relative_to(root)) for c in checkpoints_under(root)]
         return list(dict.fromkeys(choices))
 
     def model_spec(self, spec: str | None) -> str:

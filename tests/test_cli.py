@@ -123,6 +123,25 @@ def test_help_and_models_import_no_torch_gradio_matplotlib_or_scipy(tmp_path):
     assert load_model().num_parameters() > 0
 
 
+def test_models_lists_the_checkpoints_in_a_folder_by_path(tmp_path, monkeypatch):
+    from s4music.model.registry import list_models
+
+    root = Path(__file__).parent.parent
+    shutil.copytree(root / "models" / "chorales", tmp_path / "runs" / "bach" / "best")
+    (tmp_path / "runs" / "broken").mkdir()
+    (tmp_path / "runs" / "broken" / "config.json").write_text("{not json")
+    rows = {r["name"]: r for r in list_models([tmp_path / "runs"])}
+    bach = rows[str(tmp_path / "runs" / "bach" / "best")]
+    assert "Bach four-part chorales" in bach["about"] and "test 2.19 bits/sample" in bach["about"]
+    assert bach["size_mb"] > 9 and rows[str(tmp_path / "runs" / "broken")]["about"] == "config.json unreadable"
+    assert {"default", "youtubemix"} <= set(rows)
+    monkeypatch.chdir(root)  # with no folder given: ./models, where the chorale model is kept
+    listed = runner.invoke(app, ["models"], terminal_width=200)
+    assert listed.exit_code == 0 and "models/chorales" in listed.output, listed.output
+    missing = runner.invoke(app, ["models", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and "nowhere: no such folder" in missing.output
+
+
 def test_convert_writes_a_loadable_checkpoint_and_fails_cleanly(tmp_path):
     from s4music import load_model
 

@@ -471,14 +471,23 @@ def fetch_dataset_command(
 
 
 @command
-def models():
-    """The models you can name wherever a model is taken, and which are here already."""
+def models(
+    folders: list[Path] = typer.Argument(None, help="Folders whose checkpoint directories to list as well, up to "
+                                                    r"three levels down. \[default: ./models, where it exists]"),
+):
+    """The models you can name wherever a model is taken, which are here already, and the checkpoints
+    in your folders (named by their path)."""
     from s4music.model.registry import list_models
 
+    if not folders:
+        folders = [p for p in [Path("models")] if p.is_dir()]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        raise S4MusicError(f"{', '.join(missing)}: no such folder")
     table = Table(title="s4music models")
     for column in ("name", "cached", "size MB", "source", "what it is"):
         table.add_column(column, overflow="fold")
-    for m in list_models():
+    for m in list_models(folders):
         table.add_row(m["name"], m["cached"], f"{m['size_mb']:.0f}" if m["size_mb"] else "?", m["source"], m["about"])
     Console().print(table)
 

@@ -13,8 +13,10 @@ commit it came from; later runs load the conversion (with HF_HUB_OFFLINE=1, with
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,8 +120,28 @@ def load_model(spec: str | Path | None = None, device: str | torch.device = "cpu
     return net
 
 
-def list_models() -> list[dict]:
-    """Every name, with where it comes from and whether it is here already (no network)."""
+def checkpoints_under(root: Path) -> list[Path]:
+    """The checkpoint directories (each holds a config.json) one to three levels under `root`."""
+    return sorted(c.parent for depth in ("*", "*/*", "*/*/*") for c in root.glob(f"{depth}/config.json"))
+
+
+def _local_row(path: Path) -> dict:
+    """A checkpoint directory's row for `list_models`, from its config.json alone (no weights read)."""
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
+    try:
+        summary = json.loads((path / "config.json").read_text()).get("summary") or {}
+    except (OSError, ValueError, AttributeError):
+        return {"name": str(path), "source": "a folder here", "about": "config.json unreadable", "cached": "yes",
+                "size_mb": size}
+    trained = [f"{summary['mode']} to step {summary.get('step', '?')}" if summary.get("mode") else "",
+               f"test {summary['test_bits']:.2f} bits/sample" if isinstance(summary.get("test_bits"), float) else ""]
+    about = "; ".join(filter(None, [summary.get("domain"), *trained])) or "a checkpoint"
+    return {"name": str(path), "source": "a folder here", "about": about, "cached": "yes", "size_mb": size}
+
+
+def list_models(folders: Iterable[Path] = ()) -> list[dict]:
+    """Every name, with where it comes from and whether it is here already (no network); then the
+    checkpoint directories under `folders` (`checkpoints_under`)."""
     size = sum(f.stat().st_size for f in DEFAULT_MODEL.iterdir()) / 1e6 if DEFAULT_MODEL.is_dir() else None
     rows = [{"name": DEFAULT_NAME, "source": "bundled with s4music", "about": "4.75M SaShiMi on piano renders "
              "and game-soundtrack recordings; see its MODEL_CARD.md", "cached": "yes", "size_mb": size}]
@@ -128,4 +150,4 @@ def list_models() -> list[dict]:
         converted = pt is not None and (cache_root() / f"{m.name}-{_commit_of(pt)}" / "config.json").exists()
         rows.append({"name": m.name, "source": f"{m.repo}/{m.filename}", "about": m.about, "size_mb": m.size_mb,
                      "cached": "converted" if converted else "downloaded" if pt else "no"})
-    return rows
+    return rows + [_local_row(path) for folder in folders for path in checkpoints_under(Path(folder))]
