@@ -387,8 +387,11 @@ def test_a_recommended_guidance_gives_way_to_context_seconds_asked_for(tiny_mode
     assert any("recommended guidance is off" in r.getMessage() for r in caplog.records)  # and it says so
     recorded = json.loads(result.sidecar.read_text())["sampling"]
     assert recorded["guidance"] == 1.0 and recorded["context_seconds"] == 0.5 and recorded["temperature"] == 0.8
+    assert json.loads(result.sidecar.read_text())["options"]["prompt"]["seconds"] == 8.0
     improvised = improvise(tmp_path / "i.wav", net, GenerateOptions(seconds=0.3, seed=1))
-    assert json.loads(improvised.sidecar.read_text())["sampling"]["guidance"] == 1.0  # no prompt to guide by
+    meta = json.loads(improvised.sidecar.read_text())
+    assert meta["sampling"]["guidance"] == 1.0  # no prompt to guide by
+    assert "prompt" not in meta["options"] and meta["check"] is None  # nor a prompt's selection or check
     anchoring = {"sampling": {"context_seconds": 4.0}}
     assert Sampling(guidance=2.0).resolved(anchoring).context_seconds == 0.0
     assert Sampling().resolved(anchoring).context_seconds == 4.0
@@ -524,7 +527,7 @@ def test_a_far_prompt_continues_with_a_warning_and_strict_refuses_it(tiny_model,
     assert report.verdict == FAR and "silent" in " ".join(report.reasons)
     result = continue_prompt(tmp_path / "silence.wav", tmp_path / "x.wav", tiny_model, GenerateOptions(seconds=0.1))
     assert result.takes[0].path.exists() and result.guidance.far
-    assert json.loads(result.sidecar.read_text())["guidance"]["verdict"] == FAR
+    assert json.loads(result.sidecar.read_text())["check"]["verdict"] == FAR
     with pytest.raises(PromptRefused, match="--strict") as refused:
         continue_prompt(tmp_path / "silence.wav", tmp_path / "y.wav", tiny_model,
                         GenerateOptions(seconds=0.1, strict=True))
@@ -637,8 +640,8 @@ def test_continue_real_recordings_in_common_formats(trained_model, short_recordi
         assert abs(info.duration - 3.0) < 1e-3
         meta = json.loads(result.sidecar.read_text())
         assert meta["seed"] == 3 and meta["speed_x_realtime"] > 0 and "rtf" not in meta
-        assert meta["guidance"]["source_channels"] == 2
-        assert "resampled" in " ".join(meta["guidance"]["conversions"])
+        assert meta["check"]["source_channels"] == 2
+        assert "resampled" in " ".join(meta["check"]["conversions"])
 
 
 @pytest.mark.slow

@@ -173,14 +173,15 @@ def _sidecar(generation: Generation, result: GenerateResult, model_id: str, sour
         "prompt": source,
         "model": {"path": model_id, "parameters": net.num_parameters(), "config": net.config.to_dict(),
                   "audio": vars(net.audio), "trained": {k: net.summary.get(k) for k in ("mode", "step", "test_bits")}},
-        "options": options.to_dict(),
+        # a take from nothing reads no prompt: its selection would be noise in the record
+        "options": {k: v for k, v in options.to_dict().items() if source or k != "prompt"},
         "sampling": vars(generation.sampling),
         "seed": result.seed,
         "step": generation.step,
         "outputs": [{"file": t.path.name if t.path else None, "seed": t.seed, "bits_per_sample": t.bits,
                      "degenerate": t.degenerate, "retries": t.retries, "dc_offset_removed": t.dc_offset}
                     for t in result.takes],
-        "guidance": generation.guidance.to_dict() if generation.guidance else None,
+        "check": generation.guidance.to_dict() if generation.guidance else None,  # not sampling's "guidance"
         "level": result.level,
         "timings": result.timings,
         "speed_x_realtime": result.speed_x_realtime,
