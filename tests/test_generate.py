@@ -528,6 +528,8 @@ def test_a_far_prompt_continues_with_a_warning_and_strict_refuses_it(tiny_model,
     result = continue_prompt(tmp_path / "silence.wav", tmp_path / "x.wav", tiny_model, GenerateOptions(seconds=0.1))
     assert result.takes[0].path.exists() and result.guidance.far
     assert json.loads(result.sidecar.read_text())["check"]["verdict"] == FAR
+    written, _ = sf.read(str(result.takes[0].path), dtype="float32")
+    assert np.abs(written[:32000]).max() < 1e-4  # the prompt stays silent: no thump of the lowest code
     with pytest.raises(PromptRefused, match="--strict") as refused:
         continue_prompt(tmp_path / "silence.wav", tmp_path / "y.wav", tiny_model,
                         GenerateOptions(seconds=0.1, strict=True))
