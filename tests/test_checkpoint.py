@@ -101,6 +101,13 @@ def test_garbage_official_file_is_a_clear_error(tmp_path, content):
         import_official(path)
 
 
+def test_a_file_that_is_no_model_is_named_itself(tmp_path):
+    """Not its folder: `--model song.mp3` said ".: no config.json" where the folder was the cwd."""
+    (tmp_path / "song.mp3").write_bytes(b"ID3")
+    with pytest.raises(CheckpointError, match=r"song\.mp3: not a model"):
+        load_model(tmp_path / "song.mp3")
+
+
 def test_non_sashimi_state_dict_is_rejected(tmp_path):
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="other.pt.*not an official SaShiMi"):

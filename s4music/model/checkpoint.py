@@ -150,6 +150,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> SaS
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file() and path.suffix in (".pt", ".pth", ".ckpt"):
         return import_official(path).to(device).eval()
+    if path.is_file() and path.name not in (WEIGHTS, CONFIG):  # not its folder's name: rag.mp3 is no model
+        raise CheckpointError(f"{path}: not a model; give an s4music checkpoint directory (or its {WEIGHTS}) or "
+                              "an official .pt")
     directory = path if path.is_dir() else path.parent
     meta = _read_meta(directory)
     verify_checkpoint(directory)
