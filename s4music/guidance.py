@@ -24,6 +24,7 @@ from s4music.measures import liveliness
 TYPICAL, UNUSUAL, FAR = "typical", "unusual", "far from what this model knows"
 NOISE_FLATNESS = 0.35  # white noise is ~0.56; music is usually below 0.1
 SILENT_DBFS = -55.0
+SILENT_END_S = 0.5  # a prompt ending in this much silence is continued from silence, not from its music
 DC_OFFSET = 0.05  # a mean level beyond this is an offset, not music (full scale is 1)
 SURPRISING = 0.75  # bits/sample above the model's test figure from which a prompt is unfamiliar to it
 STUCK_RATIO = 3.0  # a continuation is stuck when its offset is this many times the spread of the signal on it
@@ -42,6 +43,7 @@ class PromptReport:
     clipped: float  # share of samples at full scale
     dc_offset: float
     flatness: float
+    silent_end: float = 0.0  # seconds of silence it ends in: where the continuation starts
     bits: float | None = None  # the model's NLL on the prompt
     reference_bits: float | None = None  # the model's recorded test NLL
     verdict: str = TYPICAL
@@ -81,7 +83,19 @@ def describe_signal(audio: Audio, source: str, trimmed_from: float | None = None
         sample_rate=audio.sample_rate, conversions=conversions, peak_dbfs=dbfs(peak),
         rms_dbfs=dbfs(float(x.square().mean().sqrt()) if x.numel() else 0.0),
         clipped=float((x.abs() >= 0.999).float().mean()) if x.numel() else 0.0,
-        dc_offset=float(x.mean()) if x.numel() else 0.0, flatness=spectral_flatness(x))
+        dc_offset=float(x.mean()) if x.numel() else 0.0, flatness=spectral_flatness(x),
+        silent_end=silent_end(x, audio.sample_rate))
+
+
+def silent_end(x: torch.Tensor, sample_rate: int, frame_s: float = 0.05) -> float:
+    """Seconds of silence (frames of `frame_s` under SILENT_DBFS RMS) at the end of `x` (L,)."""
+    frame = max(1, int(frame_s * sample_rate))
+    n = x.numel() // frame
+    if n == 0:
+        return 0.0
+    loud = x[-n * frame:].reshape(n, frame).square().mean(dim=1).sqrt() >= 10 ** (SILENT_DBFS / 20)
+    last = int(loud.nonzero().max()) if loud.any() else -1  # the last frame that plays
+    return (n - 1 - last) * frame / sample_rate
 
 
 # What fine-tuning has cost and given, as measured (benchmarks/RESULTS.md: GPU lease 1, which made the
@@ -128,8 +142,12 @@ def judge(report: PromptReport, bits: float | None, summary: dict, model: str | 
         flag(FAR, f"this model knows speech ({domain or 'spoken words'}), not music",
              "for music, use --model default, or youtubemix for piano")
     if report.rms_dbfs < SILENT_DBFS:
-        flag(FAR, f"the prompt is silent (RMS {report.rms_dbfs:.0f} dBFS)",
+        level = "digital silence" if report.peak_dbfs <= dbfs(0.0) else f"RMS {report.rms_dbfs:.0f} dBFS"
+        flag(FAR, f"the prompt is silent ({level})",
              "give a prompt with music in it, or trim to a part that plays (--prompt-start/--prompt-end)")
+    elif report.silent_end >= SILENT_END_S:
+        flag(UNUSUAL, f"the prompt ends in {report.silent_end:.1f} s of silence, where the continuation starts",
+             "end the prompt where the music still plays (--prompt-end: seconds into the file)")
     elif report.flatness > NOISE_FLATNESS:
         flag(FAR, f"the prompt sounds like noise (spectral flatness {report.flatness:.2f}; music is usually < 0.1)",
              f"{knows}; a noisy prompt gives a noisy continuation")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import secrets
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -31,6 +30,7 @@ import torch
 from s4music.audio import Audio, decode, encode
 from s4music.dsp import HighPass, dbfs
 from s4music.files import AtomicFile, interrupts_deferred
+from s4music.generate.options import new_seed
 from s4music.generate.sampler import Sampler, Stepper
 from s4music.jam_options import JamError, JamOptions
 from s4music.guidance import describe_signal, judge, unfamiliar
@@ -91,7 +91,7 @@ class Jam:
         self.rules = {strange: replace(self.options.sampling.resolved(net.summary, strange), context_seconds=0.0)
                       for strange in (False, True)}
         guiding = [rule for rule in self.rules.values() if rule.guidance != 1]
-        self.seed = self.options.seed if self.options.seed is not None else secrets.randbelow(2**31)
+        self.seed = self.options.seed if self.options.seed is not None else new_seed()
         self.align = SCAN_CHUNK * net.config.total_pool  # a prefill from a state this aligned takes no slow head
         self.state = self.net.initial_state(1)
         self.code = torch.tensor([net.config.n_codes // 2])  # the next input, as after the official start code

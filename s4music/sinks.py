@@ -63,6 +63,8 @@ def output_format(path: str | Path, format: str | None = None) -> str:
         if name not in FORMATS:
             raise SinkError(f"--format {format}: use one of {', '.join(FORMATS)}")
         return name
+    if Path(path).is_dir():
+        raise SinkError(f"{path}: is a folder; name a file in it (such as {Path(path) / 'out.wav'})")
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in FORMATS:
         raise SinkError(f"{path}: cannot write {'.' + suffix if suffix else 'a file without a suffix'}; "

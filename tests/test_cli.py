@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -19,7 +20,7 @@ runner = CliRunner()
 
 def test_help_lists_the_commands_and_each_commands_own_exit_codes():
     result = runner.invoke(app, ["--help"], terminal_width=120)
-    assert result.exit_code == 0 and "<bool>" not in result.output
+    assert result.exit_code == 0 and "<bool>" not in result.output and "<int>" not in result.output  # -v counts
     # the first word of each row of the Commands table, so "check" is not found inside "checkpoint"
     listed = set(re.findall(r"^│ ([a-z][a-z-]*) ", result.output.split("Commands")[1], flags=re.M))
     assert listed == {"doctor", "convert", "fetch", "render-midi", "prepare", "pack", "unpack", "fetch-dataset", "models",
@@ -30,6 +31,7 @@ def test_help_lists_the_commands_and_each_commands_own_exit_codes():
     for name in listed:
         text = " ".join(runner.invoke(app, [name, "--help"], terminal_width=120).output.split())
         assert "<bool>" not in text, name  # a flag takes no value, so no type is shown beside it
+        assert not re.search(r"\{[a-z]+\}|\[[a-z]+\]\.\.\.", text), name  # arguments in capitals: PROMPT
         if name == "train":  # defaults stated in the help text itself, not eaten as rich markup
             assert "Optimizer steps. [default: 1000]" in text
         assert re.search(r"Exit codes: 0 done, 1 [^.]+, 130 interrupted\.", text), name
@@ -231,7 +233,7 @@ def test_speed_is_told_as_times_real_time_on_screen_and_in_the_sidecar(cli, tiny
     # "RTF" reads as processing time over audio time to speech and music people: lower is faster
     code, _, err = cli("generate", "--model", tiny_model, "--seconds", "0.2", "--seed", "1", "-o", tmp_path / "a.wav")
     assert code == 0, err
-    assert re.search(r"seed 1; \d+\.\d\d× real time", err) and "RTF" not in err
+    assert re.search(r"seed 1\ndone: \d+\.\d\d× real time", err) and "RTF" not in err
     sidecar = json.loads((tmp_path / "a.json").read_text())
     assert sidecar["speed_x_realtime"] > 0 and "rtf" not in sidecar
 
@@ -262,7 +264,9 @@ def test_continue_and_eval_build_their_options_by_name_with_the_librarys_default
     monkeypatch.setattr("s4music.generate.run.continue_prompt", lambda prompt, out, model, options, **_: capture(
         "continue", options))
     monkeypatch.setattr("s4music.evaluate.evaluate", lambda model, data, options, **_: capture("eval", options))
-    assert cli("continue", "song.wav")[0] == 1 and seen["continue"] == GenerateOptions()
+    assert cli("continue", "song.wav")[0] == 1
+    # but the seed, which the command draws where none is given, to say it before the first sample
+    assert seen["continue"].seed is not None and replace(seen["continue"], seed=None) == GenerateOptions()
     assert cli("eval", "--data", tmp_path)[0] == 1 and seen["eval"] == EvalOptions()
     # every option, each with a value of its own, lands in the field of its name
     code, _, err = cli("continue", "song.wav", "--seconds", "7", "--prompt-seconds", "3", "--prompt-start", "1",

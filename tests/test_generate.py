@@ -20,6 +20,7 @@ from s4music.generate import (GenerateOptions, GenerationError, Output, PromptRe
                               StepOptions, check_prompt, continue_prompt, improvise, stream_continuation)
 from s4music.generate.sampler import Stepper
 from s4music.audio import Audio, spectral_flatness
+from s4music.dsp import dbfs
 from s4music.guidance import FAR, TYPICAL, UNUSUAL, degeneracy, describe_signal, judge
 from s4music.model import S4Config, SaShiMi, SaShiMiConfig, import_official, load_model, save_model
 from s4music.model.fast import (FusedReader, FusedStep, Rule, fused_available, guided_codes, instruction_sets, plain_steps,
@@ -391,7 +392,8 @@ def test_a_recommended_guidance_gives_way_to_context_seconds_asked_for(tiny_mode
     improvised = improvise(tmp_path / "i.wav", net, GenerateOptions(seconds=0.3, seed=1))
     meta = json.loads(improvised.sidecar.read_text())
     assert meta["sampling"]["guidance"] == 1.0  # no prompt to guide by
-    assert "prompt" not in meta["options"] and meta["check"] is None  # nor a prompt's selection or check
+    assert meta["check"] is None and not {"prompt", "strict"} & set(meta["options"])  # nor a prompt's options
+    assert "include_prompt" not in meta["options"]["output"]
     anchoring = {"sampling": {"context_seconds": 4.0}}
     assert Sampling(guidance=2.0).resolved(anchoring).context_seconds == 0.0
     assert Sampling().resolved(anchoring).context_seconds == 4.0
@@ -518,7 +520,13 @@ def test_an_output_it_cannot_write_is_an_error_before_any_work(tmp_path, cli):
         assert code == 1 and reason in err.replace("\n", ""), err
     with pytest.raises(GenerationError, match="standard output carries one take"):
         improvise("-", options=GenerateOptions(variations=2))
+    with pytest.raises(GenerationError, match="-o -: --retry-degenerate needs files"):  # only what was asked
+        improvise("-", options=GenerateOptions(retry_degenerate=2))
     assert list(tmp_path.iterdir()) == []
+    for folder in (tmp_path / "takes", tmp_path / "take.wav"):  # a folder, however it is named
+        folder.mkdir()
+        code, _, err = cli("generate", "-o", folder, "--model", tmp_path / "no-such-model")
+        assert code == 1 and f"{folder}: is a folder; name a file in it" in err.replace("\n", ""), err
 
 
 def test_a_far_prompt_continues_with_a_warning_and_strict_refuses_it(tiny_model, tmp_path, cli):
@@ -538,9 +546,10 @@ def test_a_far_prompt_continues_with_a_warning_and_strict_refuses_it(tiny_model,
     code, _, err = cli("continue", *base, "-o", tmp_path / "z.wav", "--seconds", "0.1")
     assert code == 0 and "warning: verdict: far from what this model knows" in err
     assert "advice:" in err and (tmp_path / "z.wav").exists()
-    for args in (["continue", *base, "-o", tmp_path / "q.wav", "--strict"], ["check", *base]):
-        code, _, err = cli(*args)
-        assert code == 2 and "far from what this model knows" in err, err
+    code, _, err = cli("continue", *base, "-o", tmp_path / "q.wav", "--strict")
+    assert code == 2 and "far from what this model knows" in err, err
+    code, out, _ = cli("check", *base)  # check's report is its output: `check x.wav > report.txt` keeps it
+    assert code == 2 and "verdict: far from what this model knows" in out, out
     assert not (tmp_path / "q.wav").exists()
 
 
@@ -575,6 +584,32 @@ def test_guidance_says_what_the_model_knows_and_how_to_get_a_model_that_knows_mo
     for bits in (2.1, 3.0):
         advice = " ".join(judge(describe_signal(audio, "x.wav"), bits, {**summary, "sampling_unfamiliar": rule}).advice)
         assert ("typical 0.9, surprise auto" in advice) == (bits == 3.0)
+
+
+def test_the_sidecar_says_the_prompt_s_gain_from_the_input_file(tiny_model, synth_prompt, tmp_path):
+    """gain_db applies after the encoding's scaling to full scale, so it says nothing of the file."""
+    quiet, sr = sf.read(str(synth_prompt), dtype="float32")
+    sf.write(str(tmp_path / "quiet.wav"), 0.05 * quiet, sr)
+    options = GenerateOptions(seconds=0.2, seed=0, output=Output(normalize="peak"))
+    result = continue_prompt(tmp_path / "quiet.wav", tmp_path / "q.wav", tiny_model, options)
+    written, _ = sf.read(str(result.takes[0].path), dtype="float32")
+    level = json.loads(result.sidecar.read_text())["level"]
+    actual = dbfs(np.abs(written[:len(quiet)]).max()) - dbfs(0.05 * np.abs(quiet).max())
+    assert level["gain_from_input_db"] > 20 and abs(level["gain_from_input_db"] - actual) < 1.5, (level, actual)
+    assert json.loads(improvise(tmp_path / "i.wav", tiny_model, options).sidecar.read_text())["level"][
+        "gain_from_input_db"] is None
+
+
+def test_a_prompt_that_ends_in_silence_is_unusual_and_digital_silence_is_named():
+    music = torch.from_numpy(synthesized_music()[:, 0])[:48000]  # 1 s at 48 kHz, as 16 kHz samples: 3 s
+    summary = {"test_bits": 2.0}
+    for tail_s, verdict in ((0.0, TYPICAL), (0.3, TYPICAL), (0.8, UNUSUAL)):
+        audio = Audio(torch.cat([music, torch.zeros(int(tail_s * 16000))]), 16000, 16000, 1)
+        report = judge(describe_signal(audio, "fade.wav"), 2.1, summary)
+        assert report.silent_end == pytest.approx(tail_s, abs=0.05) and report.verdict == verdict, report
+    assert "ends in 0.8 s of silence" in " ".join(report.reasons) and "--prompt-end" in " ".join(report.advice)
+    silence = judge(describe_signal(Audio(torch.zeros(16000), 16000, 16000, 1), "zeros.wav"), None, summary)
+    assert silence.verdict == FAR and "the prompt is silent (digital silence)" in silence.reasons
 
 
 def test_a_loaded_model_knows_its_name_for_the_advice(tiny_model):

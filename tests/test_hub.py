@@ -127,7 +127,7 @@ def test_the_speech_model_says_it_knows_speech(local_hub, synth_prompt):
     hub, env = local_hub
     hub.add("model", RELEASE, "checkpoints/sashimi_sc09.pt", (DATA / "official" / "small_v4.pt").read_bytes())
     out = cli(env, "check", synth_prompt, "--model", "sc09")
-    assert out.returncode == 2 and "this model knows speech" in " ".join(out.stderr.split())
+    assert out.returncode == 2 and "this model knows speech" in " ".join(out.stdout.split())
 
 
 def test_the_official_split_is_natural_order_88_6_6():

@@ -2,6 +2,7 @@
 Each runs the command in a process of its own (pipes and signals are the point), so all are slow."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -42,7 +43,10 @@ def test_a_stream_writes_its_sidecar_where_asked(tiny_model, synth_prompt, tmp_p
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout[:4] == b"RIFF" and f"settings and timings: {tmp_path / 'run.json'}".encode() in streamed.stderr
     sidecar = json.loads((tmp_path / "run.json").read_text())
-    assert sidecar["seed"] == 3 and sidecar["outputs"][0]["file"] is None
+    assert sidecar["seed"] == 3 and sidecar["outputs"][0]["file"] == "-"
+    # what else the seed's codes depend on: the build, the vector instructions, the prompt's read
+    software = sidecar["software"]
+    assert software["s4music"] and software["torch"] and software["instruction_set"] and software["prompt_read"]
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # written atomically: no temporary left
     nowhere = subprocess.run([*args, str(tmp_path / "run.json" / "inside-a-file.json")], capture_output=True)
     assert nowhere.returncode == 1 and b"--sidecar" in nowhere.stderr and b"cannot write here" in nowhere.stderr
@@ -90,6 +94,9 @@ def test_ctrl_c_during_a_file_run_leaves_no_partial_file(tiny_model, synth_promp
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130, err.decode()
     assert b"Traceback" not in err and list(tmp_path.iterdir()) == []
+    # the random seed was said before the cut, so the run can be made again; then that it was cut
+    lines = err.decode().splitlines()
+    assert re.fullmatch(r"seed \d+", lines[-2]) and lines[-1] == "interrupted" and "" not in lines, lines
 
 
 def test_ctrl_c_during_a_stream_keeps_what_was_sent(tiny_model, synth_prompt, tmp_path):

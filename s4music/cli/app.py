@@ -21,7 +21,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -34,7 +33,7 @@ from s4music.data.progress import time_left
 from s4music.errors import S4MusicError
 from s4music.eval_options import EvalOptions
 from s4music.generate.options import (GenerateOptions, GenerationError, Output, PromptSelection, Sampling,
-                                      StepOptions)
+                                      StepOptions, new_seed)
 from s4music.jam_options import JamOptions
 from s4music.model.registry import DEFAULT_NAME
 from s4music.train_config import SCRATCH_LR, WEIGHTS_LR, WEIGHTS_WARMUP, TrainConfig
@@ -51,14 +50,20 @@ EXIT_CODES = exit_codes("1 error", f"{FAR} (check, continue --strict)")
 
 
 class PlainFlags:
-    """Help that leaves the type column empty beside a flag: typer 0.29 writes `<bool>` there, as if
-    a flag took a value."""
+    """Help that leaves the type column empty beside a flag or a counter (-v, -vv): typer 0.29
+    writes `<bool>` or `<int>` there, as if it took a value; and names an argument in capitals
+    (PROMPT), as the help's own text does."""
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
         for param in params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
+            if param.metavar is not None:
+                continue
+            if getattr(param, "is_flag", False) or getattr(param, "count", False):
                 param.metavar = ""
+                param.show_default = param.show_default and not param.count
+            elif param.param_type_name == "argument":
+                param.metavar = param.name.upper()
         return params
 
 
@@ -113,10 +118,25 @@ def command(fn=None, *, name: str | None = None, inference: bool = False, exits:
     return register(fn) if fn is not None else register
 
 
+class ConsoleHandler(logging.Handler):
+    """Log records as lines of their own on the console (above a progress bar), which the terminal
+    wraps, not rich at 80 columns, which also broke a log file's lines; a warning or worse is
+    labelled, as the command's own errors are."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = escape(self.format(record))
+        except Exception:  # logging's contract: a bad record is reported, never raised
+            self.handleError(record)
+            return
+        label = "" if record.levelno < logging.WARNING else f"[yellow]{record.levelname.lower()}:[/] "
+        console.print(label + text, highlight=False, soft_wrap=True)
+
+
 @app.callback()
 def main_options(verbose: int = typer.Option(0, "--verbose", "-v", count=True,
                                              help="-v: the toolkit's debug messages; -vv: other libraries' as well.")):
-    logging.basicConfig(format="%(message)s", handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+    logging.basicConfig(format="%(message)s", handlers=[ConsoleHandler()])
     # Other libraries (matplotlib, filelock, httpx, gradio, torch) say only warnings unless -vv: their
     # info and debug lines (a font cache, a lock polled every 50 ms, each HTTP request) bury ours.
     logging.getLogger().setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
@@ -138,6 +158,7 @@ class LoggedProgress(Progress):
     def __init__(self, *columns, **kwargs):
         kwargs.setdefault("speed_estimate_period", 120.0)  # rich's 30 s would leave no speed between lines
         super().__init__(*columns, **kwargs)
+        self.disable = not self.console.is_terminal  # else rich's display, never drawn, ends with a blank line
         self._said: dict = {}  # task -> when its last line was printed (or it was added)
 
     def add_task(self, *args, **kwargs):
@@ -602,48 +623,65 @@ def eval_command(
 # ------------------------------------------------------------------------------------------- generation
 
 
-def print_guidance(report, continuing: bool = True) -> None:
-    """The verdict, its reasons and advice, on stderr; a far verdict as a warning when `continuing`.
-    Each a line of its own, which the terminal wraps (rich would break it mid-phrase at 80 columns)."""
+def print_guidance(report, continuing: bool = True, to: Console = console) -> None:
+    """The verdict, its reasons and advice, on `to` (stderr; `check`, whose report it is, gives
+    stdout); a far verdict as a warning when `continuing`. Each a line of its own, which the
+    terminal wraps (rich would break it mid-phrase at 80 columns)."""
     colour = {"typical": "green", "unusual": "yellow"}.get(report.verdict, "red")
-    console.print(f"prompt: {report.seconds:.2f} s; " + ("; ".join(report.conversions) or "no conversion needed"),
-                  highlight=False, soft_wrap=True)
+    to.print(f"prompt: {report.seconds:.2f} s; " + ("; ".join(report.conversions) or "no conversion needed"),
+             highlight=False, soft_wrap=True)
     label = "[bold yellow]warning:[/] " if report.far and continuing else ""
-    console.print(f"{label}verdict: [{colour}]{report.verdict}[/]", highlight=False, soft_wrap=True)
+    to.print(f"{label}verdict: [{colour}]{report.verdict}[/]", highlight=False, soft_wrap=True)
     for reason in report.reasons:
-        console.print(f"  - {escape(reason)}", highlight=False, soft_wrap=True)
+        to.print(f"  - {escape(reason)}", highlight=False, soft_wrap=True)
     for advice in report.advice:
-        console.print(f"  advice: {escape(advice)}", highlight=False, soft_wrap=True)
+        to.print(f"  advice: {escape(advice)}", highlight=False, soft_wrap=True)
     if report.far and continuing:
-        console.print("  continuing anyway (--strict refuses such a prompt)", highlight=False, soft_wrap=True)
+        to.print("  continuing anyway (--strict refuses such a prompt)", highlight=False, soft_wrap=True)
 
 
-def generation_run(run, what: str) -> None:
+def generation_run(run, what: str, options: GenerateOptions) -> None:
     """Run a generation with a progress bar (ETA and live speed, × real time), then list the outputs.
-    A reader of standard output that goes away ends the run quietly."""
+    `run(progress, guidance)` takes the callbacks. The seed (drawn here where none is given) is said
+    after the prompt's check, or else with the first sample, so that even a run cut short can be
+    made again. A reader of standard output that goes away ends the run quietly."""
     from s4music.generate import DEGENERACIES, OutputClosed
 
+    if options.seed is None:
+        options.seed = new_seed()
     bar = progress_bar(info=True)
     task = None
+    said = []
+
+    def say_seed() -> None:
+        if not said:
+            said.append(options.seed)
+            console.print(f"seed {options.seed}", highlight=False)
+
+    def guidance(report) -> None:
+        print_guidance(report)
+        say_seed()
 
     def progress(done: int, total: int, speed: float) -> None:
         nonlocal task
         if task is None:  # shown from the first sample on, so an early error is one line alone
+            say_seed()
             bar.start()
             task = bar.add_task(what, total=total, info="")
         bar.update(task, completed=done, total=total, info=f"{speed:.2f}× real time")
 
     try:
-        result = run(progress)
+        result = run(progress, guidance)
     except OutputClosed:
         raise Quiet(0) from None
     finally:
         bar.stop()
-    console.print(f"seed {result.seed}; {result.speed_x_realtime:.2f}× real time "
-                  f"({result.timings['generate_s']:.1f} s generating)",
-                  highlight=False)
+    together = f" for the {len(result.takes)} takes together" if len(result.takes) > 1 else ""
+    console.print(f"done: {result.speed_x_realtime:.2f}× real time{together} "
+                  f"({result.timings['generate_s']:.1f} s generating)", highlight=False)
     for take in result.takes:
-        flag = f" [red]degenerate: {DEGENERACIES[take.degenerate]}[/]" if take.degenerate else ""
+        retry = "" if options.retry_degenerate else " (--retry-degenerate N resamples such a take)"
+        flag = f" [red]degenerate: {DEGENERACIES[take.degenerate]}[/]{retry}" if take.degenerate else ""
         where = take.path if take.path is not None else "standard output"
         console.print(f"wrote {escape(str(where))} (seed {take.seed}, {take.bits:.2f} bits/sample){flag}", highlight=False)
     if result.underruns:
@@ -679,7 +717,8 @@ Guidance = Annotated[float, typer.Option(help="Guidance by the prompt: draw from
                                                "that heard only its last --guidance-seconds (1: off; costs a "
                                                "batch of 2 per variation). Default: the model's recommendation.")]
 GuidanceSeconds = Annotated[float, typer.Option(help="With --guidance: how much of the prompt's end the free row "
-                                                      "hears (0: from rest at the seam).")]
+                                                      "hears (0: from rest at the seam). Default: the model's "
+                                                      "recommendation, else 0.25.")]
 Surprise = Annotated[str, typer.Option(help="Mirostat: hold the running surprise of the drawn codes near this many "
                                             "bits/sample, or auto (the prompt's own; from nothing, the model's test "
                                             "figure). 0: off.")]
@@ -695,7 +734,8 @@ Device = Annotated[str, typer.Option(help="cpu, cuda, or auto: read the prompt o
                                           "generate on the fused CPU step (cuda: generate on the GPU too).")]
 Retry = Annotated[int, typer.Option(help="Resample a variation that collapses to silence, turns to noise or "
                                          "sticks at a DC offset, up to N times (files only).")]
-Plot = Annotated[bool, typer.Option("--plot", help="Also write Output.png: waveform and spectrogram.")]
+Plot = Annotated[bool, typer.Option("--plot", help="Also draw each take's waveform and spectrogram, the seam "
+                                                   "marked, beside it: OUT.png (with -n, one per take).")]
 Fused = Annotated[bool, typer.Option("--fused/--no-fused", help="Use the fused C++ CPU step when available "
                                                                 "(--no-fused: the plain PyTorch step).")]
 HalfWeights = Annotated[bool, typer.Option("--half-weights/--full-weights", help="Fused step: hold the linear "
@@ -764,8 +804,8 @@ def continue_command(
         prompt=PromptSelection(seconds=prompt_seconds, start=prompt_start, end=prompt_end),
         output=Output(include_prompt=include_prompt, normalize=normalize, format=format, plot=plot, sidecar=sidecar),
         step=StepOptions(device=device, fused=fused, half_weights=half_weights))
-    generation_run(lambda progress: continue_prompt(prompt, out, model, options, on_progress=progress,
-                                                    on_guidance=print_guidance, play=play), "continuing")
+    generation_run(lambda progress, guidance: continue_prompt(prompt, out, model, options, on_progress=progress,
+                                                              on_guidance=guidance, play=play), "continuing", options)
 
 
 @command(inference=True)
@@ -802,7 +842,8 @@ def generate(
                           context_seconds=context_seconds, typical=typical, surprise=surprise_value(surprise)),
         output=Output(normalize=normalize, format=format, plot=plot, sidecar=sidecar),
         step=StepOptions(device=device, fused=fused, half_weights=half_weights))
-    generation_run(lambda progress: improvise(out, model, options, on_progress=progress, play=play), "generating")
+    generation_run(lambda progress, _: improvise(out, model, options, on_progress=progress, play=play), "generating",
+                   options)
 
 
 @command(inference=True, exits=("1 error", FAR))
@@ -812,7 +853,8 @@ def check(
     prompt_seconds: float = typer.Option(PromptSelection.seconds, help="Judge the last N seconds (as continue would use them)."),
     prompt_start: float = typer.Option(None, help="Selection start, seconds."),
     prompt_end: float = typer.Option(None, help="Selection end, seconds."),
-    device: Device = StepOptions.device,
+    device: str = typer.Option(StepOptions.device, help="cpu, cuda, or auto: read the prompt on a GPU when there "
+                                                        "is one."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ):
     """Tell whether a prompt suits the model before spending minutes on it. Exit 2 if it is far off."""
@@ -825,7 +867,7 @@ def check(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        print_guidance(report, continuing=False)
+        print_guidance(report, continuing=False, to=Console())
     if report.far:
         raise typer.Exit(2)
 
@@ -988,6 +1030,8 @@ def main() -> None:
     except BrokenPipeError:
         _silence_stdout()
         sys.exit(0)
+    if code == 130:  # typer returns Ctrl-C (KeyboardInterrupt) in a command as this code
+        console.print("interrupted")
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 from dataclasses import dataclass, field
 
 from s4music.errors import S4MusicError
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 
 MAX_SECONDS = 3600.0  # one take; longer runs would hold hours of codes for the degeneracy checks
 MAX_VARIATIONS = 1024
+
+
+def new_seed() -> int:
+    """A fresh random seed, for a run given none (reported, so that the run can be made again)."""
+    return secrets.randbelow(2**31)
 
 
 class GenerationError(S4MusicError):

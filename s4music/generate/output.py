@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from s4music.dsp import dbfs
 from s4music.errors import S4MusicError
 from s4music.files import AtomicFile, atomic_path, write_json
 from s4music.generate.options import GenerateOptions, GenerationError
@@ -62,8 +63,10 @@ def check_outputs(out: str | Path, options: GenerateOptions, play: bool) -> None
     if str(out) == STDOUT:
         if options.variations > 1:
             raise GenerationError("-o -: standard output carries one take; use -n 1, or write files")
-        if options.rank or options.retry_degenerate:
-            raise GenerationError("-o -: --rank and --retry-degenerate need files (a stream cannot be taken back)")
+        if given := [name for name, on in (("--rank", options.rank), ("--retry-degenerate", options.retry_degenerate))
+                     if on]:
+            raise GenerationError(f"-o -: {' and '.join(given)} need{'s' if len(given) == 1 else ''} files (a stream "
+                                  "cannot be taken back)")
         if options.output.plot:
             raise GenerationError("-o -: --plot needs a file to draw beside")
         return
@@ -136,7 +139,8 @@ def write_generation(generation: Generation, out: str | Path, model_id: str, sou
         for take in ranked:
             plot_continuation(take.path, generation.prompt_frames - generation.first_frame, take.path.with_suffix(".png"))
     sidecar = sidecar_path(out, options)
-    level = {**generation.level.to_dict(), "limiter_max_reduction_db": generation.limiter_reduction_db}
+    level = {**generation.level.to_dict(), "limiter_max_reduction_db": generation.limiter_reduction_db,
+             "gain_from_input_db": _gain_from_input(generation)}
     result = GenerateResult(ranked, sidecar, generation.guidance, generation.seeds[0], speed, timings.to_dict(), level,
                             device.underruns if device else 0)
     if sidecar is not None:
@@ -166,6 +170,41 @@ def _retry(generation: Generation, takes: list[Take], i: int, sinks: list[Sink])
     return retries
 
 
+def _gain_from_input(generation: Generation) -> float | None:
+    """The prompt's gain from the input file to the output: the encoding scales a clip from its min
+    and max to full scale (audio.encode) before `gain_db` applies; None from nothing."""
+    if generation.prompt is None:
+        return None
+    x = generation.prompt.audio.samples
+    span = float(x.max() - x.min()) if x.numel() else 0.0
+    return generation.level.gain_db + dbfs(2 / span) if span > 0 else None
+
+
+# Options that mean nothing for a take from nothing (no prompt to select, judge, or put first).
+PROMPT_ONLY = {"prompt", "strict"}
+
+
+def _options_record(options: GenerateOptions, source: str | None) -> dict:
+    record = options.to_dict()
+    if source is None:
+        record = {k: v for k, v in record.items() if k not in PROMPT_ONLY}
+        record["output"] = {k: v for k, v in record["output"].items() if k != "include_prompt"}
+    return record
+
+
+def _software(generation: Generation) -> dict:
+    """What a seed's codes depend on besides the options: the same seed can give other music with
+    another build, vector instruction set or prompt read precision."""
+    import torch
+
+    from s4music import __version__
+
+    stepper = generation.stepper
+    return {"s4music": __version__, "torch": torch.__version__,
+            "instruction_set": getattr(stepper.fast, "isa", None) or torch.backends.cpu.get_cpu_capability(),
+            "prompt_read": getattr(stepper.reader, "precision", "float32")}
+
+
 def _sidecar(generation: Generation, result: GenerateResult, model_id: str, source: str | None) -> dict:
     net, options = generation.net, generation.options
     return {
@@ -173,18 +212,18 @@ def _sidecar(generation: Generation, result: GenerateResult, model_id: str, sour
         "prompt": source,
         "model": {"path": model_id, "parameters": net.num_parameters(), "config": net.config.to_dict(),
                   "audio": vars(net.audio), "trained": {k: net.summary.get(k) for k in ("mode", "step", "test_bits")}},
-        # a take from nothing reads no prompt: its selection would be noise in the record
-        "options": {k: v for k, v in options.to_dict().items() if source or k != "prompt"},
+        "options": _options_record(options, source),
         "sampling": vars(generation.sampling),
         "seed": result.seed,
         "step": generation.step,
-        "outputs": [{"file": t.path.name if t.path else None, "seed": t.seed, "bits_per_sample": t.bits,
+        "outputs": [{"file": t.path.name if t.path else STDOUT, "seed": t.seed, "bits_per_sample": t.bits,
                      "degenerate": t.degenerate, "retries": t.retries, "dc_offset_removed": t.dc_offset}
                     for t in result.takes],
         "check": generation.guidance.to_dict() if generation.guidance else None,  # not sampling's "guidance"
         "level": result.level,
         "timings": result.timings,
         "speed_x_realtime": result.speed_x_realtime,
+        "software": _software(generation),
         "samples_per_second": result.timings["samples"] / max(result.timings["generate_s"], 1e-9),
     }
 

@@ -8,6 +8,7 @@ from and its likelihood, which guidance places against the model's recorded test
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from s4music.generate.options import GenerationError, PromptSelection, StepOptio
 from s4music.generate.sampler import prompt_reader
 from s4music.guidance import PromptReport, describe_signal, judge
 from s4music.model.sashimi import SaShiMi, SaShiMiState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,8 +63,11 @@ def read_prompt(net: SaShiMi, prompt: str | Path, selection: PromptSelection,
     codes = encode(audio.samples, net.audio.quantization).long()
     started = time.perf_counter()
     targets = codes.unsqueeze(0).to(net.device)
-    bits, state = prompt_reader(net, step or StepOptions()).prefill_bits(net.shift_right(targets), targets)
+    reader = prompt_reader(net, step or StepOptions())
+    bits, state = reader.prefill_bits(net.shift_right(targets), targets)
     seconds = time.perf_counter() - started
     bits = bits.mean().item()
+    log.debug("read %.2f s of prompt in %.2f s (%s, %s): %.3f bits/sample", audio.seconds, seconds,
+              type(reader).__name__, getattr(reader, "precision", "float32"), bits)
     report = judge(describe_signal(audio, str(prompt), full), bits, net.summary, net.name)
     return ReadPrompt(audio, codes, state, report, seconds)

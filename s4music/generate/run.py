@@ -11,12 +11,12 @@ The stages it runs, each in its own module:
 from __future__ import annotations
 
 import dataclasses
-import secrets
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from s4music.generate.options import GenerateOptions, PromptRefused, PromptSelection
+from s4music.generate.options import GenerateOptions, PromptRefused, PromptSelection, new_seed
 from s4music.generate.output import GenerateResult, check_outputs, write_generation
 from s4music.generate.prompt import ReadPrompt, read_prompt
 from s4music.generate.sampler import Stepper, resolve_device
@@ -24,6 +24,8 @@ from s4music.generate.stream import Generation, ProgressFn
 from s4music.guidance import PromptReport
 from s4music.model.registry import load_model, resolve_model
 from s4music.model.sashimi import SaShiMi
+
+log = logging.getLogger(__name__)
 
 
 def open_model(spec: str | Path | None, device: str = "auto") -> tuple[SaShiMi, str]:
@@ -42,7 +44,7 @@ def _opened(model: str | Path | SaShiMi | None, device: str) -> tuple[SaShiMi, s
 
 def _seeds(options: GenerateOptions) -> list[int]:
     """seed, seed + 1, ... for the variations; a fresh random seed when none is given."""
-    seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
+    seed = options.seed if options.seed is not None else new_seed()
     return [seed + i for i in range(options.variations)]
 
 
@@ -82,6 +84,8 @@ def _generation(net: SaShiMi, options: GenerateOptions, read: ReadPrompt | None,
         sampling = dataclasses.replace(sampling, guidance=1.0)
     generation = Generation(stepper.net, stepper, options, sampling, seeds, read, on_progress, started=started)
     generation.timings.prefill_s = read.seconds if read else 0.0
+    log.debug("%s; step %s; seeds %s; sampling %s", net.name or "a model in memory", stepper.name, seeds,
+              dataclasses.asdict(sampling))
     generation.timings.load_s = time.perf_counter() - started - generation.timings.prefill_s
     return generation
 

@@ -16,6 +16,7 @@ same stream sent to a pipe are the same samples, and a seed fixes them.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,8 @@ from s4music.generate.prompt import ReadPrompt
 from s4music.generate.sampler import Stepper
 from s4music.guidance import PromptReport, degeneracy
 from s4music.model.sashimi import SaShiMi
+
+log = logging.getLogger(__name__)
 
 FIRST_CHUNK = 1000  # samples: small, so the first continued audio comes quickly
 CHUNK = 2000  # samples per chunk after it (and per fused-step call)
@@ -87,7 +90,9 @@ class Level:
             return Level(mode, TARGET_LUFS - recorded["lufs"], "model's test audio (loudness)")
         if recorded.get("peak_dbfs") is not None:
             return Level(mode, TARGET_PEAK_DBFS - recorded["peak_dbfs"], "model's test audio (peak)")
-        return Level(mode, 0.0, None)  # nothing recorded: the model's own level
+        log.info("%s has no recorded level of its test audio (`s4music eval --record` keeps one): --normalize %s "
+                 "leaves the takes at the model's own level", net.name or "the model", mode)
+        return Level(mode, 0.0, None)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "gain_db": self.gain_db, "reference": self.reference}
