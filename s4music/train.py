@@ -311,10 +311,12 @@ class Budget:
     MEASURE = 5  # steps timed before the first plan
     RESERVE = 0.05  # of the budget kept for the final validation and save (at least 20 s of a long one)
 
-    def __init__(self, minutes: float, eval_every: int):
+    def __init__(self, minutes: float, eval_every: int, spent: float = 0.0):
+        """`spent`: seconds a run resumed here had used of its minutes before."""
         self.start = time.perf_counter()
-        self.seconds = 60 * minutes
-        self.reserve = max(self.RESERVE * self.seconds, min(20.0, 0.25 * self.seconds))
+        self.seconds = 60 * minutes - spent
+        self.spent_before = spent
+        self.reserve = max(self.RESERVE * 60 * minutes, min(20.0, 0.25 * 60 * minutes))
         self.eval_every = eval_every
         self.last: float | None = None
         self.steps_timed: list[float] = []  # the recent steps' own seconds
@@ -323,6 +325,9 @@ class Budget:
 
     def left(self) -> float:
         return self.seconds - (time.perf_counter() - self.start)
+
+    def spent(self) -> float:
+        return self.spent_before + time.perf_counter() - self.start
 
     def plan(self, step: int, steps: int, extra_seconds: float) -> int | None:
         now = time.perf_counter()
@@ -438,10 +443,13 @@ class RunDirectory:
 
 
 def training_state(step: int, best: float, optimizer, scheduler, mixture: WindowMixture, scaler,
-                   config: TrainConfig) -> dict:
-    """Everything but the weights that a resume needs to go on exactly."""
+                   config: TrainConfig, budget: Budget | None = None) -> dict:
+    """Everything but the weights that a resume needs to go on exactly: for a run fitted into
+    minutes, the steps planned (in "config") and the seconds spent of them."""
     state = {"step": step, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "mixture": mixture.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict()}
+    if budget is not None:
+        state["budget_spent"] = budget.spent()
     if scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
     return state
@@ -524,10 +532,13 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         scheduler = make_scheduler(optimizer, config)
         val_codes = validation_windows(mixture, config)
 
-        step, best, bad_steps = 0, math.inf, 0
+        step, best, bad_steps, spent = 0, math.inf, 0, 0.0
         start_bits = None  # a run from weights: the starting model's validation, which best/ must beat
         if checkpoint is not None:
-            step, best = restore_training_state(read_state(checkpoint), optimizer, scheduler, mixture, scaler)
+            state = read_state(checkpoint)
+            step, best = restore_training_state(state, optimizer, scheduler, mixture, scaler)
+            if config.max_minutes:  # the same minutes go on: the plan holds until the first steps are timed
+                spent, config.steps = state.get("budget_spent", 0.0), state["config"]["steps"]
             log.info("resumed %s at step %d", checkpoint, step)
 
         ddp_model = accelerator.prepare(model)
@@ -537,7 +548,7 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
 
         samples_per_step = config.batch_size * config.grad_accum * config.seq_len
         val_bits = None
-        budget = Budget(config.max_minutes, config.eval_every) if config.max_minutes else None
+        budget = Budget(config.max_minutes, config.eval_every, spent) if config.max_minutes else None
         if checkpoint is None and config.init and val_codes is not None:  # inside the budget's minutes
             start_bits = best = mean_bits(model, val_codes)
             run.save_best(model, run.summary(0, start_bits, world, added))
@@ -601,7 +612,7 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
                 best = val_bits
                 run.save_best(model, run.summary(step, val_bits, world, added))
             if step % config.save_every == 0 or step == config.steps:
-                state = training_state(step, best, optimizer, scheduler, mixture, scaler, config)
+                state = training_state(step, best, optimizer, scheduler, mixture, scaler, config, budget)
                 run.save_checkpoint(model, state, run.summary(step, val_bits, world, added))
             extra = time.perf_counter() - stepped
             if on_step is not None and accelerator.is_main_process:

@@ -477,6 +477,10 @@ def test_max_minutes_plans_the_schedule_over_the_steps_that_fit(music_dataset, t
     lrs = [s.lr for s in seen]
     assert lrs[0] < lrs[2] and lrs[-1] < 0.05 * max(lrs)
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    # a resume goes on within the same minutes and the plan made in them, not 0.3 minutes more
+    # over the config's 10**6 steps: this run spent its minutes, so it has nothing left to do
+    again = train(TrainConfig.load(out=str(tmp_path / "run"), resume=True), resume=True)
+    assert again.step == result.step
 
 
 def test_an_empty_split_is_named_with_one_to_score_instead(tiny_model, synth_dataset, tmp_path):
