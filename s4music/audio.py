@@ -175,8 +175,8 @@ def load_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
 
 def encode(wave: torch.Tensor, scheme: str = "mulaw-official", peak: float | None = None) -> torch.Tensor:
     """Float samples (..., L) -> uint8 codes (..., L). 'mulaw-official' scales each clip (the last
-    axis) from its min and max to [-1, 1] (a constant clip to the middle level, where the official
-    formula gives -1: full-scale negative); with `peak` (a live stream, whose clip never ends), from
+    axis) from its min and max to [-1, 1] (a clip that swings by under 1e-6 to zero, code 128, where
+    the official formula gives -1: full-scale negative); with `peak` (a live stream, whose clip never ends), from
     [-peak, peak] instead, so the scale holds from one chunk to the next."""
     wave = wave.float()
     if scheme == "mulaw-official":
@@ -186,8 +186,8 @@ def encode(wave: torch.Tensor, scheme: str = "mulaw-official", peak: float | Non
         else:
             lo, hi = -peak, peak
         x = (2 * (wave - lo) / (hi - lo + 1e-6) - 1).clamp(-1, 1)
-        if peak is None:  # a constant clip (digital silence) holds no signal: the middle level, not -1
-            x = torch.where(hi > lo, x, 0.0)
+        if peak is None:  # a clip with no swing (digital silence, a dither) holds no signal: zero, not -1
+            x = torch.where(hi - lo > 1e-6, x, 0.0)
         x = torch.sign(x) * torch.log1p(MU * x.abs()) / math.log1p(MU)
         return torch.floor((x + 1) / 2 * (256 - 0.01) + 0.005).clamp(0, 255).to(torch.uint8)
     if scheme == "mulaw":

@@ -88,12 +88,15 @@ def describe_signal(audio: Audio, source: str, trimmed_from: float | None = None
 
 
 def silent_end(x: torch.Tensor, sample_rate: int, frame_s: float = 0.05) -> float:
-    """Seconds of silence (frames of `frame_s` under SILENT_DBFS RMS) at the end of `x` (L,)."""
+    """Seconds of silence at the end of `x` (L,): frames of `frame_s` whose RMS is SILENT_DBFS or
+    more under the peak, since the encoding scales the prompt to full scale (a quiet recording's
+    tail is as loud to the model as a loud one's)."""
     frame = max(1, int(frame_s * sample_rate))
     n = x.numel() // frame
-    if n == 0:
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    if n == 0 or peak == 0.0:
         return 0.0
-    loud = x[-n * frame:].reshape(n, frame).square().mean(dim=1).sqrt() >= 10 ** (SILENT_DBFS / 20)
+    loud = x[-n * frame:].reshape(n, frame).square().mean(dim=1).sqrt() >= peak * 10 ** (SILENT_DBFS / 20)
     last = int(loud.nonzero().max()) if loud.any() else -1  # the last frame that plays
     return (n - 1 - last) * frame / sample_rate
 
@@ -145,12 +148,12 @@ def judge(report: PromptReport, bits: float | None, summary: dict, model: str | 
         level = "digital silence" if report.peak_dbfs <= dbfs(0.0) else f"RMS {report.rms_dbfs:.0f} dBFS"
         flag(FAR, f"the prompt is silent ({level})",
              "give a prompt with music in it, or trim to a part that plays (--prompt-start/--prompt-end)")
-    elif report.silent_end >= SILENT_END_S:
-        flag(UNUSUAL, f"the prompt ends in {report.silent_end:.1f} s of silence, where the continuation starts",
-             "end the prompt where the music still plays (--prompt-end: seconds into the file)")
     elif report.flatness > NOISE_FLATNESS:
         flag(FAR, f"the prompt sounds like noise (spectral flatness {report.flatness:.2f}; music is usually < 0.1)",
              f"{knows}; a noisy prompt gives a noisy continuation")
+    if report.rms_dbfs >= SILENT_DBFS and report.silent_end >= SILENT_END_S:
+        flag(UNUSUAL, f"the prompt ends in {report.silent_end:.1f} s of silence, where the continuation starts",
+             "end the prompt where the music still plays (--prompt-end: seconds into the file)")
     if report.seconds < 0.5:
         flag(UNUSUAL, f"the prompt is short ({report.seconds:.2f} s)", "a few seconds of prompt give the model more to go on")
     if report.clipped > 0.001:

@@ -32,10 +32,11 @@ def test_official_mulaw_matches_the_formula_and_differs_from_torchaudio():
 
 def test_a_constant_clip_is_silence_not_the_lowest_level():
     """The official formula maps a constant clip to -1, full scale: a silent prompt came back as a thump."""
-    clips = torch.stack([torch.zeros(100), torch.full((100,), 0.3), torch.linspace(-0.5, 0.5, 100)])
+    dither = 2e-7 * torch.randn(100, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)  # 24-bit LSBs
+    clips = torch.stack([torch.zeros(100), torch.full((100,), 0.3), dither, torch.linspace(-0.5, 0.5, 100)])
     codes = encode(clips, "mulaw-official")
-    assert codes[:2].eq(128).all() and decode(codes[:2]).abs().max() == 0  # 128: zero
-    assert torch.equal(codes[2].long(), _official_mulaw(clips[2]))  # a clip that moves is as before
+    assert codes[:3].eq(128).all() and decode(codes[:3]).abs().max() == 0  # 128: zero
+    assert torch.equal(codes[3].long(), _official_mulaw(clips[3]))  # a clip that moves is as before
 
 
 @pytest.mark.parametrize("scheme", ["mulaw-official", "mulaw", "linear"])

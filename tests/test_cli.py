@@ -130,9 +130,12 @@ def test_models_lists_the_checkpoints_in_a_folder_by_path(tmp_path, monkeypatch)
 
     root = Path(__file__).parent.parent
     shutil.copytree(root / "models" / "chorales", tmp_path / "runs" / "bach" / "best")
+    shutil.copytree(root / "models" / "chorales", tmp_path / "runs" / "song [/live]")  # said whole, not as markup
     (tmp_path / "runs" / "broken").mkdir()
     (tmp_path / "runs" / "broken" / "config.json").write_text("{not json")
     rows = {r["name"]: r for r in list_models([tmp_path / "runs"])}
+    listed = runner.invoke(app, ["models", str(tmp_path / "runs")], env={"COLUMNS": "400"})
+    assert listed.exit_code == 0 and "song [/live]" in listed.output, listed.output
     bach = rows[str(tmp_path / "runs" / "bach" / "best")]
     assert "Bach four-part chorales" in bach["about"] and "test 2.19 bits/sample" in bach["about"]
     assert bach["size_mb"] > 9 and rows[str(tmp_path / "runs" / "broken")]["about"] == "config.json unreadable"
@@ -141,7 +144,7 @@ def test_models_lists_the_checkpoints_in_a_folder_by_path(tmp_path, monkeypatch)
     listed = runner.invoke(app, ["models"], terminal_width=200)
     assert listed.exit_code == 0 and "models/chorales" in listed.output, listed.output
     missing = runner.invoke(app, ["models", str(tmp_path / "nowhere")])
-    assert missing.exit_code == 1 and "nowhere: no such folder" in missing.output
+    assert missing.exit_code == 1 and "nowhere: not a folder" in missing.output
 
 
 def test_convert_writes_a_loadable_checkpoint_and_fails_cleanly(tmp_path):
@@ -233,7 +236,8 @@ def test_speed_is_told_as_times_real_time_on_screen_and_in_the_sidecar(cli, tiny
     # "RTF" reads as processing time over audio time to speech and music people: lower is faster
     code, _, err = cli("generate", "--model", tiny_model, "--seconds", "0.2", "--seed", "1", "-o", tmp_path / "a.wav")
     assert code == 0, err
-    assert re.search(r"seed 1\ndone: \d+\.\d\d× real time", err) and "RTF" not in err
+    assert re.search(r"^seed 1$", err, re.M) and re.search(r"^done: \d+\.\d\d× real time", err, re.M), err
+    assert "RTF" not in err
     sidecar = json.loads((tmp_path / "a.json").read_text())
     assert sidecar["speed_x_realtime"] > 0 and "rtf" not in sidecar
 

@@ -601,13 +601,20 @@ def test_the_sidecar_says_the_prompt_s_gain_from_the_input_file(tiny_model, synt
 
 
 def test_a_prompt_that_ends_in_silence_is_unusual_and_digital_silence_is_named():
-    music = torch.from_numpy(synthesized_music()[:, 0])[:48000]  # 1 s at 48 kHz, as 16 kHz samples: 3 s
+    music = torch.from_numpy(synthesized_music()[:, 0])  # 3 s
     summary = {"test_bits": 2.0}
     for tail_s, verdict in ((0.0, TYPICAL), (0.3, TYPICAL), (0.8, UNUSUAL)):
         audio = Audio(torch.cat([music, torch.zeros(int(tail_s * 16000))]), 16000, 16000, 1)
         report = judge(describe_signal(audio, "fade.wav"), 2.1, summary)
         assert report.silent_end == pytest.approx(tail_s, abs=0.05) and report.verdict == verdict, report
     assert "ends in 0.8 s of silence" in " ".join(report.reasons) and "--prompt-end" in " ".join(report.advice)
+    # silence is judged against the prompt's own peak, as the encoding scales it to full scale:
+    # a quiet recording's tail 26 dB under its music is heard, and noise that ends in silence is still noise
+    quiet = torch.cat([0.01 * music / music.abs().max(), torch.full((16000,), 5e-4)])
+    assert describe_signal(Audio(quiet, 16000, 16000, 1), "quiet.wav").silent_end == 0.0
+    noise = torch.cat([torch.rand(48000, generator=torch.Generator().manual_seed(0)) - 0.5, torch.zeros(16000)])
+    noisy = judge(describe_signal(Audio(noise, 16000, 16000, 1), "hiss.wav"), 2.1, summary)
+    assert noisy.verdict == FAR and "noise" in " ".join(noisy.reasons) and noisy.silent_end == pytest.approx(1.0)
     silence = judge(describe_signal(Audio(torch.zeros(16000), 16000, 16000, 1), "zeros.wav"), None, summary)
     assert silence.verdict == FAR and "the prompt is silent (digital silence)" in silence.reasons
 

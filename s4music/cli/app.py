@@ -124,13 +124,11 @@ class ConsoleHandler(logging.Handler):
     labelled, as the command's own errors are."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = escape(self.format(record))
-        except Exception:  # logging's contract: a bad record is reported, never raised
-            self.handleError(record)
-            return
         label = "" if record.levelno < logging.WARNING else f"[yellow]{record.levelname.lower()}:[/] "
-        console.print(label + text, highlight=False, soft_wrap=True)
+        try:
+            console.print(label + escape(self.format(record)), highlight=False, soft_wrap=True)
+        except Exception:  # logging's contract: a record that cannot be said is reported, never raised
+            self.handleError(record)
 
 
 @app.callback()
@@ -158,7 +156,7 @@ class LoggedProgress(Progress):
     def __init__(self, *columns, **kwargs):
         kwargs.setdefault("speed_estimate_period", 120.0)  # rich's 30 s would leave no speed between lines
         super().__init__(*columns, **kwargs)
-        self.disable = not self.console.is_terminal  # else rich's display, never drawn, ends with a blank line
+        self.disable = self.disable or not self.console.is_terminal  # else rich's undrawn display ends in a blank line
         self._said: dict = {}  # task -> when its last line was printed (or it was added)
 
     def add_task(self, *args, **kwargs):
@@ -504,12 +502,13 @@ def models(
         folders = [p for p in [Path("models")] if p.is_dir()]
     missing = [str(f) for f in folders if not f.is_dir()]
     if missing:
-        raise S4MusicError(f"{', '.join(missing)}: no such folder")
+        raise S4MusicError(f"{', '.join(missing)}: not a folder")
     table = Table(title="s4music models")
     for column in ("name", "cached", "size MB", "source", "what it is"):
         table.add_column(column, overflow="fold")
     for m in list_models(folders):
-        table.add_row(m["name"], m["cached"], f"{m['size_mb']:.0f}" if m["size_mb"] else "?", m["source"], m["about"])
+        table.add_row(escape(m["name"]), m["cached"], f"{m['size_mb']:.0f}" if m["size_mb"] else "?", escape(m["source"]),
+                      escape(m["about"]))
     Console().print(table)
 
 
@@ -680,7 +679,7 @@ def generation_run(run, what: str, options: GenerateOptions) -> None:
     console.print(f"done: {result.speed_x_realtime:.2f}× real time{together} "
                   f"({result.timings['generate_s']:.1f} s generating)", highlight=False)
     for take in result.takes:
-        retry = "" if options.retry_degenerate else " (--retry-degenerate N resamples such a take)"
+        retry = "" if options.retry_degenerate or take.path is None else " (--retry-degenerate N resamples such a take)"
         flag = f" [red]degenerate: {DEGENERACIES[take.degenerate]}[/]{retry}" if take.degenerate else ""
         where = take.path if take.path is not None else "standard output"
         console.print(f"wrote {escape(str(where))} (seed {take.seed}, {take.bits:.2f} bits/sample){flag}", highlight=False)

@@ -127,12 +127,12 @@ def checkpoints_under(root: Path) -> list[Path]:
 
 def _local_row(path: Path) -> dict:
     """A checkpoint directory's row for `list_models`, from its config.json alone (no weights read)."""
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
     try:
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
         summary = json.loads((path / "config.json").read_text()).get("summary") or {}
     except (OSError, ValueError, AttributeError):
         return {"name": str(path), "source": "a folder here", "about": "config.json unreadable", "cached": "yes",
-                "size_mb": size}
+                "size_mb": None}
     trained = [f"{summary['mode']} to step {summary.get('step', '?')}" if summary.get("mode") else "",
                f"test {summary['test_bits']:.2f} bits/sample" if isinstance(summary.get("test_bits"), float) else ""]
     about = "; ".join(filter(None, [summary.get("domain"), *trained])) or "a checkpoint"
