@@ -176,18 +176,18 @@ def load_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
 def encode(wave: torch.Tensor, scheme: str = "mulaw-official", peak: float | None = None) -> torch.Tensor:
     """Float samples (..., L) -> uint8 codes (..., L). 'mulaw-official' scales each clip (the last
     axis) from its min and max to [-1, 1] (a clip that swings by under 1e-6 to zero, code 128, where
-    the official formula gives -1: full-scale negative); with `peak` (a live stream, whose clip never ends), from
-    [-peak, peak] instead, so the scale holds from one chunk to the next."""
+    the official formula gives -1: full-scale negative); with `peak` (a live stream, whose clip never
+    ends), by `peak` instead, so the scale holds from one chunk to the next and zero stays zero."""
     wave = wave.float()
     if scheme == "mulaw-official":
         if peak is None:
             lo = wave.amin(dim=-1, keepdim=True)
             hi = wave.amax(dim=-1, keepdim=True)
-        else:
-            lo, hi = -peak, peak
-        x = (2 * (wave - lo) / (hi - lo + 1e-6) - 1).clamp(-1, 1)
-        if peak is None:  # a clip with no swing (digital silence, a dither) holds no signal: zero, not -1
+            x = (2 * (wave - lo) / (hi - lo + 1e-6) - 1).clamp(-1, 1)
+            # a clip with no swing (digital silence, a dither) holds no signal: zero, not -1
             x = torch.where(hi - lo > 1e-6, x, 0.0)
+        else:  # the official formula's 1e-6 would pull silence under zero, the more the lower the peak
+            x = (wave / peak).clamp(-1, 1)
         x = torch.sign(x) * torch.log1p(MU * x.abs()) / math.log1p(MU)
         return torch.floor((x + 1) / 2 * (256 - 0.01) + 0.005).clamp(0, 255).to(torch.uint8)
     if scheme == "mulaw":

@@ -42,6 +42,9 @@ from s4music.sinks import DeviceSink, RecordingSink, Sink
 MUSIC_FLOOR_DBFS = -60.0  # the first block above this starts the jam's sense of the playing level
 LEVEL_RELEASE_DB_PER_S = 3.0  # how fast the playing level follows a softer passage down
 PEAK_RELEASE_DB_PER_S = 1.0  # how fast the encoding scale follows the input down
+# ... but no lower than this (-60 dBFS): through a long silence the scale kept falling, to where a
+# noise floor would be encoded at full scale
+PEAK_FLOOR = 1e-3
 RECENT_S = 3.0  # the live verdict judges this much of the latest playing
 LEVEL_S = 2.0  # an answer matches the loudness of this much of the latest playing
 MAX_LEVEL_GAIN = 10.0  # an answer is raised or lowered by at most 20 dB to match
@@ -97,7 +100,7 @@ class Jam:
         self.code = torch.tensor([net.config.n_codes // 2])  # the next input, as after the official start code
         self.clock = 0  # input samples seen
         self.pending: list[torch.Tensor] = []  # input codes the state has not taken yet
-        self.peak = 1e-3  # the encoding scale: the input's recent peak
+        self.peak = PEAK_FLOOR  # the encoding scale: the input's recent peak
         self.target_rms = 0.0  # the answer's loudness: the player's last LEVEL_S seconds before the pause
         self.tail: deque[np.ndarray] = deque()  # the last LEVEL_S seconds of input, quiet moments included
         self.level_db: float | None = None  # the recent playing level
@@ -173,7 +176,8 @@ class Jam:
     def _listen(self, block: np.ndarray, quiet: bool) -> None:
         n = len(block)
         if len(block):
-            self.peak = max(float(np.abs(block).max()), self.peak * 10 ** (-PEAK_RELEASE_DB_PER_S * n / self.sr / 20))
+            self.peak = max(PEAK_FLOOR, float(np.abs(block).max()),
+                            self.peak * 10 ** (-PEAK_RELEASE_DB_PER_S * n / self.sr / 20))
         self.pending.append(encode(torch.from_numpy(block), self.scheme, peak=self.peak).long())
         self._absorb(everything=False, eager=quiet)
         if quiet and self.quiet_since is None and self.tail:  # a pause begins: the level to answer at

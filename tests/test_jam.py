@@ -120,6 +120,17 @@ def test_the_state_follows_the_input_as_one_prefill_would(tiny_model):
         assert (got - ref).abs().max() < 1e-4 * max(1.0, float(ref.abs().max()))
 
 
+def test_silence_stays_the_middle_code_however_long_it_lasts(tiny_model):
+    """The live encoding scales by the input's recent peak, which follows the input down 1 dB a
+    second, not below -60 dBFS; with the official formula's offset, zeros were encoded as 125 from
+    the start and as codes near 40 from a scale of 1e-6 (past 90 s of digital silence)."""
+    jam = Jam(load_model(tiny_model), JamOptions(seed=1, step=StepOptions(device="cpu")))
+    jam.peak = 1e-6
+    jam._listen(np.zeros(SR // 10, np.float32), quiet=True)
+    heard = torch.cat(jam.pending)  # under one aligned unit: waiting for the state, as encoded
+    assert jam.peak == 1e-3 and len(heard) == SR // 10 and heard.eq(128).all()
+
+
 def test_the_state_hears_the_block_the_player_returns_with(tiny_model):
     jam = Jam(load_model(tiny_model), JamOptions(seed=1, wait=0.1, step=StepOptions(device="cpu")))
     music = synthesized_music(seconds=1.0)[:, 0]
