@@ -649,6 +649,10 @@ def generation_run(run, what: str, options: GenerateOptions) -> None:
     if options.seed is None:
         options.seed = new_seed()
     bar = progress_bar(info=True)
+    # loading and reading take seconds with nothing to show: a spinner (on a terminal; it writes no line)
+    waiting = console.status("loading the model" + (" and reading the prompt" if what == "continuing" else ""))
+    if console.is_terminal:
+        waiting.start()
     task = None
     said = []
 
@@ -658,12 +662,14 @@ def generation_run(run, what: str, options: GenerateOptions) -> None:
             console.print(f"seed {options.seed}", highlight=False)
 
     def guidance(report) -> None:
+        waiting.stop()
         print_guidance(report)
         say_seed()
 
     def progress(done: int, total: int, speed: float) -> None:
         nonlocal task
         if task is None:  # shown from the first sample on, so an early error is one line alone
+            waiting.stop()
             say_seed()
             bar.start()
             task = bar.add_task(what, total=total, info="")
@@ -674,6 +680,7 @@ def generation_run(run, what: str, options: GenerateOptions) -> None:
     except OutputClosed:
         raise Quiet(0) from None
     finally:
+        waiting.stop()
         bar.stop()
     together = f" for the {len(result.takes)} takes together" if len(result.takes) > 1 else ""
     console.print(f"done: {result.speed_x_realtime:.2f}× real time{together} "
