@@ -84,16 +84,15 @@ def describe_signal(audio: Audio, source: str, trimmed_from: float | None = None
         rms_dbfs=dbfs(float(x.square().mean().sqrt()) if x.numel() else 0.0),
         clipped=float((x.abs() >= 0.999).float().mean()) if x.numel() else 0.0,
         dc_offset=float(x.mean()) if x.numel() else 0.0, flatness=spectral_flatness(x),
-        silent_end=silent_end(x, audio.sample_rate))
+        silent_end=silent_end(x, audio.sample_rate, peak))
 
 
-def silent_end(x: torch.Tensor, sample_rate: int, frame_s: float = 0.05) -> float:
-    """Seconds of silence at the end of `x` (L,): frames of `frame_s` whose RMS is SILENT_DBFS or
-    more under the peak, since the encoding scales the prompt to full scale (a quiet recording's
-    tail is as loud to the model as a loud one's)."""
+def silent_end(x: torch.Tensor, sample_rate: int, peak: float, frame_s: float = 0.05) -> float:
+    """Seconds of silence at the end of `x` (L,), whose peak is `peak`: frames of `frame_s` whose
+    RMS is SILENT_DBFS or more under the peak, since the encoding scales the prompt to full scale (a
+    quiet recording's tail is as loud to the model as a loud one's)."""
     frame = max(1, int(frame_s * sample_rate))
     n = x.numel() // frame
-    peak = float(x.abs().max()) if x.numel() else 0.0
     if n == 0 or peak == 0.0:
         return 0.0
     loud = x[-n * frame:].reshape(n, frame).square().mean(dim=1).sqrt() >= peak * 10 ** (SILENT_DBFS / 20)

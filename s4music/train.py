@@ -312,22 +312,21 @@ class Budget:
     RESERVE = 0.05  # of the budget kept for the final validation and save (at least 20 s of a long one)
 
     def __init__(self, minutes: float, eval_every: int, spent: float = 0.0):
-        """`spent`: seconds a run resumed here had used of its minutes before."""
-        self.start = time.perf_counter()
-        self.seconds = 60 * minutes - spent
-        self.spent_before = spent
-        self.reserve = max(self.RESERVE * 60 * minutes, min(20.0, 0.25 * 60 * minutes))
+        """`spent`: seconds a run resumed here had used of its minutes before (the clock starts there)."""
+        self.start = time.perf_counter() - spent
+        self.seconds = 60 * minutes
+        self.reserve = max(self.RESERVE * self.seconds, min(20.0, 0.25 * self.seconds))
         self.eval_every = eval_every
         self.last: float | None = None
         self.steps_timed: list[float] = []  # the recent steps' own seconds
         self.extras: list[float] = []  # seconds of each validation or save
         self.per_step: float | None = None
 
-    def left(self) -> float:
-        return self.seconds - (time.perf_counter() - self.start)
-
     def spent(self) -> float:
-        return self.spent_before + time.perf_counter() - self.start
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.seconds - self.spent()
 
     def plan(self, step: int, steps: int, extra_seconds: float) -> int | None:
         now = time.perf_counter()

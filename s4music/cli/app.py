@@ -653,12 +653,13 @@ def generation_run(run, what: str, options: GenerateOptions) -> None:
     waiting = console.status("loading the model" + (" and reading the prompt" if what == "continuing" else ""))
     if console.is_terminal:
         waiting.start()
-    task = None
-    said = []
+    task, seed_said = None, False
 
     def say_seed() -> None:
-        if not said:
-            said.append(options.seed)
+        nonlocal seed_said
+        waiting.stop()
+        if not seed_said:
+            seed_said = True
             console.print(f"seed {options.seed}", highlight=False)
 
     def guidance(report) -> None:
@@ -669,7 +670,6 @@ def generation_run(run, what: str, options: GenerateOptions) -> None:
     def progress(done: int, total: int, speed: float) -> None:
         nonlocal task
         if task is None:  # shown from the first sample on, so an early error is one line alone
-            waiting.stop()
             say_seed()
             bar.start()
             task = bar.add_task(what, total=total, info="")
