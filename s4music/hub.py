@@ -9,6 +9,9 @@ one is set (HF_TOKEN). Every failure becomes one line naming the repository and 
 from __future__ import annotations
 
 import logging
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from s4music.errors import S4MusicError, first_line
@@ -26,13 +29,34 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
+def _reachable() -> bool:
+    """Whether the Hub's address takes a connection, tried once: its client retries an unreachable
+    address five times, 23 s before an offline machine hears so. Through a proxy, or with
+    HF_HUB_OFFLINE set, the client decides alone."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(_endpoint())
+    if constants.HF_HUB_OFFLINE or urllib.request.getproxies().get(url.scheme):
+        return True
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=constants.HF_HUB_ETAG_TIMEOUT).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline(where: str) -> HubError:
+    return HubError(f"{where}: not downloaded yet, and the Hub cannot be reached (offline, HF_HUB_OFFLINE=1, or "
+                    f"{_endpoint()} unreachable); run it once with network access")
+
+
 def _explain(e: Exception, repo: str, filename: str | None, revision: str) -> HubError:
     from huggingface_hub import errors
 
     where = f"{repo}/{filename}" if filename else repo
     if isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
-        return HubError(f"{where}: not downloaded yet, and the Hub cannot be reached (offline, HF_HUB_OFFLINE=1, or "
-                        f"{_endpoint()} unreachable); run it once with network access")
+        return _offline(where)
     if isinstance(e, errors.RepositoryNotFoundError):
         return HubError(f"{repo}: no such repository on {_endpoint()} (or a private one: set HF_TOKEN)")
     if isinstance(e, errors.RevisionNotFoundError):
@@ -43,11 +67,13 @@ def _explain(e: Exception, repo: str, filename: str | None, revision: str) -> Hu
 
 
 def download(repo: str, filename: str, revision: str = "main", repo_type: str = "model") -> Path:
-    """The file in the local cache, downloaded (or resumed) first where needed."""
+    """The file in the local cache, downloaded (or resumed) first where needed (the cached one when the
+    Hub cannot be reached)."""
     from huggingface_hub import hf_hub_download
 
+    local = not _reachable()
     try:
-        return Path(hf_hub_download(repo, filename, revision=revision, repo_type=repo_type))
+        return Path(hf_hub_download(repo, filename, revision=revision, repo_type=repo_type, local_files_only=local))
     except Exception as e:  # the Hub client and its HTTP stack raise many types; each becomes one line
         raise _explain(e, repo, filename, revision) from None
 
@@ -69,6 +95,8 @@ def list_files(repo: str, revision: str = "main", repo_type: str = "model") -> l
     """Every file of a repository at `revision`."""
     from huggingface_hub import HfApi
 
+    if not _reachable():
+        raise _offline(repo)
     try:
         return HfApi().list_repo_files(repo, revision=revision, repo_type=repo_type)
     except Exception as e:  # as in download

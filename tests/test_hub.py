@@ -3,6 +3,8 @@ machines reach no hub): download, convert once, cache, and every way that can go
 
 import io
 import json
+import logging
+import socket
 import subprocess
 import sys
 import zipfile
@@ -13,8 +15,10 @@ import soundfile as sf
 import torch
 from conftest import DATA, synthesized_music
 
+from s4music import hub
 from s4music.data.format import DatasetError
 from s4music.data.named import ArchiveDamaged, natural_key, official_split, unpack
+from s4music.hub import HubError
 from s4music.model import load_checkpoint
 
 S4MUSIC = [sys.executable, "-m", "s4music.cli"]
@@ -195,3 +199,28 @@ def test_fetch_dataset_prepares_real_recordings_with_the_official_split(local_hu
     again = cli(env, "fetch-dataset", "youtubemix", "-o", tmp_path / "data")  # cached, unpacked once
     assert again.returncode == 0 and "8 files" in again.stderr
     assert json.loads((tmp_path / "data" / "source.json").read_text())["files"] == {"train": 7, "val": 0, "test": 1}
+
+
+def test_an_unreachable_hub_is_told_at_once_and_a_cached_file_still_serves(monkeypatch, tmp_path, caplog):
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    snapshot = tmp_path / "models--krandiash--sashimi-release" / "snapshots" / "abc"
+    (snapshot / "checkpoints").mkdir(parents=True)
+    (snapshot / "checkpoints" / "kept.pt").write_bytes(b"x")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc")
+    with caplog.at_level(logging.WARNING, logger="huggingface_hub"):
+        with pytest.raises(HubError, match=f"{CKPT}: not downloaded yet, and the Hub cannot be reached"):
+            hub.download(RELEASE, CKPT)
+        with pytest.raises(HubError, match="krandiash/youtubemix: not downloaded yet, and the Hub cannot be reached"):
+            hub.list_files("krandiash/youtubemix", repo_type="dataset")
+        assert hub.download(RELEASE, "checkpoints/kept.pt") == snapshot / "checkpoints" / "kept.pt"
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()]  # its client retries for 23 s
