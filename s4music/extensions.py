@@ -4,8 +4,8 @@
 
 Builds go through torch.utils.cpp_extension into a cache directory (`S4MUSIC_CACHE`, default
 ~/.cache/s4music). A build's directory is named by everything that changes it: the sources' text,
-the flags, torch's version and CUDA build, the compiler's version and whatever the caller adds (the
-CPU's flags, for -march=native). The sources are copied into it and built from there, so the build
+the flags, torch's version and CUDA build, the compiler's and ninja's versions and whatever the
+caller adds (the CPU's flags, for -march=native). The sources are copied into it and built from there, so the build
 command names no checkout: two checkouts of one commit share one build, and two different ones
 never overwrite each other's. A build says that it is building, and why; a process that finds
 another one building the same directory says once that it waits. Whatever a build needs from the
@@ -118,6 +118,9 @@ def build_inputs(sources: list[Path], cflags: list[str], ldflags: list[str], cud
         # sharing this cache (a CI clone's) would otherwise make ninja rebuild each time it alternates.
         "torch": f"{torch.__version__} cuda {torch.version.cuda} at {Path(torch.__file__).parent}",
         "compiler": compiler_version(os.environ.get("CXX", "c++")),
+        # ninja 1.11 and 1.13 hash a command differently, so each reads the other's build as stale:
+        # a venv's ninja and the system's, taking turns on one directory, rebuilt it (40 s) every time.
+        "ninja": compiler_version(shutil.which("ninja") or "ninja"),
         "extra": hashlib.sha256(extra.encode()).hexdigest()[:16],
     }
     if cuda:

@@ -323,6 +323,36 @@ def test_two_checkouts_share_one_build_and_a_build_says_why(tmp_path):
     assert said(start(checkouts[0])) == ("42", [])  # the first checkout's build is still there, untouched
 
 
+def _ninjas() -> dict[str, Path]:
+    """The folders holding a ninja, one for each version: this environment's and the system's."""
+    found: dict[str, Path] = {}
+    for folder in (Path(sys.executable).parent, *map(Path, os.environ["PATH"].split(os.pathsep))):
+        ninja = folder / "ninja"
+        if ninja.is_file() and os.access(ninja, os.X_OK):
+            version = subprocess.run([ninja, "--version"], capture_output=True, text=True).stdout.strip()
+            found.setdefault(version, folder)
+    return found
+
+
+@pytest.mark.slow
+def test_two_versions_of_ninja_taking_turns_build_once_each(tmp_path):
+    """ninja 1.11 and 1.13 hash a command differently: taking turns on one build, each rebuilt it."""
+    ninjas = _ninjas()
+    if len(ninjas) < 2:
+        pytest.skip(f"one version of ninja here ({', '.join(ninjas) or 'none'})")
+    (tmp_path / "tiny_step.cpp").write_text(TINY_STEP)
+    (tmp_path / "answer.h").write_text(TINY_HEADER)
+    for folder in [*ninjas.values()] * 2:
+        env = {**os.environ, "S4MUSIC_CACHE": str(tmp_path / "cache"),
+               "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+        done = subprocess.run([sys.executable, "-c", BUILD, str(tmp_path / "tiny_step.cpp")], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and done.stdout.strip() == "42", done.stderr
+    logs = list((tmp_path / "cache" / "extensions").glob("s4music_fast_step-*/.ninja_log"))
+    commands = [ln for log in logs for ln in log.read_text().splitlines() if not ln.startswith("#")]
+    assert len(logs) == len(ninjas) and len(commands) == 2 * len(ninjas)  # a compile and a link each
+
+
 def test_no_empty_original_directory_is_left(http_server, tmp_path, synth_prompt):
     root, base = http_server
     (root / "good.wav").write_bytes(synth_prompt.read_bytes())
