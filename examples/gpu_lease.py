@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> None:
         if time.perf_counter() - last[0] > 20 or s.val_bits is not None:
             last[0] = time.perf_counter()
             val = f", val {s.val_bits:.4f}" if s.val_bits is not None else ""
-            log(f"step {s.step}/{s.steps}: {s.bits:.4f} bits{val}; {s.audio_seconds_per_second:.0f} audio s/s; "
+            log(f"step {s.step}/{s.steps or '?'}: {s.bits:.4f} bits{val}; {s.audio_seconds_per_second:.0f} audio s/s; "
                 f"{(s.eta_seconds or 0) / 60:.1f} min left")
 
     started = time.perf_counter()

@@ -39,7 +39,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from s4music.data.dataset import PreparedDataset, WindowMixture, parse_spec
-from s4music.files import DirectoryLock, atomic_path, remove_stale_temporaries, write_json
+from s4music.files import DirectoryLock, atomic_path, interrupts_deferred, remove_stale_temporaries, write_json
 from s4music.model.checkpoint import CheckpointError, save_model, verify_checkpoint
 from s4music.model.config import AudioFormat, SaShiMiConfig
 from s4music.model.fast import reader
@@ -76,12 +76,12 @@ class StepInfo:
     """What the progress display shows after each optimizer step."""
 
     step: int
-    steps: int
+    steps: int | None  # None: a run fitted into minutes, before its first plan
     bits: float  # training loss, bits per sample
     lr: float
     audio_seconds_per_second: float
     val_bits: float | None = None
-    eta_seconds: float | None = None  # until the last step, from the recent step rate
+    eta_seconds: float | None = None  # until the last step, from the recent step rate (None before a plan)
 
 
 @dataclass
@@ -209,12 +209,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
 
 
 def validation_windows(mixture: WindowMixture, config: TrainConfig) -> torch.Tensor | None:
-    """The first `eval_windows` val windows of each dataset, cut to seq_len: (V, seq_len) codes."""
+    """`eval_windows` val windows of each dataset, spread evenly over its split (so over its files,
+    not the first file's first seconds), cut to seq_len: (V, seq_len) codes."""
     chunks = []
     for ds in mixture.datasets:
-        arr = ds.windows("val")[: config.eval_windows, : config.seq_len]
-        if len(arr):
-            chunks.append(torch.from_numpy(np.asarray(arr, dtype=np.int64)))
+        windows = ds.windows("val")
+        if len(windows):
+            spread = np.unique(np.linspace(0, len(windows) - 1, min(config.eval_windows, len(windows))).round())
+            arr = np.stack([windows[int(i), : config.seq_len] for i in spread])
+            chunks.append(torch.from_numpy(arr.astype(np.int64)))
     return torch.cat(chunks) if chunks else None
 
 
@@ -489,6 +492,21 @@ def backward(ddp_model, model: SaShiMi, mixture: WindowMixture, config: TrainCon
     return accelerator.reduce(total, "sum")
 
 
+def go_on(config: TrainConfig, budget: Budget | None, step: int, spent: float, minutes_before: float | None) -> None:
+    """A resumed run that had finished: given more minutes than it had (`minutes_before`), more steps
+    (as many as the run's pace so far says fit, until the next steps are timed and planned); else
+    say that nothing is left and how to ask for more."""
+    more = budget is not None and (minutes_before is None or config.max_minutes > minutes_before)
+    if more and budget.left() > budget.reserve and step > 0:
+        pace = max(spent, 1e-3) / step
+        config.steps = step + max(Budget.MEASURE + 1, int((budget.left() - budget.reserve) / pace))
+        log.info("%.1f of its %g minutes left: going on from step %d", budget.left() / 60, config.max_minutes, step)
+        return
+    used = f"had its {minutes_before:g} minutes" if budget else f"done its {step} steps"
+    log.warning("%s: nothing left to train: the run has %s; give --resume a larger %s to go on", config.out, used,
+                "--max-minutes" if budget else "--steps")
+
+
 def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
     """Run (or, with `resume`, continue) training as `config` says. See the module docstring."""
     from accelerate import Accelerator
@@ -553,78 +571,100 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
             run.save_best(model, run.summary(0, start_bits, world, added))
             log.info("step 0 (%s as it starts): val %.4f bits/sample; best/ keeps it until a step beats it",
                      config.init, start_bits)
+        if checkpoint is not None and step >= config.steps:
+            go_on(config, budget, step, spent, state["config"].get("max_minutes"))
         extra = 0.0  # seconds the last step spent validating and saving
+        # where this call began; the newest checkpoint; the last step whose update and schedule are whole
+        begun = saved = done = step
         ddp_model.train()
-        while step < config.steps:
-            started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            total = backward(ddp_model, model, mixture, config, accelerator, scaler, autocast_dtype)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip or math.inf)
-            if scaler.is_enabled() and total[1] == 0 and not torch.isfinite(grad_norm):
-                scaler.step(optimizer)  # fp16 gradients overflowed: the scaler skips the step and lowers its scale
-                scaler.update()
-                continue
-            if total[1] > 0 or not torch.isfinite(grad_norm):
-                bad_steps += 1
+        try:
+            while step < config.steps:
+                started = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                scaler.update()  # forgets this step's unscale (a no-op without fp16)
-                log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step + 1, bad_steps)
-                if bad_steps >= config.max_bad_steps:
-                    raise TrainingError(
-                        f"{out}: the loss was NaN or inf for {bad_steps} steps in a row at step {step + 1}; stopped. "
-                        f"The last good checkpoint is kept. Try a lower lr, precision=no, or clip > 0")
-                continue
-            bad_steps = 0
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            train_bits = total[0].item() / (world * config.grad_accum)
+                total = backward(ddp_model, model, mixture, config, accelerator, scaler, autocast_dtype)
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip or math.inf)
+                if scaler.is_enabled() and total[1] == 0 and not torch.isfinite(grad_norm):
+                    scaler.step(optimizer)  # fp16 gradients overflowed: the scaler skips the step and lowers its scale
+                    scaler.update()
+                    continue
+                if total[1] > 0 or not torch.isfinite(grad_norm):
+                    bad_steps += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.update()  # forgets this step's unscale (a no-op without fp16)
+                    log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step + 1, bad_steps)
+                    if bad_steps >= config.max_bad_steps:
+                        raise TrainingError(
+                            f"{out}: the loss was NaN or inf for {bad_steps} steps in a row at step {step + 1}; stopped. "
+                            f"The last good checkpoint is kept. Try a lower lr, precision=no, or clip > 0")
+                    continue
+                bad_steps = 0
+                with interrupts_deferred():  # Ctrl-C finds an update whole or not begun
+                    scaler.step(optimizer)
+                    scaler.update()
+                    step += 1
+                train_bits = total[0].item() / (world * config.grad_accum)
 
-            stepped = time.perf_counter()
-            if budget is not None:
-                planned = budget.plan(step, config.steps, extra)
-                mine = torch.tensor([-1 if planned is None else planned], device=device)
-                plans = accelerator.gather(mine) if world > 1 else mine
-                planned = int(plans[plans >= 0].min().item()) if (plans >= 0).any() else -1
-                if planned >= 0 and planned != config.steps:  # every rank plans alike (the slowest's figure)
-                    if budget.per_step is None:  # out of time before the first steps were timed
-                        log.info("step %d: out of the %g minutes; stopping", step, config.max_minutes)
+                stepped = time.perf_counter()
+                if budget is not None:
+                    planned = budget.plan(step, config.steps, extra)
+                    mine = torch.tensor([-1 if planned is None else planned], device=device)
+                    plans = accelerator.gather(mine) if world > 1 else mine
+                    planned = int(plans[plans >= 0].min().item()) if (plans >= 0).any() else -1
+                    if planned >= 0 and planned != config.steps:  # every rank plans alike (the slowest's figure)
+                        if budget.per_step is None:  # out of time before the first steps were timed
+                            log.info("step %d: out of the %g minutes; stopping", step, config.max_minutes)
+                        else:
+                            log.info("step %d: %.2f s a step; %d steps fit in %g minutes", step, budget.per_step,
+                                     int(planned), config.max_minutes)
+                        config.steps = int(planned)  # the cosine schedule reads config.steps
+                val_bits = None
+                if val_codes is not None and (step % config.eval_every == 0 or step == config.steps):
+                    val_bits = mean_bits(model, val_codes)
+                if config.schedule == "plateau":
+                    if val_bits is not None:
+                        scheduler.step(val_bits)
+                else:
+                    scheduler.step()
+                done = step
+                lr = optimizer.param_groups[0]["lr"]
+                rate = samples_per_step / mixture.sample_rate / (time.perf_counter() - started)
+                run.record({"step": step, "train_bits": f"{train_bits:.5f}",
+                            "val_bits": None if val_bits is None else f"{val_bits:.5f}", "lr": f"{lr:.3e}",
+                            "audio_s_per_s": f"{rate:.3f}", "time": f"{time.time():.1f}"})
+                if val_bits is not None and val_bits < best:
+                    best = val_bits
+                    run.save_best(model, run.summary(step, val_bits, world, added))
+                if step % config.save_every == 0 or step == config.steps:
+                    state = training_state(step, best, optimizer, scheduler, mixture, scaler, config, budget)
+                    run.save_checkpoint(model, state, run.summary(step, val_bits, world, added))
+                    saved = step
+                extra = time.perf_counter() - stepped
+                if on_step is not None and accelerator.is_main_process:
+                    if budget is None:
+                        info = config.steps, (config.steps - step) * (time.perf_counter() - started)
+                    elif budget.per_step is None:  # not planned yet
+                        info = None, None
                     else:
-                        log.info("step %d: %.2f s a step; %d steps fit in %g minutes", step, budget.per_step,
-                                 int(planned), config.max_minutes)
-                    config.steps = int(planned)  # the cosine schedule reads config.steps
-            val_bits = None
-            if val_codes is not None and (step % config.eval_every == 0 or step == config.steps):
-                val_bits = mean_bits(model, val_codes)
-            if config.schedule == "plateau":
-                if val_bits is not None:
-                    scheduler.step(val_bits)
-            else:
-                scheduler.step()
-            lr = optimizer.param_groups[0]["lr"]
-            rate = samples_per_step / mixture.sample_rate / (time.perf_counter() - started)
-            run.record({"step": step, "train_bits": f"{train_bits:.5f}",
-                        "val_bits": None if val_bits is None else f"{val_bits:.5f}", "lr": f"{lr:.3e}",
-                        "audio_s_per_s": f"{rate:.3f}", "time": f"{time.time():.1f}"})
-            if val_bits is not None and val_bits < best:
-                best = val_bits
-                run.save_best(model, run.summary(step, val_bits, world, added))
-            if step % config.save_every == 0 or step == config.steps:
+                        info = config.steps, min((config.steps - step) * budget.per_step, max(0.0, budget.left()))
+                    on_step(StepInfo(step, info[0], train_bits, lr, rate, val_bits, info[1]))
+                accelerator.wait_for_everyone()
+        except KeyboardInterrupt:  # keep what was trained; the step under way, if any, is dropped
+            if step > saved:
+                if step > done and config.schedule != "plateau":
+                    scheduler.step()
                 state = training_state(step, best, optimizer, scheduler, mixture, scaler, config, budget)
-                run.save_checkpoint(model, state, run.summary(step, val_bits, world, added))
-            extra = time.perf_counter() - stepped
-            if on_step is not None and accelerator.is_main_process:
-                per_step = budget.per_step if budget is not None and budget.per_step else time.perf_counter() - started
-                eta = (config.steps - step) * per_step
-                on_step(StepInfo(step, config.steps, train_bits, lr, rate, val_bits,
-                                 eta if budget is None else min(eta, max(0.0, budget.left()))))
-            accelerator.wait_for_everyone()
+                run.save_checkpoint(model, state, run.summary(step, None, world, added))
+                log.warning("interrupted at step %d: saved it in %s; go on with --resume", step, out / "checkpoints")
+            raise
 
         if start_bits is not None and best >= start_bits:
             log.warning("%s: no step beat the model it started from on validation (%.4f bits/sample), so best/ is "
                         "that model; try more steps or minutes, more data, or a lower --lr", out, start_bits)
-        final = run.finish(model, run.summary(step, val_bits, world, added))
+        if step == begun and (out / "model").exists():  # a resume with nothing to do: the final model stands
+            final = out / "model"
+        else:
+            final = run.finish(model, run.summary(step, val_bits, world, added))
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return TrainResult(out=out, model=final, best=out / "best" if (out / "best").exists() else None, step=step,

@@ -67,7 +67,7 @@ class TrainConfig:
     seed: int = 0
 
     eval_every: int = 100
-    eval_windows: int = 8  # validation windows per dataset (each cut to seq_len)
+    eval_windows: int = 16  # validation windows per dataset, spread over its val split (each cut to seq_len)
     save_every: int = 100
     keep_last: int = 2
     log: str = "csv"  # csv, or tensorboard (needs the tensorboard package) as well

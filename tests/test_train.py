@@ -20,7 +20,8 @@ from s4music.generate.stream import TARGET_LUFS, Level
 from s4music.model import import_official, load_model, save_model
 from s4music.model.reparam import untie
 from s4music.options import OptionError
-from s4music.train import TrainConfig, TrainingError, make_scheduler, train
+from s4music.data.dataset import PreparedDataset, WindowMixture
+from s4music.train import TrainConfig, TrainingError, make_scheduler, train, validation_windows
 
 TINY = {"d_model": 16, "n_layers": 1, "pool": [4], "s4": {"d_state": 16}}
 S4MUSIC = [sys.executable, "-m", "s4music.cli"]
@@ -463,6 +464,39 @@ def test_a_fast_run_resumes_exactly_as_it_would_have_gone_on(music_dataset, tmp_
         assert torch.allclose(v, weights(tmp_path / "split")[k], atol=1e-5), k
 
 
+def test_validation_windows_spread_over_the_val_files(music_dataset, tmp_path):
+    """The first 8 windows, cut to a short seq_len, were 2 s of one file: best/ was chosen on them."""
+    dataset = PreparedDataset(music_dataset)
+    val = dataset.manifest("val")
+    codes = validation_windows(WindowMixture([(dataset, 1.0)], 1024, "train", 0), tiny(music_dataset, tmp_path, eval_windows=4))
+    picked = [next(i for i, w in enumerate(dataset.windows("val")) if (w[:1024] == c.numpy()).all()) for c in codes]
+    assert codes.shape == (4, 1024) and picked[0] == 0 and picked[-1] == len(val) - 1
+    assert len({val[i]["source"] for i in picked}) > 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_steps_trained_and_a_resume_goes_on_as_it_would_have(music_dataset, tmp_path, caplog):
+    """Before the first checkpoint (save_every far off), Ctrl-C lost the whole run."""
+    common = dict(steps=5, save_every=100, schedule="cosine", warmup=2)
+    train(tiny(music_dataset, tmp_path / "whole", **common))
+
+    def interrupt_after_3(info) -> None:
+        if info.step == 3:
+            raise KeyboardInterrupt
+
+    with caplog.at_level("WARNING", logger="s4music.train"), pytest.raises(KeyboardInterrupt):
+        train(tiny(music_dataset, tmp_path / "cut", **common), on_step=interrupt_after_3)
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-0000003"]
+    assert "interrupted at step 3: saved it in" in caplog.text and "--resume" in caplog.text
+    train(TrainConfig.load(out=str(tmp_path / "cut"), resume=True), resume=True)
+    whole, cut = log_rows(tmp_path / "whole"), log_rows(tmp_path / "cut")
+    assert [r["step"] for r in cut] == ["1", "2", "3", "4", "5"]
+    for a, b in zip(whole, cut, strict=True):
+        assert abs(float(a["train_bits"]) - float(b["train_bits"])) < 1e-4 and a["lr"] == b["lr"], (a, b)
+    for k, v in weights(tmp_path / "whole").items():
+        assert torch.allclose(v, weights(tmp_path / "cut")[k], atol=1e-5), k
+
+
 def test_max_minutes_plans_the_schedule_over_the_steps_that_fit(music_dataset, tmp_path, caplog):
     config = tiny(music_dataset, tmp_path / "run", steps=10**6, max_minutes=0.3, warmup=3, eval_every=25,
                   save_every=10**6)
@@ -479,8 +513,13 @@ def test_max_minutes_plans_the_schedule_over_the_steps_that_fit(music_dataset, t
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     # a resume goes on within the same minutes and the plan made in them, not 0.3 minutes more
     # over the config's 10**6 steps: this run spent its minutes, so it has nothing left to do
+    caplog.clear()
     again = train(TrainConfig.load(out=str(tmp_path / "run"), resume=True), resume=True)
     assert again.step == result.step
+    assert "nothing left to train: the run has had its 0.3 minutes" in caplog.text and "a larger --max-minutes" in caplog.text
+    # more minutes for the whole run: it goes on over them
+    more = train(TrainConfig.load(out=str(tmp_path / "run"), resume=True, max_minutes=0.6), resume=True)
+    assert more.step > result.step
 
 
 def test_an_empty_split_is_named_with_one_to_score_instead(tiny_model, synth_dataset, tmp_path):

@@ -525,7 +525,8 @@ def train(
                                                   "or an official .pt."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML training config; options given here override it."),
     overrides: list[str] = typer.Option(None, "--set", help="Override a config key: key=value, e.g. model.d_model=32."),
-    steps: int = typer.Option(None, help=default("Optimizer steps.", TrainConfig.steps)),
+    steps: int = typer.Option(None, help=default("Optimizer steps. With --resume and no --max-minutes: train on "
+                                                 "to this step, leaving the run's minutes aside.", TrainConfig.steps)),
     seq_len: int = typer.Option(None, help=default("Samples per training window.", TrainConfig.seq_len)),
     batch_size: int = typer.Option(None, help=default("Windows per micro-batch over all processes.",
                                                       TrainConfig.batch_size)),
@@ -542,7 +543,8 @@ def train(
                                               "many samples, in bf16 under bf16 autocast (0: by FFT; the same "
                                               "function, faster where matrix units are; try 256)."),
     max_minutes: float = typer.Option(None, help="Fit the run into this many minutes: time the first steps, plan "
-                                                 "warm-up and cosine decay over the steps that fit, stop in time."),
+                                                 "warm-up and cosine decay over the steps that fit, stop in time. "
+                                                 "With --resume: the run's whole budget, so more minutes go on."),
     seed: int = typer.Option(None, help=default("Seed of initialization and data order.", TrainConfig.seed)),
     groups: int = typer.Option(None, help="reparam: copies of Lambda per layer (default: one per channel)."),
     untie_pb: bool = typer.Option(None, "--untie-pb", help="reparam: untie P and B as well."),
@@ -557,13 +559,15 @@ def train(
     """
     from s4music.train import train as run_training
 
+    if resume and steps is not None and max_minutes is None:  # train to that step, not for the run's minutes
+        overrides = [*(overrides or []), "max_minutes=null"]
     cfg = TrainConfig.load(
         config, overrides, resume=resume, data=data or None, out=str(out) if out else None, mode=mode, init=init,
         steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
         precision=precision, fast=fast, conv_chunk=conv_chunk, max_minutes=max_minutes, seed=seed, groups=groups,
         untie_pb=untie_pb, dt_per_state=dt_per_state)
     with progress_bar(info=True) as bar:
-        task = bar.add_task("training", total=cfg.steps, info="")
+        task = bar.add_task("training", total=None if cfg.max_minutes else cfg.steps, info="")  # planned later
 
         def on_step(s) -> None:
             val = f" val {s.val_bits:.3f}" if s.val_bits is not None else ""
