@@ -54,8 +54,13 @@ TRAINING_TENSORS, TRAINING_JSON = "training.safetensors", "training.json"
 
 
 # What may change when a run is resumed; every other key must be the run's own.
-RESUMABLE_CHANGES = ("steps", "eval_every", "eval_windows", "save_every", "keep_last", "log", "max_bad_steps",
+# `out` too: a run goes on wherever its directory is, reached by another path or copied.
+RESUMABLE_CHANGES = ("out", "steps", "eval_every", "eval_windows", "save_every", "keep_last", "log", "max_bad_steps",
                      "max_minutes", "fast", "conv_chunk")
+
+
+def _datasets(specs: list[str]) -> list[tuple[Path, float]]:
+    return [(Path(path).resolve(), weight) for path, weight in map(parse_spec, specs)]
 
 
 def check_resume_config(config: TrainConfig, out: Path) -> None:
@@ -64,7 +69,9 @@ def check_resume_config(config: TrainConfig, out: Path) -> None:
         saved = TrainConfig.load(out / "config.yaml")
     except TrainingError:
         return  # a run killed before it wrote its config: nothing to compare with
-    changed = [k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.to_dict()[k] != v]
+    before = saved.to_dict()
+    changed = [k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and before[k] != v
+               and not (k == "data" and _datasets(before[k]) == _datasets(v))]  # by another path
     if changed:
         shown = ", ".join(f"{k}={getattr(saved, k)!r}" for k in changed[:4])
         raise TrainingError(f"{out / 'config.yaml'}: the run was started with {shown}; resume it with its own config "

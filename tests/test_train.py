@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,14 +201,19 @@ def test_keep_last_prunes_old_checkpoints(synth_dataset, tmp_path):
     assert sorted(p.name for p in (result.out / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
 
 
-def test_resume_takes_the_runs_own_config_and_refuses_another(synth_dataset, tmp_path):
-    out = tmp_path / "run"
-    train(tiny(synth_dataset, out, seq_len=1024, steps=2, save_every=1))
-    config = TrainConfig.load(out=str(out), resume=True, steps=3)  # the saved config, with more steps
-    assert config == tiny(synth_dataset, out, seq_len=1024, steps=3, save_every=1)
+def test_resume_takes_the_runs_own_config_and_refuses_another(synth_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = os.path.relpath(synth_dataset, tmp_path)
+    train(tiny(data, "run", seq_len=1024, steps=2, save_every=1))
+    config = TrainConfig.load(out="run", resume=True, steps=3)  # the saved config, with more steps
+    assert config == tiny(data, "run", seq_len=1024, steps=3, save_every=1)
     assert train(config, resume=True).step == 3
     with pytest.raises(TrainingError, match=r"config.yaml: the run was started with lr=0.004"):
-        train(tiny(synth_dataset, out, seq_len=1024, steps=4, save_every=1, lr=0.1), resume=True)
+        train(tiny(synth_dataset, "run", seq_len=1024, steps=4, save_every=1, lr=0.1), resume=True)
+    # the same run and data by absolute paths, then a copy of the run: both go on
+    assert train(tiny(synth_dataset, tmp_path / "run", seq_len=1024, steps=4, save_every=1), resume=True).step == 4
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    assert train(TrainConfig.load(out="copy", resume=True, steps=5), resume=True).step == 5
 
 
 def test_config_file_and_overrides(tmp_path):
