@@ -22,6 +22,8 @@ from s4music.dsp import dbfs
 from s4music.measures import liveliness
 
 TYPICAL, UNUSUAL, FAR = "typical", "unusual", "far from what this model knows"
+UNKNOWN = "unknown to this model (it records no test NLL to compare with)"  # a sound signal, nothing to judge it by
+CHANCE_BITS = 7.5  # 8 bits/sample is a guess among 256 codes: a model this near it has learned little
 NOISE_FLATNESS = 0.35  # white noise is ~0.56; music is usually below 0.1
 SILENT_DBFS = -55.0
 SILENT_END_S = 0.5  # a prompt ending in this much silence is continued from silence, not from its music
@@ -176,9 +178,12 @@ def judge(report: PromptReport, bits: float | None, summary: dict, model: str | 
         else:
             report.reasons.append(f"the model finds the prompt familiar ({where})")
     elif bits is not None:
-        report.reasons.append(f"{bits:.2f} bits/sample on the prompt; this checkpoint records no test NLL "
-                              "(run `s4music eval --record`) to compare with")
-    report.verdict = FAR if FAR in levels else UNUSUAL if UNUSUAL in levels else TYPICAL
+        levels.append(UNKNOWN)
+        chance = ", near chance (8): the model has learned little" if bits > CHANCE_BITS else ""
+        report.reasons.append(f"{bits:.2f} bits/sample on the prompt{chance}; this checkpoint records no test NLL "
+                              "to compare with")
+        report.advice.append("`s4music eval MODEL --data DATASET --record` gives it one")
+    report.verdict = next((level for level in (FAR, UNUSUAL, UNKNOWN) if level in levels), TYPICAL)
     if report.verdict != TYPICAL and report.unfamiliar:
         report.advice.append(finetune_advice(model))
     if report.unfamiliar and (rule := summary.get("sampling_unfamiliar")):

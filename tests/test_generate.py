@@ -21,7 +21,7 @@ from s4music.generate import (GenerateOptions, GenerationError, Output, PromptRe
 from s4music.generate.sampler import Stepper
 from s4music.audio import Audio, spectral_flatness
 from s4music.dsp import dbfs
-from s4music.guidance import FAR, TYPICAL, UNUSUAL, degeneracy, describe_signal, judge
+from s4music.guidance import FAR, TYPICAL, UNKNOWN, UNUSUAL, degeneracy, describe_signal, judge
 from s4music.model import S4Config, SaShiMi, SaShiMiConfig, import_official, load_model, save_model
 from s4music.model.fast import (FusedReader, FusedStep, Rule, fused_available, guided_codes, instruction_sets, plain_steps,
                                 reader, sample_codes)
@@ -574,6 +574,11 @@ def test_guidance_says_what_the_model_knows_and_how_to_get_a_model_that_knows_mo
         advice = " ".join(report.advice)
         assert ("fine-tune" in advice) == (verdict != TYPICAL)
         assert (summary["domain"] in advice) == (verdict != TYPICAL)
+    # a model with no test figure cannot say; one near chance (8 bits/sample) has learned little
+    for bits, chance in ((2.1, False), (7.6, True)):
+        report = judge(describe_signal(audio, "orchestra.wav"), bits, {})
+        assert report.verdict == UNKNOWN and ("near chance" in " ".join(report.reasons)) == chance, report
+        assert "--record" in " ".join(report.advice)
     # what fine-tuning costs, as measured, and the commands with the model named
     advice = " ".join(judge(describe_signal(audio, "orchestra.wav"), 4.5, summary, "runs/mine/best").advice)
     assert "--from runs/mine/best" in advice and "MODEL" not in advice

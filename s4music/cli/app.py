@@ -630,7 +630,7 @@ def print_guidance(report, continuing: bool = True, to: Console = console) -> No
     """The verdict, its reasons and advice, on `to` (stderr; `check`, whose report it is, gives
     stdout); a far verdict as a warning when `continuing`. Each a line of its own, which the
     terminal wraps (rich would break it mid-phrase at 80 columns)."""
-    colour = {"typical": "green", "unusual": "yellow"}.get(report.verdict, "red")
+    colour = "red" if report.far else "green" if report.verdict == "typical" else "yellow"
     to.print(f"prompt: {report.seconds:.2f} s; " + ("; ".join(report.conversions) or "no conversion needed"),
              highlight=False, soft_wrap=True)
     label = "[bold yellow]warning:[/] " if report.far and continuing else ""
