@@ -555,6 +555,9 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=(0.9, 0.999))
         scheduler = make_scheduler(optimizer, config)
         val_codes = validation_windows(mixture, config)
+        if val_codes is None:
+            log.warning("%s: no val windows, so the run cannot validate: no best/, only the final model",
+                        ", ".join(config.data))
 
         step, best, bad_steps, spent = 0, math.inf, 0, 0.0
         start_bits = None  # a run from weights: the starting model's validation, which best/ must beat

@@ -135,6 +135,20 @@ def test_bad_files_are_reported_and_the_rest_is_built(music, tmp_path, short_rec
     assert len(report.added) == 12
 
 
+def test_a_split_left_empty_by_files_that_failed_is_told(music, tmp_path, caplog):
+    """A file's split is drawn before it is read, so failures can empty val or test: say so."""
+    folder = tmp_path / "few"
+    folder.mkdir()
+    shutil.copy(next((music / "calm").iterdir()), folder / "good.ogg")
+    (folder / "bad.wav").write_text("not audio\n")
+    with caplog.at_level("WARNING", logger="s4music.data.prepare"):
+        prepare([folder], tmp_path / "ds", PrepareOptions(**OPTS, pinned={"good.ogg": "train", "bad.wav": "val"}))
+    splits = PreparedDataset(tmp_path / "ds").meta["splits"]
+    assert splits["train"] > 0 and splits["val"] == splits["test"] == 0
+    assert "the val split is empty (its files failed to read)" in caplog.text
+    assert "the test split is empty (too few files)" in caplog.text
+
+
 def test_a_crashed_run_leaves_no_half_written_dataset(music, tmp_path):
     prepare([music / "calm"], tmp_path / "ds", PrepareOptions(**OPTS))
     meta = json.loads((tmp_path / "ds" / "dataset.json").read_text())

@@ -528,6 +528,14 @@ def test_max_minutes_plans_the_schedule_over_the_steps_that_fit(music_dataset, t
     assert more.step > result.step
 
 
+def test_a_run_without_val_windows_says_it_cannot_validate(synth_dataset, tmp_path, caplog):
+    no_val = tmp_path / "no-val"
+    prepare([synth_dataset.parent / "audio"], no_val, PrepareOptions(seconds=0.512, val_fraction=0))
+    with caplog.at_level("WARNING", logger="s4music.train"):
+        result = train(tiny(no_val, tmp_path / "run", seq_len=1024, steps=1))
+    assert result.best is None and "no val windows, so the run cannot validate: no best/" in caplog.text
+
+
 def test_an_empty_split_is_named_with_one_to_score_instead(tiny_model, synth_dataset, tmp_path):
     """`prepare --test 0` leaves no test split: eval says so and names a split it can score."""
     held_none = tmp_path / "no-test"

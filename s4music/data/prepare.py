@@ -224,6 +224,7 @@ def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_
     assign_splits(meta["sources"], assigned, options)
     handles = {s: open(root / f"{s}.u8", "ab") for s in SPLITS}
     pending: list[dict] = []
+    lost: set[str] = set()  # splits that a file which failed was drawn for
     try:
         for src in candidates:
             path = Path(src["path"])
@@ -232,6 +233,7 @@ def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_
             except S4MusicError as e:
                 report.failed.append((path, str(e)))
                 progress(path, "failed")
+                lost.add(src["split"])
                 continue
             split = src["split"]
             handles[split].write(codes.tobytes())
@@ -252,6 +254,11 @@ def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_
                          "failed": [{"path": str(p), "reason": r} for p, r in report.failed]}
         write_json(root / "dataset.json", meta)
     report.summary = summarize(meta)
+    if shard is None:
+        for split, fraction in (("val", options.val_fraction), ("test", options.test_fraction)):
+            if fraction > 0 and meta["splits"][split] == 0:
+                log.warning("%s: the %s split is empty (%s); add music or fix the files that failed, then prepare "
+                            "again", root, split, "its files failed to read" if split in lost else "too few files")
     return report
 
 
