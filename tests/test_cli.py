@@ -133,7 +133,13 @@ def test_models_lists_the_checkpoints_in_a_folder_by_path(tmp_path, monkeypatch)
     shutil.copytree(root / "models" / "chorales", tmp_path / "runs" / "song [/live]")  # said whole, not as markup
     (tmp_path / "runs" / "broken").mkdir()
     (tmp_path / "runs" / "broken" / "config.json").write_text("{not json")
+    start = tmp_path / "runs" / "ft" / "best"  # a fine-tune's best/ that no step beat
+    start.mkdir(parents=True)
+    summary = {"mode": "finetune", "from": "default", "step": 0, "val_bits": 4.19}
+    (start / "config.json").write_text(json.dumps({"summary": summary}))
     rows = {r["name"]: r for r in list_models([tmp_path / "runs"])}
+    assert rows[str(start)]["about"] == "finetune's start (default); val 4.19 bits/sample"
+    assert rows[str(start)]["cached"] == "here"
     listed = runner.invoke(app, ["models", str(tmp_path / "runs")], env={"COLUMNS": "400"})
     assert listed.exit_code == 0 and "song [/live]" in listed.output, listed.output
     bach = rows[str(tmp_path / "runs" / "bach" / "best")]
@@ -143,6 +149,9 @@ def test_models_lists_the_checkpoints_in_a_folder_by_path(tmp_path, monkeypatch)
     monkeypatch.chdir(root)  # with no folder given: ./models, where the chorale model is kept
     listed = runner.invoke(app, ["models"], terminal_width=200)
     assert listed.exit_code == 0 and "models/chorales" in listed.output, listed.output
+    monkeypatch.chdir(tmp_path)  # and ./runs, where `train` writes
+    listed = runner.invoke(app, ["models"], terminal_width=200)
+    assert listed.exit_code == 0 and "runs/ft/best" in listed.output, listed.output
     missing = runner.invoke(app, ["models", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1 and "nowhere: not a folder" in missing.output
 

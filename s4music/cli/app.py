@@ -492,14 +492,15 @@ def fetch_dataset_command(
 @command
 def models(
     folders: list[Path] = typer.Argument(None, help="Folders whose checkpoint directories to list as well, up to "
-                                                    r"three levels down. \[default: ./models, where it exists]"),
+                                                    r"three levels down. \[default: ./models and ./runs, where "
+                                                    "they exist]"),
 ):
     """The models you can name wherever a model is taken, which are here already, and the checkpoints
     in your folders (named by their path)."""
     from s4music.model.registry import list_models
 
     if not folders:
-        folders = [p for p in [Path("models")] if p.is_dir()]
+        folders = [p for p in [Path("models"), Path("runs")] if p.is_dir()]  # runs/: where `train` writes
     missing = [str(f) for f in folders if not f.is_dir()]
     if missing:
         raise S4MusicError(f"{', '.join(missing)}: not a folder")

@@ -131,12 +131,15 @@ def _local_row(path: Path) -> dict:
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
         summary = json.loads((path / "config.json").read_text()).get("summary") or {}
     except (OSError, ValueError, AttributeError):
-        return {"name": str(path), "source": "a folder here", "about": "config.json unreadable", "cached": "yes",
+        return {"name": str(path), "source": "a folder here", "about": "config.json unreadable", "cached": "here",
                 "size_mb": None}
-    trained = [f"{summary['mode']} to step {summary.get('step', '?')}" if summary.get("mode") else "",
-               f"test {summary['test_bits']:.2f} bits/sample" if isinstance(summary.get("test_bits"), float) else ""]
-    about = "; ".join(filter(None, [summary.get("domain"), *trained])) or "a checkpoint"
-    return {"name": str(path), "source": "a folder here", "about": about, "cached": "yes", "size_mb": size}
+    step = summary.get("step", "?")
+    run = (f"{summary['mode']} to step {step}" if step != 0 else f"{summary['mode']}'s start ({summary.get('from')})"
+           ) if summary.get("mode") else ""
+    figures = [f"{split} {summary[key]:.2f} bits/sample" for split, key in (("val", "val_bits"), ("test", "test_bits"))
+               if isinstance(summary.get(key), float)]
+    about = "; ".join(filter(None, [summary.get("domain"), run, *figures])) or "a checkpoint"
+    return {"name": str(path), "source": "a folder here", "about": about, "cached": "here", "size_mb": size}
 
 
 def list_models(folders: Iterable[Path] = ()) -> list[dict]:
