@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import DATA
 from s4music.cli.app import app
+from s4music.data.dataset import PreparedDataset
 
 runner = CliRunner()
 
@@ -237,6 +238,10 @@ def test_every_command_that_takes_a_model_takes_the_bundled_one_by_name_or_by_de
         code, out, err = cli(*args, "--data", synth_dataset, "--max-windows", "1", "--json")
         assert code == 0, err
         assert json.loads(out)["model"] == "default" and json.loads(out)["overall"]["windows"] == 1
+    code, out, err = cli("eval", "--data", synth_dataset)  # a handful of test files: said to be too few
+    files = {r["source"] for r in PreparedDataset(synth_dataset).manifest("test")}
+    assert code == 0 and 1 < len(files) < 10 and f"(bootstrap over {len(files)} source files; too few to trust)" in \
+        " ".join(out.split()), out
     code, _, err = cli("eval", "no-such-model", "--data", synth_dataset)
     assert code == 1 and "no-such-model: no such file or directory, and not a model name" in err
 

@@ -47,6 +47,7 @@ def exit_codes(*own: str) -> str:
 
 
 EXIT_CODES = exit_codes("1 error", f"{FAR} (check, continue --strict)")
+FEW_SOURCES = 10  # eval's interval over fewer files than this is said to be too few to trust
 
 
 class PlainFlags:
@@ -619,7 +620,8 @@ def eval_command(
     Console().print(table)
     lo, hi = report.interval
     sources = len(report.per_source)
-    spread = (f"95% interval [{lo:.4f}, {hi:.4f}] (bootstrap over {sources} source files)" if sources > 1 else
+    few = "; too few to trust" if sources < FEW_SOURCES else ""  # a percentile bootstrap needs more units
+    spread = (f"95% interval [{lo:.4f}, {hi:.4f}] (bootstrap over {sources} source files{few})" if sources > 1 else
               "no interval: the split holds one source file")
     Console().print(f"model: {report.overall.model_bits:.4f} bits/sample, {spread}", highlight=False)
 
