@@ -44,6 +44,14 @@ def test_example_prompt_is_in_the_models_domain():
     assert check_prompt(PROMPT).verdict == TYPICAL
 
 
+@pytest.mark.slow
+def test_advice_names_the_bundled_model_as_a_user_would(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    sf.write(str(tmp_path / "noise.wav"), (0.3 * torch.randn(4 * 16000, generator=rng)).numpy(), 16000)
+    advice = " ".join(check_prompt(tmp_path / "noise.wav").advice)
+    assert "--from default " in advice, advice  # not the path of the package's assets
+
+
 def test_recipe_parses_and_takes_the_prompt_from_its_pinned_test_split():
     recipe = ROOT / "examples" / "train_default_model.sh"
     parsed = subprocess.run(["bash", "-n", str(recipe)], capture_output=True, text=True)
