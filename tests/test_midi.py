@@ -296,3 +296,16 @@ def test_an_sf3_renders_as_the_sf2_decoded_from_it_once(midi_corpus, tmp_path, m
     (tmp_path / "broken.sf3").write_bytes(bytes(broken))
     with pytest.raises(RenderError, match=r"broken\.sf3: cannot read it as a soundfont \(.*outside the sample data\)$"):
         render_midi([tmp_path / "six.mid"], tmp_path / "out2", RenderOptions(soundfont=str(tmp_path / "broken.sf3")))
+
+
+def test_a_second_render_says_it_rendered_nothing_new(midi_corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from s4music.cli.app import app
+
+    shutil.copy(midi_corpus["chorale"], tmp_path / "chorale.mid")
+    (tmp_path / "broken.mid").write_bytes(b"MThd not really")
+    args = ["render-midi", str(tmp_path), "-o", str(tmp_path / "out"), "--max-seconds", "3"]
+    said = [" ".join(CliRunner().invoke(app, args).output.split()) for _ in range(2)]
+    assert "1 rendered (1 this run), 1 failed" in said[0], said[0]
+    assert "1 rendered (0 this run), 1 failed" in said[1], said[1]

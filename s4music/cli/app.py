@@ -348,7 +348,7 @@ def render_midi_command(
     minutes = sum(s for _, _, s in report.rendered) / 60
     console.print(f"{len(report.already)} already rendered; {minutes:.1f} min of new audio")
     report_failures([(str(s), r) for s, r in report.failed], len(report.rendered) + len(report.already),
-                    "rendered", any_failure_fails=False)
+                    f"rendered ({len(report.rendered)} this run)", any_failure_fails=False)
 
 
 @command(exits=("1 error, every file failed, or --verify found damage",))
