@@ -31,6 +31,7 @@ def test_help_lists_the_commands_and_each_commands_own_exit_codes():
     judged = set()
     for name in listed:
         text = " ".join(runner.invoke(app, [name, "--help"], terminal_width=120).output.split())
+        assert "…" not in runner.invoke(app, [name, "--help"], terminal_width=80).output, name  # nothing cut off
         assert "<bool>" not in text, name  # a flag takes no value, so no type is shown beside it
         assert not re.search(r"\{[a-z]+\}|\[[a-z]+\]\.\.\.", text), name  # arguments in capitals: PROMPT
         if name == "train":  # defaults stated in the help text itself, not eaten as rich markup

@@ -330,8 +330,8 @@ def render_midi_command(
     timeout: float = typer.Option(RenderOptions.timeout, help="Seconds FluidSynth may take for one file."),
     sample_rate: int = typer.Option(RenderOptions.sample_rate, help="Output sample rate."),
     workers: int = typer.Option(RenderOptions.workers, help="Files rendered in parallel."),
-    shard: str = typer.Option(None, help=SHARD_HELP + " Shards share --out and need no merge; each lists its "
-                                         "failures in failures.shard-i-of-n.jsonl."),
+    shard: str = typer.Option(None, help=SHARD_HELP + " Shards share --out and need no merge; "
+                                         "failures.shard-i-of-n.jsonl lists each one's failures."),
 ):
     """Render MIDI collections (e.g. the Lakh MIDI layout) to mono WAV with FluidSynth; resumable."""
     from s4music.data.midi import render_midi
