@@ -4,6 +4,7 @@ error it must give and a check that nothing else was lost or left behind."""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -81,8 +82,8 @@ def test_verify_names_what_does_not_agree(synth_dataset, tmp_path, cli):
     ds = tmp_path / "ds"
     shutil.copytree(synth_dataset, ds)
     assert verify_dataset(ds) == []
-    code, _, err = cli("prepare", "--verify", ds)
-    assert code == 0 and "whole" in err
+    code, out, err = cli("prepare", "--verify", ds)
+    assert code == 0 and "whole" in err and "hours of audio" in out and re.search(r"\d+ files; windows: \d+ train", err)
     with open(ds / "train.u8", "r+b") as f:
         f.truncate(1000)
     (ds / "manifest.jsonl").write_text("".join((ds / "manifest.jsonl").read_text().splitlines(True)[1:]))

@@ -377,14 +377,20 @@ def prepare(
     `s4music prepare --verify DIR` checks a dataset instead.
 
     `--shard i/n` builds one shard of it; `s4music prepare --merge SHARDS... -o DIR` joins them."""
+    from s4music.data.dataset import PreparedDataset
     from s4music.data.format import verify_dataset
-    from s4music.data.prepare import merge_shards, read_pinned_splits
+    from s4music.data.prepare import merge_shards, read_pinned_splits, summarize
     from s4music.data.prepare import prepare as prepare_dataset
 
     if verify is not None:
         problems = verify_dataset(verify)
         for problem in problems:
             console.print(f"[red]damaged:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
+        if not problems:  # what it holds, as after a build
+            meta = PreparedDataset(verify).meta
+            print_hours(verify, summarize(meta))
+            windows = ", ".join(f"{n} {split}" for split, n in meta["splits"].items())
+            console.print(f"{len(meta['sources'])} files; windows: {windows}", highlight=False)
         console.print(f"{verify}: {'whole' if not problems else f'{len(problems)} problem(s)'}", highlight=False)
         raise typer.Exit(1 if problems else 0)
     pinned = read_pinned_splits(splits) if splits and not merge else {}
