@@ -43,7 +43,7 @@ from s4music.files import DirectoryLock, atomic_path, interrupts_deferred, remov
 from s4music.model.checkpoint import CheckpointError, save_model, verify_checkpoint
 from s4music.model.config import AudioFormat, SaShiMiConfig
 from s4music.model.fast import reader
-from s4music.model.registry import load_model
+from s4music.model.registry import load_model, resolve_model
 from s4music.model.reparam import untie
 from s4music.model.sashimi import SaShiMi, code_bits
 from s4music.train_config import TrainConfig, TrainingError
@@ -365,6 +365,15 @@ class Budget:
 CARRIED = ("sampling", "sampling_unfamiliar")
 
 
+def carried_rules(init: str) -> dict:
+    """The CARRIED keys of the model a run started from, from its config.json ({} when it has none)."""
+    try:
+        summary = json.loads((resolve_model(init) / "config.json").read_text()).get("summary") or {}
+    except (CheckpointError, OSError, ValueError, AttributeError):
+        return {}
+    return {k: summary[k] for k in CARRIED if k in summary}
+
+
 class RunDirectory:
     """A run's folder and its chores, apart from the loop: one writer at a time (the main process;
     the others hold and write nothing), what a killed writer left half-written removed, the
@@ -548,6 +557,8 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
             model = load_model(checkpoint).train()
             added = model.summary.get("added_parameters", 0)
         run.carried = {k: model.summary[k] for k in CARRIED if k in model.summary}
+        if checkpoint is not None and config.init and not run.carried:  # saved before they were carried
+            run.carried = carried_rules(config.init)
         model.gradient_checkpointing = config.gradient_checkpointing
         model.to(device)  # before the optimizer, so its restored state lands beside the weights
         if config.fast:

@@ -131,6 +131,14 @@ def test_a_finetune_keeps_the_sampling_rules_of_the_model_it_started_from(music_
     for saved in (result.best, result.model):
         summary = load_model(saved).summary
         assert {k: summary.get(k) for k in rules} == rules and "test_bits" not in summary, saved
+    # a checkpoint saved before the rules were carried: a resume takes them from the starting model
+    newest = tmp_path / "ft" / "checkpoints" / "step-0000002"
+    meta = json.loads((newest / "config.json").read_text())
+    meta["summary"] = {k: v for k, v in meta["summary"].items() if k not in rules}
+    (newest / "config.json").write_text(json.dumps(meta))
+    resumed = train(TrainConfig.load(out=str(tmp_path / "ft"), resume=True, steps=3), resume=True)
+    summary = load_model(resumed.model).summary
+    assert {k: summary.get(k) for k in rules} == rules
 
 
 def test_a_budget_spent_before_the_first_steps_are_timed_stops_and_saves(music_dataset, tmp_path, caplog):
