@@ -450,14 +450,24 @@ class RunDirectory:
         for old in kept[: -self.config.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def finish(self, model: SaShiMi, summary: dict) -> Path:
-        """The final model, the log closed, the loss curve drawn."""
+    def finish(self, model: SaShiMi, summary: dict, trained: bool) -> Path:
+        """The final model, the log closed, the loss curve drawn. A resume that `trained` nothing keeps
+        the final model already there at this step, with the figures it was saved with."""
         final = self.out / "model"
         if self.main:
-            save_model(model, final, summary=summary)
+            if trained or saved_step(final) != summary["step"]:
+                save_model(model, final, summary=summary)
             self.runlog.close()
             plot_losses(self.out / "log.csv", self.out / "loss.png")
         return final
+
+
+def saved_step(checkpoint: Path) -> int | None:
+    """The step a saved model records, from its config.json alone (None when there is none)."""
+    try:
+        return json.loads((checkpoint / "config.json").read_text())["summary"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def training_state(step: int, best: float, optimizer, scheduler, mixture: WindowMixture, scaler,
@@ -508,19 +518,24 @@ def backward(ddp_model, model: SaShiMi, mixture: WindowMixture, config: TrainCon
     return accelerator.reduce(total, "sum")
 
 
-def go_on(config: TrainConfig, budget: Budget | None, step: int, spent: float, minutes_before: float | None) -> None:
-    """A resumed run that had finished: given more minutes than it had (`minutes_before`), more steps
-    (as many as the run's pace so far says fit, until the next steps are timed and planned); else
-    say that nothing is left and how to ask for more."""
-    more = budget is not None and (minutes_before is None or config.max_minutes > minutes_before)
-    if more and budget.left() > budget.reserve and step > 0:
-        pace = max(spent, 1e-3) / step
-        config.steps = step + max(Budget.MEASURE + 1, int((budget.left() - budget.reserve) / pace))
-        log.info("%.1f of its %g minutes left: going on from step %d", budget.left() / 60, config.max_minutes, step)
-        return
-    used = f"had its {minutes_before:g} minutes" if budget else f"done its {step} steps"
-    log.warning("%s: nothing left to train: the run has %s; give --resume a larger %s to go on", config.out, used,
-                "--max-minutes" if budget else "--steps")
+def plan_resumed(config: TrainConfig, budget: Budget | None, step: int, spent: float,
+                 minutes_before: float | None) -> None:
+    """A resumed run's step count. Given more minutes than it had (or minutes where it had none: then
+    M from now), as many more steps as its pace so far says fit, until the next steps are timed and
+    planned. It reads the checkpoint's figures, not a clock, so every process plans alike. A finished
+    run given nothing more says so, and how to ask for more."""
+    if budget is not None and (minutes_before is None or config.max_minutes > minutes_before):
+        usable = budget.seconds - budget.reserve - spent
+        if usable > 0:
+            fit = int(usable * step / spent) if spent > 0 else 0  # unknown pace: the first plan decides
+            config.steps = max(config.steps, step + max(Budget.MEASURE + 1, fit))
+            log.info("%.1f of its %g minutes left: going on from step %d", (budget.seconds - spent) / 60,
+                     config.max_minutes, step)
+            return
+    if step >= config.steps:
+        had = f"had its {minutes_before or config.max_minutes:g} minutes" if budget else f"done its {step} steps"
+        log.warning("%s: nothing left to train: the run has %s; give --resume a larger %s to go on", config.out, had,
+                    "--max-minutes" if budget else "--steps")
 
 
 def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
@@ -592,15 +607,18 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
             run.save_best(model, run.summary(0, start_bits, world, added))
             log.info("step 0 (%s as it starts): val %.4f bits/sample; best/ keeps it until a step beats it",
                      config.init, start_bits)
-        if checkpoint is not None and step >= config.steps:
-            go_on(config, budget, step, spent, state["config"].get("max_minutes"))
+        if checkpoint is not None:
+            plan_resumed(config, budget, step, spent, state["config"].get("max_minutes"))
         extra = 0.0  # seconds the last step spent validating and saving
-        # where this call began; the newest checkpoint; the last step whose update and schedule are whole
-        begun = saved = done = step
+        # Steps: where this call began; the newest checkpoint's; the last whose update and schedule are
+        # whole; the one whose windows are being learned from, with the data and random state before them.
+        begun = saved = done = drawn_at = step
+        before = None
         ddp_model.train()
         try:
             while step < config.steps:
                 started = time.perf_counter()
+                drawn_at, before = step, (mixture.state_dict(), torch.get_rng_state())
                 optimizer.zero_grad(set_to_none=True)
                 total = backward(ddp_model, model, mixture, config, accelerator, scaler, autocast_dtype)
                 scaler.unscale_(optimizer)
@@ -672,20 +690,22 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
                 accelerator.wait_for_everyone()
         except KeyboardInterrupt:  # keep what was trained; the step under way, if any, is dropped
             if step > saved:
-                if step > done and config.schedule != "plateau":
+                if step == drawn_at:  # its windows were drawn, not learned from: a resume draws them again
+                    mixture.load_state_dict(before[0])
+                    torch.set_rng_state(before[1])
+                elif step > done and config.schedule != "plateau":  # updated, its schedule not yet stepped
                     scheduler.step()
                 state = training_state(step, best, optimizer, scheduler, mixture, scaler, config, budget)
                 run.save_checkpoint(model, state, run.summary(step, None, world, added))
-                log.warning("interrupted at step %d: saved it in %s; go on with --resume", step, out / "checkpoints")
+            if accelerator.is_main_process:  # (with several processes, a best effort: one may wait in a collective)
+                log.warning("interrupted at step %d, %s in %s; go on with --resume", step,
+                            "saved" if step > saved else "already saved", out / "checkpoints")
             raise
 
         if start_bits is not None and best >= start_bits:
             log.warning("%s: no step beat the model it started from on validation (%.4f bits/sample), so best/ is "
                         "that model; try more steps or minutes, more data, or a lower --lr", out, start_bits)
-        if step == begun and (out / "model").exists():  # a resume with nothing to do: the final model stands
-            final = out / "model"
-        else:
-            final = run.finish(model, run.summary(step, val_bits, world, added))
+        final = run.finish(model, run.summary(step, val_bits, world, added), trained=step > begun)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return TrainResult(out=out, model=final, best=out / "best" if (out / "best").exists() else None, step=step,

@@ -489,26 +489,62 @@ def test_validation_windows_spread_over_the_val_files(music_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_keeps_the_steps_trained_and_a_resume_goes_on_as_it_would_have(music_dataset, tmp_path, caplog):
-    """Before the first checkpoint (save_every far off), Ctrl-C lost the whole run."""
-    common = dict(steps=5, save_every=100, schedule="cosine", warmup=2)
+@pytest.mark.parametrize("where, kept", [("backward", 3), ("validation", 4)])
+def test_ctrl_c_keeps_the_steps_trained_and_a_resume_goes_on_as_it_would_have(where, kept, music_dataset, tmp_path,
+                                                                              monkeypatch, caplog):
+    """Before the first checkpoint (save_every far off), Ctrl-C lost the whole run. Cut in step 4's
+    backward pass, the run keeps step 3 and draws step 4's windows again; cut in step 4's validation
+    (after its update, before its schedule step), it keeps step 4."""
+    import s4music.train as training
+
+    common = dict(steps=5, save_every=100, schedule="cosine", warmup=2, eval_every=2)
     train(tiny(music_dataset, tmp_path / "whole", **common))
+    name = {"backward": "backward", "validation": "mean_bits"}[where]
+    real, calls = getattr(training, name), []
 
-    def interrupt_after_3(info) -> None:
-        if info.step == 3:
+    def interrupted(*args, **kwargs):
+        done = real(*args, **kwargs)  # the windows drawn, the gradients computed
+        calls.append(1)
+        if len(calls) == {"backward": 4, "validation": 2}[where]:
             raise KeyboardInterrupt
+        return done
 
+    monkeypatch.setattr(training, name, interrupted)
     with caplog.at_level("WARNING", logger="s4music.train"), pytest.raises(KeyboardInterrupt):
-        train(tiny(music_dataset, tmp_path / "cut", **common), on_step=interrupt_after_3)
-    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-0000003"]
-    assert "interrupted at step 3: saved it in" in caplog.text and "--resume" in caplog.text
+        train(tiny(music_dataset, tmp_path / "cut", **common))
+    monkeypatch.setattr(training, name, real)
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == [f"step-{kept:07d}"]
+    assert f"interrupted at step {kept}, saved in" in caplog.text and "--resume" in caplog.text
     train(TrainConfig.load(out=str(tmp_path / "cut"), resume=True), resume=True)
-    whole, cut = log_rows(tmp_path / "whole"), log_rows(tmp_path / "cut")
-    assert [r["step"] for r in cut] == ["1", "2", "3", "4", "5"]
-    for a, b in zip(whole, cut, strict=True):
+    whole, cut = {r["step"]: r for r in log_rows(tmp_path / "whole")}, log_rows(tmp_path / "cut")
+    # a step cut after its update keeps it, but not its log row (written after the validation)
+    assert [r["step"] for r in cut] == [str(i) for i in range(1, 6) if where == "backward" or i != kept]
+    for b in cut:
+        a = whole[b["step"]]
         assert abs(float(a["train_bits"]) - float(b["train_bits"])) < 1e-4 and a["lr"] == b["lr"], (a, b)
     for k, v in weights(tmp_path / "whole").items():
         assert torch.allclose(v, weights(tmp_path / "cut")[k], atol=1e-5), k
+
+
+def test_a_resume_given_more_minutes_plans_from_the_checkpoint_alone(tmp_path, caplog):
+    """Every process must plan alike, so from the minutes spent the checkpoint records, not a clock."""
+    from s4music.train import Budget, plan_resumed
+
+    def planned(steps, step, spent, before, minutes) -> int:
+        config = TrainConfig(data=["d"], out=str(tmp_path), steps=steps, max_minutes=minutes)
+        plan_resumed(config, Budget(minutes, 100, spent) if minutes else None, step, spent, before)
+        return config.steps
+
+    # 100 s for 50 steps; 3 minutes less 20 s kept back leave 60 s: 30 steps more
+    assert planned(50, 50, 100.0, 2.0, 3.0) == 80
+    # stopped 2 steps short of its plan: the plan grows all the same
+    assert planned(52, 50, 100.0, 2.0, 3.0) == 80
+    # minutes for a run that had none: M from now, its pace unknown until the first steps are timed
+    assert planned(1000, 500, 0.0, None, 10.0) == 1000 and planned(500, 500, 0.0, None, 10.0) == 506
+    with caplog.at_level("WARNING", logger="s4music.train"):
+        assert planned(50, 50, 100.0, 3.0, 3.0) == 50 and planned(50, 50, 100.0, None, None) == 50
+    assert "the run has had its 3 minutes; give --resume a larger --max-minutes" in caplog.text
+    assert "the run has done its 50 steps; give --resume a larger --steps" in caplog.text
 
 
 def test_max_minutes_plans_the_schedule_over_the_steps_that_fit(music_dataset, tmp_path, caplog):
@@ -529,7 +565,7 @@ def test_max_minutes_plans_the_schedule_over_the_steps_that_fit(music_dataset, t
     # over the config's 10**6 steps: this run spent its minutes, so it has nothing left to do
     caplog.clear()
     again = train(TrainConfig.load(out=str(tmp_path / "run"), resume=True), resume=True)
-    assert again.step == result.step
+    assert again.step == result.step and load_model(again.model).summary["val_bits"] is not None  # kept as it was
     assert "nothing left to train: the run has had its 0.3 minutes" in caplog.text and "a larger --max-minutes" in caplog.text
     # more minutes for the whole run: it goes on over them
     more = train(TrainConfig.load(out=str(tmp_path / "run"), resume=True, max_minutes=0.6), resume=True)
