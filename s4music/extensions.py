@@ -97,7 +97,7 @@ def _build_environment(cuda_home: Path | None):
 
 
 @functools.cache
-def compiler_version(program: str) -> str:
+def version_of(program: str) -> str:
     """The first line of `program --version` ("" when it does not run)."""
     try:
         out = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=30)
@@ -117,15 +117,15 @@ def build_inputs(sources: list[Path], cflags: list[str], ldflags: list[str], cud
         # Where torch is, too: its headers' path is in the compile command, so a second environment
         # sharing this cache (a CI clone's) would otherwise make ninja rebuild each time it alternates.
         "torch": f"{torch.__version__} cuda {torch.version.cuda} at {Path(torch.__file__).parent}",
-        "compiler": compiler_version(os.environ.get("CXX", "c++")),
+        "compiler": version_of(os.environ.get("CXX", "c++")),
         # ninja 1.11 and 1.13 hash a command differently, so each reads the other's build as stale:
         # a venv's ninja and the system's, taking turns on one directory, rebuilt it (40 s) every time.
-        "ninja": compiler_version(shutil.which("ninja") or "ninja"),
+        "ninja": version_of(shutil.which("ninja") or "ninja"),
         "extra": hashlib.sha256(extra.encode()).hexdigest()[:16],
     }
     if cuda:
         cuda_home = find_cuda_home()
-        inputs["nvcc"] = compiler_version(str(cuda_home / "bin" / "nvcc")) if cuda_home else ""
+        inputs["nvcc"] = version_of(str(cuda_home / "bin" / "nvcc")) if cuda_home else ""
     return inputs
 
 

@@ -39,6 +39,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from s4music.data.dataset import PreparedDataset, WindowMixture, parse_spec
+from s4music.errors import S4MusicError
 from s4music.files import DirectoryLock, atomic_path, interrupts_deferred, remove_stale_temporaries, write_json
 from s4music.model.checkpoint import CheckpointError, save_model, verify_checkpoint
 from s4music.model.config import AudioFormat, SaShiMiConfig
@@ -369,7 +370,7 @@ def carried_rules(init: str) -> dict:
     """The CARRIED keys of the model a run started from, from its config.json ({} when it has none)."""
     try:
         summary = json.loads((resolve_model(init) / "config.json").read_text()).get("summary") or {}
-    except (CheckpointError, OSError, ValueError, AttributeError):
+    except (S4MusicError, OSError, ValueError, AttributeError):  # a name the Hub cannot give now, too
         return {}
     return {k: summary[k] for k in CARRIED if k in summary}
 

@@ -258,7 +258,7 @@ def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_
         for split, fraction in (("val", options.val_fraction), ("test", options.test_fraction)):
             if fraction > 0 and meta["splits"][split] == 0:
                 log.warning("%s: the %s split is empty (%s); add music or fix the files that failed, then prepare "
-                            "again", root, split, "its files failed to read" if split in lost else "too few files")
+                            "again", root, split, "its files failed to read" if split in lost else "no file went to it")
     return report
 
 

@@ -22,7 +22,7 @@ from s4music.generate.prompt import ReadPrompt, read_prompt
 from s4music.generate.sampler import Stepper, resolve_device
 from s4music.generate.stream import Generation, ProgressFn
 from s4music.guidance import PromptReport
-from s4music.model.registry import DEFAULT_NAME, load_model, resolve_model
+from s4music.model.registry import load_model, named, resolve_model
 from s4music.model.sashimi import SaShiMi
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,7 @@ def open_model(spec: str | Path | None, device: str = "auto") -> tuple[SaShiMi, 
     """The model a name or path stands for (None: the bundled one) on the device that reads the
     prompt, and the checkpoint's path, for the sidecar."""
     path = resolve_model(spec)
-    net = load_model(path, device=resolve_device(device))
-    net.name = str(spec) if spec is not None else DEFAULT_NAME  # as the user named it, for advice and logs
-    return net, str(path)
+    return named(load_model(path, device=resolve_device(device)), spec), str(path)
 
 
 def _opened(model: str | Path | SaShiMi | None, device: str) -> tuple[SaShiMi, str]:

@@ -115,7 +115,11 @@ def load_model(spec: str | Path | None = None, device: str | torch.device = "cpu
     """Load a model by name or path (see `resolve_model`), in eval mode, float32."""
     from s4music.model.checkpoint import load_checkpoint
 
-    net = load_checkpoint(resolve_model(spec), device=device)
+    return named(load_checkpoint(resolve_model(spec), device=device), spec)
+
+
+def named(net: SaShiMi, spec: str | Path | None) -> SaShiMi:
+    """`net`, named as the user named it (None: the bundled model's name), for advice and logs."""
     net.name = str(spec) if spec is not None else DEFAULT_NAME
     return net
 
@@ -133,9 +137,11 @@ def _local_row(path: Path) -> dict:
     except (OSError, ValueError, AttributeError):
         return {"name": str(path), "source": "a folder here", "about": "config.json unreadable", "cached": "here",
                 "size_mb": None}
-    step = summary.get("step", "?")
-    run = (f"{summary['mode']} to step {step}" if step != 0 else f"{summary['mode']}'s start ({summary.get('from')})"
-           ) if summary.get("mode") else ""
+    run, step = summary.get("mode"), summary.get("step", "?")
+    if run and step == 0:  # a fine-tune's best/ that no step beat
+        run = f"{run}'s start ({summary.get('from')})"
+    elif run:
+        run = f"{run} to step {step}"
     figures = [f"{split} {summary[key]:.2f} bits/sample" for split, key in (("val", "val_bits"), ("test", "test_bits"))
                if isinstance(summary.get(key), float)]
     about = "; ".join(filter(None, [summary.get("domain"), run, *figures])) or "a checkpoint"
