@@ -43,7 +43,7 @@ from s4music.errors import S4MusicError
 from s4music.files import DirectoryLock, atomic_path, interrupts_deferred, remove_stale_temporaries, write_json
 from s4music.model.checkpoint import CheckpointError, save_model, verify_checkpoint
 from s4music.model.config import AudioFormat, SaShiMiConfig
-from s4music.model.fast import reader
+from s4music.model.fast import fused_available, reader
 from s4music.model.registry import load_model, resolve_model
 from s4music.model.reparam import untie
 from s4music.model.sashimi import SaShiMi, code_bits
@@ -472,13 +472,13 @@ def saved_step(checkpoint: Path) -> int | None:
 
 
 def training_state(step: int, best: float, optimizer, scheduler, mixture: WindowMixture, scaler,
-                   config: TrainConfig, budget: Budget | None = None) -> dict:
-    """Everything but the weights that a resume needs to go on exactly: for a run fitted into
-    minutes, the steps planned (in "config") and the seconds spent of them."""
+                   config: TrainConfig, seconds: float) -> dict:
+    """Everything but the weights that a resume needs to go on exactly, and the run's `seconds` so
+    far, which any later --max-minutes counts (for a run fitted into minutes, "config" holds the
+    steps planned)."""
     state = {"step": step, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "mixture": mixture.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict()}
-    if budget is not None:
-        state["budget_spent"] = budget.spent()
+             "mixture": mixture.state_dict(), "rng": torch.get_rng_state(), "config": config.to_dict(),
+             "seconds_spent": seconds}
     if scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
     return state
@@ -521,10 +521,10 @@ def backward(ddp_model, model: SaShiMi, mixture: WindowMixture, config: TrainCon
 
 def plan_resumed(config: TrainConfig, budget: Budget | None, step: int, spent: float,
                  minutes_before: float | None) -> None:
-    """A resumed run's step count. Given more minutes than it had (or minutes where it had none: then
-    M from now), as many more steps as its pace so far says fit, until the next steps are timed and
-    planned. It reads the checkpoint's figures, not a clock, so every process plans alike. A finished
-    run given nothing more says so, and how to ask for more."""
+    """A resumed run's step count. Given more minutes than it had (or minutes where it had none), as
+    many more steps as its pace so far says fit in what is left of them, until the next steps are
+    timed and planned. It reads the checkpoint's figures, not a clock, so every process plans alike.
+    A finished run given nothing more says so, and how to ask for more."""
     if budget is not None and (minutes_before is None or config.max_minutes > minutes_before):
         usable = budget.seconds - budget.reserve - spent
         if usable > 0:
@@ -533,8 +533,8 @@ def plan_resumed(config: TrainConfig, budget: Budget | None, step: int, spent: f
             log.info("%.1f of its %g minutes left: going on from step %d", (budget.seconds - spent) / 60,
                      config.max_minutes, step)
             return
-    if step >= config.steps:
-        had = f"had its {minutes_before or config.max_minutes:g} minutes" if budget else f"done its {step} steps"
+    if step >= config.steps or budget is not None and budget.left() <= budget.reserve:
+        had = f"used {spent / 60:.1f} minutes of its {config.max_minutes:g}" if budget else f"done its {step} steps"
         log.warning("%s: nothing left to train: the run has %s; give --resume a larger %s to go on", config.out, had,
                     "--max-minutes" if budget else "--steps")
 
@@ -591,8 +591,9 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         if checkpoint is not None:
             state = read_state(checkpoint)
             step, best = restore_training_state(state, optimizer, scheduler, mixture, scaler)
+            spent = state.get("seconds_spent", state.get("budget_spent", 0.0))  # budget_spent: before 2026-12-08
             if config.max_minutes:  # the same minutes go on: the plan holds until the first steps are timed
-                spent, config.steps = state.get("budget_spent", 0.0), state["config"]["steps"]
+                config.steps = state["config"]["steps"]
             log.info("resumed %s at step %d", checkpoint, step)
 
         ddp_model = accelerator.prepare(model)
@@ -602,6 +603,9 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
 
         samples_per_step = config.batch_size * config.grad_accum * config.seq_len
         val_bits = None
+        if val_codes is not None and device.type == "cpu":
+            fused_available()  # the fused reader's one-time build (about 40 s) is the machine's, not the run's minutes
+        clock = time.perf_counter() - spent  # the run's seconds so far, across resumes
         budget = Budget(config.max_minutes, config.eval_every, spent) if config.max_minutes else None
         if checkpoint is None and config.init and val_codes is not None:  # inside the budget's minutes
             start_bits = best = mean_bits(model, val_codes)
@@ -676,7 +680,7 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
                     best = val_bits
                     run.save_best(model, run.summary(step, val_bits, world, added))
                 if step % config.save_every == 0 or step == config.steps:
-                    state = training_state(step, best, optimizer, scheduler, mixture, scaler, config, budget)
+                    state = training_state(step, best, optimizer, scheduler, mixture, scaler, config, time.perf_counter() - clock)
                     run.save_checkpoint(model, state, run.summary(step, val_bits, world, added))
                     saved = step
                 extra = time.perf_counter() - stepped
@@ -696,11 +700,13 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
                     torch.set_rng_state(before[1])
                 elif step > done and config.schedule != "plateau":  # updated, its schedule not yet stepped
                     scheduler.step()
-                state = training_state(step, best, optimizer, scheduler, mixture, scaler, config, budget)
+                state = training_state(step, best, optimizer, scheduler, mixture, scaler, config, time.perf_counter() - clock)
                 run.save_checkpoint(model, state, run.summary(step, None, world, added))
-            if accelerator.is_main_process:  # (with several processes, a best effort: one may wait in a collective)
+            if accelerator.is_main_process and checkpoints(out):  # (several processes: a best effort)
                 log.warning("interrupted at step %d, %s in %s; go on with --resume", step,
                             "saved" if step > saved else "already saved", out / "checkpoints")
+            elif accelerator.is_main_process:
+                log.warning("interrupted before the first step: nothing to keep")
             raise
 
         if start_bits is not None and best >= start_bits:

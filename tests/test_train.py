@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -539,11 +540,15 @@ def test_a_resume_given_more_minutes_plans_from_the_checkpoint_alone(tmp_path, c
     assert planned(50, 50, 100.0, 2.0, 3.0) == 80
     # stopped 2 steps short of its plan: the plan grows all the same
     assert planned(52, 50, 100.0, 2.0, 3.0) == 80
-    # minutes for a run that had none: M from now, its pace unknown until the first steps are timed
+    # minutes for a run that had none count the seconds it trained too (100 s: 30 steps more again)
+    assert planned(50, 50, 100.0, None, 3.0) == 80
+    # a checkpoint from before the seconds were kept: its pace unknown until the first steps are timed
     assert planned(1000, 500, 0.0, None, 10.0) == 1000 and planned(500, 500, 0.0, None, 10.0) == 506
     with caplog.at_level("WARNING", logger="s4music.train"):
         assert planned(50, 50, 100.0, 3.0, 3.0) == 50 and planned(50, 50, 100.0, None, None) == 50
-    assert "the run has had its 3 minutes; give --resume a larger --max-minutes" in caplog.text
+        assert planned(50, 50, 200.0, None, 3.0) == 50  # more than it is given, already
+    assert "the run has used 1.7 minutes of its 3; give --resume a larger --max-minutes" in caplog.text
+    assert "the run has used 3.3 minutes of its 3" in caplog.text
     assert "the run has done its 50 steps; give --resume a larger --steps" in caplog.text
 
 
@@ -566,7 +571,8 @@ def test_max_minutes_plans_the_schedule_over_the_steps_that_fit(music_dataset, t
     caplog.clear()
     again = train(TrainConfig.load(out=str(tmp_path / "run"), resume=True), resume=True)
     assert again.step == result.step and load_model(again.model).summary["val_bits"] is not None  # kept as it was
-    assert "nothing left to train: the run has had its 0.3 minutes" in caplog.text and "a larger --max-minutes" in caplog.text
+    assert re.search(r"nothing left to train: the run has used 0\.\d minutes of its 0\.3", caplog.text)
+    assert "a larger --max-minutes" in caplog.text
     # more minutes for the whole run: it goes on over them
     more = train(TrainConfig.load(out=str(tmp_path / "run"), resume=True, max_minutes=0.6), resume=True)
     assert more.step > result.step
