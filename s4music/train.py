@@ -64,6 +64,25 @@ def _datasets(specs: list[str]) -> list[tuple[Path, float]]:
     return [(Path(path).resolve(), weight) for path, weight in map(parse_spec, specs)]
 
 
+def _same_data(saved: list[str], given: list[str]) -> bool:
+    """The same datasets by other paths, or datasets that moved: none is where the run's config says
+    any more, and as many are given, with the same weights, where they are now."""
+    before, now = _datasets(saved), _datasets(given)
+    if before == now:
+        return True
+    moved = len(before) == len(now) and not any(path.exists() for path, _ in before)
+    return moved and [w for _, w in before] == [w for _, w in now]
+
+
+def absolute_data(specs: list[str]) -> list[str]:
+    """Dataset specs with absolute paths (the weight kept), so a run resumes from any directory."""
+    absolute = []
+    for spec in specs:
+        path = parse_spec(spec)[0]
+        absolute.append(str(Path(path).resolve()) + spec[len(path):])
+    return absolute
+
+
 def check_resume_config(config: TrainConfig, out: Path) -> None:
     """Refuse to resume the run in `out` with a config that would train another model."""
     try:
@@ -72,7 +91,7 @@ def check_resume_config(config: TrainConfig, out: Path) -> None:
         return  # a run killed before it wrote its config: nothing to compare with
     before = saved.to_dict()
     changed = [k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and before[k] != v
-               and not (k == "data" and _datasets(before[k]) == _datasets(v))]  # by another path
+               and not (k == "data" and _same_data(before[k], v))]
     if changed:
         shown = ", ".join(f"{k}={getattr(saved, k)!r}" for k in changed[:4])
         raise TrainingError(f"{out / 'config.yaml'}: the run was started with {shown}; resume it with its own config "
@@ -557,11 +576,13 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
     if config.batch_size % world:
         raise TrainingError(f"batch_size={config.batch_size} must be a multiple of the {world} processes")
     set_seed(config.seed)
-    try:
-        mixture = WindowMixture([(PreparedDataset(p), w) for p, w in map(parse_spec, config.data)],
-                                config.seq_len, "train", config.seed)
-    except FileNotFoundError as e:
-        raise TrainingError(f"{e.filename}: no such dataset") from None
+    missing = [path for path, _ in map(parse_spec, config.data) if not Path(path).exists()]
+    if missing:
+        moved = "; if the run's data moved, give --data where it is now" if resume else ""
+        raise TrainingError(f"{missing[0]}: no such dataset (build one with `s4music prepare`{moved})")
+    mixture = WindowMixture([(PreparedDataset(p), w) for p, w in map(parse_spec, config.data)],
+                            config.seq_len, "train", config.seed)
+    config.data = absolute_data(config.data)
     if resume and not checkpoints(out):
         raise TrainingError(f"{out}: no checkpoint to resume from")
     if not resume:  # before anything is written: a bad --from or model config leaves no run behind

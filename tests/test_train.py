@@ -215,7 +215,7 @@ def test_resume_takes_the_runs_own_config_and_refuses_another(synth_dataset, tmp
     data = os.path.relpath(synth_dataset, tmp_path)
     train(tiny(data, "run", seq_len=1024, steps=2, save_every=1))
     config = TrainConfig.load(out="run", resume=True, steps=3)  # the saved config, with more steps
-    assert config == tiny(data, "run", seq_len=1024, steps=3, save_every=1)
+    assert config == tiny(str(synth_dataset), "run", seq_len=1024, steps=3, save_every=1)  # its data, absolute
     assert train(config, resume=True).step == 3
     with pytest.raises(TrainingError, match=r"config.yaml: the run was started with lr=0.004"):
         train(tiny(synth_dataset, "run", seq_len=1024, steps=4, save_every=1, lr=0.1), resume=True)
@@ -223,6 +223,19 @@ def test_resume_takes_the_runs_own_config_and_refuses_another(synth_dataset, tmp
     assert train(tiny(synth_dataset, tmp_path / "run", seq_len=1024, steps=4, save_every=1), resume=True).step == 4
     shutil.copytree(tmp_path / "run", tmp_path / "copy")
     assert train(TrainConfig.load(out="copy", resume=True, steps=5), resume=True).step == 5
+    # from another directory: the config holds the data's absolute path
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert train(TrainConfig.load(out=str(tmp_path / "copy"), resume=True, steps=6), resume=True).step == 6
+    # data that moved: refused where it was, taken where it is now
+    moved = shutil.copytree(synth_dataset, tmp_path / "moved")
+    config = tiny(str(moved), tmp_path / "m", seq_len=1024, steps=2, save_every=1)
+    train(config)
+    shutil.move(moved, tmp_path / "there")
+    with pytest.raises(TrainingError, match="moved: no such dataset .*; if the run's data moved, give --data where"):
+        train(TrainConfig.load(out=str(tmp_path / "m"), resume=True, steps=3), resume=True)
+    again = TrainConfig.load(out=str(tmp_path / "m"), resume=True, steps=3, data=[str(tmp_path / "there")])
+    assert train(again, resume=True).step == 3
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -377,7 +390,7 @@ def test_eval_reports_strata_baselines_and_interval(music_dataset, tmp_path):
 
 def test_missing_dataset_or_checkpoint_is_one_line_and_leaves_no_run(tmp_path, music_dataset):
     cases = (
-        (["--data", str(tmp_path / "nowhere")], "not a dataset"),
+        (["--data", str(tmp_path / "nowhere")], "nowhere: no such dataset (build one with `s4music prepare`)"),
         (["--data", str(music_dataset), "--mode", "finetune", "--from", str(tmp_path / "none.pt")], "no such file"),
     )
     for args, reason in cases:
