@@ -22,7 +22,7 @@ from s4music.dsp import dbfs
 from s4music.measures import liveliness
 
 TYPICAL, UNUSUAL, FAR = "typical", "unusual", "far from what this model knows"
-UNKNOWN = "unknown to this model"  # a sound signal, and no test NLL to judge the model's bits on it by
+UNKNOWN = "not judged"  # a sound signal, and no test NLL to judge the model's bits on it by
 CHANCE_BITS = 7.5  # 8 bits/sample is a guess among 256 codes: a model this near it has learned little
 NOISE_FLATNESS = 0.35  # white noise is ~0.56; music is usually below 0.1
 SILENT_DBFS = -55.0

@@ -333,3 +333,10 @@ def test_a_file_name_with_brackets_is_said_whole(tmp_path):
     for name in ("song [live].wav", "song [/live].wav"):
         result = runner.invoke(app, ["check", str(tmp_path / name)], terminal_width=200)
         assert result.exit_code == 1 and f"{tmp_path / name}: no such file" in result.output, result.output
+
+
+def test_eval_record_says_what_it_recorded(cli, tiny_model, synth_dataset, tmp_path):
+    model = shutil.copytree(tiny_model, tmp_path / "m")
+    code, _, err = cli("eval", model, "--data", synth_dataset, "--max-windows", "1", "--record")
+    bits = json.loads((model / "config.json").read_text())["summary"]["test_bits"]
+    assert code == 0 and f"recorded in {model}: test {bits:.4f} bits/sample" in " ".join(err.split()), err

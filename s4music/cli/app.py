@@ -581,7 +581,7 @@ def train(
             val = f" val {s.val_bits:.3f}" if s.val_bits is not None else ""
             # a budgeted run's own ETA; otherwise rich's, which averages the steps over two minutes
             bar.update(task, completed=s.step, total=s.steps, eta=s.eta_seconds if cfg.max_minutes else None,
-                       info=f"{s.bits:.3f} bits{val}  lr {s.lr:.2e}  {s.audio_seconds_per_second:.1f} audio s/s")
+                       info=f"{s.bits:.3f} bits{val}  lr {s.lr:.2e}  {s.audio_seconds_per_second:.3g} audio s/s")
             if s.val_bits is not None:
                 bar.console.print(f"step {s.step}: train {s.bits:.4f}, val {s.val_bits:.4f} bits/sample", highlight=False)
 
@@ -615,6 +615,8 @@ def eval_command(
                                                                                            total=total))
     if record:
         record_result(model, report)
+        console.print(f"recorded in {escape(str(model))}: {report.split} {report.overall.model_bits:.4f} bits/sample, "
+                      "with the audio's level and flatness (check, continue and generate read them)", highlight=False)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return

@@ -257,8 +257,9 @@ def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_
     if shard is None:
         for split, fraction in (("val", options.val_fraction), ("test", options.test_fraction)):
             if fraction > 0 and meta["splits"][split] == 0:
-                log.warning("%s: the %s split is empty (%s); add music or fix the files that failed, then prepare "
-                            "again", root, split, "its files failed to read" if split in lost else "no file went to it")
+                log.warning("%s: the %s split is empty (%s); new files fill it first: add music (or the failed "
+                            "files, fixed) and prepare again", root, split,
+                            "its files failed to read" if split in lost else "no file went to it")
     return report
 
 
