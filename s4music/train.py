@@ -235,28 +235,32 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def validation_windows(mixture: WindowMixture, config: TrainConfig) -> torch.Tensor | None:
-    """`eval_windows` val windows of each dataset, spread evenly over its split (so over its files,
-    not the first file's first seconds), cut to seq_len: (V, seq_len) codes."""
+def validation_windows(mixture: WindowMixture, config: TrainConfig) -> list[torch.Tensor] | None:
+    """Each dataset's `eval_windows` val windows, spread evenly over its split (so over its files, not
+    the first file's first seconds), cut to seq_len: a (V, L) tensor each. A split with fewer windows
+    gives each more of its length, up to the whole window, for as many samples in all (two windows
+    cut to 4,096 samples were half a second of audio to choose best/ by)."""
     chunks = []
     for ds in mixture.datasets:
         windows = ds.windows("val")
         if len(windows):
-            spread = np.unique(np.linspace(0, len(windows) - 1, min(config.eval_windows, len(windows))).round())
-            arr = np.stack([windows[int(i), : config.seq_len] for i in spread])
-            chunks.append(torch.from_numpy(arr.astype(np.int64)))
-    return torch.cat(chunks) if chunks else None
+            count = min(config.eval_windows, len(windows))
+            length = min(ds.window, config.seq_len * config.eval_windows // count)
+            spread = np.unique(np.linspace(0, len(windows) - 1, count).round())
+            chunks.append(torch.from_numpy(np.stack([windows[int(i), :length] for i in spread]).astype(np.int64)))
+    return chunks or None
 
 
 @torch.no_grad()
-def mean_bits(model: SaShiMi, codes: torch.Tensor, batch: int = 4) -> float:
-    """Mean bits per sample of `codes` (V, L) under `model`, in eval mode."""
+def mean_bits(model: SaShiMi, chunks: list[torch.Tensor], batch: int = 4) -> float:
+    """Mean bits per sample of the codes in `chunks` ((V, L) each) under `model`, in eval mode."""
     was_training = model.training
     model.eval()
     read = reader(model)
-    total = sum(read.bits(codes[i : i + batch].to(model.device)).sum().item() for i in range(0, len(codes), batch))
+    total = sum(read.bits(codes[i : i + batch].to(model.device)).sum().item()
+                for codes in chunks for i in range(0, len(codes), batch))
     model.train(was_training)
-    return total / codes.numel()
+    return total / sum(codes.numel() for codes in chunks)
 
 
 # ---------------------------------------------------------------------------------- logging

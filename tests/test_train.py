@@ -496,10 +496,14 @@ def test_validation_windows_spread_over_the_val_files(music_dataset, tmp_path):
     """The first 8 windows, cut to a short seq_len, were 2 s of one file: best/ was chosen on them."""
     dataset = PreparedDataset(music_dataset)
     val = dataset.manifest("val")
-    codes = validation_windows(WindowMixture([(dataset, 1.0)], 1024, "train", 0), tiny(music_dataset, tmp_path, eval_windows=4))
+    mixture = WindowMixture([(dataset, 1.0)], 1024, "train", 0)
+    [codes] = validation_windows(mixture, tiny(music_dataset, tmp_path, eval_windows=4))
     picked = [next(i for i, w in enumerate(dataset.windows("val")) if (w[:1024] == c.numpy()).all()) for c in codes]
     assert codes.shape == (4, 1024) and picked[0] == 0 and picked[-1] == len(val) - 1
     assert len({val[i]["source"] for i in picked}) > 1
+    # asked for twice the windows there are: each of them, twice as long
+    [codes] = validation_windows(mixture, tiny(music_dataset, tmp_path, eval_windows=2 * len(val)))
+    assert codes.shape == (len(val), 2048)
 
 
 @pytest.mark.slow
