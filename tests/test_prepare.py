@@ -9,7 +9,7 @@ import torch
 
 from s4music.audio import encode, load_audio
 from s4music.data.dataset import PreparedDataset, WindowMixture
-from s4music.data.format import DatasetError
+from s4music.data.format import DatasetError, verify_dataset
 from s4music.data.prepare import PrepareOptions, assign_splits, prepare
 
 OPTS = dict(seconds=2.0)
@@ -147,6 +147,22 @@ def test_a_split_left_empty_by_files_that_failed_is_told(music, tmp_path, caplog
     assert splits["train"] > 0 and splits["val"] == splits["test"] == 0
     assert "the val split is empty (its files failed to read)" in caplog.text
     assert "the test split is empty (no file went to it)" in caplog.text
+
+
+def test_a_copy_of_a_file_in_the_dataset_is_not_added_again(music, tmp_path):
+    """Copies under another folder were added as new sources: the same music in train and in test."""
+    prepare([music], tmp_path / "ds", PrepareOptions(**OPTS))
+    first = next((music / "calm").iterdir())
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy(first, again / "copy.ogg")
+    shutil.copy(first, again / "second copy.ogg")
+    report = prepare([music, again], tmp_path / "ds", PrepareOptions(**OPTS))
+    reasons = sorted(r for _, r in report.failed)
+    assert report.added == [] and len(reasons) == 2, report
+    for reason in reasons:
+        assert reason.endswith(f": the same file as calm/{first.name}, already in the dataset") and str(again) in reason
+    assert verify_dataset(tmp_path / "ds") == []
 
 
 def test_a_crashed_run_leaves_no_half_written_dataset(music, tmp_path):

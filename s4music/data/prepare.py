@@ -80,6 +80,12 @@ def _source_id(path: Path) -> str:
     return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
 
 
+def _content(path: Path) -> str:
+    """A digest of the file's bytes: copies of one file, under any name, have the same."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()[:16]
+
+
 def _order_key(seed: int, name: str) -> str:
     return hashlib.sha1(f"{seed}:{name}".encode()).hexdigest()
 
@@ -225,16 +231,22 @@ def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_
     handles = {s: open(root / f"{s}.u8", "ab") for s in SPLITS}
     pending: list[dict] = []
     lost: set[str] = set()  # splits that a file which failed was drawn for
+    # A copy of a file already in the dataset would be the same music twice, maybe in train and test.
+    contents = {s["content"]: s["name"] for s in meta["sources"] if "content" in s}
     try:
         for src in candidates:
             path = Path(src["path"])
             try:
+                src["content"] = _content(path)
+                if src["content"] in contents:
+                    raise DatasetError(f"{path}: the same file as {contents[src['content']]}, already in the dataset")
                 codes = _windows(path, options, window)
-            except S4MusicError as e:
-                report.failed.append((path, str(e)))
+            except (S4MusicError, OSError) as e:
+                report.failed.append((path, str(e) if isinstance(e, S4MusicError) else f"{path}: {e.strerror or e}"))
                 progress(path, "failed")
                 lost.add(src["split"])
                 continue
+            contents[src["content"]] = src["name"]
             split = src["split"]
             handles[split].write(codes.tobytes())
             src["windows"] = len(codes)
