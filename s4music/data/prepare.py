@@ -17,7 +17,8 @@ are cut off at the next run.
 
 Beyond one machine: with a `shard` ("i/n", see `s4music.options.Shard`) a run reads only the files
 at sorted positions i-1, i-1+n, ... into a shard directory of its own, and `merge_shards` joins the
-n shard directories into the dataset one run without shards would have written, byte for byte.
+n shard directories into the dataset one run without shards would have written, byte for byte
+(unless a file is a copy of one in another shard: a shard skips copies among its own files only).
 The split assignment never depends on sharding: every shard lists the whole collection and assigns
 every file its split, as one run does, then reads only its own. A shard directory records which
 shard it is, of which sources and settings, each file's position, and whether it finished, so that
