@@ -596,6 +596,9 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
         checkpoint = run.checkpoint_to_resume(resume)
         if checkpoint is not None:
             model = load_model(checkpoint).train()
+            why = model.audio.mismatch(mixture.sample_rate, mixture.quantization)  # data given anew (moved)
+            if why:
+                raise TrainingError(f"{', '.join(config.data)}: {why}")
             added = model.summary.get("added_parameters", 0)
         run.carried = {k: model.summary[k] for k in CARRIED if k in model.summary}
         if checkpoint is not None and config.init and not run.carried:  # saved before they were carried
@@ -731,7 +734,8 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[StepInfo
                 log.warning("interrupted at step %d, %s in %s; go on with --resume", step,
                             "saved" if step > saved else "already saved", out / "checkpoints")
             elif accelerator.is_main_process:
-                log.warning("interrupted before the first step: nothing to keep")
+                kept = "; best/ holds the model it started from" if (out / "best").exists() else ""
+                log.warning("interrupted before the first step: nothing to resume%s", kept)
             raise
 
         if start_bits is not None and best >= start_bits:

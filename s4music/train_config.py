@@ -97,7 +97,8 @@ class TrainConfig:
             self.warmup = 0 if scratch else WEIGHTS_WARMUP
         if not self.data:
             raise TrainingError("no training data: give --data DATASET (built by `s4music prepare`)")
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "keep_last"):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_windows", "save_every",
+                     "keep_last"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be at least 1")
         if self.conv_chunk < 0:

@@ -1,6 +1,7 @@
 """`prepare` on real recordings, and training-window mixtures."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -149,7 +150,7 @@ def test_a_split_left_empty_by_files_that_failed_is_told(music, tmp_path, caplog
     assert "the test split is empty (no file went to it)" in caplog.text
 
 
-def test_a_copy_of_a_file_in_the_dataset_is_not_added_again(music, tmp_path):
+def test_a_copy_of_a_file_in_the_dataset_is_not_added_again(music, tmp_path, caplog):
     """Copies under another folder were added as new sources: the same music in train and in test."""
     prepare([music], tmp_path / "ds", PrepareOptions(**OPTS))
     first = next((music / "calm").iterdir())
@@ -157,11 +158,15 @@ def test_a_copy_of_a_file_in_the_dataset_is_not_added_again(music, tmp_path):
     again.mkdir()
     shutil.copy(first, again / "copy.ogg")
     shutil.copy(first, again / "second copy.ogg")
-    report = prepare([music, again], tmp_path / "ds", PrepareOptions(**OPTS))
-    reasons = sorted(r for _, r in report.failed)
-    assert report.added == [] and len(reasons) == 2, report
-    for reason in reasons:
-        assert reason.endswith(f": the same file as calm/{first.name}, already in the dataset") and str(again) in reason
+    with caplog.at_level("INFO", logger="s4music.data.prepare"):
+        report = prepare([music, again], tmp_path / "ds", PrepareOptions(**OPTS))
+    assert report.added == [] and report.failed == [] and report.unchanged == 12 + 2, report
+    assert caplog.text.count(f": the same file as calm/{first.name}, already in the dataset") == 2
+    # a file touched, or the whole folder moved: in already, not added again
+    os.utime(first)
+    moved = shutil.move(music, tmp_path / "moved")
+    report = prepare([moved], tmp_path / "ds", PrepareOptions(**OPTS))
+    assert report.added == [] and report.failed == [] and report.unchanged == 12, report
     assert verify_dataset(tmp_path / "ds") == []
 
 

@@ -214,6 +214,7 @@ def test_resume_takes_the_runs_own_config_and_refuses_another(synth_dataset, tmp
     monkeypatch.chdir(tmp_path)
     data = os.path.relpath(synth_dataset, tmp_path)
     train(tiny(data, "run", seq_len=1024, steps=2, save_every=1))
+    shutil.copytree(tmp_path / "run", tmp_path / "first")  # as the relative --data left it
     config = TrainConfig.load(out="run", resume=True, steps=3)  # the saved config, with more steps
     assert config == tiny(str(synth_dataset), "run", seq_len=1024, steps=3, save_every=1)  # its data, absolute
     assert train(config, resume=True).step == 3
@@ -223,10 +224,10 @@ def test_resume_takes_the_runs_own_config_and_refuses_another(synth_dataset, tmp
     assert train(tiny(synth_dataset, tmp_path / "run", seq_len=1024, steps=4, save_every=1), resume=True).step == 4
     shutil.copytree(tmp_path / "run", tmp_path / "copy")
     assert train(TrainConfig.load(out="copy", resume=True, steps=5), resume=True).step == 5
-    # from another directory: the config holds the data's absolute path
+    # from another directory: the config holds the data's absolute path, from the first run on
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    assert train(TrainConfig.load(out=str(tmp_path / "copy"), resume=True, steps=6), resume=True).step == 6
+    assert train(TrainConfig.load(out=str(tmp_path / "first"), resume=True, steps=3), resume=True).step == 3
     # data that moved: refused where it was, taken where it is now
     moved = shutil.copytree(synth_dataset, tmp_path / "moved")
     config = tiny(str(moved), tmp_path / "m", seq_len=1024, steps=2, save_every=1)
@@ -236,6 +237,12 @@ def test_resume_takes_the_runs_own_config_and_refuses_another(synth_dataset, tmp
         train(TrainConfig.load(out=str(tmp_path / "m"), resume=True, steps=3), resume=True)
     again = TrainConfig.load(out=str(tmp_path / "m"), resume=True, steps=3, data=[str(tmp_path / "there")])
     assert train(again, resume=True).step == 3
+    # but not data the model does not read
+    shutil.move(tmp_path / "there", tmp_path / "gone")
+    prepare([synth_dataset.parent / "audio"], tmp_path / "8k", PrepareOptions(seconds=0.512, sample_rate=8000))
+    other = TrainConfig.load(out=str(tmp_path / "m"), resume=True, steps=4, data=[str(tmp_path / "8k")])
+    with pytest.raises(TrainingError, match="8k: trained on 16000 Hz .* but the data is 8000 Hz"):
+        train(other, resume=True)
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -245,6 +252,8 @@ def test_config_file_and_overrides(tmp_path):
         7, {"d_model": 32, "n_layers": 2}, 1e-3, 5, "plateau")
     with pytest.raises(TrainingError, match="unknown training config keys"):
         TrainConfig.load(None, ["data=[a]", "stepz=3"])
+    with pytest.raises(TrainingError, match="eval_windows must be at least 1"):
+        TrainConfig.load(None, ["data=[a]", "eval_windows=0"])
     with pytest.raises(OptionError, match="--set 'steps': expected key=value"):
         TrainConfig.load(None, ["steps"])
     with pytest.raises(TrainingError, match="--set 'model.d_model=4': model is not a mapping"):

@@ -83,8 +83,11 @@ def _source_id(path: Path) -> str:
 
 def _content(path: Path) -> str:
     """A digest of the file's bytes: copies of one file, under any name, have the same."""
+    digest = hashlib.sha1()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()[:16]
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _order_key(seed: int, name: str) -> str:
@@ -232,15 +235,19 @@ def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_
     handles = {s: open(root / f"{s}.u8", "ab") for s in SPLITS}
     pending: list[dict] = []
     lost: set[str] = set()  # splits that a file which failed was drawn for
-    # A copy of a file already in the dataset would be the same music twice, maybe in train and test.
+    # A copy of a file already in the dataset would be the same music twice, maybe in train and test;
+    # and a file moved or touched would be added again.
     contents = {s["content"]: s["name"] for s in meta["sources"] if "content" in s}
     try:
         for src in candidates:
             path = Path(src["path"])
             try:
                 src["content"] = _content(path)
-                if src["content"] in contents:
-                    raise DatasetError(f"{path}: the same file as {contents[src['content']]}, already in the dataset")
+                if src["content"] in contents:  # a copy, moved, or touched: its music is in already
+                    log.info("%s: the same file as %s, already in the dataset", path, contents[src["content"]])
+                    report.unchanged += 1
+                    progress(path, "unchanged")
+                    continue
                 codes = _windows(path, options, window)
             except (S4MusicError, OSError) as e:
                 report.failed.append((path, str(e) if isinstance(e, S4MusicError) else f"{path}: {e.strerror or e}"))
