@@ -160,7 +160,7 @@ def test_a_copy_of_a_file_in_the_dataset_is_not_added_again(music, tmp_path, cap
     shutil.copy(first, again / "second copy.ogg")
     with caplog.at_level("INFO", logger="s4music.data.prepare"):
         report = prepare([music, again], tmp_path / "ds", PrepareOptions(**OPTS))
-    assert report.added == [] and report.failed == [] and report.unchanged == 12 + 2, report
+    assert report.added == [] and report.failed == [] and (report.unchanged, report.copies) == (12 + 2, 2), report
     assert caplog.text.count(f": the same file as calm/{first.name}, already in the dataset") == 2
     # a file touched, or the whole folder moved: in already, not added again
     os.utime(first)

@@ -412,7 +412,8 @@ def prepare(
     if merge:
         console.print(f"{len(report.added)} files merged from {len(sources)} shards into {escape(str(out))}", highlight=False)
     else:
-        console.print(f"{len(report.added)} files added, {report.unchanged} already in the dataset")
+        copies = f" ({report.copies} known by their bytes: copies, or moved)" if report.copies else ""
+        console.print(f"{len(report.added)} files added, {report.unchanged} already in the dataset{copies}")
     if report.unmatched_pins:
         missed = report.unmatched_pins
         # none found: the sources are likely not the folder the names are relative to, and every file

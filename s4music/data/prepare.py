@@ -58,6 +58,7 @@ COMMIT_EVERY = 32  # files between commits
 class PrepareReport:
     added: list[tuple[Path, str, int]] = field(default_factory=list)  # (file, split, windows)
     unchanged: int = 0
+    copies: int = 0  # of these, files known by their bytes: under another name or path, or touched
     failed: list[tuple[Path, str]] = field(default_factory=list)
     summary: dict[tuple[str, str], float] = field(default_factory=dict)  # (split, stratum) -> hours
     unmatched_pins: list[str] = field(default_factory=list)  # names in the split file that no file under the sources has
@@ -246,6 +247,7 @@ def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_
                 if src["content"] in contents:  # a copy, moved, or touched: its music is in already
                     log.info("%s: the same file as %s, already in the dataset", path, contents[src["content"]])
                     report.unchanged += 1
+                    report.copies += 1
                     progress(path, "unchanged")
                     continue
                 codes = _windows(path, options, window)
