@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from s4music.data.dataset import PreparedDataset, WindowMixture, parse_spec
 from s4music.errors import S4MusicError
 from s4music.files import DirectoryLock, atomic_path, interrupts_deferred, remove_stale_temporaries, write_json
-from s4music.model.checkpoint import CheckpointError, save_model, verify_checkpoint
+from s4music.model.checkpoint import CheckpointError, read_summary, save_model, verify_checkpoint
 from s4music.model.config import AudioFormat, SaShiMiConfig
 from s4music.model.fast import fused_available, reader
 from s4music.model.registry import load_model, resolve_model
@@ -392,8 +392,8 @@ CARRIED = ("sampling", "sampling_unfamiliar")
 def carried_rules(init: str) -> dict:
     """The CARRIED keys of the model a run started from, from its config.json ({} when it has none)."""
     try:
-        summary = json.loads((resolve_model(init) / "config.json").read_text()).get("summary") or {}
-    except (S4MusicError, OSError, ValueError, AttributeError):  # a name the Hub cannot give now, too
+        summary = read_summary(resolve_model(init))
+    except (S4MusicError, OSError):  # an official .pt, or a name the Hub cannot give now
         return {}
     return {k: summary[k] for k in CARRIED if k in summary}
 
@@ -479,19 +479,15 @@ class RunDirectory:
         the final model already there at this step, with the figures it was saved with."""
         final = self.out / "model"
         if self.main:
-            if trained or saved_step(final) != summary["step"]:
+            try:
+                kept = not trained and read_summary(final).get("step") == summary["step"]
+            except (CheckpointError, OSError):  # none there yet, or damaged
+                kept = False
+            if not kept:
                 save_model(model, final, summary=summary)
             self.runlog.close()
             plot_losses(self.out / "log.csv", self.out / "loss.png")
         return final
-
-
-def saved_step(checkpoint: Path) -> int | None:
-    """The step a saved model records, from its config.json alone (None when there is none)."""
-    try:
-        return json.loads((checkpoint / "config.json").read_text())["summary"]["step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def training_state(step: int, best: float, optimizer, scheduler, mixture: WindowMixture, scaler,

@@ -85,9 +85,12 @@ def _source_id(path: Path) -> str:
 def _content(path: Path) -> str:
     """A digest of the file's bytes: copies of one file, under any name, have the same."""
     digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except OSError as e:
+        raise DatasetError(f"{path}: {e.strerror or e}") from None
     return digest.hexdigest()[:16]
 
 
@@ -251,8 +254,8 @@ def _prepare(sources: list[str | Path], root: Path, options: PrepareOptions, on_
                     progress(path, "unchanged")
                     continue
                 codes = _windows(path, options, window)
-            except (S4MusicError, OSError) as e:
-                report.failed.append((path, str(e) if isinstance(e, S4MusicError) else f"{path}: {e.strerror or e}"))
+            except S4MusicError as e:
+                report.failed.append((path, str(e)))
                 progress(path, "failed")
                 lost.add(src["split"])
                 continue

@@ -134,6 +134,11 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
+def read_summary(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's summary, from its config.json alone (no weights read)."""
+    return _read_meta(Path(path)).get("summary") or {}
+
+
 def update_summary(path: str | Path, fields: dict[str, Any]) -> None:
     """Merge `fields` into a checkpoint's summary (config.json only; weights untouched), atomically."""
     directory = Path(path)
